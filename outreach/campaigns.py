@@ -1,0 +1,270 @@
+"""Campaign definitions: YAML files in the campaigns folder, validated once when loaded.
+
+A campaign file looks like this::
+
+    name: jd_intro                 # must match the file name
+    category: transactional        # or nurture; caps depend on it
+    trigger:
+      event: applied               # a candidate event …
+      # cron: "0 10 1 1,4,7,10 *"  # … or a schedule over an audience
+      audience: {stages: [declined, rejected, talent_pool], require_nurture_consent: true}
+    exit_on: [stage_changed, replied]
+    steps:
+      - channel: email
+        template: jd_intro
+      - channel: sms
+        template: jd_reminder
+        delay: 2d                  # after the previous step (or the trigger, for the first)
+        at: "10:00"                # optional: the next 10:00 in the candidate's timezone after the delay
+        only_if: no_reply          # skip unless the candidate stayed silent since the previous step
+        alert: offer_unanswered    # optional: also raise an HR alert of this kind
+
+Errors name the file, the line and the field. ``policies.yaml`` and other files starting with ``_`` are
+not campaigns.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from croniter import croniter
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ValidationError as PydanticValidationError
+
+from outreach.errors import CampaignError, Problem
+from outreach.models import Channel, Stage
+
+NOT_CAMPAIGNS = {"policies.yaml", "policies.yml"}
+
+
+class Category(StrEnum):
+    TRANSACTIONAL = "transactional"
+    NURTURE = "nurture"
+
+
+class EventType(StrEnum):
+    APPLIED = "applied"
+    OFFER_EXTENDED = "offer_extended"
+    OFFER_ACCEPTED = "offer_accepted"
+    OFFER_DECLINED = "offer_declined"
+    FINAL_INTERVIEW_FAILED = "final_interview_failed"
+    JOB_OPENED = "job_opened"
+    HIRED = "hired"
+
+
+class ExitCondition(StrEnum):
+    STAGE_CHANGED = "stage_changed"
+    REPLIED = "replied"
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|h|d|w)?\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: object) -> timedelta:
+    """``0``, ``90s``, ``15m``, ``36h``, ``2d``, ``3w`` (a bare number is seconds)."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 15m, 36h or 2d")
+    if isinstance(value, int):
+        return timedelta(seconds=value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a duration; use a number and a unit: 90s, 15m, 36h, 2d, 3w")
+    amount, unit = match.groups()
+    return timedelta(seconds=int(amount) * _UNITS[unit or "s"])
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Audience(_Spec):
+    stages: tuple[Stage, ...] = ()
+    tags_any: tuple[str, ...] = ()
+    tags_all: tuple[str, ...] = ()
+    require_nurture_consent: bool = False
+    match_job_tags: bool = False
+
+
+class Trigger(_Spec):
+    event: EventType | None = None
+    cron: str | None = None
+    audience: Audience = Audience()
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str | None) -> str | None:
+        if value is not None and not croniter.is_valid(value):
+            raise ValueError(f"{value!r} is not a valid cron expression (5 fields: minute hour day month weekday)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Trigger:
+        if (self.event is None) == (self.cron is None):
+            raise ValueError("give exactly one of `event` or `cron`")
+        return self
+
+
+class Step(_Spec):
+    channel: Channel
+    template: str = Field(pattern=r"^[a-z0-9_]+$")
+    delay: timedelta = timedelta(0)
+    at: str | None = Field(default=None, pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    only_if: Literal["always", "no_reply", "no_click"] = "always"
+    alert: str | None = Field(default=None, pattern=r"^[a-z0-9_]+$")
+
+    @field_validator("delay", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> timedelta:
+        return parse_duration(value)
+
+
+class Campaign(_Spec):
+    name: str = Field(pattern=r"^[a-z0-9_]+$")
+    description: str = ""
+    category: Category
+    enabled: bool = True
+    trigger: Trigger
+    exit_on: tuple[ExitCondition, ...] = (ExitCondition.STAGE_CHANGED, ExitCondition.REPLIED)
+    steps: tuple[Step, ...] = Field(min_length=1)
+
+    @property
+    def is_cron(self) -> bool:
+        return self.trigger.cron is not None
+
+
+@dataclass(frozen=True)
+class CampaignSet:
+    """Every campaign, by name, plus where each came from."""
+
+    campaigns: Mapping[str, Campaign]
+    sources: Mapping[str, Path]
+
+    def __getitem__(self, name: str) -> Campaign:
+        return self.campaigns[name]
+
+    def get(self, name: str) -> Campaign | None:
+        return self.campaigns.get(name)
+
+    def __iter__(self) -> Any:
+        return iter(self.campaigns.values())
+
+    def __len__(self) -> int:
+        return len(self.campaigns)
+
+    def for_event(self, event: str) -> list[Campaign]:
+        return [c for c in self.campaigns.values() if c.enabled and c.trigger.event == event]
+
+    def scheduled(self) -> list[Campaign]:
+        return [c for c in self.campaigns.values() if c.enabled and c.is_cron]
+
+
+def _line_index(node: yaml.Node, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
+    """Map each path in a YAML document (keys and list indexes) to its 1-based line."""
+    lines: dict[tuple[Any, ...], int] = {path: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            child = (*path, key_node.value)
+            lines.update(_line_index(value_node, child))
+            lines[child] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines.update(_line_index(item, (*path, index)))
+    return lines
+
+
+def _nearest_line(lines: Mapping[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | None:
+    for end in range(len(loc), -1, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return None
+
+
+def _field_name(loc: Iterable[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(file)"
+
+
+def load_campaign_file(path: Path) -> tuple[Campaign | None, list[Problem]]:
+    """Parse and validate one file; returns the campaign or every problem found in it."""
+    label = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, [Problem(label, None, "(file)", f"cannot read: {exc}")]
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        return None, [Problem(label, line, "(yaml)", f"invalid YAML: {problem}")]
+    if not isinstance(data, dict) or node is None:
+        return None, [Problem(label, 1, "(file)", "expected a mapping with name, category, trigger and steps")]
+    lines = _line_index(node)
+    problems: list[Problem] = []
+    try:
+        campaign = Campaign.model_validate(data)
+    except PydanticValidationError as exc:
+        for error in exc.errors():
+            loc = tuple(part for part in error["loc"] if not (isinstance(part, str) and "[" in part))
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                message = "unknown field"
+            problems.append(Problem(label, _nearest_line(lines, loc), _field_name(loc), message))
+        return None, problems
+    if campaign.name != path.stem:
+        problems.append(
+            Problem(label, lines.get(("name",)), "name", f"must match the file name {path.stem!r}")
+        )
+        return None, problems
+    return campaign, []
+
+
+def campaign_files(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return sorted(
+        p
+        for p in [*directory.glob("*.yaml"), *directory.glob("*.yml")]
+        if p.name not in NOT_CAMPAIGNS and not p.name.startswith("_")
+    )
+
+
+def load_campaigns(directory: Path) -> CampaignSet:
+    """Load every campaign in ``directory``; raise :class:`CampaignError` listing every problem."""
+    problems: list[Problem] = []
+    campaigns: dict[str, Campaign] = {}
+    sources: dict[str, Path] = {}
+    if not directory.is_dir():
+        raise CampaignError([Problem(str(directory), None, "(folder)", "campaigns folder not found")])
+    for path in campaign_files(directory):
+        campaign, found = load_campaign_file(path)
+        problems.extend(found)
+        if campaign is None:
+            continue
+        if campaign.name in campaigns:
+            problems.append(
+                Problem(str(path), None, "name", f"duplicate campaign name, also in {sources[campaign.name]}")
+            )
+            continue
+        campaigns[campaign.name] = campaign
+        sources[campaign.name] = path
+    if problems:
+        raise CampaignError(problems)
+    return CampaignSet(campaigns=campaigns, sources=sources)
