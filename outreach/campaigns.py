@@ -268,3 +268,14 @@ def load_campaigns(directory: Path) -> CampaignSet:
     if problems:
         raise CampaignError(problems)
     return CampaignSet(campaigns=campaigns, sources=sources)
+
+
+def field_line(path: Path, loc: tuple[Any, ...]) -> int | None:
+    """The line of a field in a campaign file, e.g. ``("steps", 1, "template")``; None if unknown."""
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if node is None:
+        return None
+    return _nearest_line(_line_index(node), loc)
