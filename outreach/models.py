@@ -218,6 +218,7 @@ class OutboundMessage(Base):
     category: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), default=MessageStatus.PENDING.value)
     not_before: Mapped[datetime] = mapped_column(default=utcnow)
+    enqueued_at: Mapped[datetime | None]
     lease_until: Mapped[datetime | None]
     attempts: Mapped[int] = mapped_column(default=0)
     locale: Mapped[str | None] = mapped_column(String(16))
