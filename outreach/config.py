@@ -86,6 +86,8 @@ class Settings:
     company_name: str = "Example Co."
     company_timezone: str = "Asia/Shanghai"
     default_locale: str = "en"
+    locales: tuple[str, ...] = ("en", "zh-CN")
+    default_phone_region: str = "CN"
 
     sandbox_port: int = 8025
     tick_interval: float = 1.0
@@ -137,6 +139,10 @@ class Settings:
             company_name=text("OUTREACH_COMPANY_NAME", defaults.company_name),
             company_timezone=text("OUTREACH_COMPANY_TIMEZONE", defaults.company_timezone),
             default_locale=text("OUTREACH_DEFAULT_LOCALE", defaults.default_locale),
+            locales=tuple(
+                part.strip() for part in text("OUTREACH_LOCALES", ",".join(defaults.locales)).split(",") if part.strip()
+            ),
+            default_phone_region=text("OUTREACH_DEFAULT_PHONE_REGION", defaults.default_phone_region).upper(),
             sandbox_port=int(_number(text("OUTREACH_SANDBOX_PORT", "8025"), "OUTREACH_SANDBOX_PORT")),
             tick_interval=_number(text("OUTREACH_TICK_INTERVAL", "1.0"), "OUTREACH_TICK_INTERVAL"),
             claim_batch=int(_number(text("OUTREACH_CLAIM_BATCH", "1000"), "OUTREACH_CLAIM_BATCH")),

@@ -1,0 +1,273 @@
+"""Deliver one outbox row: the one function the worker actor calls.
+
+The order is fixed: claim the row (``pending`` → ``sending``, a conditional update, so one outbox id delivered
+five times at once makes one provider call) → re-check that it may still go out → render → call the provider
+→ record the provider's message id. Transient provider failures put the row back to ``pending`` with
+``not_before`` set to the provider's reset time and tell the caller when to retry; permanent ones end the row
+as ``failed`` with the provider's code, and suppress the address when the provider says so (Twilio 21610).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from outreach.campaigns import Category
+from outreach.errors import PermanentProviderError, TemplateError, TransientProviderError
+from outreach.models import (
+    Candidate,
+    Channel,
+    Enrollment,
+    EnrollmentStatus,
+    Job,
+    MessageStatus,
+    OutboundMessage,
+    Suppression,
+    utcnow,
+)
+from outreach.providers.base import EmailMessage, SendResult, SmsMessage
+from outreach.runtime import Runtime
+from outreach.tokens import unsubscribe_url
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one delivery attempt; ``retry_in`` (seconds) asks the caller to try again later."""
+
+    status: str
+    retry_in: float | None = None
+    provider_message_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Hold:
+    status: MessageStatus
+    rule: str
+    reason: str
+
+
+def claim(session: Session, outbox_id: str, now: datetime, lease: timedelta) -> int | None:
+    """``pending`` → ``sending`` if still pending and due; returns the attempt number, or None if not ours."""
+    row = session.execute(
+        update(OutboundMessage)
+        .where(
+            OutboundMessage.id == outbox_id,
+            OutboundMessage.status == MessageStatus.PENDING.value,
+            OutboundMessage.not_before <= now,
+        )
+        .values(
+            status=MessageStatus.SENDING.value,
+            lease_until=now + lease,
+            attempts=OutboundMessage.attempts + 1,
+            updated_at=now,
+        )
+        .returning(OutboundMessage.attempts)
+    ).first()
+    return None if row is None else int(row[0])
+
+
+def preflight(session: Session, message: OutboundMessage, candidate: Candidate) -> Hold | None:
+    """Checks that may have changed since the step was scheduled. Policies (caps, quiet hours) plug in here."""
+    if message.enrollment_id is not None:
+        enrollment = session.get(Enrollment, message.enrollment_id)
+        if enrollment is not None and enrollment.status == EnrollmentStatus.EXITED.value:
+            return Hold(MessageStatus.CANCELLED, "exit", f"enrollment exited: {enrollment.exit_reason}")
+    address = candidate.email if message.channel == Channel.EMAIL.value else candidate.phone
+    if not address:
+        return Hold(MessageStatus.FAILED, "address", f"candidate has no {'email' if message.channel == 'email' else 'phone'}")
+    suppressed = session.scalar(
+        select(Suppression.reason).where(Suppression.channel == message.channel, Suppression.address == address)
+    )
+    if suppressed is not None:
+        return Hold(MessageStatus.SUPPRESSED, "suppression", f"address suppressed: {suppressed}")
+    return None
+
+
+def build_context(
+    runtime: Runtime, message: OutboundMessage, candidate: Candidate, enrollment: Enrollment | None, job: Job | None
+) -> dict[str, Any]:
+    """The variables a template sees. Keep in step with ``outreach.render.sample_context``."""
+    settings = runtime.settings
+    context = dict(enrollment.context) if enrollment is not None else {}
+    name = candidate.name or ""
+    return {
+        "candidate": {
+            "external_id": candidate.external_id,
+            "name": name,
+            "first_name": name.split()[0] if name.split() else name,
+            "locale": candidate.locale,
+            "timezone": candidate.timezone,
+            "stage": candidate.stage,
+            "source": candidate.source,
+            "tags": list(candidate.tags),
+        },
+        "job": None
+        if job is None
+        else {
+            "external_id": job.external_id,
+            "title": job.title,
+            "department": job.department,
+            "location": job.location,
+            "description": job.description,
+            "booking_url": job.booking_url,
+            "salary_min": job.salary_min,
+            "salary_max": job.salary_max,
+            "tags": list(job.tags),
+        },
+        "company": {"name": settings.company_name, "timezone": settings.company_timezone},
+        "event": context.get("event"),
+        "links": {
+            "booking": job.booking_url if job is not None else None,
+            "unsubscribe": unsubscribe_url(settings, message.channel, message.candidate_id),
+        },
+        "message": {"id": message.id},
+        "campaign": {"name": message.campaign, "category": message.category},
+        "concerns": [tag.split(":", 1)[1] for tag in candidate.tags if tag.startswith("concern:")],
+    }
+
+
+def _finish(session: Session, outbox_id: str, now: datetime, **values: Any) -> None:
+    session.execute(
+        update(OutboundMessage)
+        .where(
+            OutboundMessage.id == outbox_id,
+            OutboundMessage.status.in_([MessageStatus.SENDING.value, MessageStatus.UNCERTAIN.value]),
+        )
+        .values(lease_until=None, updated_at=now, **values)
+    )
+
+
+def backoff(attempt: int) -> float:
+    """Exponential with jitter, 2 s … 5 min, when the provider gave no reset time of its own."""
+    base = min(2.0**attempt, 300.0)
+    return base * random.uniform(0.8, 1.2)
+
+
+def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Outcome:
+    settings = runtime.settings
+    engine = runtime.engine
+    now = now or utcnow()
+    with Session(engine, expire_on_commit=False) as session, session.begin():
+        attempt = claim(session, outbox_id, now, timedelta(seconds=settings.lease_seconds))
+    if attempt is None:
+        return Outcome("not-pending")
+
+    try:
+        with Session(engine, expire_on_commit=False) as session:
+            message = session.get(OutboundMessage, outbox_id)
+            assert message is not None
+            candidate = session.get(Candidate, message.candidate_id)
+            assert candidate is not None
+            enrollment = session.get(Enrollment, message.enrollment_id) if message.enrollment_id else None
+            job = session.get(Job, enrollment.job_id) if enrollment is not None and enrollment.job_id else None
+            hold = preflight(session, message, candidate)
+            if hold is not None:
+                with session.begin():
+                    _finish(session, outbox_id, now, status=hold.status.value, rule=hold.rule, reason=hold.reason)
+                return Outcome(hold.status.value)
+            context = build_context(runtime, message, candidate, enrollment, job)
+            email_to, phone_to = candidate.email, candidate.phone
+    except Exception:
+        # Nothing reached the provider: give the row back so the retry (or the sweeper) can take it.
+        _release(runtime, outbox_id, now, backoff(attempt))
+        raise
+
+    try:
+        payload: EmailMessage | SmsMessage
+        segments: int | None = None
+        if message.channel == Channel.EMAIL.value:
+            email = runtime.renderer.render_email(message.template, candidate.locale, context)
+            locale = email.locale
+            headers: dict[str, str] = {}
+            if message.category == Category.NURTURE.value:
+                link = context["links"]["unsubscribe"]
+                headers = {"List-Unsubscribe": f"<{link}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+            payload = EmailMessage(
+                message_id=outbox_id,
+                to=email_to or "",
+                subject=email.subject,
+                text=email.text,
+                html=email.html,
+                from_email=settings.email_from,
+                reply_to=settings.email_reply_to or None,
+                categories=(message.campaign, message.template),
+                custom_args={"outreach_id": outbox_id},
+                headers=headers,
+            )
+        else:
+            sms = runtime.renderer.render_sms(message.template, candidate.locale, context)
+            locale, segments = sms.locale, sms.segments
+            payload = SmsMessage(
+                message_id=outbox_id,
+                to=phone_to or "",
+                body=sms.text,
+                status_callback=f"{settings.public_url}/webhooks/twilio/status?outreach_id={outbox_id}",
+            )
+    except TemplateError as exc:
+        with Session(engine) as session, session.begin():
+            _finish(session, outbox_id, now, status=MessageStatus.FAILED.value, rule="template",
+                    error_code="template", error_detail=str(exc)[:500])
+        log.error("template failed", extra={"outbox_id": outbox_id, "template": message.template})
+        return Outcome(MessageStatus.FAILED.value)
+
+    try:
+        result: SendResult
+        if isinstance(payload, EmailMessage):
+            result = runtime.providers.email.send_email(payload)
+        else:
+            result = runtime.providers.sms.send_sms(payload)
+    except TransientProviderError as exc:
+        if attempt >= settings.max_retries:
+            with Session(engine) as session, session.begin():
+                _finish(session, outbox_id, utcnow(), status=MessageStatus.FAILED.value, rule="retries",
+                        error_code=exc.code or str(exc.status or "transient"), error_detail=str(exc)[:500])
+            return Outcome(MessageStatus.FAILED.value)
+        delay = exc.retry_after if exc.retry_after is not None else backoff(attempt)
+        _release(runtime, outbox_id, utcnow(), delay, error_code=exc.code or str(exc.status or "network"),
+                 error_detail=str(exc)[:500])
+        log.warning("provider busy; retrying",
+                    extra={"outbox_id": outbox_id, "provider": exc.provider, "status": exc.status, "delay": delay})
+        return Outcome(MessageStatus.PENDING.value, retry_in=delay)
+    except PermanentProviderError as exc:
+        with Session(engine) as session, session.begin():
+            _finish(session, outbox_id, utcnow(), status=MessageStatus.FAILED.value, rule="provider",
+                    provider=exc.provider, error_code=exc.code or str(exc.status), error_detail=str(exc)[:500])
+            if exc.suppress:
+                from outreach.scheduler import insert_ignore
+
+                insert_ignore(session, Suppression, {
+                    "channel": message.channel,
+                    "address": payload.to,
+                    "reason": f"{exc.provider} {exc.code}",
+                    "source": "provider",
+                    "created_at": utcnow(),
+                })
+        log.warning("provider refused message",
+                    extra={"outbox_id": outbox_id, "provider": exc.provider, "code": exc.code})
+        return Outcome(MessageStatus.FAILED.value)
+
+    sent_at = utcnow()
+    with Session(engine) as session, session.begin():
+        _finish(session, outbox_id, sent_at, status=MessageStatus.SENT.value, provider=result.provider,
+                provider_message_id=result.provider_message_id, sent_at=sent_at, locale=locale,
+                segments=segments, error_code=None, error_detail=None)
+    return Outcome(MessageStatus.SENT.value, provider_message_id=result.provider_message_id)
+
+
+def _release(runtime: Runtime, outbox_id: str, now: datetime, delay: float, **values: Any) -> None:
+    retry_at = now + timedelta(seconds=delay)
+    with Session(runtime.engine) as session, session.begin():
+        session.execute(
+            update(OutboundMessage)
+            .where(OutboundMessage.id == outbox_id, OutboundMessage.status == MessageStatus.SENDING.value)
+            .values(status=MessageStatus.PENDING.value, not_before=retry_at, enqueued_at=retry_at,
+                    lease_until=None, updated_at=now, **values)
+        )

@@ -1,0 +1,80 @@
+"""The process's wiring: settings, database, campaigns, templates, providers and the enqueue function.
+
+Built lazily once per process from the environment (workers) or explicitly (``outreach up``, tests). Nothing
+here holds request state; every piece is safe to share between threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from sqlalchemy import Engine
+
+from outreach.campaigns import CampaignSet
+from outreach.config import Settings, get_settings
+from outreach.db import get_engine
+from outreach.errors import CampaignError
+from outreach.providers import Providers, build_providers
+from outreach.render import Renderer
+
+Enqueue = Callable[[Sequence[str]], None]
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    sandbox_url: str | None = None
+    enqueue_override: Enqueue | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @cached_property
+    def engine(self) -> Engine:
+        return get_engine(self.settings.database_url)
+
+    @cached_property
+    def campaigns(self) -> CampaignSet:
+        from outreach.validation import validate_all
+
+        campaigns, problems = validate_all(self.settings.campaigns_dir, self.settings.templates_dir)
+        if problems or campaigns is None:
+            raise CampaignError(problems)
+        return campaigns
+
+    @cached_property
+    def renderer(self) -> Renderer:
+        return Renderer(self.settings.templates_dir, default_locale=self.settings.default_locale)
+
+    @cached_property
+    def providers(self) -> Providers:
+        return build_providers(self.settings, sandbox_url=self.sandbox_url)
+
+    def enqueue(self, outbox_ids: Sequence[str]) -> None:
+        if not outbox_ids:
+            return
+        if self.enqueue_override is not None:
+            self.enqueue_override(outbox_ids)
+            return
+        from outreach.broker import enqueue_deliveries
+
+        enqueue_deliveries(outbox_ids, queue_name=self.settings.queue_name)
+
+
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime() -> Runtime:
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = Runtime(get_settings())
+        return _runtime
+
+
+def set_runtime(runtime: Runtime | None) -> None:
+    global _runtime
+    with _runtime_lock:
+        _runtime = runtime

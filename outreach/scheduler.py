@@ -1,0 +1,397 @@
+"""The scheduler: fire cron campaigns, claim due enrollment steps, write outbox rows, wake workers.
+
+One tick is safe to run in several processes at once. On PostgreSQL due enrollments are claimed with
+``FOR UPDATE SKIP LOCKED``; on SQLite with a single ``UPDATE … RETURNING`` statement, which takes the write lock
+at once. The outbox rows are written in the claiming transaction and their ids are put on the broker only
+after it commits. Waits of days or months are ``next_run_at`` values in the database, never broker delays.
+
+The sweeper closes the gaps a broker cannot: outbox rows that are due but were never picked up (a flushed
+broker, a process that died between commit and enqueue) are enqueued again, and rows left ``sending`` past
+their lease become ``uncertain``: the provider may have accepted them, so they are reconciled from provider
+events instead of being sent a second time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from croniter import croniter
+from sqlalchemy import Engine, and_, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from outreach.campaigns import Campaign, CampaignSet, ExitCondition, Step
+from outreach.candidates import candidate_timezone
+from outreach.config import Settings
+from outreach.db import is_sqlite, transaction
+from outreach.enrollment import audience_matches, enroll, exit_enrollments
+from outreach.models import (
+    Alert,
+    CampaignRun,
+    Candidate,
+    Enrollment,
+    EnrollmentStatus,
+    Job,
+    MessageStatus,
+    OutboundMessage,
+    new_id,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+
+def step_due(step: Step, base: datetime, candidate: Candidate, company_tz: str) -> datetime:
+    """When ``step`` is due: ``base`` plus the delay, then the next ``at`` time in the candidate's timezone."""
+    due = base + step.delay
+    if step.at is None:
+        return due
+    from outreach.config import Settings
+
+    zone = candidate_timezone(candidate, Settings(company_timezone=company_tz))
+    local = due.astimezone(zone)
+    hour, minute = (int(part) for part in step.at.split(":"))
+    target = local.replace(hour=hour, minute=minute, second=0, microsecond=0)
+    if target < local:
+        target = (local + timedelta(days=1)).replace(hour=hour, minute=minute, second=0, microsecond=0)
+    return target.astimezone(due.tzinfo)
+
+
+@dataclass
+class TickResult:
+    fired: list[str] = field(default_factory=list)
+    enrolled: int = 0
+    claimed: int = 0
+    queued: list[str] = field(default_factory=list)
+    skipped: int = 0
+    exited: int = 0
+    completed: int = 0
+    alerts: int = 0
+    requeued: list[str] = field(default_factory=list)
+    uncertain: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "fired": self.fired,
+            "enrolled": self.enrolled,
+            "claimed": self.claimed,
+            "queued": len(self.queued),
+            "skipped": self.skipped,
+            "exited": self.exited,
+            "completed": self.completed,
+            "alerts": self.alerts,
+            "requeued": len(self.requeued),
+            "uncertain": self.uncertain,
+        }
+
+
+def insert_ignore(session: Session, model: type[Any], values: dict[str, Any]) -> bool:
+    """INSERT … ON CONFLICT DO NOTHING on both dialects; True when a row was written."""
+    dialect = session.get_bind().dialect.name
+    statement: Any
+    if dialect == "postgresql":
+        statement = postgresql.insert(model).values(**values).on_conflict_do_nothing()
+    else:
+        statement = sqlite.insert(model).values(**values).on_conflict_do_nothing()
+    result = session.execute(statement)
+    return bool(getattr(result, "rowcount", 0))
+
+
+class Scheduler:
+    def __init__(
+        self,
+        engine: Engine,
+        campaigns: CampaignSet,
+        settings: Settings,
+        enqueue: Any,
+    ) -> None:
+        self.engine = engine
+        self.campaigns = campaigns
+        self.settings = settings
+        self.enqueue = enqueue
+        self.sqlite = is_sqlite(engine)
+
+    # -- the whole pass ---------------------------------------------------------------------------------
+
+    def tick(self, now: datetime | None = None) -> TickResult:
+        now = now or utcnow()
+        result = TickResult()
+        self.fire_cron(now, result)
+        while True:
+            claimed = self.run_due(now, result)
+            if claimed < self.settings.claim_batch:
+                break
+        self.sweep(now, result)
+        return result
+
+    def run_enrollments(self, enrollment_ids: Sequence[int], now: datetime | None = None) -> TickResult:
+        """Process these enrollments right away if they are due (the fast path after an ATS event)."""
+        result = TickResult()
+        if enrollment_ids:
+            self.run_due(now or utcnow(), result, only=enrollment_ids)
+        return result
+
+    # -- cron campaigns ---------------------------------------------------------------------------------
+
+    def fire_cron(self, now: datetime, result: TickResult) -> None:
+        zone = ZoneInfo(self.settings.company_timezone)
+        for campaign in self.campaigns.scheduled():
+            assert campaign.trigger.cron is not None
+            start = (now + timedelta(seconds=1)).astimezone(zone)
+            fire_at: datetime = croniter(campaign.trigger.cron, start).get_prev(datetime)
+            if (now - fire_at).total_seconds() > self.settings.cron_misfire_grace:
+                continue
+            with transaction(self.engine) as session:
+                if not insert_ignore(
+                    session, CampaignRun, {"campaign": campaign.name, "fire_at": fire_at, "created_at": now}
+                ):
+                    continue
+                count = self._enroll_audience(session, campaign, fire_at)
+                session.execute(
+                    update(CampaignRun)
+                    .where(CampaignRun.campaign == campaign.name, CampaignRun.fire_at == fire_at)
+                    .values(enrolled=count)
+                )
+            result.fired.append(campaign.name)
+            result.enrolled += count
+            log.info("cron campaign fired", extra={"campaign": campaign.name, "enrolled": count})
+
+    def _enroll_audience(self, session: Session, campaign: Campaign, fire_at: datetime) -> int:
+        audience = campaign.trigger.audience
+        query = select(Candidate)
+        if audience.stages:
+            query = query.where(Candidate.stage.in_([s.value for s in audience.stages]))
+        if audience.require_nurture_consent:
+            query = query.where(Candidate.nurture_consent.is_(True))
+        count = 0
+        key = f"cron:{fire_at.isoformat()}"
+        for candidate in session.scalars(query.order_by(Candidate.id)).yield_per(1000):
+            if not audience_matches(audience, candidate, None):
+                continue
+            if enroll(
+                session,
+                campaign,
+                candidate,
+                anchor=fire_at,
+                dedupe_key=key,
+                company_tz=self.settings.company_timezone,
+            ):
+                count += 1
+        return count
+
+    # -- due steps --------------------------------------------------------------------------------------
+
+    def _claim(self, session: Session, now: datetime, only: Sequence[int] | None) -> list[int]:
+        due = and_(
+            Enrollment.status == EnrollmentStatus.ACTIVE.value,
+            Enrollment.next_run_at.is_not(None),
+            Enrollment.next_run_at <= now,
+        )
+        if only is not None:
+            due = and_(due, Enrollment.id.in_(list(only)))
+        batch = self.settings.claim_batch
+        if self.sqlite:
+            pick = select(Enrollment.id).where(due).order_by(Enrollment.next_run_at).limit(batch)
+            rows = session.execute(
+                update(Enrollment)
+                .where(Enrollment.id.in_(pick.scalar_subquery()))
+                .values(updated_at=now)
+                .returning(Enrollment.id)
+            )
+            return [row[0] for row in rows]
+        query = (
+            select(Enrollment.id)
+            .where(due)
+            .order_by(Enrollment.next_run_at)
+            .limit(batch)
+            .with_for_update(skip_locked=True)
+        )
+        return list(session.scalars(query))
+
+    def run_due(self, now: datetime, result: TickResult, only: Sequence[int] | None = None) -> int:
+        queued: list[str] = []
+        with transaction(self.engine) as session:
+            ids = self._claim(session, now, only)
+            if not ids:
+                return 0
+            enrollments = session.scalars(
+                select(Enrollment).where(Enrollment.id.in_(ids)).order_by(Enrollment.next_run_at)
+            ).all()
+            jobs = self._jobs(session, enrollments)
+            for enrollment in enrollments:
+                outbox_id = self._advance(session, enrollment, jobs, now, result)
+                if outbox_id:
+                    queued.append(outbox_id)
+        result.claimed += len(ids)
+        result.queued.extend(queued)
+        self.enqueue(queued)
+        return len(ids)
+
+    def _jobs(self, session: Session, enrollments: Iterable[Enrollment]) -> dict[int, Job]:
+        job_ids = {e.job_id for e in enrollments if e.job_id is not None}
+        if not job_ids:
+            return {}
+        return {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(job_ids)))}
+
+    def _advance(
+        self,
+        session: Session,
+        enrollment: Enrollment,
+        jobs: dict[int, Job],
+        now: datetime,
+        result: TickResult,
+    ) -> str | None:
+        """Turn one due step into an outbox row and move the enrollment on. Returns the id to enqueue."""
+        campaign = self.campaigns.get(enrollment.campaign)
+        candidate = enrollment.candidate
+        if campaign is None or not campaign.enabled:
+            exit_enrollments(session, [enrollment.id], "campaign removed or disabled")
+            result.exited += 1
+            return None
+        exit_reason = self._exit_reason(campaign, enrollment, candidate)
+        if exit_reason:
+            exit_enrollments(session, [enrollment.id], exit_reason)
+            result.exited += 1
+            return None
+        index = enrollment.current_step
+        if index >= len(campaign.steps):
+            enrollment.status = EnrollmentStatus.COMPLETED.value
+            enrollment.next_run_at = None
+            result.completed += 1
+            return None
+
+        step = campaign.steps[index]
+        due = enrollment.next_run_at or now
+        since = enrollment.last_step_at or enrollment.anchor_at
+        skip_reason = self._skip_reason(step, candidate, since)
+        outbox_id = new_id()
+        values: dict[str, Any] = {
+            "id": outbox_id,
+            "enrollment_id": enrollment.id,
+            "candidate_id": candidate.id,
+            "campaign": campaign.name,
+            "step": index,
+            "channel": step.channel.value,
+            "template": step.template,
+            "category": campaign.category.value,
+            "status": MessageStatus.PENDING.value,
+            "not_before": now,
+            "enqueued_at": now,
+            "attempts": 0,
+            "created_at": now,
+            "updated_at": now,
+        }
+        if skip_reason:
+            values.update(status=MessageStatus.SKIPPED.value, rule=f"only_if:{step.only_if}", reason=skip_reason)
+        written = insert_ignore(session, OutboundMessage, values)
+
+        if step.alert and not skip_reason:
+            job = jobs.get(enrollment.job_id) if enrollment.job_id else None
+            message = f"{campaign.name} step {index + 1}: {step.alert.replace('_', ' ')}"
+            if job is not None:
+                message += f" (job {job.external_id})"
+            if insert_ignore(
+                session,
+                Alert,
+                {
+                    "kind": step.alert,
+                    "candidate_id": candidate.id,
+                    "enrollment_id": enrollment.id,
+                    "campaign": campaign.name,
+                    "message": message,
+                    "created_at": now,
+                },
+            ):
+                result.alerts += 1
+
+        enrollment.current_step = index + 1
+        enrollment.last_step_at = due
+        enrollment.updated_at = now
+        if index + 1 < len(campaign.steps):
+            enrollment.next_run_at = step_due(
+                campaign.steps[index + 1], due, candidate, self.settings.company_timezone
+            )
+        else:
+            enrollment.status = EnrollmentStatus.COMPLETED.value
+            enrollment.next_run_at = None
+            result.completed += 1
+        if skip_reason:
+            result.skipped += 1
+            return None
+        return outbox_id if written else None
+
+    @staticmethod
+    def _exit_reason(campaign: Campaign, enrollment: Enrollment, candidate: Candidate) -> str | None:
+        if ExitCondition.STAGE_CHANGED in campaign.exit_on and candidate.stage != enrollment.stage_at_start:
+            return f"stage changed to {candidate.stage}"
+        if (
+            ExitCondition.REPLIED in campaign.exit_on
+            and candidate.last_reply_at is not None
+            and candidate.last_reply_at >= enrollment.anchor_at
+        ):
+            return "replied"
+        return None
+
+    @staticmethod
+    def _skip_reason(step: Step, candidate: Candidate, since: datetime) -> str | None:
+        if step.only_if == "no_reply" and candidate.last_reply_at and candidate.last_reply_at > since:
+            return "candidate replied since the previous step"
+        if step.only_if == "no_click" and candidate.last_click_at and candidate.last_click_at > since:
+            return "candidate clicked since the previous step"
+        return None
+
+    # -- the sweeper ------------------------------------------------------------------------------------
+
+    def sweep(self, now: datetime, result: TickResult) -> None:
+        lease = timedelta(seconds=self.settings.lease_seconds)
+        with transaction(self.engine) as session:
+            stale = and_(
+                OutboundMessage.status == MessageStatus.PENDING.value,
+                OutboundMessage.not_before <= now,
+                or_(OutboundMessage.enqueued_at.is_(None), OutboundMessage.enqueued_at < now - lease),
+            )
+            pick = select(OutboundMessage.id).where(stale).limit(self.settings.claim_batch)
+            if not self.sqlite:
+                pick = pick.with_for_update(skip_locked=True)
+            rows = session.execute(
+                update(OutboundMessage)
+                .where(OutboundMessage.id.in_(pick.scalar_subquery()))
+                .values(enqueued_at=now)
+                .returning(OutboundMessage.id)
+            )
+            requeued = [row[0] for row in rows]
+            lost = session.execute(
+                update(OutboundMessage)
+                .where(
+                    OutboundMessage.status == MessageStatus.SENDING.value,
+                    OutboundMessage.lease_until < now,
+                )
+                .values(
+                    status=MessageStatus.UNCERTAIN.value,
+                    rule="lease",
+                    reason="the worker stopped during the send; reconcile from provider events, do not resend",
+                    updated_at=now,
+                )
+            )
+            result.uncertain += int(getattr(lost, "rowcount", 0) or 0)
+        if requeued:
+            log.warning("sweeper re-enqueued outbox rows", extra={"count": len(requeued)})
+        result.requeued.extend(requeued)
+        self.enqueue(requeued)
+
+
+def run_forever(scheduler: Scheduler, interval: float, stop: threading.Event | None = None) -> None:
+    """Tick every ``interval`` seconds until ``stop`` is set; a failing tick is logged and retried."""
+    stop = stop or threading.Event()
+    while not stop.is_set():
+        try:
+            scheduler.tick()
+        except Exception:
+            log.exception("scheduler tick failed; retrying next interval")
+        stop.wait(interval)

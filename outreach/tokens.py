@@ -1,0 +1,39 @@
+"""HMAC-signed tokens we put in links (unsubscribe, reply routing). Opaque ids inside, never personal data."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+
+from outreach.config import Settings
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def sign(settings: Settings, purpose: str, payload: str) -> str:
+    mac = hmac.new(settings.signing_key, f"{purpose}\n{payload}".encode(), hashlib.sha256).digest()[:16]
+    return f"{_b64(payload.encode())}.{_b64(mac)}"
+
+
+def verify(settings: Settings, purpose: str, token: str) -> str | None:
+    """The payload if ``token`` was minted by us for ``purpose``; None for anything forged or malformed."""
+    try:
+        body, mac = token.split(".", 1)
+        payload = _unb64(body).decode()
+        given = _unb64(mac)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    expected = hmac.new(settings.signing_key, f"{purpose}\n{payload}".encode(), hashlib.sha256).digest()[:16]
+    return payload if hmac.compare_digest(given, expected) else None
+
+
+def unsubscribe_url(settings: Settings, channel: str, candidate_id: int) -> str:
+    token = sign(settings, "unsubscribe", f"{channel}:{candidate_id}")
+    return f"{settings.public_url}/unsubscribe/{token}"

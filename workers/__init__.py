@@ -1,0 +1,23 @@
+"""Worker entry point: ``dramatiq workers`` (or ``outreach worker``) imports this package.
+
+The broker is set up from ``OUTREACH_BROKER_URL`` before any actor is declared. When a broker is already
+installed in this process (``outreach up`` and the tests install an in-process one), nothing is changed.
+"""
+
+from __future__ import annotations
+
+from outreach import broker as _broker
+
+if _broker.installed_broker() is None:
+    from outreach.config import get_settings
+    from outreach.errors import ConfigurationError
+    from outreach.logs import configure_logging
+
+    _settings = get_settings()
+    configure_logging(_settings.log_level)
+    if not _settings.broker_url:
+        raise ConfigurationError(
+            "OUTREACH_BROKER_URL is not set: separate worker processes need Redis (redis://…) or RabbitMQ "
+            "(amqp://…); `outreach up` runs its workers in-process without one"
+        )
+    _broker.install_broker(_broker.build_broker(_settings))
