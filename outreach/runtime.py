@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 
@@ -19,6 +20,9 @@ from outreach.db import get_engine
 from outreach.errors import CampaignError
 from outreach.providers import Providers, build_providers
 from outreach.render import Renderer
+
+if TYPE_CHECKING:
+    from outreach.scheduler import Scheduler
 
 Enqueue = Callable[[Sequence[str]], None]
 
@@ -50,6 +54,12 @@ class Runtime:
     @cached_property
     def providers(self) -> Providers:
         return build_providers(self.settings, sandbox_url=self.sandbox_url)
+
+    @cached_property
+    def scheduler(self) -> Scheduler:
+        from outreach.scheduler import Scheduler
+
+        return Scheduler(self.engine, self.campaigns, self.settings, self.enqueue)
 
     def enqueue(self, outbox_ids: Sequence[str]) -> None:
         if not outbox_ids:

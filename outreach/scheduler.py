@@ -127,7 +127,8 @@ class Scheduler:
             claimed = self.run_due(now, result)
             if claimed < self.settings.claim_batch:
                 break
-        self.sweep(now, result)
+        # Leases and enqueue times are wall-clock facts; a simulated ``now`` must not expire them.
+        self.sweep(utcnow(), result)
         return result
 
     def run_enrollments(self, enrollment_ids: Sequence[int], now: datetime | None = None) -> TickResult:
@@ -271,6 +272,9 @@ class Scheduler:
         since = enrollment.last_step_at or enrollment.anchor_at
         skip_reason = self._skip_reason(step, candidate, since)
         outbox_id = new_id()
+        # The wall clock, not ``now``: ``tick --now`` simulates when steps are due, but the row is ready to go
+        # the moment it is written, and the sweeper's lease runs on real time.
+        wall = utcnow()
         values: dict[str, Any] = {
             "id": outbox_id,
             "enrollment_id": enrollment.id,
@@ -281,11 +285,11 @@ class Scheduler:
             "template": step.template,
             "category": campaign.category.value,
             "status": MessageStatus.PENDING.value,
-            "not_before": now,
-            "enqueued_at": now,
+            "not_before": wall,
+            "enqueued_at": wall,
             "attempts": 0,
-            "created_at": now,
-            "updated_at": now,
+            "created_at": wall,
+            "updated_at": wall,
         }
         if skip_reason:
             values.update(status=MessageStatus.SKIPPED.value, rule=f"only_if:{step.only_if}", reason=skip_reason)

@@ -1,0 +1,396 @@
+"""The ``outreach`` command line: run the service, its parts, and the HR chores (validate, preview, import)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import threading
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from outreach.config import Settings, set_settings
+from outreach.errors import OutreachError, ValidationError
+from outreach.logs import configure_logging
+from outreach.runtime import Runtime, set_runtime
+
+
+def _settings() -> Settings:
+    try:
+        settings = Settings.from_env()
+    except OutreachError as exc:
+        raise click.ClickException(str(exc)) from None
+    set_settings(settings)
+    configure_logging(settings.log_level)
+    return settings
+
+
+def _parse_when(value: str | None, field: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not ISO-8601, e.g. 2026-11-25T10:00:00+08:00", param_hint=field)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _check_campaigns(runtime: Runtime) -> None:
+    from outreach.validation import validate_all
+
+    settings = runtime.settings
+    _, problems = validate_all(settings.campaigns_dir, settings.templates_dir)
+    if problems:
+        for problem in problems:
+            click.echo(str(problem), err=True)
+        raise click.ClickException(f"{len(problems)} problem(s) in the campaigns; refusing to start")
+
+
+def _inline_delivery(runtime: Runtime) -> None:
+    """Without a broker, CLI passes deliver what they queue themselves, in this process."""
+    from outreach.delivery import deliver
+
+    def run(ids: Sequence[str]) -> None:
+        for outbox_id in ids:
+            deliver(runtime, outbox_id)
+
+    runtime.enqueue_override = run
+
+
+def _external_broker(runtime: Runtime) -> None:
+    from outreach.broker import build_broker, install_broker
+
+    install_broker(build_broker(runtime.settings))
+
+
+def _runtime_for_commands(settings: Settings) -> Runtime:
+    runtime = Runtime(settings)
+    set_runtime(runtime)
+    if settings.broker_url:
+        _external_broker(runtime)
+    else:
+        if not settings.has_sendgrid_credentials or not settings.has_twilio_credentials:
+            runtime.sandbox_url = os.environ.get("OUTREACH_SANDBOX_URL") or None
+        _inline_delivery(runtime)
+    return runtime
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """outreach: timed, personal email and SMS for recruiting teams."""
+
+
+# -- running the service -----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--threads", default=8, show_default=True, type=int, help="In-process worker threads.")
+def up(host: str, port: int, threads: int) -> None:
+    """API, scheduler, workers and (without credentials) the provider sandbox, in one process."""
+    import uvicorn
+
+    from outreach.db import upgrade
+
+    settings = _settings()
+    upgrade(settings.database_url)
+    runtime = Runtime(settings)
+    set_runtime(runtime)
+    _check_campaigns(runtime)
+    sandbox = None
+    if not (settings.has_sendgrid_credentials and settings.has_twilio_credentials):
+        from outreach.sandbox import SandboxServer
+
+        sandbox = SandboxServer(
+            "127.0.0.1",
+            settings.sandbox_port,
+            twilio_auth_token=settings.twilio_auth_token.reveal() or "sandbox-token",
+        ).start()
+        runtime.sandbox_url = sandbox.url
+        click.echo(f"provider sandbox: {sandbox.url}/  (messages sent show up here)")
+    stop = _start_background(runtime, threads)
+    click.echo(f"outreach API: http://{host}:{port}/docs")
+    from outreach.web import create_app
+
+    try:
+        uvicorn.run(create_app(runtime), host=host, port=port, log_level=settings.log_level.lower())
+    finally:
+        stop.set()
+        if sandbox is not None:
+            sandbox.stop()
+
+
+def _start_background(runtime: Runtime, threads: int) -> threading.Event:
+    """Install the broker, start worker threads and the scheduler loop; returns the event that stops them."""
+    from dramatiq import Worker
+
+    from outreach.broker import build_broker, install_broker
+    from outreach.scheduler import run_forever
+
+    broker = install_broker(build_broker(runtime.settings))
+    worker = Worker(broker, worker_threads=threads, queues={runtime.settings.queue_name})
+    worker.start()
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=run_forever, args=(runtime.scheduler, runtime.settings.tick_interval, stop), daemon=True
+    )
+    thread.start()
+
+    def stop_worker() -> None:
+        stop.wait()
+        worker.stop()
+
+    threading.Thread(target=stop_worker, daemon=True).start()
+    return stop
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+def serve(host: str, port: int) -> None:
+    """The HTTP API only. With OUTREACH_BROKER_URL it enqueues for separate workers; without, it runs its own."""
+    import uvicorn
+
+    from outreach.web import create_app
+
+    settings = _settings()
+    runtime = Runtime(settings)
+    set_runtime(runtime)
+    _check_campaigns(runtime)
+    if settings.broker_url:
+        _external_broker(runtime)
+    else:
+        _start_background(runtime, 4)
+    uvicorn.run(create_app(runtime), host=host, port=port, log_level=settings.log_level.lower())
+
+
+@main.command()
+@click.option("--processes", "-p", default=2, show_default=True, type=int)
+@click.option("--threads", "-t", default=8, show_default=True, type=int)
+def worker(processes: int, threads: int) -> None:
+    """Dramatiq worker processes (needs OUTREACH_BROKER_URL); the same as `dramatiq workers`."""
+    settings = _settings()
+    if not settings.broker_url:
+        raise click.ClickException("OUTREACH_BROKER_URL must point at Redis or RabbitMQ for separate workers")
+    _check_campaigns(Runtime(settings))
+    args = [sys.executable, "-m", "dramatiq", "workers", "--processes", str(processes), "--threads", str(threads),
+            "--queues", settings.queue_name]
+    os.execv(sys.executable, args)
+
+
+@main.command()
+def scheduler() -> None:
+    """Tick continuously: fire cron campaigns, claim due steps, sweep stale outbox rows."""
+    from outreach.scheduler import run_forever
+
+    settings = _settings()
+    runtime = _runtime_for_commands(settings)
+    _check_campaigns(runtime)
+    click.echo(f"scheduler ticking every {settings.tick_interval}s")
+    run_forever(runtime.scheduler, settings.tick_interval)
+
+
+@main.command()
+@click.option("--now", "now_text", default=None, help="Run the pass as if at this ISO-8601 instant.")
+def tick(now_text: str | None) -> None:
+    """One scheduler pass (as if at --now); prints what it did as JSON."""
+    settings = _settings()
+    runtime = _runtime_for_commands(settings)
+    _check_campaigns(runtime)
+    result = runtime.scheduler.tick(_parse_when(now_text, "--now"))
+    click.echo(json.dumps(result.summary()))
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8025, show_default=True, type=int)
+def sandbox(host: str, port: int) -> None:
+    """A local SendGrid + Twilio stand-in that keeps what it receives (browse it at /)."""
+    from outreach.sandbox import serve as serve_sandbox
+
+    settings = _settings()
+    click.echo(f"provider sandbox on http://{host}:{port}/")
+    serve_sandbox(host, port, settings.twilio_auth_token.reveal() or "sandbox-token", None)
+
+
+# -- database ----------------------------------------------------------------------------------------------
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+def db_upgrade(revision: str) -> None:
+    """Apply migrations (Alembic) up to REVISION."""
+    from outreach.db import upgrade
+
+    settings = _settings()
+    upgrade(settings.database_url, revision)
+    click.echo(f"database at {revision}")
+
+
+# -- campaigns ---------------------------------------------------------------------------------------------
+
+
+@main.group()
+def campaigns() -> None:
+    """Check and preview campaign files."""
+
+
+@campaigns.command("validate")
+def campaigns_validate() -> None:
+    """Check every campaign file and the templates it uses; exit 1 on any problem."""
+    from outreach.validation import validate_all
+
+    settings = _settings()
+    loaded, problems = validate_all(settings.campaigns_dir, settings.templates_dir)
+    if problems or loaded is None:
+        for problem in problems:
+            click.echo(str(problem), err=True)
+        click.echo(f"{len(problems)} problem(s) found", err=True)
+        sys.exit(1)
+    for campaign in loaded:
+        trigger = campaign.trigger.event or f"cron {campaign.trigger.cron}"
+        click.echo(f"ok  {campaign.name:<20} {campaign.category.value:<13} {trigger:<24} {len(campaign.steps)} step(s)")
+    click.echo(f"{len(loaded)} campaign(s) valid")
+
+
+@campaigns.command("preview")
+@click.argument("name")
+@click.option("--step", default=1, show_default=True, type=int, help="1-based step number.")
+@click.option("--locale", default=None, help="Locale to render, e.g. zh-CN (default: the default locale).")
+def campaigns_preview(name: str, step: int, locale: str | None) -> None:
+    """Render one step of a campaign with sample data."""
+    from outreach.render import sample_context
+
+    settings = _settings()
+    runtime = Runtime(settings)
+    campaign = runtime.campaigns.get(name)
+    if campaign is None:
+        raise click.ClickException(f"no campaign named {name!r}")
+    if not 1 <= step <= len(campaign.steps):
+        raise click.ClickException(f"{name} has steps 1..{len(campaign.steps)}")
+    spec = campaign.steps[step - 1]
+    context = sample_context()
+    if spec.channel.value == "email":
+        email = runtime.renderer.render_email(spec.template, locale or settings.default_locale, context)
+        click.echo(f"Subject: {email.subject}\nLocale: {email.locale}\n\n{email.text}")
+    else:
+        sms = runtime.renderer.render_sms(spec.template, locale or settings.default_locale, context)
+        click.echo(f"SMS ({sms.encoding}, {sms.segments} segment(s), locale {sms.locale}):\n{sms.text}")
+
+
+# -- candidates and events ---------------------------------------------------------------------------------
+
+
+@main.group()
+def candidates() -> None:
+    """Candidate data."""
+
+
+CSV_COLUMNS = ("external_id", "name", "email", "phone", "locale", "timezone", "source", "tags", "nurture_consent")
+
+
+def _csv_row(raw: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {k: (v or "").strip() for k, v in raw.items() if k in CSV_COLUMNS}
+    row["tags"] = [t for t in row.get("tags", "").replace("|", ";").split(";") if t.strip()]
+    consent = row.pop("nurture_consent", "")
+    if consent:
+        row["nurture_consent"] = consent.lower() in {"1", "true", "yes", "y"}
+    return {k: v for k, v in row.items() if v not in ("", None) or k == "tags"}
+
+
+@candidates.command("import")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def candidates_import(path: Path) -> None:
+    """Upsert candidates from a CSV file (all rows or none: every bad row is reported first).
+
+    Columns: external_id (required), name, email, phone, locale, timezone, source, tags (separated by ; or |),
+    nurture_consent (yes/no).
+    """
+    from sqlalchemy.orm import Session
+
+    from outreach.candidates import CandidateIn, parse_candidate, upsert_candidate
+    from outreach.db import get_engine
+
+    settings = _settings()
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        unknown = set(reader.fieldnames or ()) - set(CSV_COLUMNS)
+        if "external_id" not in (reader.fieldnames or ()):
+            raise click.ClickException(f"{path}: the header needs an external_id column")
+        if unknown:
+            raise click.ClickException(f"{path}: unknown column(s): {', '.join(sorted(unknown))}")
+        rows = list(reader)
+    parsed: list[CandidateIn] = []
+    errors: list[str] = []
+    for number, raw in enumerate(rows, start=2):
+        try:
+            parsed.append(parse_candidate(_csv_row(raw), settings))
+        except ValidationError as exc:
+            errors.append(f"{path}:{number}: {exc.field}: {exc.message}")
+    if errors:
+        for line in errors:
+            click.echo(line, err=True)
+        raise click.ClickException(f"{len(errors)} invalid row(s); nothing was imported")
+    engine = get_engine(settings.database_url)
+    with Session(engine) as session, session.begin(), click.progressbar(
+        parsed, label="importing", file=sys.stderr
+    ) as bar:
+        for candidate in bar:
+            upsert_candidate(session, candidate, settings)
+    click.echo(f"imported {len(parsed)} candidate(s)")
+
+
+@main.command()
+@click.argument("external_id")
+@click.argument("event_type")
+@click.option("--job", "job_id", default=None, help="The job's external id.")
+@click.option("--reason", default=None)
+@click.option("--at", "at_text", default=None, help="When it happened (ISO-8601); default now.")
+@click.option("--data", "data_text", default=None, help="Extra event data as a JSON object.")
+def event(
+    external_id: str, event_type: str, job_id: str | None, reason: str | None, at_text: str | None,
+    data_text: str | None,
+) -> None:
+    """Record a candidate event (applied, offer_extended, …) and start the campaigns it triggers."""
+    from pydantic import ValidationError as PydanticError
+    from sqlalchemy.orm import Session
+
+    from outreach.enrollment import EventIn, record_event
+
+    settings = _settings()
+    runtime = _runtime_for_commands(settings)
+    try:
+        data = json.loads(data_text) if data_text else {}
+        event_in = EventIn(
+            type=event_type, job_id=job_id, reason=reason, occurred_at=_parse_when(at_text, "--at"), data=data
+        )
+    except (PydanticError, json.JSONDecodeError) as exc:
+        raise click.ClickException(f"invalid event: {exc}") from None
+    try:
+        with Session(runtime.engine, expire_on_commit=False) as session, session.begin():
+            recorded, enrollments = record_event(
+                session, runtime.campaigns, external_id, event_in, company_tz=settings.company_timezone
+            )
+    except OutreachError as exc:
+        raise click.ClickException(str(exc)) from None
+    result = runtime.scheduler.run_enrollments([e.id for e in enrollments])
+    click.echo(json.dumps({
+        "event_id": recorded.id,
+        "enrolled": [e.campaign for e in enrollments],
+        "queued": len(result.queued),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""FastAPI application factory. Routes live in their own modules; this file wires them and the error shape."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+
+from outreach.config import set_settings
+from outreach.errors import NotFoundError, ValidationError
+from outreach.runtime import Runtime
+from outreach.web import api
+
+log = logging.getLogger(__name__)
+
+
+def _field(loc: tuple[object, ...] | list[object]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    return ".".join(parts) or "(body)"
+
+
+def create_app(runtime: Runtime) -> FastAPI:
+    set_settings(runtime.settings)
+    app = FastAPI(
+        title="outreach",
+        version="0.1.0",
+        description="Timed, personal email and SMS for recruiting teams.",
+    )
+    app.state.runtime = runtime
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # The submitted values are personal data: name the fields, never echo the input.
+        errors = [
+            {"field": _field(e.get("loc", ())), "message": str(e.get("msg", "")).removeprefix("Value error, ")}
+            for e in exc.errors()
+        ]
+        first = errors[0] if errors else {"field": "(body)", "message": "invalid request"}
+        return JSONResponse(
+            status_code=422,
+            content={"error": "invalid", "field": first["field"], "message": first["message"], "errors": errors},
+        )
+
+    @app.exception_handler(ValidationError)
+    async def _invalid_domain(_: Request, exc: ValidationError) -> JSONResponse:
+        return JSONResponse(
+            status_code=422,
+            content={
+                "error": "invalid",
+                "field": exc.field,
+                "message": exc.message,
+                "errors": [{"field": exc.field, "message": exc.message}],
+            },
+        )
+
+    @app.exception_handler(NotFoundError)
+    async def _not_found(_: Request, exc: NotFoundError) -> JSONResponse:
+        return JSONResponse(status_code=404, content={"error": "not_found", "message": str(exc)})
+
+    @app.exception_handler(OperationalError)
+    async def _database_down(_: Request, exc: OperationalError) -> JSONResponse:
+        log.error("database unavailable", extra={"error": type(exc.orig).__name__ if exc.orig else "unknown"})
+        return JSONResponse(status_code=503, content={"error": "unavailable", "message": "database unavailable"})
+
+    app.include_router(api.router)
+    return app
