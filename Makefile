@@ -1,0 +1,40 @@
+# outreach: the two commands in README are `make up` and `make test`; everything else is a helper.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: install up test lint typecheck bench bench-smoke services clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+## Start the whole service on the embedded default (SQLite, in-process broker, provider sandbox).
+up: install
+	$(BIN)/outreach up
+
+## Check PostgreSQL, Redis and RabbitMQ (starting local ones if possible), then run the whole suite.
+test: install services
+	$(BIN)/pytest
+
+services:
+	scripts/test-services
+
+lint: install
+	$(BIN)/ruff check outreach workers tests bench
+	$(BIN)/mypy outreach
+
+## Full benchmarks (minutes); prints ratios against bare Dramatiq and writes bench/results/latest.json.
+bench: install services
+	$(BIN)/python -m bench
+
+## Seconds-long run of every benchmark, as CI does.
+bench-smoke: install services
+	$(BIN)/python -m bench --smoke
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache outreach.db*

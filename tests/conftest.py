@@ -1,0 +1,143 @@
+"""Shared fixtures: real PostgreSQL and SQLite databases, the provider sandbox, and brokers.
+
+PostgreSQL and Redis are the running servers (``OUTREACH_TEST_POSTGRES_URL``, ``OUTREACH_TEST_REDIS_URL``,
+``OUTREACH_TEST_RABBITMQ_URL`` override the local defaults). A server that cannot be reached stops the run with
+a message naming it: tests never skip silently.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from outreach.config import Secret, Settings, set_settings
+from outreach.db import dispose_engines, get_engine, normalise_url, upgrade
+from outreach.models import Base
+from outreach.runtime import Runtime, set_runtime
+from outreach.sandbox import SandboxServer
+
+ROOT = Path(__file__).resolve().parent.parent
+POSTGRES_URL = os.environ.get("OUTREACH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("OUTREACH_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+RABBITMQ_URL = os.environ.get("OUTREACH_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+
+os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+os.environ.setdefault("no_proxy", "127.0.0.1,localhost")
+
+
+def require_server(name: str, url: str, default_port: int) -> None:
+    parsed = urlparse(url)
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or default_port
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as exc:
+        pytest.exit(
+            f"{name} is not reachable at {host}:{port} ({exc}). Start it (see README, 'Running the tests') or "
+            f"point the matching OUTREACH_TEST_* variable at one.",
+            returncode=3,
+        )
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throw-away database on the PostgreSQL server, migrated once for the whole session."""
+    require_server("PostgreSQL", POSTGRES_URL, 5432)
+    name = f"outreach_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(normalise_url(POSTGRES_URL), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(normalise_url(POSTGRES_URL)).set(database=name).render_as_string(hide_password=False)
+    upgrade(url)
+    yield url
+    dispose_engines()
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'outreach.db'}"
+    upgrade(url)
+    return url
+
+
+def _empty(url: str) -> None:
+    engine = get_engine(url)
+    with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            names = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+            connection.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+        else:
+            for table in reversed(Base.metadata.sorted_tables):
+                connection.execute(table.delete())
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """Each database test runs on both SQLite and PostgreSQL, starting from empty tables."""
+    url: str = request.getfixturevalue(f"{request.param}_url")
+    _empty(url)
+    return url
+
+
+@pytest.fixture
+def pg_database_url(postgres_url: str) -> str:
+    _empty(postgres_url)
+    return postgres_url
+
+
+@pytest.fixture(scope="session")
+def sandbox_server() -> Iterator[SandboxServer]:
+    server = SandboxServer("127.0.0.1", 0, twilio_auth_token="test-token").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sandbox(sandbox_server: SandboxServer) -> SandboxServer:
+    sandbox_server.clear()
+    return sandbox_server
+
+
+def make_settings(database_url: str, **overrides: object) -> Settings:
+    base = Settings(
+        database_url=database_url,
+        campaigns_dir=ROOT / "campaigns",
+        templates_dir=ROOT / "templates",
+        public_url="http://127.0.0.1:9",
+        sendgrid_api_key=Secret("SG.test"),
+        twilio_account_sid="AC" + "0" * 32,
+        twilio_auth_token=Secret("test-token"),
+        sms_from="+15005550006",
+        provider_timeout=5.0,
+        lease_seconds=30.0,
+    )
+    return base.with_overrides(**overrides)
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return make_settings(database_url)
+
+
+@pytest.fixture
+def runtime(settings: Settings, sandbox: SandboxServer) -> Iterator[Runtime]:
+    """Wiring on the test database and the sandbox; enqueued ids are collected, not delivered."""
+    rt = Runtime(settings, sandbox_url=sandbox.url)
+    queued: list[str] = []
+    rt.enqueue_override = queued.extend
+    rt.queued = queued  # type: ignore[attr-defined]
+    set_settings(settings)
+    set_runtime(rt)
+    yield rt
+    set_runtime(None)
+    set_settings(None)
