@@ -1,0 +1,64 @@
+"""Small builders shared by tests (fakes over mocks: real rows, real sandbox)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from outreach.candidates import CandidateIn, JobIn, upsert_candidate, upsert_job
+from outreach.enrollment import EventIn, record_event
+from outreach.models import Candidate, Enrollment, Job
+from outreach.runtime import Runtime
+
+
+def add_candidate(runtime: Runtime, external_id: str = "c-1", **fields: Any) -> Candidate:
+    data: dict[str, Any] = {
+        "external_id": external_id,
+        "name": "Alex Morgan",
+        "email": f"{external_id}@example.org",
+        "phone": "+8613800138000",
+        "locale": "en",
+        "timezone": "Asia/Shanghai",
+        "source": "linkedin",
+        "tags": ["stack:python"],
+    }
+    data.update(fields)
+    with Session(runtime.engine, expire_on_commit=False) as session, session.begin():
+        return upsert_candidate(session, CandidateIn.model_validate(data), runtime.settings)
+
+
+def add_job(runtime: Runtime, external_id: str = "j-1", **fields: Any) -> Job:
+    data: dict[str, Any] = {
+        "external_id": external_id,
+        "title": "Backend Engineer",
+        "department": "Platform",
+        "location": "Shanghai",
+        "description": "Build the services our recruiters rely on.",
+        "booking_url": "https://book.example.com/backend",
+        "tags": ["stack:python"],
+    }
+    data.update(fields)
+    with Session(runtime.engine, expire_on_commit=False) as session, session.begin():
+        return upsert_job(session, JobIn.model_validate(data))
+
+
+def fire(
+    runtime: Runtime,
+    external_id: str,
+    event_type: str,
+    *,
+    at: datetime | None = None,
+    job: str | None = None,
+    reason: str | None = None,
+    data: dict[str, Any] | None = None,
+) -> list[Enrollment]:
+    event = EventIn.model_validate(
+        {"type": event_type, "job_id": job, "reason": reason, "occurred_at": at, "data": data or {}}
+    )
+    with Session(runtime.engine, expire_on_commit=False) as session, session.begin():
+        _, enrollments = record_event(
+            session, runtime.campaigns, external_id, event, company_tz=runtime.settings.company_timezone
+        )
+    return enrollments

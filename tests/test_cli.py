@@ -1,0 +1,157 @@
+"""The command line as HR and operators use it: real processes, the embedded default, the sandbox."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def outreach(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "outreach", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("OUTREACH_", "SENDGRID_", "TWILIO_"))}
+    base.update({
+        "OUTREACH_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "OUTREACH_LOG_LEVEL": "WARNING",
+    })
+    return base
+
+
+def test_validate_accepts_the_seed_campaigns(env: dict[str, str]) -> None:
+    result = outreach("campaigns", "validate", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "7 campaign(s) valid" in result.stdout
+
+
+def test_validate_names_file_line_and_field_and_exits_nonzero(env: dict[str, str], tmp_path: Path) -> None:
+    campaigns = tmp_path / "campaigns"
+    shutil.copytree(ROOT / "campaigns", campaigns)
+    broken = campaigns / "jd_intro.yaml"
+    lines = broken.read_text(encoding="utf-8").splitlines()
+    index = next(i for i, line in enumerate(lines) if "channel: sms" in line)
+    lines[index] = lines[index].replace("channel: sms", "channel: fax")
+    broken.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = outreach("campaigns", "validate", env={**env, "OUTREACH_CAMPAIGNS_DIR": str(campaigns)})
+    assert result.returncode == 1
+    assert f"{broken}:{index + 1}: steps[" in result.stderr
+    assert ".channel: Input should be 'email' or 'sms'" in result.stderr
+
+
+def test_service_refuses_to_start_on_an_invalid_campaign(env: dict[str, str], tmp_path: Path) -> None:
+    campaigns = tmp_path / "campaigns"
+    shutil.copytree(ROOT / "campaigns", campaigns)
+    (campaigns / "broken.yaml").write_text("name: broken\ncategory: sometimes\n", encoding="utf-8")
+    result = outreach("tick", env={**env, "OUTREACH_CAMPAIGNS_DIR": str(campaigns)})
+    assert result.returncode != 0
+    assert "broken.yaml:2: category:" in result.stderr
+
+
+def test_import_event_and_tick_with_the_sandbox(env: dict[str, str], tmp_path: Path) -> None:
+    from outreach.sandbox import SandboxServer
+
+    assert outreach("db", "upgrade", env=env).returncode == 0
+    csv_file = tmp_path / "people.csv"
+    csv_file.write_text(
+        "external_id,name,email,phone,locale,timezone,source,tags,nurture_consent\n"
+        "c-1,Alex Morgan,alex@example.org,+8613800138000,en,Asia/Shanghai,referral,stack:java;concern:pay,yes\n"
+        "c-2,王芳,wangfang@example.cn,13900139000,zh-CN,,campus,,no\n",
+        encoding="utf-8",
+    )
+    imported = outreach("candidates", "import", str(csv_file), env=env)
+    assert imported.returncode == 0, imported.stderr
+    assert "imported 2 candidate(s)" in imported.stdout
+    with SandboxServer("127.0.0.1", 0).start() as sandbox:
+        run_env = {**env, "OUTREACH_SANDBOX_URL": sandbox.url}
+        data = json.dumps({"start_date": "2027-01-04", "start_place": "Shanghai office",
+                           "hr_contact": {"name": "Li Na", "email": "hr@example.com", "phone": "+862100000000"}})
+        fired = outreach("event", "c-2", "offer_extended", "--at", "2026-11-25T10:00:00+08:00", env=run_env)
+        assert fired.returncode == 0, fired.stderr
+        assert json.loads(fired.stdout)["enrolled"] == ["offer_followup"]
+        ticked = outreach("tick", "--now", "2026-11-28T10:00:00+08:00", env=run_env)
+        assert ticked.returncode == 0, ticked.stderr
+        assert json.loads(ticked.stdout)["queued"] == 1
+        accepted = outreach("event", "c-1", "offer_accepted", "--data", data, env=run_env)
+        assert accepted.returncode == 0, accepted.stderr
+        received = sandbox.wait_for(2, timeout=10)
+    followup = next(m for m in received if m.to == "wangfang@example.cn")
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in followup.subject)  # zh-CN copy
+    letter = next(m for m in received if m.to == "alex@example.org")
+    assert "Li Na" in letter.text and "Shanghai office" in letter.text
+
+
+def test_import_rejects_the_whole_file_on_a_bad_row(env: dict[str, str], tmp_path: Path) -> None:
+    assert outreach("db", "upgrade", env=env).returncode == 0
+    csv_file = tmp_path / "people.csv"
+    csv_file.write_text(
+        "external_id,email,phone,timezone\nok-1,ok@example.org,,\nbad-1,not-an-email,,\nbad-2,,,Mars/Base\n",
+        encoding="utf-8",
+    )
+    result = outreach("candidates", "import", str(csv_file), env=env)
+    assert result.returncode == 1
+    assert f"{csv_file}:3: email:" in result.stderr
+    assert f"{csv_file}:4: timezone: unknown IANA timezone" in result.stderr
+    assert "not-an-email" not in result.stderr  # values are personal data; fields are named instead
+    assert "nothing was imported" in result.stderr
+
+
+@pytest.mark.slow
+def test_up_answers_healthz_and_sends_the_jd_mail_within_five_seconds(env: dict[str, str]) -> None:
+    port, sandbox_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "outreach", "up", "--port", str(port)],
+        cwd=ROOT, env={**env, "OUTREACH_SANDBOX_PORT": str(sandbox_port)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    api = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{api}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            assert time.monotonic() < deadline, "outreach up did not answer /healthz within 60 s"
+            time.sleep(0.2)
+        httpx.post(f"{api}/api/v1/jobs", json={"external_id": "j-1", "title": "QA Engineer",
+                                                "booking_url": "https://book.example.com/qa"}).raise_for_status()
+        httpx.post(f"{api}/api/v1/candidates", json={"external_id": "c-1", "name": "Sam Lee",
+                                                      "email": "sam@example.org"}).raise_for_status()
+        started = time.monotonic()
+        response = httpx.post(f"{api}/api/v1/candidates/c-1/events", json={"type": "applied", "job_id": "j-1"})
+        assert response.status_code == 202
+        while time.monotonic() - started < 5:
+            messages = httpx.get(f"http://127.0.0.1:{sandbox_port}/_sandbox/messages").json()
+            if any(m["channel"] == "email" and m["to"] == "sam@example.org" for m in messages):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the JD email did not reach the sandbox within 5 s")
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
