@@ -1,0 +1,146 @@
+"""The JSON API on both databases: upserts, validation that names the field and writes nothing, the outbox."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from outreach.models import Candidate, CandidateEvent, Enrollment
+from outreach.runtime import Runtime
+from outreach.web import create_app
+
+
+@pytest.fixture
+def client(runtime: Runtime) -> Iterator[TestClient]:
+    with TestClient(create_app(runtime), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+CANDIDATE = {
+    "external_id": "ats-1001",
+    "name": "Priya Raman",
+    "email": "Priya.Raman@Example.org",
+    "phone": "+44 7911 123456",
+    "locale": "en-GB",
+    "timezone": "Europe/London",
+    "source": "linkedin",
+    "tags": ["Stack:java", "status:passive"],
+}
+
+
+def count(runtime: Runtime, model: type) -> int:
+    with Session(runtime.engine) as session:
+        return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def test_candidate_upsert_normalises_and_reads_back(client: TestClient) -> None:
+    created = client.post("/api/v1/candidates", json=CANDIDATE)
+    assert created.status_code == 201
+    body = created.json()
+    assert body["phone"] == "+447911123456"
+    assert body["email"] == "Priya.Raman@example.org"
+    assert body["tags"] == ["stack:java", "status:passive"]
+    assert body["locale"] == "en-GB"
+    updated = client.post("/api/v1/candidates", json={"external_id": "ats-1001", "source": "referral"})
+    assert updated.status_code == 200
+    fetched = client.get("/api/v1/candidates/ats-1001").json()
+    assert (fetched["source"], fetched["name"], fetched["stage"]) == ("referral", "Priya Raman", "applied")
+
+
+def test_unknown_candidate_is_404(client: TestClient) -> None:
+    response = client.get("/api/v1/candidates/nobody")
+    assert response.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("email", "priya@", "not a valid email address"),
+        ("phone", "12345", "phone number"),
+        ("phone", "+86 138", "phone number"),
+        ("timezone", "Asia/Atlantis", "unknown IANA timezone"),
+        ("locale", "fr-FR", "unsupported locale"),
+        ("tags", ["has space"], "tag 0"),
+        ("shoe_size", 42, "Extra inputs"),
+    ],
+)
+def test_bad_candidate_field_is_named_and_nothing_written(
+    client: TestClient, runtime: Runtime, field: str, value: object, message: str
+) -> None:
+    response = client.post("/api/v1/candidates", json={**CANDIDATE, field: value})
+    assert response.status_code == 422
+    body = response.json()
+    assert body["field"] == field
+    assert message in body["message"]
+    assert str(value) not in response.text or field == "shoe_size"
+    assert count(runtime, Candidate) == 0
+
+
+def test_job_upsert_and_salary_range(client: TestClient) -> None:
+    job = {"external_id": "be-1", "title": "Backend Engineer", "salary_min": 30000, "salary_max": 45000,
+           "booking_url": "https://cal.example.com/be", "tags": ["stack:java"]}
+    assert client.post("/api/v1/jobs", json=job).status_code == 201
+    assert client.post("/api/v1/jobs", json={**job, "title": "Senior Backend Engineer"}).status_code == 200
+    bad = client.post("/api/v1/jobs", json={**job, "salary_max": 100})
+    assert (bad.status_code, bad.json()["field"]) == (422, "salary_max")
+    bad_url = client.post("/api/v1/jobs", json={**job, "booking_url": "javascript:alert(1)"})
+    assert (bad_url.status_code, bad_url.json()["field"]) == (422, "booking_url")
+
+
+def test_event_enrolls_and_queues_the_first_step(client: TestClient, runtime: Runtime) -> None:
+    client.post("/api/v1/jobs", json={"external_id": "be-1", "title": "Backend Engineer"})
+    client.post("/api/v1/candidates", json=CANDIDATE)
+    response = client.post("/api/v1/candidates/ats-1001/events", json={"type": "applied", "job_id": "be-1"})
+    assert response.status_code == 202
+    body = response.json()
+    assert [e["campaign"] for e in body["enrollments"]] == ["jd_intro"]
+    assert body["queued"] == 1
+    assert runtime.queued  # type: ignore[attr-defined]
+    messages = client.get("/api/v1/messages", params={"candidate": "ats-1001"}).json()["items"]
+    assert [(m["campaign"], m["step"], m["channel"], m["status"]) for m in messages] == [
+        ("jd_intro", 0, "email", "pending")
+    ]
+    again = client.post("/api/v1/candidates/ats-1001/events", json={"type": "applied", "job_id": "be-1"})
+    assert again.json()["enrollments"] == []  # same application: no second JD mail
+    assert count(runtime, Enrollment) == 1
+
+
+@pytest.mark.parametrize(
+    ("payload", "field", "status"),
+    [
+        ({"type": "interviewed"}, "type", 422),
+        ({"type": "applied", "job_id": "nope"}, "job_id", 422),
+        ({"type": "job_opened"}, "job_id", 422),
+        ({"type": "applied", "occurred_at": "yesterday"}, "occurred_at", 422),
+    ],
+)
+def test_bad_event_is_refused_and_nothing_written(
+    client: TestClient, runtime: Runtime, payload: dict[str, object], field: str, status: int
+) -> None:
+    client.post("/api/v1/candidates", json=CANDIDATE)
+    response = client.post("/api/v1/candidates/ats-1001/events", json=payload)
+    assert response.status_code == status
+    assert response.json()["field"] == field
+    assert count(runtime, CandidateEvent) == 0
+    assert count(runtime, Enrollment) == 0
+
+
+def test_event_for_unknown_candidate_is_404(client: TestClient) -> None:
+    response = client.post("/api/v1/candidates/ghost/events", json={"type": "applied"})
+    assert response.status_code == 404
+
+
+def test_healthz(client: TestClient) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json()["status"] == "ok"
+
+
+def test_openapi_docs_are_served(client: TestClient) -> None:
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "/api/v1/candidates/{external_id}/events" in paths
