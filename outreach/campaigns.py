@@ -229,9 +229,7 @@ def load_campaign_file(path: Path) -> tuple[Campaign | None, list[Problem]]:
             problems.append(Problem(label, _nearest_line(lines, loc), _field_name(loc), message))
         return None, problems
     if campaign.name != path.stem:
-        problems.append(
-            Problem(label, lines.get(("name",)), "name", f"must match the file name {path.stem!r}")
-        )
+        problems.append(Problem(label, lines.get(("name",)), "name", f"must match the file name {path.stem!r}"))
         return None, problems
     return campaign, []
 

@@ -36,7 +36,9 @@ def _parse_when(value: str | None, field: str) -> datetime | None:
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not ISO-8601, e.g. 2026-11-25T10:00:00+08:00", param_hint=field)
+        raise click.BadParameter(
+            f"{value!r} is not ISO-8601, e.g. 2026-11-25T10:00:00+08:00", param_hint=field
+        ) from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
@@ -179,8 +181,18 @@ def worker(processes: int, threads: int) -> None:
     if not settings.broker_url:
         raise click.ClickException("OUTREACH_BROKER_URL must point at Redis or RabbitMQ for separate workers")
     _check_campaigns(Runtime(settings))
-    args = [sys.executable, "-m", "dramatiq", "workers", "--processes", str(processes), "--threads", str(threads),
-            "--queues", settings.queue_name]
+    args = [
+        sys.executable,
+        "-m",
+        "dramatiq",
+        "workers",
+        "--processes",
+        str(processes),
+        "--threads",
+        str(threads),
+        "--queues",
+        settings.queue_name,
+    ]
     os.execv(sys.executable, args)
 
 
@@ -297,7 +309,17 @@ def candidates() -> None:
     """Candidate data."""
 
 
-CSV_COLUMNS = ("external_id", "name", "email", "phone", "locale", "timezone", "source", "tags", "nurture_consent")
+CSV_COLUMNS = (
+    "external_id",
+    "name",
+    "email",
+    "phone",
+    "locale",
+    "timezone",
+    "source",
+    "tags",
+    "nurture_consent",
+)
 
 
 def _csv_row(raw: dict[str, Any]) -> dict[str, Any]:
@@ -343,9 +365,11 @@ def candidates_import(path: Path) -> None:
             click.echo(line, err=True)
         raise click.ClickException(f"{len(errors)} invalid row(s); nothing was imported")
     engine = get_engine(settings.database_url)
-    with Session(engine) as session, session.begin(), click.progressbar(
-        parsed, label="importing", file=sys.stderr
-    ) as bar:
+    with (
+        Session(engine) as session,
+        session.begin(),
+        click.progressbar(parsed, label="importing", file=sys.stderr) as bar,
+    ):
         for candidate in bar:
             upsert_candidate(session, candidate, settings)
     click.echo(f"imported {len(parsed)} candidate(s)")
@@ -359,7 +383,11 @@ def candidates_import(path: Path) -> None:
 @click.option("--at", "at_text", default=None, help="When it happened (ISO-8601); default now.")
 @click.option("--data", "data_text", default=None, help="Extra event data as a JSON object.")
 def event(
-    external_id: str, event_type: str, job_id: str | None, reason: str | None, at_text: str | None,
+    external_id: str,
+    event_type: str,
+    job_id: str | None,
+    reason: str | None,
+    at_text: str | None,
     data_text: str | None,
 ) -> None:
     """Record a candidate event (applied, offer_extended, …) and start the campaigns it triggers."""
@@ -385,11 +413,15 @@ def event(
     except OutreachError as exc:
         raise click.ClickException(str(exc)) from None
     result = runtime.scheduler.run_enrollments([e.id for e in enrollments])
-    click.echo(json.dumps({
-        "event_id": recorded.id,
-        "enrolled": [e.campaign for e in enrollments],
-        "queued": len(result.queued),
-    }))
+    click.echo(
+        json.dumps(
+            {
+                "event_id": recorded.id,
+                "enrolled": [e.campaign for e in enrollments],
+                "queued": len(result.queued),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

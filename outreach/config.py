@@ -147,9 +147,7 @@ class Settings:
             tick_interval=_number(text("OUTREACH_TICK_INTERVAL", "1.0"), "OUTREACH_TICK_INTERVAL"),
             claim_batch=int(_number(text("OUTREACH_CLAIM_BATCH", "1000"), "OUTREACH_CLAIM_BATCH")),
             lease_seconds=_number(text("OUTREACH_LEASE_SECONDS", "120"), "OUTREACH_LEASE_SECONDS"),
-            cron_misfire_grace=_number(
-                text("OUTREACH_CRON_MISFIRE_GRACE", "86400"), "OUTREACH_CRON_MISFIRE_GRACE"
-            ),
+            cron_misfire_grace=_number(text("OUTREACH_CRON_MISFIRE_GRACE", "86400"), "OUTREACH_CRON_MISFIRE_GRACE"),
             max_retries=int(_number(text("OUTREACH_MAX_RETRIES", "8"), "OUTREACH_MAX_RETRIES")),
             queue_name=text("OUTREACH_QUEUE", defaults.queue_name),
             log_level=text("OUTREACH_LOG_LEVEL", defaults.log_level).upper(),
@@ -166,9 +164,7 @@ class Settings:
             ) from None
         scheme = self.broker_url.split("://", 1)[0] if self.broker_url else ""
         if scheme not in {"", "redis", "rediss", "amqp", "amqps"}:
-            raise ConfigurationError(
-                f"OUTREACH_BROKER_URL: expected redis://… or amqp://…, got scheme {scheme!r}"
-            )
+            raise ConfigurationError(f"OUTREACH_BROKER_URL: expected redis://… or amqp://…, got scheme {scheme!r}")
         if self.twilio_account_sid and not self.twilio_auth_token:
             raise ConfigurationError("TWILIO_AUTH_TOKEN is required when TWILIO_ACCOUNT_SID is set")
 

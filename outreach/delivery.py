@@ -82,7 +82,11 @@ def preflight(session: Session, message: OutboundMessage, candidate: Candidate) 
             return Hold(MessageStatus.CANCELLED, "exit", f"enrollment exited: {enrollment.exit_reason}")
     address = candidate.email if message.channel == Channel.EMAIL.value else candidate.phone
     if not address:
-        return Hold(MessageStatus.FAILED, "address", f"candidate has no {'email' if message.channel == 'email' else 'phone'}")
+        return Hold(
+            MessageStatus.FAILED,
+            "address",
+            f"candidate has no {'email' if message.channel == 'email' else 'phone'}",
+        )
     suppressed = session.scalar(
         select(Suppression.reason).where(Suppression.channel == message.channel, Suppression.address == address)
     )
@@ -92,7 +96,11 @@ def preflight(session: Session, message: OutboundMessage, candidate: Candidate) 
 
 
 def build_context(
-    runtime: Runtime, message: OutboundMessage, candidate: Candidate, enrollment: Enrollment | None, job: Job | None
+    runtime: Runtime,
+    message: OutboundMessage,
+    candidate: Candidate,
+    enrollment: Enrollment | None,
+    job: Job | None,
 ) -> dict[str, Any]:
     """The variables a template sees. Keep in step with ``outreach.render.sample_context``."""
     settings = runtime.settings
@@ -189,7 +197,10 @@ def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Ou
             headers: dict[str, str] = {}
             if message.category == Category.NURTURE.value:
                 link = context["links"]["unsubscribe"]
-                headers = {"List-Unsubscribe": f"<{link}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+                headers = {
+                    "List-Unsubscribe": f"<{link}>",
+                    "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+                }
             payload = EmailMessage(
                 message_id=outbox_id,
                 to=email_to or "",
@@ -213,8 +224,15 @@ def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Ou
             )
     except TemplateError as exc:
         with Session(engine) as session, session.begin():
-            _finish(session, outbox_id, now, status=MessageStatus.FAILED.value, rule="template",
-                    error_code="template", error_detail=str(exc)[:500])
+            _finish(
+                session,
+                outbox_id,
+                now,
+                status=MessageStatus.FAILED.value,
+                rule="template",
+                error_code="template",
+                error_detail=str(exc)[:500],
+            )
         log.error("template failed", extra={"outbox_id": outbox_id, "template": message.template})
         return Outcome(MessageStatus.FAILED.value)
 
@@ -227,38 +245,77 @@ def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Ou
     except TransientProviderError as exc:
         if attempt >= settings.max_retries:
             with Session(engine) as session, session.begin():
-                _finish(session, outbox_id, utcnow(), status=MessageStatus.FAILED.value, rule="retries",
-                        error_code=exc.code or str(exc.status or "transient"), error_detail=str(exc)[:500])
+                _finish(
+                    session,
+                    outbox_id,
+                    utcnow(),
+                    status=MessageStatus.FAILED.value,
+                    rule="retries",
+                    error_code=exc.code or str(exc.status or "transient"),
+                    error_detail=str(exc)[:500],
+                )
             return Outcome(MessageStatus.FAILED.value)
         delay = exc.retry_after if exc.retry_after is not None else backoff(attempt)
-        _release(runtime, outbox_id, utcnow(), delay, error_code=exc.code or str(exc.status or "network"),
-                 error_detail=str(exc)[:500])
-        log.warning("provider busy; retrying",
-                    extra={"outbox_id": outbox_id, "provider": exc.provider, "status": exc.status, "delay": delay})
+        _release(
+            runtime,
+            outbox_id,
+            utcnow(),
+            delay,
+            error_code=exc.code or str(exc.status or "network"),
+            error_detail=str(exc)[:500],
+        )
+        log.warning(
+            "provider busy; retrying",
+            extra={"outbox_id": outbox_id, "provider": exc.provider, "status": exc.status, "delay": delay},
+        )
         return Outcome(MessageStatus.PENDING.value, retry_in=delay)
     except PermanentProviderError as exc:
         with Session(engine) as session, session.begin():
-            _finish(session, outbox_id, utcnow(), status=MessageStatus.FAILED.value, rule="provider",
-                    provider=exc.provider, error_code=exc.code or str(exc.status), error_detail=str(exc)[:500])
+            _finish(
+                session,
+                outbox_id,
+                utcnow(),
+                status=MessageStatus.FAILED.value,
+                rule="provider",
+                provider=exc.provider,
+                error_code=exc.code or str(exc.status),
+                error_detail=str(exc)[:500],
+            )
             if exc.suppress:
                 from outreach.scheduler import insert_ignore
 
-                insert_ignore(session, Suppression, {
-                    "channel": message.channel,
-                    "address": payload.to,
-                    "reason": f"{exc.provider} {exc.code}",
-                    "source": "provider",
-                    "created_at": utcnow(),
-                })
-        log.warning("provider refused message",
-                    extra={"outbox_id": outbox_id, "provider": exc.provider, "code": exc.code})
+                insert_ignore(
+                    session,
+                    Suppression,
+                    {
+                        "channel": message.channel,
+                        "address": payload.to,
+                        "reason": f"{exc.provider} {exc.code}",
+                        "source": "provider",
+                        "created_at": utcnow(),
+                    },
+                )
+        log.warning(
+            "provider refused message",
+            extra={"outbox_id": outbox_id, "provider": exc.provider, "code": exc.code},
+        )
         return Outcome(MessageStatus.FAILED.value)
 
     sent_at = utcnow()
     with Session(engine) as session, session.begin():
-        _finish(session, outbox_id, sent_at, status=MessageStatus.SENT.value, provider=result.provider,
-                provider_message_id=result.provider_message_id, sent_at=sent_at, locale=locale,
-                segments=segments, error_code=None, error_detail=None)
+        _finish(
+            session,
+            outbox_id,
+            sent_at,
+            status=MessageStatus.SENT.value,
+            provider=result.provider,
+            provider_message_id=result.provider_message_id,
+            sent_at=sent_at,
+            locale=locale,
+            segments=segments,
+            error_code=None,
+            error_detail=None,
+        )
     return Outcome(MessageStatus.SENT.value, provider_message_id=result.provider_message_id)
 
 
@@ -268,6 +325,12 @@ def _release(runtime: Runtime, outbox_id: str, now: datetime, delay: float, **va
         session.execute(
             update(OutboundMessage)
             .where(OutboundMessage.id == outbox_id, OutboundMessage.status == MessageStatus.SENDING.value)
-            .values(status=MessageStatus.PENDING.value, not_before=retry_at, enqueued_at=retry_at,
-                    lease_until=None, updated_at=now, **values)
+            .values(
+                status=MessageStatus.PENDING.value,
+                not_before=retry_at,
+                enqueued_at=retry_at,
+                lease_until=None,
+                updated_at=now,
+                **values,
+            )
         )

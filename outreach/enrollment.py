@@ -23,8 +23,8 @@ from outreach.models import (
     Enrollment,
     EnrollmentStatus,
     Job,
-    OutboundMessage,
     MessageStatus,
+    OutboundMessage,
     Stage,
     utcnow,
 )
@@ -220,6 +220,10 @@ def exit_enrollments(session: Session, enrollment_ids: list[int], reason: str) -
             OutboundMessage.enrollment_id.in_(enrollment_ids),
             OutboundMessage.status.in_([MessageStatus.PENDING.value, MessageStatus.HELD.value]),
         )
-        .values(status=MessageStatus.CANCELLED.value, rule="exit", reason=f"enrollment exited: {reason}",
-                updated_at=now)
+        .values(
+            status=MessageStatus.CANCELLED.value,
+            rule="exit",
+            reason=f"enrollment exited: {reason}",
+            updated_at=now,
+        )
     )

@@ -9,14 +9,13 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
     DateTime,
     ForeignKey,
     Index,
-    Integer,
     MetaData,
     String,
     Text,
@@ -64,7 +63,7 @@ NAMING = {
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[str]: JSON}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[str]: JSON}
 
 
 class Stage(StrEnum):
@@ -248,9 +247,7 @@ class DeliveryEvent(Base):
     __tablename__ = "delivery_events"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    message_id: Mapped[str | None] = mapped_column(
-        ForeignKey("outbound_messages.id", ondelete="CASCADE"), index=True
-    )
+    message_id: Mapped[str | None] = mapped_column(ForeignKey("outbound_messages.id", ondelete="CASCADE"), index=True)
     provider: Mapped[str] = mapped_column(String(16))
     provider_event_id: Mapped[str] = mapped_column(String(200))
     type: Mapped[str] = mapped_column(String(16))
@@ -258,9 +255,7 @@ class DeliveryEvent(Base):
     raw: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-    __table_args__ = (
-        UniqueConstraint("provider", "provider_event_id", name="uq_delivery_events_provider_event"),
-    )
+    __table_args__ = (UniqueConstraint("provider", "provider_event_id", name="uq_delivery_events_provider_event"),)
 
 
 class Suppression(Base):

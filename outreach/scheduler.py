@@ -318,9 +318,7 @@ class Scheduler:
         enrollment.last_step_at = due
         enrollment.updated_at = now
         if index + 1 < len(campaign.steps):
-            enrollment.next_run_at = step_due(
-                campaign.steps[index + 1], due, candidate, self.settings.company_timezone
-            )
+            enrollment.next_run_at = step_due(campaign.steps[index + 1], due, candidate, self.settings.company_timezone)
         else:
             enrollment.status = EnrollmentStatus.COMPLETED.value
             enrollment.next_run_at = None

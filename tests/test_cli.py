@@ -25,7 +25,11 @@ def free_port() -> int:
 
 def outreach(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "outreach", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "outreach", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
 
@@ -33,11 +37,13 @@ def outreach(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("OUTREACH_", "SENDGRID_", "TWILIO_"))}
-    base.update({
-        "OUTREACH_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}",
-        "NO_PROXY": "127.0.0.1,localhost",
-        "OUTREACH_LOG_LEVEL": "WARNING",
-    })
+    base.update(
+        {
+            "OUTREACH_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}",
+            "NO_PROXY": "127.0.0.1,localhost",
+            "OUTREACH_LOG_LEVEL": "WARNING",
+        }
+    )
     return base
 
 
@@ -86,8 +92,13 @@ def test_import_event_and_tick_with_the_sandbox(env: dict[str, str], tmp_path: P
     assert "imported 2 candidate(s)" in imported.stdout
     with SandboxServer("127.0.0.1", 0).start() as sandbox:
         run_env = {**env, "OUTREACH_SANDBOX_URL": sandbox.url}
-        data = json.dumps({"start_date": "2027-01-04", "start_place": "Shanghai office",
-                           "hr_contact": {"name": "Li Na", "email": "hr@example.com", "phone": "+862100000000"}})
+        data = json.dumps(
+            {
+                "start_date": "2027-01-04",
+                "start_place": "Shanghai office",
+                "hr_contact": {"name": "Li Na", "email": "hr@example.com", "phone": "+862100000000"},
+            }
+        )
         fired = outreach("event", "c-2", "offer_extended", "--at", "2026-11-25T10:00:00+08:00", env=run_env)
         assert fired.returncode == 0, fired.stderr
         assert json.loads(fired.stdout)["enrolled"] == ["offer_followup"]
@@ -123,8 +134,11 @@ def test_up_answers_healthz_and_sends_the_jd_mail_within_five_seconds(env: dict[
     port, sandbox_port = free_port(), free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "outreach", "up", "--port", str(port)],
-        cwd=ROOT, env={**env, "OUTREACH_SANDBOX_PORT": str(sandbox_port)},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ROOT,
+        env={**env, "OUTREACH_SANDBOX_PORT": str(sandbox_port)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     api = f"http://127.0.0.1:{port}"
     try:
@@ -138,10 +152,14 @@ def test_up_answers_healthz_and_sends_the_jd_mail_within_five_seconds(env: dict[
             assert process.poll() is None, process.stdout.read() if process.stdout else ""
             assert time.monotonic() < deadline, "outreach up did not answer /healthz within 60 s"
             time.sleep(0.2)
-        httpx.post(f"{api}/api/v1/jobs", json={"external_id": "j-1", "title": "QA Engineer",
-                                                "booking_url": "https://book.example.com/qa"}).raise_for_status()
-        httpx.post(f"{api}/api/v1/candidates", json={"external_id": "c-1", "name": "Sam Lee",
-                                                      "email": "sam@example.org"}).raise_for_status()
+        httpx.post(
+            f"{api}/api/v1/jobs",
+            json={"external_id": "j-1", "title": "QA Engineer", "booking_url": "https://book.example.com/qa"},
+        ).raise_for_status()
+        httpx.post(
+            f"{api}/api/v1/candidates",
+            json={"external_id": "c-1", "name": "Sam Lee", "email": "sam@example.org"},
+        ).raise_for_status()
         started = time.monotonic()
         response = httpx.post(f"{api}/api/v1/candidates/c-1/events", json={"type": "applied", "job_id": "j-1"})
         assert response.status_code == 202

@@ -55,9 +55,7 @@ def test_email_and_sms_reach_the_sandbox_with_opaque_ids_only(runtime: Runtime, 
     assert status_of(runtime, sms.id).segments and status_of(runtime, sms.id).provider == "twilio"
 
 
-def test_same_outbox_id_five_times_at_once_is_one_provider_call(
-    runtime: Runtime, sandbox: SandboxServer
-) -> None:
+def test_same_outbox_id_five_times_at_once_is_one_provider_call(runtime: Runtime, sandbox: SandboxServer) -> None:
     email, _ = queue_jd_intro(runtime)
     barrier = threading.Barrier(5)
     outcomes: list[str] = []

@@ -58,14 +58,27 @@ def wait_for(sandbox: SandboxServer, predicate: object, timeout: float) -> list[
 
 
 def apply(client: TestClient) -> dict[str, object]:
-    assert client.post("/api/v1/jobs", json={
-        "external_id": "j-1", "title": "Data Engineer", "booking_url": "https://book.example.com/de",
-        "tags": ["stack:python"],
-    }).status_code in (200, 201)
-    assert client.post("/api/v1/candidates", json={
-        "external_id": "c-1", "name": "Alex Morgan", "email": "alex@example.org", "phone": "+8613800138000",
-        "locale": "en", "timezone": "Europe/Berlin", "source": "referral",
-    }).status_code in (200, 201)
+    assert client.post(
+        "/api/v1/jobs",
+        json={
+            "external_id": "j-1",
+            "title": "Data Engineer",
+            "booking_url": "https://book.example.com/de",
+            "tags": ["stack:python"],
+        },
+    ).status_code in (200, 201)
+    assert client.post(
+        "/api/v1/candidates",
+        json={
+            "external_id": "c-1",
+            "name": "Alex Morgan",
+            "email": "alex@example.org",
+            "phone": "+8613800138000",
+            "locale": "en",
+            "timezone": "Europe/Berlin",
+            "source": "referral",
+        },
+    ).status_code in (200, 201)
     response = client.post("/api/v1/candidates/c-1/events", json={"type": "applied", "job_id": "j-1"})
     assert response.status_code == 202, response.text
     body: dict[str, object] = response.json()
@@ -86,9 +99,7 @@ def test_applied_event_reaches_the_sandbox_within_five_seconds(live: Runtime, sa
         if items and items[0]["status"] == "sent":
             break
         time.sleep(0.05)
-    assert [(i["campaign"], i["step"], i["channel"], i["status"]) for i in items] == [
-        ("jd_intro", 0, "email", "sent")
-    ]
+    assert [(i["campaign"], i["step"], i["channel"], i["status"]) for i in items] == [("jd_intro", 0, "email", "sent")]
 
 
 def test_flushed_broker_loses_nothing_and_sends_nothing_twice(live: Runtime, sandbox: SandboxServer) -> None:
@@ -96,11 +107,21 @@ def test_flushed_broker_loses_nothing_and_sends_nothing_twice(live: Runtime, san
     dropped: list[str] = []
     live.enqueue_override = dropped.extend  # the broker "loses" every wake-up
     for n in range(20):
-        client.post("/api/v1/candidates", json={"external_id": f"c-{n}", "email": f"c{n}@example.org",
-                                                "phone": "+8613800138000"})
-        client.post(f"/api/v1/candidates/c-{n}/events", json={"type": "offer_accepted", "data": {
-            "start_date": "2027-01-04", "start_place": "Shanghai office",
-            "hr_contact": {"name": "Li Na", "email": "hr@example.com", "phone": "+862100000000"}}})
+        client.post(
+            "/api/v1/candidates",
+            json={"external_id": f"c-{n}", "email": f"c{n}@example.org", "phone": "+8613800138000"},
+        )
+        client.post(
+            f"/api/v1/candidates/c-{n}/events",
+            json={
+                "type": "offer_accepted",
+                "data": {
+                    "start_date": "2027-01-04",
+                    "start_place": "Shanghai office",
+                    "hr_contact": {"name": "Li Na", "email": "hr@example.com", "phone": "+862100000000"},
+                },
+            },
+        )
     assert len(dropped) == 20
     time.sleep(0.3)
     assert sandbox.messages() == []

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -144,9 +144,7 @@ def test_quarterly_cron_fires_once_for_consenting_talent_pool(runtime: Runtime) 
     add_candidate(runtime, "pool-no", nurture_consent=False)
     add_candidate(runtime, "active", nurture_consent=True)
     with Session(runtime.engine) as session, session.begin():
-        session.execute(
-            update(Candidate).where(Candidate.external_id != "active").values(stage="declined")
-        )
+        session.execute(update(Candidate).where(Candidate.external_id != "active").values(stage="declined"))
     fire_at = datetime(2027, 1, 1, 2, 0, tzinfo=UTC)  # 1 Jan 10:00 Asia/Shanghai
     assert runtime.scheduler.tick(fire_at - timedelta(minutes=1)).fired == []
     result = runtime.scheduler.tick(fire_at + timedelta(minutes=5))
@@ -176,9 +174,7 @@ def test_sweeper_requeues_stale_pending_and_marks_lost_sends_uncertain(runtime: 
     with Session(runtime.engine) as session, session.begin():
         session.execute(update(OutboundMessage).where(OutboundMessage.id == email.id).values(enqueued_at=old))
         session.execute(
-            update(OutboundMessage)
-            .where(OutboundMessage.id == nudge.id)
-            .values(status="sending", lease_until=old)
+            update(OutboundMessage).where(OutboundMessage.id == nudge.id).values(status="sending", lease_until=old)
         )
     result = runtime.scheduler.tick(T0 + timedelta(hours=1))
     assert result.requeued == [email.id]

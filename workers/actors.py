@@ -44,7 +44,11 @@ def declare_actors(broker: Broker) -> dict[str, dramatiq.Actor[..., None]]:
         actor_name=DELIVER_ACTOR,
         queue_name=queue,
         priority=0,
-        options={"retry_when": should_retry, "min_backoff": 1000, "max_backoff": 300_000,
-                 "time_limit": 120_000},
+        options={
+            "retry_when": should_retry,
+            "min_backoff": 1000,
+            "max_backoff": 300_000,
+            "time_limit": 120_000,
+        },
     )
     return {DELIVER_ACTOR: actor}

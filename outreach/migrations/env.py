@@ -27,9 +27,7 @@ def run_migrations_online() -> None:
     url = config.get_main_option("sqlalchemy.url") or ""
     engine = create_engine(url)
     with engine.connect() as connection:
-        context.configure(
-            connection=connection, target_metadata=target_metadata, render_as_batch=is_sqlite(url)
-        )
+        context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=is_sqlite(url))
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()

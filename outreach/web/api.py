@@ -140,13 +140,21 @@ def post_event(external_id: str, body: EventIn, runtime: RuntimeDep) -> EventAcc
         )
         stage = session.scalar(select(Candidate.stage).where(Candidate.id == event.candidate_id)) or ""
         listed = [
-            {"id": e.id, "campaign": e.campaign, "next_run_at": e.next_run_at.isoformat() if e.next_run_at else None}
+            {
+                "id": e.id,
+                "campaign": e.campaign,
+                "next_run_at": e.next_run_at.isoformat() if e.next_run_at else None,
+            }
             for e in enrollments
         ]
     # After commit: steps due now go out at once instead of waiting for the next tick.
     result = runtime.scheduler.run_enrollments([e.id for e in enrollments])
     return EventAccepted(
-        event_id=event.id, candidate=external_id, type=event.type, stage=stage, enrollments=listed,
+        event_id=event.id,
+        candidate=external_id,
+        type=event.type,
+        stage=stage,
+        enrollments=listed,
         queued=len(result.queued),
     )
 
@@ -160,9 +168,7 @@ def list_messages(
     since: datetime | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
-    query = select(OutboundMessage, Candidate.external_id).join(
-        Candidate, Candidate.id == OutboundMessage.candidate_id
-    )
+    query = select(OutboundMessage, Candidate.external_id).join(Candidate, Candidate.id == OutboundMessage.candidate_id)
     if candidate:
         query = query.where(Candidate.external_id == candidate)
     if campaign:

@@ -35,13 +35,21 @@ def create_app(runtime: Runtime) -> FastAPI:
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         # The submitted values are personal data: name the fields, never echo the input.
         errors = [
-            {"field": _field(e.get("loc", ())), "message": str(e.get("msg", "")).removeprefix("Value error, ")}
+            {
+                "field": _field(e.get("loc", ())),
+                "message": str(e.get("msg", "")).removeprefix("Value error, "),
+            }
             for e in exc.errors()
         ]
         first = errors[0] if errors else {"field": "(body)", "message": "invalid request"}
         return JSONResponse(
             status_code=422,
-            content={"error": "invalid", "field": first["field"], "message": first["message"], "errors": errors},
+            content={
+                "error": "invalid",
+                "field": first["field"],
+                "message": first["message"],
+                "errors": errors,
+            },
         )
 
     @app.exception_handler(ValidationError)

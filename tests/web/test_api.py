@@ -81,8 +81,14 @@ def test_bad_candidate_field_is_named_and_nothing_written(
 
 
 def test_job_upsert_and_salary_range(client: TestClient) -> None:
-    job = {"external_id": "be-1", "title": "Backend Engineer", "salary_min": 30000, "salary_max": 45000,
-           "booking_url": "https://cal.example.com/be", "tags": ["stack:java"]}
+    job = {
+        "external_id": "be-1",
+        "title": "Backend Engineer",
+        "salary_min": 30000,
+        "salary_max": 45000,
+        "booking_url": "https://cal.example.com/be",
+        "tags": ["stack:java"],
+    }
     assert client.post("/api/v1/jobs", json=job).status_code == 201
     assert client.post("/api/v1/jobs", json={**job, "title": "Senior Backend Engineer"}).status_code == 200
     bad = client.post("/api/v1/jobs", json={**job, "salary_max": 100})

@@ -136,13 +136,9 @@ def upgrade() -> None:
             name=op.f("fk_enrollments_event_id_candidate_events"),
             ondelete="SET NULL",
         ),
-        sa.ForeignKeyConstraint(
-            ["job_id"], ["jobs.id"], name=op.f("fk_enrollments_job_id_jobs"), ondelete="SET NULL"
-        ),
+        sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], name=op.f("fk_enrollments_job_id_jobs"), ondelete="SET NULL"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_enrollments")),
-        sa.UniqueConstraint(
-            "campaign", "candidate_id", "dedupe_key", name="uq_enrollments_campaign_candidate_key"
-        ),
+        sa.UniqueConstraint("campaign", "candidate_id", "dedupe_key", name="uq_enrollments_campaign_candidate_key"),
     )
     with op.batch_alter_table("enrollments", schema=None) as batch_op:
         batch_op.create_index("ix_enrollments_candidate", ["candidate_id", "status"], unique=False)
@@ -216,16 +212,12 @@ def upgrade() -> None:
             ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_outbound_messages")),
-        sa.UniqueConstraint(
-            "enrollment_id", "step", "channel", name="uq_outbound_messages_enrollment_step_channel"
-        ),
+        sa.UniqueConstraint("enrollment_id", "step", "channel", name="uq_outbound_messages_enrollment_step_channel"),
     )
     with op.batch_alter_table("outbound_messages", schema=None) as batch_op:
         batch_op.create_index("ix_outbound_messages_candidate", ["candidate_id", "created_at"], unique=False)
         batch_op.create_index("ix_outbound_messages_provider_id", ["provider_message_id"], unique=False)
-        batch_op.create_index(
-            "ix_outbound_messages_status_not_before", ["status", "not_before"], unique=False
-        )
+        batch_op.create_index("ix_outbound_messages_status_not_before", ["status", "not_before"], unique=False)
 
     op.create_table(
         "delivery_events",
