@@ -1,0 +1,170 @@
+"""Email through SendGrid's v3 Mail Send API, with the official SDK.
+
+One request per message, one personalization per request. Our outbox id travels as the custom arg
+``outreach_id`` so SendGrid's events can be matched back without personal data.
+
+Error mapping: the SDK (its ``python_http_client``) raises an ``HTTPError`` subclass for every non-2xx answer
+but lets network failures through untouched (``urllib.error.URLError``, ``TimeoutError``/``socket.timeout``,
+``ConnectionError``, ``http.client.RemoteDisconnected``). 429, 408, 5xx and network failures are transient;
+other 4xx are permanent.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+import urllib.error
+from collections.abc import Mapping
+from email.utils import parseaddr
+from typing import Any
+
+from python_http_client.exceptions import HTTPError
+from sendgrid import SendGridAPIClient
+
+from outreach.config import Settings
+from outreach.errors import (
+    ConfigurationError,
+    PermanentProviderError,
+    ProviderError,
+    TransientProviderError,
+)
+from outreach.providers.base import EmailMessage, EmailProvider, ProviderPipeline, SendResult, redact
+
+__all__ = ["SendGridProvider"]
+
+_NAME = "sendgrid"
+
+
+def _address(value: str) -> dict[str, str]:
+    name, email = parseaddr(value)
+    # Leave malformed addresses as they are: SendGrid's own validation gives the better error.
+    result = {"email": email or value.strip()}
+    if name:
+        result["name"] = name
+    return result
+
+
+def _error_detail(body: Any) -> str:
+    """``field: message`` for each error in SendGrid's ``{"errors": [...]}`` body, without personal data."""
+    try:
+        data = json.loads(body.decode("utf-8") if isinstance(body, bytes) else body)
+        errors = data.get("errors") if isinstance(data, dict) else None
+    except (ValueError, AttributeError, TypeError):
+        errors = None
+    if not isinstance(errors, list) or not errors:
+        return ""
+    parts = []
+    for error in errors:
+        if not isinstance(error, dict):
+            continue
+        message = str(error.get("message") or "").strip()
+        where = error.get("field")
+        parts.append(f"{where}: {message}" if where else message)
+    return redact("; ".join(p for p in parts if p))
+
+
+def _retry_after(headers: Mapping[str, str] | None) -> float | None:
+    """Seconds until SendGrid's rate-limit window resets (``X-RateLimit-Reset`` is an epoch), at least 1."""
+    if headers is None:
+        return None
+    reset = headers.get("X-RateLimit-Reset")
+    if reset:
+        try:
+            return max(1.0, float(reset) - time.time())
+        except ValueError:
+            pass
+    retry_after = headers.get("Retry-After")
+    if retry_after:
+        try:
+            return max(1.0, float(retry_after))
+        except ValueError:
+            pass
+    return None
+
+
+class SendGridProvider(ProviderPipeline[EmailMessage, dict[str, Any], Any], EmailProvider):
+    """:class:`EmailProvider` backed by ``sendgrid.SendGridAPIClient``.
+
+    ``settings.sendgrid_host`` is the API root without ``/v3`` (the SDK adds it), which is how tests and the
+    sandbox redirect it. ``settings.provider_timeout`` bounds connect and each socket read.
+    """
+
+    name = _NAME
+
+    def __init__(self, settings: Settings) -> None:
+        api_key = settings.sendgrid_api_key.reveal()
+        if not api_key:
+            raise ConfigurationError("SENDGRID_API_KEY is not set")
+        host = settings.sendgrid_host.rstrip("/").removesuffix("/v3")
+        self._client = SendGridAPIClient(api_key=api_key, host=host)
+        # The SDK has no timeout argument; its python_http_client copies the root client's timeout into the
+        # per-path clients it builds for each call. 0 would mean "no timeout" to it, so keep None explicit.
+        # It also opens a new connection for every request (urllib, "Connection: close"): no pooling is
+        # possible through this client, a known cost tracked as a performance issue.
+        self._client.client.timeout = settings.provider_timeout or None
+        # Every call shares this headers dict and the SDK adds Content-Type to it on first use; adding it now
+        # keeps concurrent first sends from changing the dict while another thread copies it.
+        self._client.client.request_headers.setdefault("Content-Type", "application/json")
+        self._default_reply_to = settings.email_reply_to or None
+
+    def send_email(self, message: EmailMessage) -> SendResult:
+        return self.run(message)
+
+    def build_payload(self, message: EmailMessage) -> dict[str, Any]:
+        personalization: dict[str, Any] = {
+            "to": [_address(message.to)],
+            "custom_args": {**message.custom_args, "outreach_id": message.message_id},
+        }
+        # SendGrid requires text/plain before text/html and rejects empty blocks.
+        content = [
+            {"type": kind, "value": value}
+            for kind, value in (("text/plain", message.text), ("text/html", message.html))
+            if value
+        ]
+        payload: dict[str, Any] = {
+            "personalizations": [personalization],
+            "from": _address(message.from_email),
+            "subject": message.subject,
+            "content": content,
+        }
+        reply_to = message.reply_to or self._default_reply_to
+        if reply_to:
+            payload["reply_to"] = _address(reply_to)
+        if message.categories:
+            # SendGrid rejects duplicate categories; keep the first occurrence's order.
+            payload["categories"] = list(dict.fromkeys(message.categories))
+        if message.headers:
+            payload["headers"] = dict(message.headers)
+        return payload
+
+    def post(self, payload: dict[str, Any]) -> Any:
+        return self._client.client.mail.send.post(request_body=payload)
+
+    def parse_result(self, response: Any) -> str:
+        return str(response.headers.get("X-Message-Id") or "")
+
+    def map_error(self, exc: Exception) -> ProviderError | None:
+        if isinstance(exc, HTTPError):
+            status = int(exc.status_code)
+            detail = _error_detail(exc.body) or f"HTTP {status}"
+            if status == 429:
+                return TransientProviderError(
+                    _NAME,
+                    f"rate limited: {detail}",
+                    status=status,
+                    code=str(status),
+                    retry_after=_retry_after(exc.headers),
+                )
+            if status >= 500 or status == 408:
+                return TransientProviderError(_NAME, detail, status=status, code=str(status))
+            return PermanentProviderError(_NAME, detail, status=status, code=str(status))
+        if isinstance(exc, urllib.error.URLError):
+            reason = exc.reason
+            kind = type(reason).__name__ if isinstance(reason, BaseException) else "URLError"
+            return TransientProviderError(_NAME, f"connection failed ({kind})")
+        if isinstance(exc, TimeoutError):
+            return TransientProviderError(_NAME, "timed out waiting for the answer")
+        if isinstance(exc, (OSError, http.client.HTTPException)):
+            return TransientProviderError(_NAME, f"connection failed ({type(exc).__name__})")
+        return None

@@ -1,0 +1,153 @@
+"""SMS through Twilio's Programmable Messaging API, with the official SDK.
+
+The client keeps one ``requests`` session, so connections to Twilio are pooled and reused across sends and
+threads. Error mapping: ``TwilioRestException`` carries the HTTP status and Twilio's error code; 429/20429 and
+5xx are transient, 21610 (the recipient replied STOP) is permanent and suppresses the number, other 4xx are
+permanent. Connection errors and timeouts (``requests`` exceptions the SDK lets through) are transient.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+from twilio.base.exceptions import TwilioException, TwilioRestException, TwilioServiceException
+from twilio.http.http_client import TwilioHttpClient
+from twilio.rest import Client
+
+from outreach.config import Settings
+from outreach.errors import (
+    ConfigurationError,
+    PermanentProviderError,
+    ProviderError,
+    TransientProviderError,
+)
+from outreach.providers.base import ProviderPipeline, SendResult, SmsMessage, SmsProvider
+
+__all__ = ["TwilioProvider"]
+
+_NAME = "twilio"
+# Enough connections for a worker process's threads; requests' default of 10 would make the 11th thread
+# open and discard a connection per send.
+_POOL_SIZE = 32
+
+# Our own wording for the codes we expect: Twilio's messages quote the phone number, ours never do.
+_DESCRIPTIONS = {
+    20003: "authentication failed",
+    20429: "too many requests",
+    21211: "invalid 'To' phone number",
+    21212: "invalid 'From' number",
+    21408: "sending to this region is not enabled",
+    21602: "message body is required",
+    21603: "a 'From' number or messaging service is required",
+    21604: "a 'To' number is required",
+    21606: "the 'From' number cannot send SMS",
+    21608: "trial accounts can only send to verified numbers",
+    21610: "the recipient has unsubscribed (replied STOP)",
+    21612: "Twilio cannot route to this number",
+    21614: "'To' is not a mobile number",
+    21617: "message body exceeds 1600 characters",
+    20500: "Twilio internal server error",
+    20503: "Twilio service unavailable",
+}
+
+
+class _DebugLogger(logging.LoggerAdapter[logging.Logger]):
+    """Hands the SDK a logger that demotes its per-request INFO chatter to DEBUG."""
+
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        super().log(logging.DEBUG if level == logging.INFO else level, msg, *args, **kwargs)
+
+
+def _describe(status: int, code: int | None) -> str:
+    if code is not None and code in _DESCRIPTIONS:
+        return _DESCRIPTIONS[code]
+    if status >= 500:
+        return f"server error (HTTP {status})"
+    return f"request rejected with HTTP {status}"
+
+
+class TwilioProvider(ProviderPipeline[SmsMessage, dict[str, Any], Any], SmsProvider):
+    """:class:`SmsProvider` backed by ``twilio.rest.Client``.
+
+    Sends from ``settings.sms_from`` when it is set, otherwise through
+    ``settings.twilio_messaging_service_sid``.
+    ``settings.twilio_base_url`` replaces ``https://api.twilio.com`` (sandbox, tests);
+    ``settings.provider_timeout`` bounds connect and read.
+    """
+
+    name = _NAME
+
+    def __init__(self, settings: Settings) -> None:
+        account_sid = settings.twilio_account_sid
+        auth_token = settings.twilio_auth_token.reveal()
+        if not (account_sid and auth_token):
+            raise ConfigurationError("TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN are required")
+        if not (settings.sms_from or settings.twilio_messaging_service_sid):
+            raise ConfigurationError("set OUTREACH_SMS_FROM or TWILIO_MESSAGING_SERVICE_SID to send SMS")
+        self._sender: dict[str, str] = (
+            {"from_": settings.sms_from}
+            if settings.sms_from
+            else {"messaging_service_sid": settings.twilio_messaging_service_sid}
+        )
+        http_client = TwilioHttpClient(
+            pool_connections=True,
+            timeout=settings.provider_timeout or None,
+            logger=_DebugLogger(logging.getLogger("outreach.providers.twilio.http"), {}),
+        )
+        # The SDK sizes the pool for https only; the sandbox and tests speak plain http.
+        for scheme in ("https://", "http://"):
+            http_client.session.mount(scheme, HTTPAdapter(pool_maxsize=_POOL_SIZE))
+        client = Client(account_sid, auth_token, http_client=http_client)
+        # The SDK reads TWILIO_EDGE / TWILIO_REGION from the environment and would rewrite the host (and so
+        # the base URL below); where messages go is decided by our settings alone.
+        client.edge = None
+        client.region = None
+        # Every URL is built from the Api domain's base_url ("https://api.twilio.com" + "/2010-04-01/...").
+        client.api.base_url = settings.twilio_base_url.rstrip("/")
+        self._client = client
+
+    def send_sms(self, message: SmsMessage) -> SendResult:
+        return self.run(message)
+
+    def build_payload(self, message: SmsMessage) -> dict[str, Any]:
+        payload: dict[str, Any] = {"to": message.to, "body": message.body, **self._sender}
+        if message.status_callback:
+            payload["status_callback"] = message.status_callback
+        if message.validity_period is not None:
+            payload["validity_period"] = message.validity_period
+        return payload
+
+    def post(self, payload: dict[str, Any]) -> Any:
+        return self._client.messages.create(**payload)
+
+    def parse_result(self, response: Any) -> str:
+        return str(response.sid or "")
+
+    def map_error(self, exc: Exception) -> ProviderError | None:
+        if isinstance(exc, (TwilioRestException, TwilioServiceException)):
+            status = int(exc.status)
+            code = int(exc.code) if exc.code is not None else None
+            code_text = str(code) if code is not None else str(status)
+            detail = _describe(status, code)
+            if status == 429 or code == 20429:
+                return TransientProviderError(_NAME, detail, status=status, code=code_text)
+            if status >= 500:
+                return TransientProviderError(_NAME, detail, status=status, code=code_text)
+            if code == 21610:
+                return PermanentProviderError(_NAME, detail, status=status, code=code_text, suppress=True)
+            if 400 <= status < 500:
+                return PermanentProviderError(_NAME, detail, status=status, code=code_text)
+            return TransientProviderError(_NAME, detail, status=status, code=code_text)
+        if isinstance(exc, requests.Timeout):
+            return TransientProviderError(_NAME, "timed out waiting for the answer")
+        if isinstance(exc, requests.RequestException):
+            return TransientProviderError(_NAME, f"connection failed ({type(exc).__name__})")
+        if isinstance(exc, TwilioException):
+            return TransientProviderError(_NAME, f"client error ({type(exc).__name__})")
+        if isinstance(exc, (OSError, http.client.HTTPException)):
+            return TransientProviderError(_NAME, f"connection failed ({type(exc).__name__})")
+        return None
