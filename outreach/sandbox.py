@@ -25,6 +25,10 @@ kind             effect
 ``dropped``      SendGrid only: accepted, then events ``processed`` → ``dropped``
 ===============  ==============================================================================
 
+Control and inspection: ``GET /_sandbox/messages`` (JSON records), ``DELETE /_sandbox/messages``,
+``GET /_sandbox/stats``, ``GET /_sandbox/sendgrid-public-key``, ``GET /`` (newest first) and
+``GET /messages/{index}`` (one message; email HTML inside a sandboxed iframe).
+
 The server is built for throughput benchmarks as well as tests: handlers never sleep unless a fault asks
 them to, and the only lock taken per request guards the list of records and its counters.
 """
@@ -251,7 +255,7 @@ class _HTTPServer(ThreadingHTTPServer):
 class SandboxServer:
     """The sandbox: start it, point the SDKs at :attr:`url`, inspect :meth:`messages`.
 
-    ``twilio_auth_token`` signs status callbacks (``X-Twilio-Signature``); any password is accepted on the
+    ``twilio_auth_token`` signs status callbacks (``X-Twilio-Signature``); any non-empty password is accepted on the
     API itself. When ``sendgrid_event_url`` is given, SendGrid-style signed event batches are posted there;
     verify them with :attr:`sendgrid_public_key`.
     """
