@@ -46,6 +46,8 @@ from outreach.models import (
 
 log = logging.getLogger(__name__)
 
+MAX_PASSES = 20
+
 
 def step_due(step: Step, base: datetime, candidate: Candidate, company_tz: str) -> datetime:
     """When ``step`` is due: ``base`` plus the delay, then the next ``at`` time in the candidate's timezone."""
@@ -99,8 +101,9 @@ def insert_ignore(session: Session, model: type[Any], values: dict[str, Any]) ->
         statement = postgresql.insert(model).values(**values).on_conflict_do_nothing()
     else:
         statement = sqlite.insert(model).values(**values).on_conflict_do_nothing()
-    result = session.execute(statement)
-    return bool(getattr(result, "rowcount", 0))
+    # RETURNING rather than rowcount: drivers disagree on rowcount after ON CONFLICT DO NOTHING.
+    primary_key = model.__table__.primary_key.columns.values()[0]
+    return session.execute(statement.returning(primary_key)).first() is not None
 
 
 class Scheduler:
@@ -123,9 +126,10 @@ class Scheduler:
         now = now or utcnow()
         result = TickResult()
         self.fire_cron(now, result)
-        while True:
-            claimed = self.run_due(now, result)
-            if claimed < self.settings.claim_batch:
+        # Several passes, so steps that fall due together (an email and an SMS a few minutes later, after a
+        # long pause) go out in one tick; bounded, so one tick never runs forever.
+        for _ in range(MAX_PASSES):
+            if self.run_due(now, result) == 0:
                 break
         # Leases and enqueue times are wall-clock facts; a simulated ``now`` must not expire them.
         self.sweep(utcnow(), result)

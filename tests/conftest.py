@@ -81,7 +81,7 @@ def _empty(url: str) -> None:
                 connection.execute(table.delete())
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgres"])
 def database_url(request: pytest.FixtureRequest) -> str:
     """Each database test runs on both SQLite and PostgreSQL, starting from empty tables."""
     url: str = request.getfixturevalue(f"{request.param}_url")
