@@ -178,8 +178,8 @@ def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Ou
             job = session.get(Job, enrollment.job_id) if enrollment is not None and enrollment.job_id else None
             hold = preflight(session, message, candidate)
             if hold is not None:
-                with session.begin():
-                    _finish(session, outbox_id, now, status=hold.status.value, rule=hold.rule, reason=hold.reason)
+                _finish(session, outbox_id, now, status=hold.status.value, rule=hold.rule, reason=hold.reason)
+                session.commit()
                 return Outcome(hold.status.value)
             context = build_context(runtime, message, candidate, enrollment, job)
             email_to, phone_to = candidate.email, candidate.phone
