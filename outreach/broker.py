@@ -23,7 +23,7 @@ def build_broker(settings: Settings) -> Broker:
     if url.startswith(("redis://", "rediss://")):
         from dramatiq.brokers.redis import RedisBroker
 
-        return RedisBroker(url=url)
+        return RedisBroker(url=url)  # type: ignore[no-untyped-call]
     if url.startswith(("amqp://", "amqps://")):
         from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
