@@ -94,9 +94,7 @@ def test_offer_followup_after_three_silent_days_with_hr_alert(live: Runtime, san
         assert (alert.kind, alert.campaign) == ("offer_unanswered", "offer_followup")
 
 
-def test_offer_letter_with_checklist_and_what_the_candidate_cares_about(
-    live: Runtime, sandbox: SandboxServer
-) -> None:
+def test_offer_letter_with_checklist_and_what_the_candidate_cares_about(live: Runtime, sandbox: SandboxServer) -> None:
     add_candidate(live, name="Alex Morgan", tags=["concern:growth", "concern:remote"])
     add_job(live)
     fire(live, "c-1", "offer_extended", at=T0, job="j-1")
@@ -146,9 +144,7 @@ def test_decline_followup_now_and_recontact_in_six_months(live: Runtime, sandbox
     assert templates == ["decline_thanks", "decline_recontact"]
 
 
-def test_quarterly_nurture_reaches_the_consenting_pool_with_unsubscribe(
-    live: Runtime, sandbox: SandboxServer
-) -> None:
+def test_quarterly_nurture_reaches_the_consenting_pool_with_unsubscribe(live: Runtime, sandbox: SandboxServer) -> None:
     add_candidate(live, "pool-en", name="Alex Morgan", nurture_consent=True)
     add_candidate(live, "pool-zh", name="张伟", locale="zh-CN", nurture_consent=True)
     add_candidate(live, "pool-no", nurture_consent=False)
