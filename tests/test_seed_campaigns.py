@@ -135,6 +135,7 @@ def test_decline_followup_now_and_recontact_in_six_months(live: Runtime, sandbox
     fire(live, "c-1", "offer_declined", at=T0, reason="salary")
     live.scheduler.tick(T0 + timedelta(hours=1))
     (thanks,) = sent(sandbox)
+    assert "Alex" in thanks.text and "honest feedback" in thanks.text  # the reason, acknowledged
     live.scheduler.tick(T0 + timedelta(days=150))
     assert len(sent(sandbox)) == 1
     live.scheduler.tick(T0 + timedelta(days=182, hours=1))
