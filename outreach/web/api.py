@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -176,6 +176,7 @@ def list_messages(
     if status:
         query = query.where(OutboundMessage.status == status)
     if since:
+        since = since if since.tzinfo else since.replace(tzinfo=UTC)
         query = query.where(OutboundMessage.created_at >= since)
     query = query.order_by(OutboundMessage.created_at.desc(), OutboundMessage.step.desc()).limit(limit)
     with Session(runtime.engine) as session:

@@ -150,3 +150,19 @@ def test_openapi_docs_are_served(client: TestClient) -> None:
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert "/api/v1/candidates/{external_id}/events" in paths
+
+
+def test_messages_filter_by_status_campaign_and_since(client: TestClient) -> None:
+    client.post("/api/v1/candidates", json=CANDIDATE)
+    client.post("/api/v1/candidates/ats-1001/events", json={"type": "final_interview_failed"})
+    for params, expected in [
+        ({"status": "pending"}, 1),
+        ({"status": "sent"}, 0),
+        ({"campaign": "final_thanks"}, 1),
+        ({"campaign": "jd_intro"}, 0),
+        ({"since": "2000-01-01T00:00:00"}, 1),
+        ({"since": "2999-01-01T00:00:00+08:00"}, 0),
+    ]:
+        response = client.get("/api/v1/messages", params=params)
+        assert response.status_code == 200, response.text
+        assert response.json()["count"] == expected, params
