@@ -12,7 +12,7 @@ from sqlalchemy.exc import OperationalError
 from outreach.config import set_settings
 from outreach.errors import NotFoundError, ValidationError
 from outreach.runtime import Runtime
-from outreach.web import api
+from outreach.web import api, unsubscribe
 
 log = logging.getLogger(__name__)
 
@@ -74,4 +74,5 @@ def create_app(runtime: Runtime) -> FastAPI:
         return JSONResponse(status_code=503, content={"error": "unavailable", "message": "database unavailable"})
 
     app.include_router(api.router)
+    app.include_router(unsubscribe.router)
     return app
