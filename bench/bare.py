@@ -1,0 +1,68 @@
+"""The baseline side: bare Dramatiq no-op messages through the same broker and worker settings."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from bench import NOOP_ACTOR
+from bench.harness import (
+    BenchmarkError,
+    Config,
+    Measurement,
+    RedisQueue,
+    clean_environment,
+    dramatiq_workers,
+    wait_until,
+)
+
+#: Redis is cheap to ask; a short interval keeps the end of the window sharp.
+POLL_INTERVAL = 0.01
+
+
+def run_bare(config: Config) -> Measurement:
+    queue = RedisQueue(config.redis_url, config.queue_name("noop"))
+    env = clean_environment({"OUTREACH_BROKER_URL": config.redis_url, "OUTREACH_QUEUE": queue.name})
+    try:
+        queue.cleanup()
+        with tempfile.TemporaryDirectory(prefix="outreach-bench-") as logs:
+            ids = queue.stage(NOOP_ACTOR, ((i,) for i in range(config.warmup + config.messages)))
+            warmup, measured = ids[: config.warmup], ids[config.warmup :]
+            with dramatiq_workers("noop-workers", "bench.noop", queue.name, config, env, Path(logs)) as workers:
+                queue.release(warmup)
+
+                def warmed_up() -> bool:
+                    waiting, bodies, delayed = queue.counts()
+                    return waiting == 0 and bodies == len(measured) and delayed == 0
+
+                wait_until(
+                    warmed_up,
+                    timeout=120,
+                    interval=POLL_INTERVAL,
+                    what="the no-op workers to start",
+                    check=workers.check,
+                )
+
+                def drained() -> bool:
+                    return queue.counts() == (0, 0, 0)
+
+                started = time.perf_counter()
+                queue.release(measured)
+                finished = wait_until(
+                    drained,
+                    timeout=config.timeout,
+                    interval=POLL_INTERVAL,
+                    what="the no-op queue to drain",
+                    check=workers.check,
+                )
+                workers.check()
+            dead = queue.dead()
+            if dead:
+                raise BenchmarkError(f"{dead} no-op message(s) were dead-lettered")
+        # Every body is deleted from the hash only when its message is acked, and nothing was dead-lettered:
+        # all were processed. A no-op cannot report being run twice, so duplicates are not observable here.
+        return Measurement("bare", config.messages, finished - started, lost=dead, duplicated=None)
+    finally:
+        queue.cleanup()
+        queue.close()

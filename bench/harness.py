@@ -1,0 +1,322 @@
+"""What both sides of the benchmark share: settings, child processes, the Redis queue and the stopwatch.
+
+Both sides are measured the same way. Worker processes start on an empty queue; every message of the run is
+written to the queue's message hash up front, where workers cannot see it yet; a small warm-up batch is then
+released and processed (which proves the workers are up and warms their caches), and the moment it is done the
+measured batch is released with one ``RPUSH``. The clock runs from that ``RPUSH`` until the last message is
+done, so enqueueing is not part of the window and neither is worker start-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TextIO
+
+import redis
+from dramatiq import Message
+
+ROOT = Path(__file__).resolve().parent.parent
+NAMESPACE = "dramatiq"  # RedisBroker's default key prefix, which the service's broker uses too
+
+#: Inherited variables with these prefixes are dropped so the machine's own settings cannot leak into a run.
+_SCRUBBED_PREFIXES = ("OUTREACH_", "SENDGRID_", "TWILIO_", "dramatiq_")
+
+
+class BenchmarkError(RuntimeError):
+    """The run could not be measured, or lost or duplicated messages: the benchmark must fail."""
+
+
+@dataclass(frozen=True)
+class Config:
+    messages: int
+    warmup: int
+    processes: int
+    threads: int
+    redis_url: str
+    postgres_url: str
+    timeout: float
+    smoke: bool
+    token: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
+
+    def queue_name(self, side: str) -> str:
+        # Unique per run and per side, so concurrent runs on one Redis never touch each other's keys.
+        return f"bench-{side}-{self.token}"
+
+
+@dataclass
+class Measurement:
+    """One side's figures. ``lost`` and ``duplicated`` are None where they cannot be observed."""
+
+    name: str
+    messages: int
+    seconds: float
+    lost: int | None = 0
+    duplicated: int | None = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "messages": self.messages,
+            "seconds": round(self.seconds, 4),
+            "rate": round(self.rate, 2),
+            "lost": self.lost,
+            "duplicated": self.duplicated,
+            **self.details,
+        }
+
+
+# -- environment -------------------------------------------------------------------------------------------
+
+
+def clean_environment(extra: Mapping[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED_PREFIXES)}
+    env.update({"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in ("dramatiq", "sendgrid", "twilio", "SQLAlchemy", "redis", "psycopg"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def machine() -> dict[str, Any]:
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": usable,
+        "platform": platform.platform(),
+        "python_implementation": platform.python_implementation(),
+    }
+
+
+def progress(message: str) -> None:
+    """A line on stderr, so stdout stays the table alone."""
+    print(f"  {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def get_json(url: str, timeout: float = 30.0) -> Any:
+    with _opener.open(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def install_signal_handlers() -> None:
+    """Turn SIGTERM/SIGHUP into SystemExit so every ``finally`` (processes, database, keys) still runs."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+
+
+# -- child processes ---------------------------------------------------------------------------------------
+
+
+class Service:
+    """A child process in its own process group, logging to a file; stopped with SIGTERM, then SIGKILL."""
+
+    def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.env = dict(env)
+        self.log_path = log_dir / f"{name}.log"
+        self._log: TextIO | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Service:
+        self._log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            self.argv,
+            cwd=ROOT,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    def __enter__(self) -> Service:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def check(self) -> None:
+        """Raise if the process has exited (a worker that dies mid-run must stop the benchmark)."""
+        if self.process is not None and self.process.poll() is not None:
+            raise BenchmarkError(
+                f"{self.name} exited with code {self.process.returncode}; its log ends with:\n{self.tail()}"
+            )
+
+    def stop(self, grace: float = 10.0) -> None:
+        process, self.process = self.process, None
+        if process is not None:
+            group = process.pid  # start_new_session makes the child the leader of its own group
+            if process.poll() is None:
+                self._signal(group, signal.SIGTERM)
+                try:
+                    process.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    self._signal(group, signal.SIGKILL)
+                    process.wait(timeout=grace)
+            # Worker processes forked by a master that is gone would otherwise linger.
+            self._signal(group, signal.SIGKILL)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    @staticmethod
+    def _signal(group: int, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, sig)
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+def dramatiq_workers(
+    name: str, module: str, queue: str, config: Config, env: Mapping[str, str], log_dir: Path
+) -> Service:
+    argv = [
+        sys.executable,
+        "-m",
+        "dramatiq",
+        module,
+        "--processes",
+        str(config.processes),
+        "--threads",
+        str(config.threads),
+        "--queues",
+        queue,
+    ]
+    return Service(name, argv, env, log_dir)
+
+
+# -- the queue ---------------------------------------------------------------------------------------------
+
+
+class RedisQueue:
+    """One Dramatiq queue on Redis, written to directly with the layout ``dramatiq/brokers/redis/dispatch.lua``
+    uses: message bodies in the hash ``<ns>:<queue>.msgs``, their ids in the list ``<ns>:<queue>``."""
+
+    def __init__(self, url: str, name: str) -> None:
+        self.client: redis.Redis = redis.Redis.from_url(url)
+        self.name = name
+        self.list_key = f"{NAMESPACE}:{name}"
+        self.hash_key = f"{NAMESPACE}:{name}.msgs"
+        self.delay_hash_key = f"{NAMESPACE}:{name}.DQ.msgs"
+        self.dead_key = f"{NAMESPACE}:{name}.XQ"
+
+    def stage(self, actor_name: str, args: Iterable[tuple[Any, ...]], chunk: int = 1000) -> list[str]:
+        """Store the message bodies (invisible to workers until released); returns their Redis ids in order."""
+        ids: list[str] = []
+        batch: dict[str, bytes] = {}
+        pipe = self.client.pipeline(transaction=False)
+        for arguments in args:
+            redis_id = str(uuid.uuid4())
+            message: Message[Any] = Message(
+                queue_name=self.name,
+                actor_name=actor_name,
+                args=arguments,
+                kwargs={},
+                options={"redis_message_id": redis_id},
+            )
+            batch[redis_id] = message.encode()
+            ids.append(redis_id)
+            if len(batch) >= chunk:
+                pipe.hset(self.hash_key, mapping=batch)  # type: ignore[arg-type]
+                batch = {}
+        if batch:
+            pipe.hset(self.hash_key, mapping=batch)  # type: ignore[arg-type]
+        pipe.execute()
+        return ids
+
+    def release(self, ids: Sequence[str]) -> None:
+        """Make the staged messages visible to the workers, all at once (one command)."""
+        if ids:
+            self.client.rpush(self.list_key, *ids)
+
+    def counts(self) -> tuple[int, int, int]:
+        """(ids waiting in the list, bodies not yet acked, bodies in the delay queue)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.llen(self.list_key)
+        pipe.hlen(self.hash_key)
+        pipe.hlen(self.delay_hash_key)
+        waiting, bodies, delayed = pipe.execute()
+        return int(waiting), int(bodies), int(delayed)
+
+    def dead(self) -> int:
+        return int(self.client.zcard(self.dead_key))
+
+    def cleanup(self) -> None:
+        """Delete every key of this queue (its list, hashes, delay and dead-letter queues, ack sets)."""
+        keys = list(self.client.scan_iter(match=f"{NAMESPACE}:*{self.name}*", count=1000))
+        if keys:
+            self.client.delete(*keys)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# -- the stopwatch -----------------------------------------------------------------------------------------
+
+
+def wait_until(
+    done: Callable[[], bool],
+    *,
+    timeout: float,
+    interval: float,
+    what: str,
+    check: Callable[[], None] | None = None,
+) -> float:
+    """Poll ``done`` every ``interval`` seconds; returns the ``perf_counter`` at which it first held."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        if done():
+            return time.perf_counter()
+        if check is not None:
+            check()
+        if time.perf_counter() > deadline:
+            raise BenchmarkError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
