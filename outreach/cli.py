@@ -292,7 +292,12 @@ def campaigns_preview(name: str, step: int, locale: str | None) -> None:
     if not 1 <= step <= len(campaign.steps):
         raise click.ClickException(f"{name} has steps 1..{len(campaign.steps)}")
     spec = campaign.steps[step - 1]
-    context = sample_context()
+    context = sample_context(
+        locale or settings.default_locale,
+        event_type=campaign.trigger.event.value if campaign.trigger.event else "offer_accepted",
+    )
+    if campaign.is_cron:
+        context = {**context, "event": None, "job": None}
     if spec.channel.value == "email":
         email = runtime.renderer.render_email(spec.template, locale or settings.default_locale, context)
         click.echo(f"Subject: {email.subject}\nLocale: {email.locale}\n\n{email.text}")

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from outreach.campaigns import Audience, Campaign, CampaignSet, EventType, ExitCondition
 from outreach.candidates import add_tags, as_utc, slug
 from outreach.errors import NotFoundError, ValidationError
+from outreach.render import REQUIRED_EVENT_DATA
 from outreach.models import (
     Candidate,
     CandidateEvent,
@@ -132,6 +133,9 @@ def record_event(
             raise ValidationError("job_id", "unknown job; create it first with POST /api/v1/jobs")
     if event_in.type is EventType.JOB_OPENED and job is None:
         raise ValidationError("job_id", "job_opened needs the job that opened")
+    for key in REQUIRED_EVENT_DATA.get(event_in.type.value, ()):
+        if event_in.data.get(key) in (None, "", {}, []):
+            raise ValidationError(f"data.{key}", f"required for {event_in.type.value} (the templates print it)")
     occurred_at = as_utc(event_in.occurred_at) if event_in.occurred_at else utcnow()
 
     event = CandidateEvent(

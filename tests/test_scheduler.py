@@ -70,7 +70,8 @@ def test_reply_stops_campaign_and_cancels_pending(runtime: Runtime) -> None:
 def test_stage_change_exits_offer_followup(runtime: Runtime) -> None:
     add_candidate(runtime)
     fire(runtime, "c-1", "offer_extended", at=T0)
-    fire(runtime, "c-1", "offer_accepted", at=T0 + timedelta(days=1))
+    onboarding = {"start_date": "2027-01-04", "start_place": "Shanghai", "hr_contact": {"name": "Li Na"}}
+    fire(runtime, "c-1", "offer_accepted", at=T0 + timedelta(days=1), data=onboarding)
     runtime.scheduler.tick(T0 + timedelta(days=4))
     campaigns = [m.campaign for m in rows(runtime)]
     assert "offer_followup" not in campaigns  # accepted: no follow-up, no alert

@@ -166,3 +166,13 @@ def test_messages_filter_by_status_campaign_and_since(client: TestClient) -> Non
         response = client.get("/api/v1/messages", params=params)
         assert response.status_code == 200, response.text
         assert response.json()["count"] == expected, params
+
+
+def test_offer_accepted_without_the_onboarding_data_is_refused(client: TestClient, runtime: Runtime) -> None:
+    client.post("/api/v1/candidates", json=CANDIDATE)
+    response = client.post(
+        "/api/v1/candidates/ats-1001/events",
+        json={"type": "offer_accepted", "data": {"start_date": "2027-01-04", "hr_contact": {"name": "Li Na"}}},
+    )
+    assert (response.status_code, response.json()["field"]) == (422, "data.start_place")
+    assert count(runtime, CandidateEvent) == 0
