@@ -116,6 +116,11 @@ def render(report: dict[str, Any]) -> str:
         )
     ratio = report["ratio"]
     lines.append(f"{'ratio e2e / bare':28}{'':30}{'n/a' if ratio is None else f'{ratio:.4f}':>11}")
+    if bare["worker_cpu_ms_per_message"] is not None and e2e["worker_cpu_ms_per_message"] is not None:
+        lines.append(
+            f"worker CPU per message: bare {bare['worker_cpu_ms_per_message']:.3f} ms, "
+            f"end to end {e2e['worker_cpu_ms_per_message']:.3f} ms (sandbox {e2e['sandbox_cpu_ms_per_message']:.3f} ms)"
+        )
     lines.append(
         f"end to end: {e2e['retried']} row(s) retried, sandbox received {e2e['sandbox_messages']} message(s) "
         f"in {e2e['sandbox_requests']} request(s) (warm-up included); set-up took {e2e['setup_seconds']} s"

@@ -13,6 +13,7 @@ from bench.harness import (
     Measurement,
     RedisQueue,
     clean_environment,
+    cpu_per_message,
     dramatiq_workers,
     wait_until,
 )
@@ -47,6 +48,7 @@ def run_bare(config: Config) -> Measurement:
                 def drained() -> bool:
                     return queue.counts() == (0, 0, 0)
 
+                cpu_before = workers.cpu_seconds()
                 started = time.perf_counter()
                 queue.release(measured)
                 finished = wait_until(
@@ -56,13 +58,21 @@ def run_bare(config: Config) -> Measurement:
                     what="the no-op queue to drain",
                     check=workers.check,
                 )
+                cpu = cpu_per_message(cpu_before, workers.cpu_seconds(), config.messages)
                 workers.check()
             dead = queue.dead()
             if dead:
                 raise BenchmarkError(f"{dead} no-op message(s) were dead-lettered")
         # Every body is deleted from the hash only when its message is acked, and nothing was dead-lettered:
         # all were processed. A no-op cannot report being run twice, so duplicates are not observable here.
-        return Measurement("bare", config.messages, finished - started, lost=dead, duplicated=None)
+        return Measurement(
+            "bare",
+            config.messages,
+            finished - started,
+            lost=dead,
+            duplicated=None,
+            details={"worker_cpu_ms_per_message": cpu},
+        )
     finally:
         queue.cleanup()
         queue.close()

@@ -36,6 +36,7 @@ from bench.harness import (
     RedisQueue,
     Service,
     clean_environment,
+    cpu_per_message,
     dramatiq_workers,
     free_port,
     get_json,
@@ -307,11 +308,14 @@ def _measure(config: Config, queue: RedisQueue, stack: contextlib.ExitStack) -> 
     wait_until(remaining(len(measured)), timeout=120, interval=POLL_INTERVAL, what="the workers to start", check=check)
 
     progress("workers warmed up; timing")
+    cpu_before = workers.cpu_seconds(), sandbox.cpu_seconds()
     started = time.perf_counter()
     queue.release(measured)
     finished = wait_until(
         remaining(0), timeout=config.timeout, interval=POLL_INTERVAL, what=f"{total} rows to be sent", check=check
     )
+    worker_cpu = cpu_per_message(cpu_before[0], workers.cpu_seconds(), config.messages)
+    sandbox_cpu = cpu_per_message(cpu_before[1], sandbox.cpu_seconds(), config.messages)
     if failures := _failures(engine):
         raise BenchmarkError(f"outbox rows ended other than sent: {failures}")
 
@@ -323,7 +327,13 @@ def _measure(config: Config, queue: RedisQueue, stack: contextlib.ExitStack) -> 
     verified = verify(engine, sandbox_url, ids)
     check()
     lost, duplicated = int(verified.pop("lost")), int(verified.pop("duplicated"))
-    details = {"warmup": config.warmup, "setup_seconds": round(seed_seconds, 2), **verified}
+    details = {
+        "warmup": config.warmup,
+        "setup_seconds": round(seed_seconds, 2),
+        "worker_cpu_ms_per_message": worker_cpu,
+        "sandbox_cpu_ms_per_message": sandbox_cpu,
+        **verified,
+    }
     return Measurement("e2e", config.messages, finished - started, lost=lost, duplicated=duplicated, details=details)
 
 

@@ -207,6 +207,21 @@ class Service:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(group, sig)
 
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU time of every live process in this service's group (Linux; None elsewhere)."""
+        if self.process is None or not Path("/proc/self/stat").exists():
+            return None
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # gone in the meantime
+            if int(fields[2]) == self.process.pid:  # the process group
+                total += int(fields[11]) + int(fields[12])
+        return total / tick
+
     def tail(self, lines: int = 30) -> str:
         try:
             text = self.log_path.read_text(errors="replace")
@@ -300,6 +315,13 @@ class RedisQueue:
 
 
 # -- the stopwatch -----------------------------------------------------------------------------------------
+
+
+def cpu_per_message(before: float | None, after: float | None, messages: int) -> float | None:
+    """Milliseconds of CPU per message between two :meth:`Service.cpu_seconds` readings."""
+    if before is None or after is None or messages <= 0:
+        return None
+    return round((after - before) * 1000 / messages, 3)
 
 
 def wait_until(
