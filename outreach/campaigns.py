@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from croniter import croniter
@@ -199,13 +199,19 @@ def _field_name(loc: Iterable[Any]) -> str:
     return out or "(file)"
 
 
-def load_campaign_file(path: Path) -> tuple[Campaign | None, list[Problem]]:
-    """Parse and validate one file; returns the campaign or every problem found in it."""
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_yaml_model(path: Path, model: type[M], expected: str) -> tuple[M | None, list[Problem], dict[Any, int]]:
+    """Parse ``path`` and validate it as ``model``; every problem carries the file, the line and the field.
+
+    Also returns the line index so callers can place problems they find after validation.
+    """
     label = str(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        return None, [Problem(label, None, "(file)", f"cannot read: {exc}")]
+        return None, [Problem(label, None, "(file)", f"cannot read: {exc}")], {}
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -213,24 +219,30 @@ def load_campaign_file(path: Path) -> tuple[Campaign | None, list[Problem]]:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc)
-        return None, [Problem(label, line, "(yaml)", f"invalid YAML: {problem}")]
+        return None, [Problem(label, line, "(yaml)", f"invalid YAML: {problem}")], {}
     if not isinstance(data, dict) or node is None:
-        return None, [Problem(label, 1, "(file)", "expected a mapping with name, category, trigger and steps")]
+        return None, [Problem(label, 1, "(file)", f"expected a mapping with {expected}")], {}
     lines = _line_index(node)
-    problems: list[Problem] = []
     try:
-        campaign = Campaign.model_validate(data)
+        return model.model_validate(data), [], lines
     except PydanticValidationError as exc:
+        problems = []
         for error in exc.errors():
             loc = tuple(part for part in error["loc"] if not (isinstance(part, str) and "[" in part))
             message = error["msg"].removeprefix("Value error, ")
             if error["type"] == "extra_forbidden":
                 message = "unknown field"
             problems.append(Problem(label, _nearest_line(lines, loc), _field_name(loc), message))
+        return None, problems, lines
+
+
+def load_campaign_file(path: Path) -> tuple[Campaign | None, list[Problem]]:
+    """Parse and validate one file; returns the campaign or every problem found in it."""
+    campaign, problems, lines = load_yaml_model(path, Campaign, "name, category, trigger and steps")
+    if campaign is None:
         return None, problems
     if campaign.name != path.stem:
-        problems.append(Problem(label, lines.get(("name",)), "name", f"must match the file name {path.stem!r}"))
-        return None, problems
+        return None, [Problem(str(path), lines.get(("name",)), "name", f"must match the file name {path.stem!r}")]
     return campaign, []
 
 
