@@ -1,0 +1,78 @@
+"""What every policy rule shares: the thing it looks at and the decision it returns.
+
+A rule is a small named object with ``check(session, subject) -> Decision``. It answers allow, defer until a
+time, or suppress, always with a reason a recruiter can read. The engine runs rules in order and stops at the
+first that does not allow; the rule's name and reason are recorded on the outbox row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Protocol
+from zoneinfo import ZoneInfo
+
+from sqlalchemy.orm import Session
+
+
+class Verdict(StrEnum):
+    ALLOW = "allow"
+    DEFER = "defer"
+    SUPPRESS = "suppress"
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: Verdict
+    rule: str = ""
+    reason: str = ""
+    until: datetime | None = None
+
+    @classmethod
+    def allow(cls) -> Decision:
+        return ALLOW
+
+    @classmethod
+    def defer(cls, rule: str, reason: str, until: datetime) -> Decision:
+        return cls(Verdict.DEFER, rule, reason, until)
+
+    @classmethod
+    def suppress(cls, rule: str, reason: str) -> Decision:
+        return cls(Verdict.SUPPRESS, rule, reason)
+
+    @property
+    def allowed(self) -> bool:
+        return self.verdict is Verdict.ALLOW
+
+
+ALLOW = Decision(Verdict.ALLOW)
+
+
+class Stage(StrEnum):
+    """When the rules run: as the step is scheduled, and again right before the provider call."""
+
+    SCHEDULE = "schedule"
+    SEND = "send"
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A message about to be scheduled or sent, with what rules need to know about its recipient."""
+
+    candidate_id: int
+    channel: str
+    category: str
+    campaign: str
+    address: str | None
+    zone: ZoneInfo
+    country: str | None
+    now: datetime
+    stage: Stage
+    message_id: str | None = None
+
+
+class Rule(Protocol):
+    name: str
+
+    def check(self, session: Session, subject: Subject) -> Decision: ...
