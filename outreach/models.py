@@ -269,6 +269,7 @@ class Suppression(Base):
     reason: Mapped[str] = mapped_column(String(64))
     source: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    confirmed_at: Mapped[datetime | None]
 
     __table_args__ = (UniqueConstraint("channel", "address", name="uq_suppressions_channel_address"),)
 
@@ -305,3 +306,29 @@ class CampaignRun(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (UniqueConstraint("campaign", "fire_at", name="uq_campaign_runs_campaign_fire_at"),)
+
+
+class InboundMessage(Base):
+    """Something a candidate (or a machine pretending to be one) sent us: a reply, a keyword, an auto-reply."""
+
+    __tablename__ = "inbound_messages"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    candidate_id: Mapped[int | None] = mapped_column(ForeignKey("candidates.id", ondelete="CASCADE"), index=True)
+    channel: Mapped[str] = mapped_column(String(8))
+    provider: Mapped[str] = mapped_column(String(16))
+    provider_message_id: Mapped[str] = mapped_column(String(200))
+    from_address: Mapped[str] = mapped_column(String(320))
+    to_address: Mapped[str | None] = mapped_column(String(320))
+    subject: Mapped[str | None] = mapped_column(String(500))
+    body: Mapped[str] = mapped_column(Text, default="")
+    kind: Mapped[str] = mapped_column(String(16))  # reply, opt_out, opt_in, help, auto_reply, unmatched
+    in_reply_to: Mapped[str | None] = mapped_column(ForeignKey("outbound_messages.id", ondelete="SET NULL"))
+    received_at: Mapped[datetime]
+    raw: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("provider", "provider_message_id", name="uq_inbound_messages_provider_message"),
+        Index("ix_inbound_messages_from", "channel", "from_address", "received_at"),
+    )
