@@ -78,7 +78,9 @@ def parse_duration(value: object) -> timedelta:
         return timedelta(seconds=value)
     match = _DURATION.match(str(value))
     if not match:
-        raise ValueError(f"{value!r} is not a duration; use a number and a unit: 90s, 15m, 36h, 2d, 3w")
+        raise ValueError(
+            f"{value!r} is not a duration; use a number and a unit: 90s, 15m, 36h, 2d, 3w, or 2 business days"
+        )
     amount, unit = match.groups()
     return timedelta(seconds=int(amount) * _UNITS[unit or "s"])
 
@@ -114,13 +116,27 @@ class Trigger(_Spec):
         return self
 
 
+_BUSINESS_DAYS = re.compile(r"^\s*(\d+)\s*(bd|business\s+days?)\s*$", re.IGNORECASE)
+
+
 class Step(_Spec):
     channel: Channel
     template: str = Field(pattern=r"^[a-z0-9_]+$")
     delay: timedelta = timedelta(0)
+    #: Set instead of ``delay`` when the delay is given in business days ("2 business days", "2bd").
+    business_days: int | None = Field(default=None, ge=0)
     at: str | None = Field(default=None, pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
     only_if: Literal["always", "no_reply", "no_click"] = "always"
     alert: str | None = Field(default=None, pattern=r"^[a-z0-9_]+$")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _business_days(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("delay"), str):
+            match = _BUSINESS_DAYS.match(data["delay"])
+            if match:
+                return {**data, "delay": 0, "business_days": int(match.group(1))}
+        return data
 
     @field_validator("delay", mode="before")
     @classmethod

@@ -413,7 +413,12 @@ def event(
     try:
         with Session(runtime.engine, expire_on_commit=False) as session, session.begin():
             recorded, enrollments = record_event(
-                session, runtime.campaigns, external_id, event_in, company_tz=settings.company_timezone
+                session,
+                runtime.campaigns,
+                external_id,
+                event_in,
+                company_tz=settings.company_timezone,
+                calendar=runtime.policy.calendar,
             )
     except OutreachError as exc:
         raise click.ClickException(str(exc)) from None

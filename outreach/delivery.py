@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,13 +25,13 @@ from outreach.models import (
     Candidate,
     Channel,
     Enrollment,
-    EnrollmentStatus,
     Job,
     MessageStatus,
     OutboundMessage,
     Suppression,
     utcnow,
 )
+from outreach.policy.base import Stage as PolicyStage
 from outreach.providers.base import EmailMessage, SendResult, SmsMessage
 from outreach.runtime import Runtime
 from outreach.tokens import unsubscribe_url
@@ -47,13 +48,6 @@ class Outcome:
     provider_message_id: str | None = None
 
 
-@dataclass(frozen=True)
-class Hold:
-    status: MessageStatus
-    rule: str
-    reason: str
-
-
 def claim(session: Session, outbox_id: str, now: datetime, lease: timedelta) -> int | None:
     """``pending`` → ``sending`` if still pending and due; returns the attempt number, or None if not ours."""
     row = session.execute(
@@ -67,6 +61,8 @@ def claim(session: Session, outbox_id: str, now: datetime, lease: timedelta) -> 
             status=MessageStatus.SENDING.value,
             lease_until=now + lease,
             attempts=OutboundMessage.attempts + 1,
+            # Provisional: caps count rows being sent by this time, so a racing worker sees this one.
+            sent_at=now,
             updated_at=now,
         )
         .returning(OutboundMessage.attempts)
@@ -74,25 +70,13 @@ def claim(session: Session, outbox_id: str, now: datetime, lease: timedelta) -> 
     return None if row is None else int(row[0])
 
 
-def preflight(session: Session, message: OutboundMessage, candidate: Candidate) -> Hold | None:
-    """Checks that may have changed since the step was scheduled. Policies (caps, quiet hours) plug in here."""
-    if message.enrollment_id is not None:
-        enrollment = session.get(Enrollment, message.enrollment_id)
-        if enrollment is not None and enrollment.status == EnrollmentStatus.EXITED.value:
-            return Hold(MessageStatus.CANCELLED, "exit", f"enrollment exited: {enrollment.exit_reason}")
-    address = candidate.email if message.channel == Channel.EMAIL.value else candidate.phone
-    if not address:
-        return Hold(
-            MessageStatus.FAILED,
-            "address",
-            f"candidate has no {'email' if message.channel == 'email' else 'phone'}",
-        )
-    suppressed = session.scalar(
-        select(Suppression.reason).where(Suppression.channel == message.channel, Suppression.address == address)
-    )
-    if suppressed is not None:
-        return Hold(MessageStatus.SUPPRESSED, "suppression", f"address suppressed: {suppressed}")
-    return None
+def lock_candidate(session: Session, candidate_id: int) -> Candidate:
+    """Serialise sends to one candidate so caps hold under concurrency (SQLite has one writer anyway)."""
+    query = select(Candidate).where(Candidate.id == candidate_id)
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(key_share=True)
+    candidate = session.scalars(query).one()
+    return candidate
 
 
 def build_context(
@@ -163,30 +147,47 @@ def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Ou
     settings = runtime.settings
     engine = runtime.engine
     now = now or utcnow()
+    # One transaction: claim, lock the candidate, run the rules. Any error rolls it all back to pending.
     with Session(engine, expire_on_commit=False) as session, session.begin():
         attempt = claim(session, outbox_id, now, timedelta(seconds=settings.lease_seconds))
-    if attempt is None:
-        return Outcome("not-pending")
-
-    try:
-        with Session(engine, expire_on_commit=False) as session:
-            message = session.get(OutboundMessage, outbox_id)
-            assert message is not None
-            candidate = session.get(Candidate, message.candidate_id)
-            assert candidate is not None
-            enrollment = session.get(Enrollment, message.enrollment_id) if message.enrollment_id else None
-            job = session.get(Job, enrollment.job_id) if enrollment is not None and enrollment.job_id else None
-            hold = preflight(session, message, candidate)
-            if hold is not None:
-                _finish(session, outbox_id, now, status=hold.status.value, rule=hold.rule, reason=hold.reason)
-                session.commit()
-                return Outcome(hold.status.value)
-            context = build_context(runtime, message, candidate, enrollment, job)
-            email_to, phone_to = candidate.email, candidate.phone
-    except Exception:
-        # Nothing reached the provider: give the row back so the retry (or the sweeper) can take it.
-        _release(runtime, outbox_id, now, backoff(attempt))
-        raise
+        if attempt is None:
+            return Outcome("not-pending")
+        message = session.get(OutboundMessage, outbox_id)
+        assert message is not None
+        candidate = lock_candidate(session, message.candidate_id)
+        # The rules again, right before the provider call: state may have changed since scheduling.
+        subject = runtime.policy.subject(
+            candidate,
+            channel=message.channel,
+            category=message.category,
+            campaign=message.campaign,
+            now=now,
+            stage=PolicyStage.SEND,
+            message_id=outbox_id,
+        )
+        verdict = runtime.policy.evaluate(session, subject, message.enrollment_id)
+        if not verdict.decision.allowed:
+            held = verdict.status is MessageStatus.HELD
+            session.execute(
+                update(OutboundMessage)
+                .where(OutboundMessage.id == outbox_id)
+                .values(
+                    status=verdict.status.value,
+                    rule=verdict.decision.rule,
+                    reason=verdict.decision.reason,
+                    not_before=verdict.decision.until if held else OutboundMessage.not_before,
+                    enqueued_at=None,
+                    sent_at=None,
+                    lease_until=None,
+                    updated_at=now,
+                )
+            )
+            return Outcome(verdict.status.value)
+        enrollment = session.get(Enrollment, message.enrollment_id) if message.enrollment_id else None
+        job = session.get(Job, enrollment.job_id) if enrollment is not None and enrollment.job_id else None
+        context = build_context(runtime, message, candidate, enrollment, job)
+        email_to, phone_to = candidate.email, candidate.phone
+        validity = runtime.policy.sms_validity(subject) if message.channel == Channel.SMS.value else None
 
     try:
         payload: EmailMessage | SmsMessage
@@ -221,6 +222,7 @@ def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Ou
                 to=phone_to or "",
                 body=sms.text,
                 status_callback=f"{settings.public_url}/webhooks/twilio/status?outreach_id={outbox_id}",
+                validity_period=validity,
             )
     except TemplateError as exc:
         with Session(engine) as session, session.begin():
@@ -235,6 +237,22 @@ def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Ou
             )
         log.error("template failed", extra={"outbox_id": outbox_id, "template": message.template})
         return Outcome(MessageStatus.FAILED.value)
+
+    provider_name = runtime.providers.email.name if isinstance(payload, EmailMessage) else runtime.providers.sms.name
+    rate = runtime.policy.spec.rate_limits.get(provider_name)
+    if rate is not None:
+        sender = (
+            settings.email_from
+            if isinstance(payload, EmailMessage)
+            else (settings.sms_from or settings.twilio_messaging_service_sid)
+        )
+        booking = runtime.pacer.book(f"{provider_name}:{sender}", rate, cost=float(segments or 1))
+        if not booking.granted:
+            # The sender is booked out for a while: give the slot back and come back when it frees.
+            _release(runtime, outbox_id, utcnow(), booking.wait, attempts=OutboundMessage.attempts - 1)
+            return Outcome(MessageStatus.PENDING.value, retry_in=booking.wait)
+        if booking.wait > 0:
+            time.sleep(booking.wait)
 
     try:
         result: SendResult
@@ -330,6 +348,7 @@ def _release(runtime: Runtime, outbox_id: str, now: datetime, delay: float, **va
                 not_before=retry_at,
                 enqueued_at=retry_at,
                 lease_until=None,
+                sent_at=None,
                 updated_at=now,
                 **values,
             )

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from outreach.calendar import BusinessCalendar
 from outreach.campaigns import Audience, Campaign, CampaignSet, EventType, ExitCondition
 from outreach.candidates import add_tags, as_utc, slug
 from outreach.errors import NotFoundError, ValidationError
@@ -68,10 +69,16 @@ def audience_matches(audience: Audience, candidate: Candidate, job: Job | None) 
     return not (audience.match_job_tags and (job is None or not tags & set(job.tags)))
 
 
-def first_due(campaign: Campaign, anchor: datetime, candidate: Candidate, company_tz: str) -> datetime:
+def first_due(
+    campaign: Campaign,
+    anchor: datetime,
+    candidate: Candidate,
+    company_tz: str,
+    calendar: BusinessCalendar | None = None,
+) -> datetime:
     from outreach.scheduler import step_due
 
-    return step_due(campaign.steps[0], anchor, candidate, company_tz)
+    return step_due(campaign.steps[0], anchor, candidate, company_tz, calendar)
 
 
 def enroll(
@@ -85,6 +92,7 @@ def enroll(
     job: Job | None = None,
     event: CandidateEvent | None = None,
     context: dict[str, Any] | None = None,
+    calendar: BusinessCalendar | None = None,
 ) -> Enrollment | None:
     """Start ``candidate`` on ``campaign`` unless this very enrollment exists already (returns None then)."""
     existing = session.scalar(
@@ -106,7 +114,7 @@ def enroll(
         current_step=0,
         status=EnrollmentStatus.ACTIVE.value,
         anchor_at=anchor,
-        next_run_at=first_due(campaign, anchor, candidate, company_tz),
+        next_run_at=first_due(campaign, anchor, candidate, company_tz, calendar),
         context=context or {},
     )
     session.add(enrollment)
@@ -121,6 +129,7 @@ def record_event(
     event_in: EventIn,
     *,
     company_tz: str,
+    calendar: BusinessCalendar | None = None,
 ) -> tuple[CandidateEvent, list[Enrollment]]:
     """Store the event, move the candidate's stage, and enroll them where the event triggers a campaign."""
     candidate = session.scalar(select(Candidate).where(Candidate.external_id == external_id))
@@ -180,6 +189,7 @@ def record_event(
             job=job,
             event=event,
             context=context,
+            calendar=calendar,
         )
         if enrollment is not None:
             enrollments.append(enrollment)
@@ -231,3 +241,42 @@ def exit_enrollments(session: Session, enrollment_ids: list[int], reason: str) -
             updated_at=now,
         )
     )
+
+
+def pause_for_out_of_office(session: Session, candidate: Candidate, at: datetime, pause: timedelta) -> int:
+    """An out-of-office answer is not a reply: the candidate's active sequences wait ``pause`` and go on.
+
+    Steps due before ``at + pause`` move to that time; later steps keep their schedule. Returns how many
+    enrollments were pushed back.
+    """
+    resume_at = at + pause
+    result = session.execute(
+        update(Enrollment)
+        .where(
+            Enrollment.candidate_id == candidate.id,
+            Enrollment.status == EnrollmentStatus.ACTIVE.value,
+            Enrollment.next_run_at.is_not(None),
+            Enrollment.next_run_at < resume_at,
+        )
+        .values(next_run_at=resume_at, updated_at=utcnow())
+        .returning(Enrollment.id)
+    )
+    paused = [row[0] for row in result]
+    if paused:
+        # Queued but unsent steps of those sequences wait too.
+        session.execute(
+            update(OutboundMessage)
+            .where(
+                OutboundMessage.enrollment_id.in_(paused),
+                OutboundMessage.status.in_([MessageStatus.PENDING.value, MessageStatus.HELD.value]),
+            )
+            .values(
+                status=MessageStatus.HELD.value,
+                not_before=resume_at,
+                enqueued_at=None,
+                rule="out_of_office",
+                reason=f"candidate is away; resumes {resume_at.isoformat(timespec='minutes')}",
+                updated_at=utcnow(),
+            )
+        )
+    return len(paused)

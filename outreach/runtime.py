@@ -22,6 +22,8 @@ from outreach.providers import Providers, build_providers
 from outreach.render import Renderer
 
 if TYPE_CHECKING:
+    from outreach.policy.engine import PolicyEngine
+    from outreach.policy.pacing import Pacer
     from outreach.scheduler import Scheduler
 
 Enqueue = Callable[[Sequence[str]], None]
@@ -56,10 +58,26 @@ class Runtime:
         return build_providers(self.settings, sandbox_url=self.sandbox_url)
 
     @cached_property
+    def policy(self) -> PolicyEngine:
+        from outreach.policy.config import load_policies
+        from outreach.policy.engine import PolicyEngine
+
+        return PolicyEngine(load_policies(self.settings.campaigns_dir), self.settings)
+
+    @cached_property
+    def pacer(self) -> Pacer:
+        """Provider pacing shared through Redis when the broker is Redis, else per process."""
+        from outreach.policy.pacing import LocalPacer, RedisPacer
+
+        if self.settings.broker_url.startswith(("redis://", "rediss://")):
+            return RedisPacer(self.settings.broker_url)
+        return LocalPacer()
+
+    @cached_property
     def scheduler(self) -> Scheduler:
         from outreach.scheduler import Scheduler
 
-        return Scheduler(self.engine, self.campaigns, self.settings, self.enqueue)
+        return Scheduler(self.engine, self.campaigns, self.settings, self.enqueue, policy=self.policy)
 
     def enqueue(self, outbox_ids: Sequence[str]) -> None:
         if not outbox_ids:

@@ -26,11 +26,15 @@ from sqlalchemy import Engine, and_, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from outreach.calendar import BusinessCalendar
 from outreach.campaigns import Campaign, CampaignSet, ExitCondition, Step
 from outreach.candidates import candidate_timezone
 from outreach.config import Settings
 from outreach.db import is_sqlite, transaction
 from outreach.enrollment import audience_matches, enroll, exit_enrollments
+from outreach.policy.base import Stage as PolicyStage
+from outreach.policy.config import PolicySpec
+from outreach.policy.engine import PolicyEngine
 from outreach.models import (
     Alert,
     CampaignRun,
@@ -49,13 +53,16 @@ log = logging.getLogger(__name__)
 MAX_PASSES = 20
 
 
-def step_due(step: Step, base: datetime, candidate: Candidate, company_tz: str) -> datetime:
-    """When ``step`` is due: ``base`` plus the delay, then the next ``at`` time in the candidate's timezone."""
-    due = base + step.delay
+def step_due(
+    step: Step, base: datetime, candidate: Candidate, company_tz: str, calendar: BusinessCalendar | None = None
+) -> datetime:
+    """When ``step`` is due: ``base`` plus the delay (or business days), then the next ``at`` in the candidate's zone."""
+    if step.business_days:
+        due = (calendar or default_calendar()).add_business_days(base, step.business_days)
+    else:
+        due = base + step.delay
     if step.at is None:
         return due
-    from outreach.config import Settings
-
     zone = candidate_timezone(candidate, Settings(company_timezone=company_tz))
     local = due.astimezone(zone)
     hour, minute = (int(part) for part in step.at.split(":"))
@@ -65,6 +72,12 @@ def step_due(step: Step, base: datetime, candidate: Candidate, company_tz: str) 
     return target.astimezone(due.tzinfo)
 
 
+def default_calendar() -> BusinessCalendar:
+    from outreach.policy.config import CalendarSpec
+
+    return BusinessCalendar.from_spec(CalendarSpec())
+
+
 @dataclass
 class TickResult:
     fired: list[str] = field(default_factory=list)
@@ -72,6 +85,7 @@ class TickResult:
     claimed: int = 0
     queued: list[str] = field(default_factory=list)
     skipped: int = 0
+    held: int = 0
     exited: int = 0
     completed: int = 0
     alerts: int = 0
@@ -85,6 +99,7 @@ class TickResult:
             "claimed": self.claimed,
             "queued": len(self.queued),
             "skipped": self.skipped,
+            "held": self.held,
             "exited": self.exited,
             "completed": self.completed,
             "alerts": self.alerts,
@@ -113,11 +128,13 @@ class Scheduler:
         campaigns: CampaignSet,
         settings: Settings,
         enqueue: Any,
+        policy: PolicyEngine | None = None,
     ) -> None:
         self.engine = engine
         self.campaigns = campaigns
         self.settings = settings
         self.enqueue = enqueue
+        self.policy = policy or PolicyEngine(PolicySpec(), settings)
         self.sqlite = is_sqlite(engine)
 
     # -- the whole pass ---------------------------------------------------------------------------------
@@ -186,6 +203,7 @@ class Scheduler:
                 anchor=fire_at,
                 dedupe_key=key,
                 company_tz=self.settings.company_timezone,
+                calendar=self.policy.calendar,
             ):
                 count += 1
         return count
@@ -295,8 +313,27 @@ class Scheduler:
             "created_at": wall,
             "updated_at": wall,
         }
+        queueable = True
         if skip_reason:
             values.update(status=MessageStatus.SKIPPED.value, rule=f"only_if:{step.only_if}", reason=skip_reason)
+            queueable = False
+        else:
+            subject = self.policy.subject(
+                candidate,
+                channel=step.channel.value,
+                category=campaign.category.value,
+                campaign=campaign.name,
+                now=now,
+                stage=PolicyStage.SCHEDULE,
+                message_id=outbox_id,
+            )
+            verdict = self.policy.evaluate(session, subject, enrollment.id)
+            if not verdict.decision.allowed:
+                queueable = False
+                values.update(status=verdict.status.value, rule=verdict.decision.rule, reason=verdict.decision.reason)
+                if verdict.decision.until is not None:
+                    values.update(not_before=max(verdict.decision.until, wall), enqueued_at=None)
+                result.held += 1
         written = insert_ignore(session, OutboundMessage, values)
 
         if step.alert and not skip_reason:
@@ -330,7 +367,7 @@ class Scheduler:
         if skip_reason:
             result.skipped += 1
             return None
-        return outbox_id if written else None
+        return outbox_id if written and queueable else None
 
     @staticmethod
     def _exit_reason(campaign: Campaign, enrollment: Enrollment, candidate: Candidate) -> str | None:
@@ -372,6 +409,21 @@ class Scheduler:
                 .returning(OutboundMessage.id)
             )
             requeued = [row[0] for row in rows]
+            # Deferred rows (quiet hours, caps) whose time has come: back to pending and onto the queue.
+            due_held = (
+                select(OutboundMessage.id)
+                .where(OutboundMessage.status == MessageStatus.HELD.value, OutboundMessage.not_before <= now)
+                .limit(self.settings.claim_batch)
+            )
+            if not self.sqlite:
+                due_held = due_held.with_for_update(skip_locked=True)
+            released = session.execute(
+                update(OutboundMessage)
+                .where(OutboundMessage.id.in_(due_held.scalar_subquery()))
+                .values(status=MessageStatus.PENDING.value, enqueued_at=now, updated_at=now)
+                .returning(OutboundMessage.id)
+            )
+            requeued += [row[0] for row in released]
             lost = session.execute(
                 update(OutboundMessage)
                 .where(

@@ -168,10 +168,20 @@ def validate_all(
     Returns the campaigns (None when a file is invalid) and every problem found; the service must not
     start while the list is non-empty.
     """
+    from outreach.policy.config import load_policies
+
+    policy_problems: list[Problem] = []
+    try:
+        load_policies(campaigns_dir)
+    except CampaignError as exc:
+        policy_problems = list(exc.problems)
     try:
         campaigns = load_campaigns(campaigns_dir)
     except CampaignError as exc:
-        return None, list(exc.problems)
+        return None, policy_problems + list(exc.problems)
     if not templates_dir.is_dir():
-        return campaigns, [Problem(str(templates_dir), None, "(folder)", "templates folder not found")]
-    return campaigns, check_templates(campaigns, Renderer(templates_dir, default_locale))
+        return campaigns, [
+            *policy_problems,
+            Problem(str(templates_dir), None, "(folder)", "templates folder not found"),
+        ]
+    return campaigns, policy_problems + check_templates(campaigns, Renderer(templates_dir, default_locale))

@@ -18,9 +18,12 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from outreach.campaigns import Category
 from outreach.config import Secret, Settings, set_settings
 from outreach.db import dispose_engines, get_engine, normalise_url, upgrade
 from outreach.models import Base
+from outreach.policy.config import EmailWindow, PolicySpec, QuietHoursSpec, Window
+from outreach.policy.engine import PolicyEngine
 from outreach.runtime import Runtime, set_runtime
 from outreach.sandbox import SandboxServer
 
@@ -129,10 +132,28 @@ def settings(database_url: str) -> Settings:
     return make_settings(database_url)
 
 
+def open_policy(settings: Settings) -> PolicyEngine:
+    """Policies that never get in the way: no quiet hours, caps or pacing (their own tests use the real ones).
+
+    Tests deliver at the wall-clock time of the run, so real quiet hours would make them depend on the hour.
+    """
+    always = Window.parse("00:00-24:00")
+    spec = PolicySpec(
+        caps=(),
+        rate_limits={},
+        quiet_hours=QuietHoursSpec(
+            sms=always,
+            email={Category.NURTURE: EmailWindow(), Category.TRANSACTIONAL: EmailWindow()},
+        ),
+    )
+    return PolicyEngine(spec, settings)
+
+
 @pytest.fixture
 def runtime(settings: Settings, sandbox: SandboxServer) -> Iterator[Runtime]:
     """Wiring on the test database and the sandbox; enqueued ids are collected, not delivered."""
     rt = Runtime(settings, sandbox_url=sandbox.url)
+    rt.policy = open_policy(settings)
     queued: list[str] = []
     rt.enqueue_override = queued.extend
     rt.queued = queued  # type: ignore[attr-defined]

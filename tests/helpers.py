@@ -59,6 +59,11 @@ def fire(
     )
     with Session(runtime.engine, expire_on_commit=False) as session, session.begin():
         _, enrollments = record_event(
-            session, runtime.campaigns, external_id, event, company_tz=runtime.settings.company_timezone
+            session,
+            runtime.campaigns,
+            external_id,
+            event,
+            company_tz=runtime.settings.company_timezone,
+            calendar=runtime.policy.calendar,
         )
     return enrollments

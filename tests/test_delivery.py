@@ -140,8 +140,10 @@ def test_suppressed_address_is_not_sent(runtime: Runtime, sandbox: SandboxServer
 
 def test_missing_phone_fails_with_reason(runtime: Runtime, sandbox: SandboxServer) -> None:
     _, sms = queue_jd_intro(runtime, phone=None)
-    assert deliver(runtime, sms.id).status == "failed"
-    assert status_of(runtime, sms.id).rule == "address"
+    row = status_of(runtime, sms.id)  # caught when the step was scheduled: never queued
+    assert (row.status, row.rule, row.reason) == ("failed", "address", "candidate has no phone")
+    assert deliver(runtime, sms.id).status == "not-pending"
+    assert sandbox.messages() == []
 
 
 def test_exited_enrollment_cancels_a_queued_message(runtime: Runtime, sandbox: SandboxServer) -> None:

@@ -22,7 +22,7 @@ from outreach.models import OutboundMessage, utcnow
 from outreach.runtime import Runtime, set_runtime
 from outreach.sandbox import SandboxMessage, SandboxServer
 from outreach.web import create_app
-from tests.conftest import RABBITMQ_URL, REDIS_URL, make_settings, require_server
+from tests.conftest import RABBITMQ_URL, REDIS_URL, make_settings, open_policy, require_server
 
 BROKERS = {"in-process": "", "redis": REDIS_URL, "rabbitmq": RABBITMQ_URL}
 
@@ -34,6 +34,7 @@ def live(request: pytest.FixtureRequest, pg_database_url: str, sandbox: SandboxS
         require_server(request.param, url, 6379 if url.startswith("redis") else 5672)
     settings = make_settings(pg_database_url, broker_url=url, queue_name=f"outreach_test_{uuid.uuid4().hex[:8]}")
     runtime = Runtime(settings, sandbox_url=sandbox.url)
+    runtime.policy = open_policy(settings)
     set_settings(settings)
     set_runtime(runtime)
     broker = install_broker(build_broker(settings))

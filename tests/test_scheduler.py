@@ -110,6 +110,7 @@ def test_only_if_no_reply_skips_the_step_with_rule_and_reason(runtime: Runtime, 
         encoding="utf-8",
     )
     rt = Runtime(runtime.settings.with_overrides(campaigns_dir=tmp_path), sandbox_url=runtime.sandbox_url)
+    rt.policy = runtime.policy
     rt.enqueue_override = lambda ids: None
     add_candidate(rt)
     fire(rt, "c-1", "applied", at=T0)
@@ -203,7 +204,7 @@ def test_two_schedulers_at_once_write_each_step_once(runtime: Runtime) -> None:
     from outreach.scheduler import Scheduler
 
     def run() -> None:
-        scheduler = Scheduler(runtime.engine, runtime.campaigns, runtime.settings, collect)
+        scheduler = Scheduler(runtime.engine, runtime.campaigns, runtime.settings, collect, policy=runtime.policy)
         barrier.wait()
         for minute in (0, 30, 60):
             scheduler.tick(T0 + timedelta(minutes=minute))

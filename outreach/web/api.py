@@ -136,7 +136,12 @@ class EventAccepted(BaseModel):
 def post_event(external_id: str, body: EventIn, runtime: RuntimeDep) -> EventAccepted:
     with Session(runtime.engine, expire_on_commit=False) as session, session.begin():
         event, enrollments = record_event(
-            session, runtime.campaigns, external_id, body, company_tz=runtime.settings.company_timezone
+            session,
+            runtime.campaigns,
+            external_id,
+            body,
+            company_tz=runtime.settings.company_timezone,
+            calendar=runtime.policy.calendar,
         )
         stage = session.scalar(select(Candidate.stage).where(Candidate.id == event.candidate_id)) or ""
         listed = [

@@ -1,0 +1,63 @@
+"""Consent rules: suppressed addresses, withdrawn nurture consent, exited enrollments, missing addresses."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from outreach.campaigns import Category
+from outreach.models import Candidate, Enrollment, EnrollmentStatus, Suppression
+from outreach.policy.base import Decision, Subject
+
+
+class SuppressionRule:
+    """An address that opted out, bounced hard or complained is never written to again on that channel."""
+
+    name = "suppression"
+
+    def check(self, session: Session, subject: Subject) -> Decision:
+        if not subject.address:
+            return Decision.suppress(
+                "address", f"candidate has no {'email' if subject.channel == 'email' else 'phone'}"
+            )
+        reason = session.scalar(
+            select(Suppression.reason).where(
+                Suppression.channel == subject.channel, Suppression.address == subject.address
+            )
+        )
+        if reason is not None:
+            return Decision.suppress(self.name, f"address suppressed: {reason}")
+        return Decision.allow()
+
+
+class NurtureConsentRule:
+    """Nurture goes only to candidates who agreed to hear from us (and did not take it back since)."""
+
+    name = "consent"
+
+    def check(self, session: Session, subject: Subject) -> Decision:
+        if subject.category != Category.NURTURE.value:
+            return Decision.allow()
+        consent = session.scalar(select(Candidate.nurture_consent).where(Candidate.id == subject.candidate_id))
+        if not consent:
+            return Decision.suppress(self.name, "no consent to nurture messages")
+        return Decision.allow()
+
+
+class EnrollmentActiveRule:
+    """A message whose enrollment has exited (stage changed, replied) is not sent."""
+
+    name = "exit"
+
+    def __init__(self, enrollment_id: int | None) -> None:
+        self.enrollment_id = enrollment_id
+
+    def check(self, session: Session, subject: Subject) -> Decision:
+        if self.enrollment_id is None:
+            return Decision.allow()
+        row = session.execute(
+            select(Enrollment.status, Enrollment.exit_reason).where(Enrollment.id == self.enrollment_id)
+        ).first()
+        if row is not None and row[0] == EnrollmentStatus.EXITED.value:
+            return Decision.suppress(self.name, f"enrollment exited: {row[1]}")
+        return Decision.allow()

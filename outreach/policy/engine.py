@@ -1,0 +1,106 @@
+"""The policy engine: runs the rules in a fixed order and turns the first objection into an outbox status.
+
+Order matters: consent first (nothing else is worth computing for a suppressed address), then quiet hours
+(a deferral that does not use up a cap), then the caps, which count what has been sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cached_property
+
+import phonenumbers
+from sqlalchemy.orm import Session
+
+from outreach.calendar import BusinessCalendar
+from outreach.candidates import candidate_timezone
+from outreach.config import Settings
+from outreach.models import Candidate, Channel, MessageStatus
+from outreach.policy.base import Decision, Rule, Stage, Subject, Verdict
+from outreach.policy.caps import FrequencyCapRule
+from outreach.policy.config import PolicySpec
+from outreach.policy.consent import EnrollmentActiveRule, NurtureConsentRule, SuppressionRule
+from outreach.policy.quiet_hours import QuietHoursRule, validity_period, window_for
+
+#: Suppressions by these rules end the row with a status of their own rather than ``suppressed``.
+STATUS_FOR_RULE = {"exit": MessageStatus.CANCELLED, "address": MessageStatus.FAILED}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the engine decided, as the outbox row should record it."""
+
+    decision: Decision
+
+    @property
+    def status(self) -> MessageStatus:
+        if self.decision.verdict is Verdict.DEFER:
+            return MessageStatus.HELD
+        if self.decision.verdict is Verdict.SUPPRESS:
+            return STATUS_FOR_RULE.get(self.decision.rule, MessageStatus.SUPPRESSED)
+        return MessageStatus.PENDING
+
+
+class PolicyEngine:
+    def __init__(self, spec: PolicySpec, settings: Settings) -> None:
+        self.spec = spec
+        self.settings = settings
+
+    @cached_property
+    def calendar(self) -> BusinessCalendar:
+        return BusinessCalendar.from_spec(self.spec.calendar)
+
+    @cached_property
+    def _shared_rules(self) -> list[Rule]:
+        return [
+            SuppressionRule(),
+            NurtureConsentRule(),
+            QuietHoursRule(self.spec.quiet_hours, self.calendar),
+            *(FrequencyCapRule(cap) for cap in self.spec.caps),
+        ]
+
+    def subject(
+        self,
+        candidate: Candidate,
+        *,
+        channel: str,
+        category: str,
+        campaign: str,
+        now: datetime,
+        stage: Stage,
+        message_id: str | None = None,
+    ) -> Subject:
+        address = candidate.email if channel == Channel.EMAIL.value else candidate.phone
+        country = None
+        if candidate.phone:
+            try:
+                country = phonenumbers.region_code_for_number(phonenumbers.parse(candidate.phone))
+            except phonenumbers.NumberParseException:
+                country = None
+        return Subject(
+            candidate_id=candidate.id,
+            channel=channel,
+            category=category,
+            campaign=campaign,
+            address=address,
+            zone=candidate_timezone(candidate, self.settings),
+            country=country,
+            now=now,
+            stage=stage,
+            message_id=message_id,
+        )
+
+    def sms_validity(self, subject: Subject) -> int | None:
+        """Seconds a queued SMS may wait at the provider before its quiet-hours window closes (ValidityPeriod)."""
+        window, _ = window_for(self.spec.quiet_hours, subject.channel, subject.category, subject.country)
+        if window is None:
+            return None
+        return validity_period(subject.now, subject.zone, window)
+
+    def evaluate(self, session: Session, subject: Subject, enrollment_id: int | None = None) -> Outcome:
+        for rule in [EnrollmentActiveRule(enrollment_id), *self._shared_rules]:
+            decision = rule.check(session, subject)
+            if not decision.allowed:
+                return Outcome(decision)
+        return Outcome(Decision.allow())
