@@ -319,7 +319,8 @@ def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Ou
         )
         return Outcome(MessageStatus.FAILED.value)
 
-    sent_at = utcnow()
+    # The claim time stands as the send time: caps counted the row from then on, and they must keep agreeing.
+    sent_at = now
     with Session(engine) as session, session.begin():
         _finish(
             session,

@@ -73,7 +73,7 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     return url
 
 
-def _empty(url: str) -> None:
+def empty_tables(url: str) -> None:
     engine = get_engine(url)
     with engine.begin() as connection:
         if engine.dialect.name == "postgresql":
@@ -88,13 +88,13 @@ def _empty(url: str) -> None:
 def database_url(request: pytest.FixtureRequest) -> str:
     """Each database test runs on both SQLite and PostgreSQL, starting from empty tables."""
     url: str = request.getfixturevalue(f"{request.param}_url")
-    _empty(url)
+    empty_tables(url)
     return url
 
 
 @pytest.fixture
 def pg_database_url(postgres_url: str) -> str:
-    _empty(postgres_url)
+    empty_tables(postgres_url)
     return postgres_url
 
 
@@ -157,6 +157,20 @@ def runtime(settings: Settings, sandbox: SandboxServer) -> Iterator[Runtime]:
     queued: list[str] = []
     rt.enqueue_override = queued.extend
     rt.queued = queued  # type: ignore[attr-defined]
+    set_settings(settings)
+    set_runtime(rt)
+    yield rt
+    set_runtime(None)
+    set_settings(None)
+
+
+@pytest.fixture
+def pg_runtime(pg_database_url: str, sandbox: SandboxServer) -> Iterator[Runtime]:
+    """Like ``runtime``, on PostgreSQL only (row locks and SKIP LOCKED behave for real there)."""
+    settings = make_settings(pg_database_url)
+    rt = Runtime(settings, sandbox_url=sandbox.url)
+    rt.policy = open_policy(settings)
+    rt.enqueue_override = lambda ids: None
     set_settings(settings)
     set_runtime(rt)
     yield rt

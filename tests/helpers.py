@@ -24,9 +24,13 @@ def add_candidate(runtime: Runtime, external_id: str = "c-1", **fields: Any) -> 
         "source": "linkedin",
         "tags": ["stack:python"],
     }
+    stage = fields.pop("stage", None)
     data.update(fields)
     with Session(runtime.engine, expire_on_commit=False) as session, session.begin():
-        return upsert_candidate(session, CandidateIn.model_validate(data), runtime.settings)
+        candidate = upsert_candidate(session, CandidateIn.model_validate(data), runtime.settings)
+        if stage is not None:
+            candidate.stage = stage
+        return candidate
 
 
 def add_job(runtime: Runtime, external_id: str = "j-1", **fields: Any) -> Job:
