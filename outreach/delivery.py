@@ -32,7 +32,9 @@ from outreach.models import (
     utcnow,
 )
 from outreach.policy.base import Stage as PolicyStage
+from outreach.policy.consent import with_opt_out_hint
 from outreach.providers.base import EmailMessage, SendResult, SmsMessage
+from outreach.render import sms_segments
 from outreach.runtime import Runtime
 from outreach.tokens import unsubscribe_url
 
@@ -216,11 +218,14 @@ def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Ou
             )
         else:
             sms = runtime.renderer.render_sms(message.template, candidate.locale, context)
-            locale, segments = sms.locale, sms.segments
+            body = sms.text
+            if message.category == Category.NURTURE.value:
+                body = with_opt_out_hint(body, sms.locale)
+            locale, segments = sms.locale, sms_segments(body)[1]
             payload = SmsMessage(
                 message_id=outbox_id,
                 to=phone_to or "",
-                body=sms.text,
+                body=body,
                 status_callback=f"{settings.public_url}/webhooks/twilio/status?outreach_id={outbox_id}",
                 validity_period=validity,
             )

@@ -61,3 +61,16 @@ class EnrollmentActiveRule:
         if row is not None and row[0] == EnrollmentStatus.EXITED.value:
             return Decision.suppress(self.name, f"enrollment exited: {row[1]}")
         return Decision.allow()
+
+
+#: The opt-out line every nurture SMS ends with, by language (zh-CN carriers expect 回T退订).
+OPT_OUT_HINTS = {"zh": "回T退订", "en": "Reply STOP to opt out"}
+
+
+def with_opt_out_hint(body: str, locale: str) -> str:
+    """``body`` ending with the opt-out hint for its language (added once, never twice)."""
+    hint = OPT_OUT_HINTS.get(locale.split("-")[0].lower(), OPT_OUT_HINTS["en"])
+    if body.rstrip().endswith(hint):
+        return body
+    separator = "" if hint == OPT_OUT_HINTS["zh"] else " "
+    return f"{body.rstrip()}{separator}{hint}"
