@@ -30,6 +30,9 @@ def verify(settings: Settings, purpose: str, token: str) -> str | None:
         given = _unb64(mac)
     except (ValueError, UnicodeDecodeError):
         return None
+    # Only the canonical spelling: base64's unused trailing bits would otherwise give one MAC several spellings.
+    if _b64(given) != mac or _b64(payload.encode()) != body:
+        return None
     expected = hmac.new(settings.signing_key, f"{purpose}\n{payload}".encode(), hashlib.sha256).digest()[:16]
     return payload if hmac.compare_digest(given, expected) else None
 
