@@ -101,27 +101,38 @@ def up(host: str, port: int, threads: int) -> None:
     from outreach.db import upgrade
 
     settings = _settings()
+    if "OUTREACH_PUBLIC_URL" not in os.environ:
+        # Locally the public URL is where this process listens: the sandbox posts its callbacks there.
+        settings = settings.with_overrides(public_url=f"http://{host}:{port}")
+        set_settings(settings)
     upgrade(settings.database_url)
     runtime = Runtime(settings)
     set_runtime(runtime)
     _check_campaigns(runtime)
     sandbox = None
+    hooks = None
     if not (settings.has_sendgrid_credentials and settings.has_twilio_credentials):
+        from outreach.config import Secret
         from outreach.sandbox import SandboxServer
+        from outreach.web.webhooks import WebhookSettings
 
+        token = settings.twilio_auth_token.reveal() or "sandbox-token"
         sandbox = SandboxServer(
             "127.0.0.1",
             settings.sandbox_port,
-            twilio_auth_token=settings.twilio_auth_token.reveal() or "sandbox-token",
+            twilio_auth_token=token,
+            sendgrid_event_url=f"{settings.public_url}/webhooks/sendgrid/events",
         ).start()
         runtime.sandbox_url = sandbox.url
+        # The sandbox signs its events and callbacks with keys of its own; the webhooks check against those.
+        hooks = WebhookSettings(sendgrid_public_key=sandbox.sendgrid_public_key, twilio_auth_token=Secret(token))
         click.echo(f"provider sandbox: {sandbox.url}/  (messages sent show up here)")
     stop = _start_background(runtime, threads)
     click.echo(f"outreach API: http://{host}:{port}/docs")
     from outreach.web import create_app
 
     try:
-        uvicorn.run(create_app(runtime), host=host, port=port, log_level=settings.log_level.lower())
+        uvicorn.run(create_app(runtime, hooks), host=host, port=port, log_level=settings.log_level.lower())
     finally:
         stop.set()
         if sandbox is not None:

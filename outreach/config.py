@@ -74,6 +74,8 @@ class Settings:
 
     sendgrid_api_key: Secret = field(default_factory=lambda: Secret(""))
     sendgrid_host: str = "https://api.sendgrid.com"
+    sendgrid_webhook_public_key: str = ""
+    inbound_token: Secret = field(default_factory=lambda: Secret(""))
     twilio_account_sid: str = ""
     twilio_auth_token: Secret = field(default_factory=lambda: Secret(""))
     twilio_base_url: str = "https://api.twilio.com"
@@ -126,6 +128,8 @@ class Settings:
             secret_key=Secret(text("OUTREACH_SECRET_KEY", "")),
             sendgrid_api_key=Secret(text("SENDGRID_API_KEY", "")),
             sendgrid_host=text("OUTREACH_SENDGRID_HOST", defaults.sendgrid_host).rstrip("/"),
+            sendgrid_webhook_public_key="".join(text("OUTREACH_SENDGRID_WEBHOOK_PUBLIC_KEY", "").split()),
+            inbound_token=Secret(text("OUTREACH_INBOUND_TOKEN", "")),
             twilio_account_sid=text("TWILIO_ACCOUNT_SID", ""),
             twilio_auth_token=Secret(text("TWILIO_AUTH_TOKEN", "")),
             twilio_base_url=text("OUTREACH_TWILIO_BASE_URL", defaults.twilio_base_url).rstrip("/"),

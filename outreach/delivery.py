@@ -128,15 +128,30 @@ def build_context(
     }
 
 
+#: Facts about the send that are worth keeping even when a provider event already moved the row on.
+_SEND_FACTS = ("provider", "provider_message_id", "locale", "segments")
+
+
 def _finish(session: Session, outbox_id: str, now: datetime, **values: Any) -> None:
-    session.execute(
+    result = session.execute(
         update(OutboundMessage)
         .where(
             OutboundMessage.id == outbox_id,
             OutboundMessage.status.in_([MessageStatus.SENDING.value, MessageStatus.UNCERTAIN.value]),
         )
         .values(lease_until=None, updated_at=now, **values)
+        .returning(OutboundMessage.id)
     )
+    if result.first() is None:
+        # The provider's webhook got here first (it may, the moment the provider accepts): keep its status,
+        # add what only we know.
+        facts = {k: v for k, v in values.items() if k in _SEND_FACTS and v is not None}
+        if facts:
+            session.execute(
+                update(OutboundMessage)
+                .where(OutboundMessage.id == outbox_id)
+                .values(lease_until=None, updated_at=now, **facts)
+            )
 
 
 def backoff(attempt: int) -> float:

@@ -18,7 +18,6 @@ from outreach.calendar import BusinessCalendar
 from outreach.campaigns import Audience, Campaign, CampaignSet, EventType, ExitCondition
 from outreach.candidates import add_tags, as_utc, slug
 from outreach.errors import NotFoundError, ValidationError
-from outreach.render import REQUIRED_EVENT_DATA
 from outreach.models import (
     Candidate,
     CandidateEvent,
@@ -30,6 +29,7 @@ from outreach.models import (
     Stage,
     utcnow,
 )
+from outreach.render import REQUIRED_EVENT_DATA
 
 #: The stage an ATS event puts the candidate in; job_opened says nothing about the candidate.
 STAGE_AFTER_EVENT: dict[EventType, Stage | None] = {

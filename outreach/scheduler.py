@@ -32,9 +32,6 @@ from outreach.candidates import candidate_timezone
 from outreach.config import Settings
 from outreach.db import is_sqlite, transaction
 from outreach.enrollment import audience_matches, enroll, exit_enrollments
-from outreach.policy.base import Stage as PolicyStage
-from outreach.policy.config import PolicySpec
-from outreach.policy.engine import PolicyEngine
 from outreach.models import (
     Alert,
     CampaignRun,
@@ -47,6 +44,9 @@ from outreach.models import (
     new_id,
     utcnow,
 )
+from outreach.policy.base import Stage as PolicyStage
+from outreach.policy.config import PolicySpec
+from outreach.policy.engine import PolicyEngine
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ MAX_PASSES = 20
 def step_due(
     step: Step, base: datetime, candidate: Candidate, company_tz: str, calendar: BusinessCalendar | None = None
 ) -> datetime:
-    """When ``step`` is due: ``base`` plus the delay (or business days), then the next ``at`` in the candidate's zone."""
+    """When ``step`` is due: ``base`` plus the delay (or business days), then the next ``at`` (candidate's zone)."""
     if step.business_days:
         due = (calendar or default_calendar()).add_business_days(base, step.business_days)
     else:

@@ -10,6 +10,11 @@ from outreach.models import Candidate, Enrollment, EnrollmentStatus, Suppression
 from outreach.policy.base import Decision, Subject
 
 
+def suppression_address(channel: str, address: str) -> str:
+    """How an address is keyed in ``suppressions``: emails lowercased (providers report them so), phones E.164."""
+    return address.strip().lower() if channel == "email" else address.strip()
+
+
 class SuppressionRule:
     """An address that opted out, bounced hard or complained is never written to again on that channel."""
 
@@ -22,7 +27,8 @@ class SuppressionRule:
             )
         reason = session.scalar(
             select(Suppression.reason).where(
-                Suppression.channel == subject.channel, Suppression.address == subject.address
+                Suppression.channel == subject.channel,
+                Suppression.address == suppression_address(subject.channel, subject.address),
             )
         )
         if reason is not None:

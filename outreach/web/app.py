@@ -12,7 +12,8 @@ from sqlalchemy.exc import OperationalError
 from outreach.config import set_settings
 from outreach.errors import NotFoundError, ValidationError
 from outreach.runtime import Runtime
-from outreach.web import api, unsubscribe
+from outreach.web import api, unsubscribe, webhooks
+from outreach.web.webhooks import WebhookSettings
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ def _field(loc: tuple[object, ...] | list[object]) -> str:
     return ".".join(parts) or "(body)"
 
 
-def create_app(runtime: Runtime) -> FastAPI:
+def create_app(runtime: Runtime, webhook_settings: WebhookSettings | None = None) -> FastAPI:
     set_settings(runtime.settings)
     app = FastAPI(
         title="outreach",
@@ -30,6 +31,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         description="Timed, personal email and SMS for recruiting teams.",
     )
     app.state.runtime = runtime
+    app.state.webhook_settings = webhook_settings or WebhookSettings.from_settings(runtime.settings)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -75,4 +77,5 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     app.include_router(api.router)
     app.include_router(unsubscribe.router)
+    app.include_router(webhooks.router)
     return app

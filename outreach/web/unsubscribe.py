@@ -13,6 +13,7 @@ from fastapi.responses import HTMLResponse
 from sqlalchemy.orm import Session
 
 from outreach.models import Candidate, Suppression, utcnow
+from outreach.policy.consent import suppression_address
 from outreach.runtime import Runtime
 from outreach.scheduler import insert_ignore
 from outreach.tokens import verify
@@ -69,7 +70,7 @@ def unsubscribe(request: Request, token: str) -> HTMLResponse:
                     Suppression,
                     {
                         "channel": channel,
-                        "address": address,
+                        "address": suppression_address(channel, address),
                         "reason": "unsubscribed",
                         "source": "link",
                         "created_at": utcnow(),

@@ -39,7 +39,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from twilio.request_validator import RequestValidator
 
-from outreach.config import Secret
+from outreach.config import Secret, Settings
 from outreach.errors import ConfigurationError
 from outreach.events import (
     IngestResult,
@@ -98,6 +98,10 @@ class WebhookSettings:
     def __post_init__(self) -> None:
         if self.sendgrid_public_key:
             object.__setattr__(self, "sendgrid_verifier", _load_sendgrid_key(self.sendgrid_public_key))
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WebhookSettings:
+        return cls(sendgrid_public_key=settings.sendgrid_webhook_public_key, inbound_token=settings.inbound_token)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> WebhookSettings:

@@ -67,7 +67,7 @@ def test_ten_thousand_forged_tokens_unsubscribe_no_one(runtime: Runtime) -> None
         elif kind == 2:  # one character of the real MAC changed
             position = rng.randrange(len(mac))
             replacement = "A" if mac[position] != "A" else "B"
-            forged.append(f"{body}.{mac[:position]}{replacement}{mac[position + 1:]}")
+            forged.append(f"{body}.{mac[:position]}{replacement}{mac[position + 1 :]}")
         else:  # noise
             forged.append(b64(rng.randbytes(rng.randint(1, 40))))
     assert all(verify(runtime.settings, "unsubscribe", token) is None for token in forged)
