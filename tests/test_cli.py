@@ -170,6 +170,14 @@ def test_up_answers_healthz_and_sends_the_jd_mail_within_five_seconds(env: dict[
             time.sleep(0.05)
         else:
             raise AssertionError("the JD email did not reach the sandbox within 5 s")
+        # The sandbox posts signed SendGrid events back to the webhook: the message ends delivered.
+        deadline = time.monotonic() + 10
+        status = ""
+        while time.monotonic() < deadline and status != "delivered":
+            items = httpx.get(f"{api}/api/v1/messages", params={"candidate": "c-1"}).json()["items"]
+            status = next((i["status"] for i in items if i["channel"] == "email"), "")
+            time.sleep(0.1)
+        assert status == "delivered"
     finally:
         process.terminate()
         process.wait(timeout=20)
