@@ -35,6 +35,7 @@ from outreach.policy.base import Stage as PolicyStage
 from outreach.policy.consent import with_opt_out_hint
 from outreach.providers.base import EmailMessage, SendResult, SmsMessage
 from outreach.render import sms_segments
+from outreach.replies import reply_address
 from outreach.runtime import Runtime
 from outreach.tokens import unsubscribe_url
 
@@ -129,7 +130,7 @@ def build_context(
 
 
 #: Facts about the send that are worth keeping even when a provider event already moved the row on.
-_SEND_FACTS = ("provider", "provider_message_id", "locale", "segments")
+_SEND_FACTS = ("provider", "provider_message_id", "locale", "segments", "subject", "body")
 
 
 def _finish(session: Session, outbox_id: str, now: datetime, **values: Any) -> None:
@@ -226,7 +227,7 @@ def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Ou
                 text=email.text,
                 html=email.html,
                 from_email=settings.email_from,
-                reply_to=settings.email_reply_to or None,
+                reply_to=reply_address(settings, outbox_id) or settings.email_reply_to or None,
                 categories=(message.campaign, message.template),
                 custom_args={"outreach_id": outbox_id},
                 headers=headers,
@@ -347,6 +348,8 @@ def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Ou
             outbox_id,
             sent_at,
             status=MessageStatus.SENT.value,
+            subject=payload.subject if isinstance(payload, EmailMessage) else None,
+            body=payload.text if isinstance(payload, EmailMessage) else payload.body,
             provider=result.provider,
             provider_message_id=result.provider_message_id,
             sent_at=sent_at,

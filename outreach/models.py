@@ -243,6 +243,9 @@ class OutboundMessage(Base):
     error_code: Mapped[str | None] = mapped_column(String(32))
     error_detail: Mapped[str | None] = mapped_column(String(500))
     segments: Mapped[int | None]
+    #: What went out, for the conversation view (subject for email; the text part or the SMS body).
+    subject: Mapped[str | None] = mapped_column(String(998))
+    body: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     sent_at: Mapped[datetime | None]
@@ -340,6 +343,8 @@ class InboundMessage(Base):
     kind: Mapped[str] = mapped_column(String(16))  # reply, opt_out, opt_in, help, auto_reply, unmatched
     in_reply_to: Mapped[str | None] = mapped_column(ForeignKey("outbound_messages.id", ondelete="SET NULL"))
     received_at: Mapped[datetime]
+    #: When a person (or a message of ours that is not an auto-reply) answered it; None while waiting.
+    answered_at: Mapped[datetime | None]
     raw: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -347,3 +352,30 @@ class InboundMessage(Base):
         UniqueConstraint("provider", "provider_message_id", name="uq_inbound_messages_provider_message"),
         Index("ix_inbound_messages_from", "channel", "from_address", "received_at"),
     )
+
+
+class TrackedLink(Base):
+    """A link in a message we sent; ``/r/{token}`` redirects only to links recorded here (no open redirect)."""
+
+    __tablename__ = "tracked_links"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    message_id: Mapped[str] = mapped_column(ForeignKey("outbound_messages.id", ondelete="CASCADE"))
+    position: Mapped[int]
+    name: Mapped[str | None] = mapped_column(String(64))
+    url: Mapped[str] = mapped_column(String(2000))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (UniqueConstraint("message_id", "position", name="uq_tracked_links_message_position"),)
+
+
+class LinkClick(Base):
+    __tablename__ = "link_clicks"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    link_id: Mapped[int] = mapped_column(ForeignKey("tracked_links.id", ondelete="CASCADE"))
+    candidate_id: Mapped[int] = mapped_column(ForeignKey("candidates.id", ondelete="CASCADE"))
+    name: Mapped[str | None] = mapped_column(String(64))
+    clicked_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_link_clicks_candidate_name", "candidate_id", "name", "clicked_at"),)

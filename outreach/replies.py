@@ -18,10 +18,12 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from outreach.config import Settings
 from outreach.enrollment import pause_for_out_of_office, record_reply
 from outreach.models import Candidate, InboundMessage
 from outreach.runtime import Runtime
 from outreach.scheduler import insert_ignore
+from outreach.tokens import sign, verify
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,25 @@ _AUTO_SUBJECT = re.compile(
     re.IGNORECASE,
 )
 _LIST_HEADERS = ("list-id", "list-unsubscribe", "list-post", "list-help")
+
+
+def reply_address(settings: Settings, outbox_id: str) -> str | None:
+    """``replies+<signed outbox id>@domain`` from ``OUTREACH_EMAIL_REPLY_TO``, so a reply finds its message even
+    when it comes from another address; None when no reply-to address is configured."""
+    base = settings.email_reply_to
+    if not base or "@" not in base:
+        return None
+    name, _, address = base.rpartition("<")
+    address = address.rstrip(">").strip() if name or "<" in base else base.strip()
+    local, _, domain = address.partition("@")
+    return f"{local}+{sign(settings, 'reply', outbox_id)}@{domain}"
+
+
+def outbox_id_from_reply_address(settings: Settings, address: str) -> str | None:
+    """The outbox id in a reply address we minted, or None (forged, damaged or not ours)."""
+    local = address.strip().strip("<>").partition("@")[0]
+    _, plus, token = local.partition("+")
+    return verify(settings, "reply", token) if plus else None
 
 
 def is_automatic(headers: Mapping[str, str], subject: str | None) -> bool:

@@ -14,6 +14,7 @@ import phonenumbers
 from sqlalchemy.orm import Session
 
 from outreach.calendar import BusinessCalendar
+from outreach.campaigns import Category
 from outreach.candidates import candidate_timezone
 from outreach.config import Settings
 from outreach.models import Candidate, Channel, MessageStatus
@@ -22,6 +23,9 @@ from outreach.policy.caps import FrequencyCapRule
 from outreach.policy.config import PolicySpec
 from outreach.policy.consent import EnrollmentActiveRule, NurtureConsentRule, SuppressionRule
 from outreach.policy.quiet_hours import QuietHoursRule, validity_period, window_for
+
+#: Categories that are outreach (campaign messages); anything else (``auto_reply``) answers the candidate.
+OUTREACH_CATEGORIES = frozenset(c.value for c in Category)
 
 #: Suppressions by these rules end the row with a status of their own rather than ``suppressed``.
 STATUS_FOR_RULE = {"exit": MessageStatus.CANCELLED, "address": MessageStatus.FAILED}
@@ -93,13 +97,19 @@ class PolicyEngine:
 
     def sms_validity(self, subject: Subject) -> int | None:
         """Seconds a queued SMS may wait at the provider before its quiet-hours window closes (ValidityPeriod)."""
+        if subject.category not in OUTREACH_CATEGORIES:
+            return None
         window, _ = window_for(self.spec.quiet_hours, subject.channel, subject.category, subject.country)
         if window is None:
             return None
         return validity_period(subject.now, subject.zone, window)
 
     def evaluate(self, session: Session, subject: Subject, enrollment_id: int | None = None) -> Outcome:
+        # An auto-reply answers a message the candidate just sent: consent applies, quiet hours and caps do not.
+        outreach = subject.category in OUTREACH_CATEGORIES
         for rule in [EnrollmentActiveRule(enrollment_id), *self._shared_rules]:
+            if not outreach and (rule.name == "quiet_hours" or rule.name.startswith("cap:")):
+                continue
             decision = rule.check(session, subject)
             if not decision.allowed:
                 return Outcome(decision)
