@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from outreach.autoreply import AUTO_REPLY, reply_by
 from outreach.campaigns import Category
 from outreach.errors import PermanentProviderError, TemplateError, TransientProviderError
 from outreach.models import (
@@ -93,7 +94,7 @@ def build_context(
     settings = runtime.settings
     context = dict(enrollment.context) if enrollment is not None else {}
     name = candidate.name or ""
-    return {
+    built: dict[str, Any] = {
         "candidate": {
             "external_id": candidate.external_id,
             "name": name,
@@ -127,6 +128,10 @@ def build_context(
         "campaign": {"name": message.campaign, "category": message.category},
         "concerns": [tag.split(":", 1)[1] for tag in candidate.tags if tag.startswith("concern:")],
     }
+    if message.category == AUTO_REPLY:
+        # The out-of-hours answer names the next business opening, in the candidate's timezone.
+        built["reply_by"] = reply_by(runtime, message.created_at, candidate)
+    return built
 
 
 #: Facts about the send that are worth keeping even when a provider event already moved the row on.

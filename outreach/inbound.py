@@ -16,6 +16,9 @@ inside its own transaction; whatever text comes back in :attr:`InboundResult.rep
   otherwise it is an ordinary answer (see :mod:`outreach.policy.keywords`).
 * HELP is answered at most once per 24 hours per number, so two machines cannot talk to each other forever.
 * Anything else is a reply: it stops the candidate's campaigns that exit on a reply. Keywords never do.
+* A reply that arrives while the company is closed (the business calendar) gets the out-of-hours auto-reply
+  (:func:`outreach.autoreply.plan_auto_reply`): an outbox row written in this transaction, whose id comes back
+  in :attr:`InboundResult.queue` for the caller to enqueue after its commit.
 
 Log lines carry kinds and ids only, never numbers or message text.
 """
@@ -32,6 +35,7 @@ from typing import Any
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
+from outreach.autoreply import plan_auto_reply
 from outreach.candidates import normalise_phone
 from outreach.enrollment import record_reply
 from outreach.errors import TemplateError
@@ -102,11 +106,15 @@ class InboundSms:
 
 @dataclass(frozen=True)
 class InboundResult:
-    """What the message was (an :class:`InboundKind` value) and the text to answer with, if any."""
+    """What the message was (an :class:`InboundKind` value) and the text to answer with, if any.
+
+    ``queue`` holds the outbox ids the handling wrote (the out-of-hours auto-reply); enqueue them after commit.
+    """
 
     kind: str
     candidate_external_id: str | None
     reply: str | None
+    queue: tuple[str, ...] = ()
 
 
 def handle_inbound_sms(session: Session, runtime: Runtime, sms: InboundSms) -> InboundResult:
@@ -169,6 +177,7 @@ def handle_inbound_sms(session: Session, runtime: Runtime, sms: InboundSms) -> I
         text = _render(runtime, _TEMPLATES[keyword], locale)
 
     answer = False
+    queue: tuple[str, ...] = ()
     if kind is InboundKind.OPT_OUT:
         extra["cancelled"] = _opt_out(session, address)
         answer = text is not None and _claim_confirmation(session, address)
@@ -179,11 +188,18 @@ def handle_inbound_sms(session: Session, runtime: Runtime, sms: InboundSms) -> I
     elif kind is InboundKind.REPLY:
         assert candidate is not None
         extra["exited"] = record_reply(session, runtime.campaigns, candidate, received_at)
+        message = _stored(session, sms.provider_message_id)
+        # --- HR notification -----------------------------------------------------------------------------
+        # (to be added here: tell HR about the candidate's reply)
+        # -----------------------------------------------------------------------------------------------------
+        auto_reply = plan_auto_reply(session, runtime, candidate, Channel.SMS.value, message)
+        queue = (auto_reply,) if auto_reply is not None else ()
+        extra["auto_reply"] = auto_reply
 
     reply = text if answer else None
     extra["answered"] = reply is not None
     log.info("inbound sms", extra=extra)
-    return InboundResult(kind.value, external_id, reply)
+    return InboundResult(kind.value, external_id, reply, queue)
 
 
 # --- matching ----------------------------------------------------------------------------------------------
@@ -223,6 +239,16 @@ def _match_candidate(session: Session, address: str) -> Candidate | None:
         return candidates[0]
     latest_id = max(last_texted, key=lambda row: (row[1], row[0]))[0]
     return next(c for c in candidates if c.id == latest_id)
+
+
+def _stored(session: Session, provider_message_id: str) -> InboundMessage:
+    """The row this message was just stored as."""
+    return session.scalars(
+        select(InboundMessage).where(
+            InboundMessage.provider == PROVIDER,
+            InboundMessage.provider_message_id == provider_message_id,
+        )
+    ).one()
 
 
 def _last_sms_to(session: Session, candidate: Candidate, before: datetime) -> str | None:

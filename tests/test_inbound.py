@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -18,6 +19,7 @@ from outreach.models import (
     InboundMessage,
     OutboundMessage,
     Suppression,
+    set_clock,
     utcnow,
 )
 from outreach.render import Renderer
@@ -315,7 +317,8 @@ def test_a_reply_stops_campaigns_that_exit_on_reply(runtime: Runtime, sandbox: S
     at = utcnow()  # after the nudge went out
     result = handle(runtime, sms("Thanks! Could we talk on Tuesday?", at=at))
 
-    assert result == InboundResult("reply", "c-1", None)
+    # At the wall-clock time of the run; an out-of-hours auto-reply may be queued (tests/test_autoreply.py).
+    assert (result.kind, result.candidate_external_id, result.reply) == ("reply", "c-1", None)
     enrollment = jd_intro_enrollment(runtime, candidate)
     assert (enrollment.status, enrollment.exit_reason) == ("exited", "replied")
     assert reload(runtime, candidate).last_reply_at == at
@@ -420,3 +423,57 @@ def test_system_templates_need_only_the_company_and_fit_one_sms(template: str, l
     assert "Example Co." in rendered.text
     assert rendered.segments == 1
     assert rendered.encoding == ("GSM-7" if locale == "en" else "UCS-2")
+
+
+# --- out-of-hours auto-reply -------------------------------------------------------------------------------
+
+SATURDAY_NIGHT = datetime(2026, 11, 28, 14, 0, tzinfo=UTC)  # 22:00 in Shanghai, the company's timezone
+
+
+@pytest.fixture
+def saturday_night() -> Iterator[datetime]:
+    """The clock at Saturday night (the auto-reply row is stamped with the current time, like the webhook)."""
+    set_clock(lambda: SATURDAY_NIGHT)
+    yield SATURDAY_NIGHT
+    set_clock(None)
+
+
+def auto_reply_rows(runtime: Runtime) -> list[OutboundMessage]:
+    with Session(runtime.engine) as session:
+        return list(session.scalars(select(OutboundMessage).where(OutboundMessage.category == "auto_reply")))
+
+
+def test_a_reply_out_of_hours_queues_the_auto_reply(runtime: Runtime, saturday_night: datetime) -> None:
+    candidate = add_candidate(runtime)
+    result = handle(runtime, sms("Are you hiring?", at=saturday_night))
+    [row] = auto_reply_rows(runtime)
+    assert result == InboundResult("reply", "c-1", None, (row.id,))
+    assert (row.candidate_id, row.channel, row.template, row.status) == (
+        candidate.id,
+        "sms",
+        "system_out_of_hours",
+        "pending",
+    )
+
+
+def test_a_reply_in_business_hours_queues_nothing(runtime: Runtime) -> None:
+    add_candidate(runtime)
+    assert handle(runtime, sms("Are you hiring?", at=T0)) == InboundResult("reply", "c-1", None, ())
+    assert auto_reply_rows(runtime) == []
+
+
+def test_a_retried_webhook_plans_no_second_auto_reply(runtime: Runtime, saturday_night: datetime) -> None:
+    add_candidate(runtime)
+    assert len(handle(runtime, sms("Hi", sid="SMnight", at=saturday_night)).queue) == 1
+    assert handle(runtime, sms("Hi", sid="SMnight", at=saturday_night)) == InboundResult("duplicate", "c-1", None)
+    assert len(auto_reply_rows(runtime)) == 1
+
+
+def test_the_auto_reply_is_part_of_the_callers_transaction(runtime: Runtime, saturday_night: datetime) -> None:
+    add_candidate(runtime)
+    with Session(runtime.engine) as session:
+        session.begin()
+        assert len(handle_inbound_sms(session, runtime, sms("Hi", at=saturday_night)).queue) == 1
+        session.rollback()
+    assert auto_reply_rows(runtime) == []
+    assert inbound(runtime) == []

@@ -308,7 +308,7 @@ async def twilio_inbound(request: Request, runtime: RuntimeDep, hooks: HooksDep)
             log.warning("twilio inbound rejected", extra={"reason": rejected.message})
         return rejected.response()
 
-    from outreach.inbound import InboundSms, handle_inbound_sms
+    from outreach.inbound import InboundResult, InboundSms, handle_inbound_sms
 
     sms = InboundSms(
         provider_message_id=sid,
@@ -319,9 +319,17 @@ async def twilio_inbound(request: Request, runtime: RuntimeDep, hooks: HooksDep)
         raw=form,
     )
 
-    def handle() -> str | None:
+    def handle() -> InboundResult:
         with Session(runtime.engine, expire_on_commit=False) as session, session.begin():
-            return handle_inbound_sms(session, runtime, sms).reply
+            result = handle_inbound_sms(session, runtime, sms)
+        # Committed: now the worker may see the rows the handling wrote (the out-of-hours auto-reply).
+        if result.queue:
+            try:
+                runtime.enqueue(list(result.queue))
+            except Exception:
+                # The rows are safe in the outbox; the scheduler's sweeper enqueues them once their lease ends.
+                log.exception("twilio inbound: enqueue failed", extra={"outbox_ids": list(result.queue)})
+        return result
 
-    reply = await run_in_threadpool(handle)
-    return Response(twiml(reply), media_type="text/xml")
+    result = await run_in_threadpool(handle)
+    return Response(twiml(result.reply), media_type="text/xml")
