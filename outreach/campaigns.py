@@ -17,7 +17,9 @@ A campaign file looks like this::
         delay: 2d                  # after the previous step (or the trigger, for the first)
         at: "10:00"                # optional: the next 10:00 in the candidate's timezone after the delay
         only_if: no_reply          # skip unless the candidate stayed silent since the previous step
+        unless_clicked: [book_interview]  # skip if a message of this enrollment had that named link clicked
         alert: offer_unanswered    # optional: also raise an HR alert of this kind
+    track_clicks: true             # links become signed /r/ redirects; default: on for nurture, off otherwise
 
 Errors name the file, the line and the field. ``policies.yaml`` and other files starting with ``_`` are
 not campaigns.
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from croniter import croniter
@@ -116,6 +118,15 @@ class Trigger(_Spec):
         return self
 
 
+#: A link's name, as templates give it (``data-link="book_interview"``) and rules refer to it.
+LinkName = Annotated[str, Field(pattern=r"^[a-z0-9_]+$", max_length=64)]
+
+
+def _names(value: object) -> object:
+    """One name may be written without the list brackets."""
+    return (value,) if isinstance(value, str) else value
+
+
 _BUSINESS_DAYS = re.compile(r"^\s*(\d+)\s*(bd|business\s+days?)\s*$", re.IGNORECASE)
 
 
@@ -127,6 +138,8 @@ class Step(_Spec):
     business_days: int | None = Field(default=None, ge=0)
     at: str | None = Field(default=None, pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
     only_if: Literal["always", "no_reply", "no_click"] = "always"
+    #: Skip the step if the candidate clicked one of these named links in a message of this enrollment.
+    unless_clicked: tuple[LinkName, ...] = ()
     alert: str | None = Field(default=None, pattern=r"^[a-z0-9_]+$")
 
     @model_validator(mode="before")
@@ -143,6 +156,11 @@ class Step(_Spec):
     def _duration(cls, value: object) -> timedelta:
         return parse_duration(value)
 
+    @field_validator("unless_clicked", mode="before")
+    @classmethod
+    def _unless_clicked(cls, value: object) -> object:
+        return _names(value)
+
 
 class Campaign(_Spec):
     name: str = Field(pattern=r"^[a-z0-9_]+$")
@@ -152,10 +170,16 @@ class Campaign(_Spec):
     trigger: Trigger
     exit_on: tuple[ExitCondition, ...] = (ExitCondition.STAGE_CHANGED, ExitCondition.REPLIED)
     steps: tuple[Step, ...] = Field(min_length=1)
+    #: Click tracking (``outreach.links``); None means the default: on for nurture, off for transactional.
+    track_clicks: bool | None = None
 
     @property
     def is_cron(self) -> bool:
         return self.trigger.cron is not None
+
+    @property
+    def tracks_clicks(self) -> bool:
+        return self.track_clicks if self.track_clicks is not None else self.category is Category.NURTURE
 
 
 @dataclass(frozen=True)

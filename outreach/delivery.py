@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from outreach.autoreply import AUTO_REPLY, reply_by
 from outreach.campaigns import Category
 from outreach.errors import PermanentProviderError, TemplateError, TransientProviderError
+from outreach.links import track_email, track_sms
 from outreach.models import (
     Candidate,
     Channel,
@@ -217,6 +218,8 @@ def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Ou
         segments: int | None = None
         if message.channel == Channel.EMAIL.value:
             email = runtime.renderer.render_email(message.template, candidate.locale, context)
+            # Click tracking (outreach.links): links become signed /r/ redirects if the campaign tracks clicks.
+            email = track_email(runtime, message, email, context)
             locale = email.locale
             headers: dict[str, str] = {}
             if message.category == Category.NURTURE.value:
@@ -239,7 +242,7 @@ def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Ou
             )
         else:
             sms = runtime.renderer.render_sms(message.template, candidate.locale, context)
-            body = sms.text
+            body = track_sms(runtime, message, sms.text, context)  # click tracking (outreach.links)
             if message.category == Category.NURTURE.value:
                 body = with_opt_out_hint(body, sms.locale)
             locale, segments = sms.locale, sms_segments(body)[1]

@@ -1,4 +1,8 @@
-"""Inbound email: a real reply stops the campaigns that exit on a reply; an automatic one only pauses them.
+"""Inbound email: a real reply stops the campaigns that exit on a reply and tells HR; an automatic one only pauses.
+
+A message is matched to a candidate by the reply token in any recipient address first (every email we send has
+``replies+<signed outbox id>@…`` as its Reply-To, so the token names the message answered, even when the candidate
+writes from another address), else by the sender's address, case-insensitively.
 
 Automatic mail is recognised by its headers (RFC 3834 ``Auto-Submitted``, ``Precedence: bulk|auto_reply|list``,
 ``X-Autoreply``/``X-Autorespond``, Microsoft's ``X-Auto-Response-Suppress``, mailing-list headers) and by the
@@ -10,22 +14,26 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
+from email.utils import getaddresses, parseaddr
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from outreach.config import Settings
+from outreach.conversation import notify_reply, stored_inbound_id
 from outreach.enrollment import pause_for_out_of_office, record_reply
-from outreach.models import Candidate, InboundMessage
+from outreach.models import Candidate, Channel, InboundMessage, OutboundMessage, utcnow
 from outreach.runtime import Runtime
 from outreach.scheduler import insert_ignore
 from outreach.tokens import sign, verify
 
 log = logging.getLogger(__name__)
+
+PROVIDER = "sendgrid"
 
 _AUTO_SUBJECT = re.compile(
     r"(out of (the )?office|automatic reply|auto[- ]?reply|autoreply|away from (the )?office|on (annual )?leave"
@@ -72,6 +80,12 @@ def is_automatic(headers: Mapping[str, str], subject: str | None) -> bool:
 
 @dataclass(frozen=True)
 class InboundEmail:
+    """One inbound email as the provider reported it.
+
+    ``to`` is the To header as given; ``recipients`` are the other addresses it was delivered to (Cc, the SMTP
+    envelope), all searched for our reply token.
+    """
+
     provider_message_id: str
     from_: str
     to: str
@@ -80,20 +94,81 @@ class InboundEmail:
     received_at: datetime
     headers: Mapping[str, str] = field(default_factory=dict)
     raw: Mapping[str, Any] = field(default_factory=dict)
+    recipients: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class EmailResult:
     kind: str  # reply, auto_reply, unmatched, duplicate
     candidate_external_id: str | None
+    inbound_id: int | None = None
+    #: Outbox ids to enqueue once the transaction has committed (the out-of-hours auto-reply).
+    queue: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Match:
+    candidate: Candidate | None
+    in_reply_to: str | None
+    to_address: str | None
+    by_token: bool = False
+
+
+def _addresses(values: Sequence[str]) -> list[str]:
+    return [address for _, address in getaddresses([v for v in values if v]) if address]
+
+
+def _match(session: Session, settings: Settings, email: InboundEmail, sender: str) -> _Match:
+    """The reply token in any recipient address names the message answered (hence the candidate, whatever address
+    they write from); without one, the sender's address names the candidate and the answer is to our last email."""
+    recipients = _addresses([email.to, *email.recipients])
+    for address in recipients:
+        outbox_id = outbox_id_from_reply_address(settings, address)
+        if outbox_id is None:
+            continue
+        candidate_id = session.scalar(select(OutboundMessage.candidate_id).where(OutboundMessage.id == outbox_id))
+        if candidate_id is not None:
+            return _Match(session.get(Candidate, candidate_id), outbox_id, address, by_token=True)
+    first = recipients[0] if recipients else (email.to or None)
+    candidate = session.scalars(
+        select(Candidate)
+        .where(func.lower(Candidate.email) == sender)
+        .order_by(Candidate.updated_at.desc(), Candidate.id.desc())
+        .limit(1)
+    ).first()
+    if candidate is None:
+        return _Match(None, None, first)
+    return _Match(candidate, _last_email_to(session, candidate, email.received_at), first)
+
+
+def _last_email_to(session: Session, candidate: Candidate, before: datetime) -> str | None:
+    """The email a reply without our token most likely answers: the last one we sent the candidate before it."""
+    return session.scalar(
+        select(OutboundMessage.id)
+        .where(
+            OutboundMessage.candidate_id == candidate.id,
+            OutboundMessage.channel == Channel.EMAIL.value,
+            OutboundMessage.sent_at.is_not(None),
+            OutboundMessage.sent_at <= before,
+        )
+        .order_by(OutboundMessage.sent_at.desc())
+        .limit(1)
+    )
 
 
 def handle_inbound_email(session: Session, runtime: Runtime, email: InboundEmail) -> EmailResult:
-    """Store the message once and let it stop (reply) or pause (automatic) the candidate's campaigns."""
-    address = email.from_.strip().lower()
-    candidate = session.scalars(
-        select(Candidate).where(func.lower(Candidate.email) == address).order_by(Candidate.updated_at.desc())
-    ).first()
+    """Store the message once and act on it, in the caller's transaction.
+
+    A real reply stops the candidate's campaigns that exit on a reply, raises a ``candidate_replied`` alert for HR
+    and may plan the out-of-hours auto-reply (its outbox id comes back in :attr:`EmailResult.queue`, to enqueue
+    after commit). Automatic mail only pauses the sequences. Duplicates and unknown senders change nothing else.
+    """
+    if email.received_at.tzinfo is None:
+        raise ValueError("received_at must be timezone-aware")
+    received_at = email.received_at.astimezone(UTC)
+    sender = (parseaddr(email.from_)[1] or email.from_).strip().lower()
+    match = _match(session, runtime.settings, email, sender)
+    candidate = match.candidate
     automatic = is_automatic(email.headers, email.subject)
     kind = "auto_reply" if automatic else ("reply" if candidate is not None else "unmatched")
     stored = insert_ignore(
@@ -101,28 +176,57 @@ def handle_inbound_email(session: Session, runtime: Runtime, email: InboundEmail
         InboundMessage,
         {
             "candidate_id": candidate.id if candidate else None,
-            "channel": "email",
-            "provider": "sendgrid",
+            "channel": Channel.EMAIL.value,
+            "provider": PROVIDER,
             "provider_message_id": email.provider_message_id,
-            "from_address": address,
-            "to_address": email.to,
+            "from_address": sender[:320],
+            "to_address": match.to_address[:320] if match.to_address else None,
             "subject": email.subject[:500],
             "body": email.text,
             "kind": kind,
-            "received_at": email.received_at,
+            "in_reply_to": match.in_reply_to,
+            "received_at": received_at,
             "raw": dict(email.raw),
+            "created_at": utcnow(),
         },
     )
+    external_id = candidate.external_id if candidate else None
     if not stored:
-        return EmailResult("duplicate", candidate.external_id if candidate else None)
+        log.info("inbound email duplicate", extra={"provider_message_id": email.provider_message_id})
+        return EmailResult("duplicate", external_id)
+    inbound_id = stored_inbound_id(session, PROVIDER, email.provider_message_id)
+    extra: dict[str, Any] = {"kind": kind, "inbound_id": inbound_id, "by_token": match.by_token}
     if candidate is None:
-        log.info("inbound email from an unknown sender", extra={"kind": kind})
-        return EmailResult(kind, None)
+        log.info("inbound email from an unknown sender", extra=extra)
+        return EmailResult(kind, None, inbound_id)
+    extra["candidate_id"] = candidate.id
     if automatic:
         pause = runtime.policy.spec.stop_on_reply.out_of_office_pause
-        paused = pause_for_out_of_office(session, candidate, email.received_at, pause)
-        log.info("automatic reply paused sequences", extra={"candidate_id": candidate.id, "paused": paused})
-    elif runtime.policy.spec.stop_on_reply.enabled:
-        stopped = record_reply(session, runtime.campaigns, candidate, email.received_at)
-        log.info("reply stopped sequences", extra={"candidate_id": candidate.id, "stopped": stopped})
-    return EmailResult(kind, candidate.external_id)
+        extra["paused"] = pause_for_out_of_office(session, candidate, received_at, pause)
+        log.info("automatic reply paused sequences", extra=extra)
+        return EmailResult(kind, external_id, inbound_id)
+    if runtime.policy.spec.stop_on_reply.enabled:
+        extra["stopped"] = record_reply(session, runtime.campaigns, candidate, received_at)
+    notify_reply(session, candidate, Channel.EMAIL.value, inbound_id)
+    queue = _plan_auto_reply(session, runtime, candidate, inbound_id)
+    extra["queued"] = len(queue)
+    log.info("reply received", extra=extra)
+    return EmailResult(kind, external_id, inbound_id, queue)
+
+
+def _plan_auto_reply(
+    session: Session, runtime: Runtime, candidate: Candidate, inbound_id: int | None
+) -> tuple[str, ...]:
+    """The out-of-hours auto-reply for a real reply, if one is due; skipped while :mod:`outreach.autoreply` is
+    not installed."""
+    try:
+        from outreach.autoreply import plan_auto_reply
+    except ModuleNotFoundError as exc:
+        if exc.name != "outreach.autoreply":
+            raise
+        return ()
+    inbound = session.get(InboundMessage, inbound_id) if inbound_id is not None else None
+    if inbound is None:
+        return ()
+    outbox_id: str | None = plan_auto_reply(session, runtime, candidate, Channel.EMAIL.value, inbound)
+    return (outbox_id,) if outbox_id else ()

@@ -30,6 +30,7 @@ from outreach.calendar import BusinessCalendar
 from outreach.campaigns import Campaign, CampaignSet, ExitCondition, Step
 from outreach.candidates import candidate_timezone
 from outreach.config import Settings
+from outreach.conversation import alert_unanswered_replies
 from outreach.db import is_sqlite, transaction
 from outreach.enrollment import audience_matches, enroll, exit_enrollments
 from outreach.models import (
@@ -148,6 +149,7 @@ class Scheduler:
         for _ in range(MAX_PASSES):
             if self.run_due(now, result) == 0:
                 break
+        result.alerts += alert_unanswered_replies(self.engine, now, self.settings, self.policy)
         # Leases and enqueue times are wall-clock facts; a simulated ``now`` must not expire them.
         self.sweep(utcnow(), result)
         return result

@@ -1,4 +1,5 @@
-"""The policy file (``campaigns/policies.yaml``): caps, quiet hours, the business calendar, rate limits.
+"""The policy file (``campaigns/policies.yaml``): caps, quiet hours, the business calendar, rate limits and
+behaviour rules on named link clicks.
 
 Every field has a default, so a missing file means the defaults below; a present file is validated like the
 campaigns, with file, line and field in every problem.
@@ -14,7 +15,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from outreach.campaigns import Category, load_yaml_model, parse_duration
+from outreach.campaigns import Category, LinkName, load_yaml_model, parse_duration
+from outreach.candidates import check_tags
 from outreach.errors import CampaignError
 from outreach.models import Channel
 
@@ -214,12 +216,37 @@ class StopOnReplySpec(_Spec):
         return parse_duration(value)
 
 
+class ClickCondition(_Spec):
+    """``clicked`` named link followed ``times`` or more times by the candidate, over all their messages."""
+
+    clicked: LinkName
+    times: int = Field(default=1, ge=1)
+
+
+class BehaviourSpec(_Spec):
+    """A behaviour rule: when the candidate's clicks meet ``when``, add ``add_tags`` (once; tags are a set)."""
+
+    when: ClickCondition
+    add_tags: tuple[str, ...] = Field(min_length=1)
+
+    @field_validator("add_tags")
+    @classmethod
+    def _tags(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_tags(list(value)))
+
+
+def _default_behaviours() -> tuple[BehaviourSpec, ...]:
+    # The seed's high-intent signal: a candidate who comes back to the salary range is seriously interested.
+    return (BehaviourSpec(when=ClickCondition(clicked="salary_range", times=2), add_tags=("intent:high",)),)
+
+
 class PolicySpec(_Spec):
     calendar: CalendarSpec = Field(default_factory=CalendarSpec)
     caps: tuple[CapSpec, ...] = Field(default_factory=_default_caps)
     quiet_hours: QuietHoursSpec = Field(default_factory=QuietHoursSpec)
     rate_limits: dict[str, RateLimitSpec] = Field(default_factory=_default_rates)
     stop_on_reply: StopOnReplySpec = Field(default_factory=StopOnReplySpec)
+    behaviours: tuple[BehaviourSpec, ...] = Field(default_factory=_default_behaviours)
 
     @field_validator("caps")
     @classmethod

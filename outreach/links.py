@@ -1,0 +1,374 @@
+"""Click tracking: links in sent messages become signed ``/r/{token}`` redirects; clicks feed behaviour rules.
+
+**When.** A campaign tracks clicks when it says ``track_clicks: true``, and by default when it is a nurture
+campaign (:attr:`outreach.campaigns.Campaign.tracks_clicks`). Delivery rewrites the rendered message right
+before the provider call: every ``href`` of an ``<a>``/``<area>`` tag in the HTML part, and every ``http(s)://``
+URL in the text part or the SMS body, becomes ``{public_url}/r/{token}``. Never rewritten: the unsubscribe
+link (it must keep working on its own, RFC 8058), anything that is not http(s) (``mailto:``, ``tel:``), links
+to our own ``/r/`` and ``/unsubscribe/`` routes, and URLs longer than a stored link may be.
+
+**Names.** Rules speak about links by name (``book_interview``, ``salary_range``), and names come from the
+templates, with no helper to call:
+
+- in HTML, an attribute on the link: ``<a href="…" data-link="salary_range">``; the attribute is removed from
+  what is sent (tracked or not, it never reaches the candidate);
+- links the message context provides have fixed names (:data:`CONTEXT_LINK_NAMES`: ``links.booking`` is
+  ``book_interview``), wherever they appear, so an SMS needs no markup at all;
+- a URL in the text part takes the name the same URL has in the HTML part, so an email names each link once.
+
+A link without a name is still tracked (``last_click_at``, ``only_if: no_click``); it just feeds no rule.
+
+**Tokens.** Each distinct (URL, name) of a message is one :class:`~outreach.models.TrackedLink` row, written in
+a small transaction of its own before the provider call (a send that then fails leaves harmless unused rows; a
+retry reuses them, so a resent message carries the same links). The token is ``sign(settings, "r", link_id)``:
+HMAC-signed, holding our row id only. ``/r/{token}`` redirects only to a URL stored for a message we sent, so it
+is no open redirect: a forged token, a token minted with another key, or a made-up id leads nowhere.
+
+**Clicks.** :func:`follow` records a :class:`~outreach.models.LinkClick` (link, candidate, name, time), moves
+``Candidate.last_click_at`` and applies the behaviour rules of ``policies.yaml`` (``behaviours:``: N or more
+clicks of a named link → tags), all in one transaction. Steps with ``unless_clicked: [name]`` are skipped by the
+scheduler once a link of that name in a message of the same enrollment was clicked.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from outreach.campaigns import Campaign
+from outreach.candidates import add_tags
+from outreach.config import Settings
+from outreach.models import Candidate, LinkClick, OutboundMessage, TrackedLink, utcnow
+from outreach.policy.config import BehaviourSpec
+from outreach.render import RenderedEmail
+from outreach.runtime import Runtime
+from outreach.tokens import sign, verify
+
+__all__ = [
+    "CONTEXT_LINK_NAMES",
+    "Followed",
+    "Link",
+    "apply_behaviours",
+    "follow",
+    "known_names",
+    "link_id_from_token",
+    "redirect_url",
+    "rewrite_html",
+    "rewrite_text",
+    "strip_names",
+    "track_email",
+    "track_sms",
+    "tracks_clicks",
+]
+
+log = logging.getLogger(__name__)
+
+#: Names of the links the message context provides (``links.<key>`` → link name).
+CONTEXT_LINK_NAMES: Mapping[str, str] = {"booking": "book_interview"}
+
+TOKEN_PURPOSE = "r"
+MAX_URL_LENGTH = 2000  # TrackedLink.url
+MAX_LINK_ID = 2**31 - 1  # TrackedLink.id is an INTEGER
+_NAME = re.compile(r"^[a-z0-9_]{1,64}$")
+
+# An <a> or <area> start tag; quoted attribute values may hold ">".
+_TAG = re.compile(r"""<(?:a|area)(?=[\s/>])((?:[^>"']|"[^"]*"|'[^']*')*)>""", re.IGNORECASE)
+# One attribute inside a tag: name, optionally = and a double-quoted, single-quoted or bare value.
+_ATTRIBUTE = re.compile(r"""([^\s"'>/=]+)(?:\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'=<>`]+)))?""")
+# A URL in plain text: RFC 3986 characters only, so Chinese text or full-width punctuation ends it.
+_TEXT_URL = re.compile(r"""https?://[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+""", re.IGNORECASE)
+_TRAILING = ".,;:!?'"
+
+
+@dataclass(frozen=True)
+class Link:
+    """A link found in a message: its target and, if the template named it, its name."""
+
+    url: str
+    name: str | None
+
+
+#: Given a link, the URL to put in its place (None: leave it as it is).
+Replace = Callable[[Link], str | None]
+
+
+def tracks_clicks(campaign: Campaign | None) -> bool:
+    return campaign is not None and campaign.tracks_clicks
+
+
+def redirect_url(settings: Settings, link_id: int) -> str:
+    return f"{settings.public_url}/r/{sign(settings, TOKEN_PURPOSE, str(link_id))}"
+
+
+def link_id_from_token(settings: Settings, token: str) -> int | None:
+    """The TrackedLink id a token was minted for by us, or None for anything forged, damaged or foreign."""
+    payload = verify(settings, TOKEN_PURPOSE, token)
+    if payload is None or not (payload.isascii() and payload.isdigit()) or len(payload) > 10:
+        return None
+    link_id = int(payload)
+    return link_id if link_id <= MAX_LINK_ID else None
+
+
+def is_web_url(url: str) -> bool:
+    return url[:8].lower().startswith(("http://", "https://")) and len(url) <= MAX_URL_LENGTH
+
+
+# --- finding and replacing links ---------------------------------------------------------------------------
+
+
+def _value(match: re.Match[str]) -> str | None:
+    for group in (2, 3, 4):
+        if match.group(group) is not None:
+            return match.group(group)
+    return None
+
+
+def rewrite_html(document: str, known: Mapping[str, str], replace_link: Replace) -> str:
+    """Each ``<a>``/``<area>`` href through ``replace_link``; ``data-link`` names the link and is removed.
+
+    ``known`` names links the template did not name (URL → name).
+    """
+
+    def tag(match: re.Match[str]) -> str:
+        attributes = match.group(1)
+        href: str | None = None
+        name: str | None = None
+        for attribute in _ATTRIBUTE.finditer(attributes):
+            key = attribute.group(1).lower()
+            if key == "href" and href is None:
+                href = html.unescape(_value(attribute) or "")
+            elif key == "data-link" and name is None:
+                name = (_value(attribute) or "").strip()
+        if name is not None and not _NAME.match(name):
+            log.warning("link name ignored: use lowercase letters, digits and _ (at most 64)")
+            name = None
+        target = None
+        if href is not None:
+            target = replace_link(Link(href, name or known.get(href)))
+        out: list[str] = []
+        last = 0
+        for attribute in _ATTRIBUTE.finditer(attributes):
+            key = attribute.group(1).lower()
+            gap = attributes[last : attribute.start()]
+            last = attribute.end()
+            if key == "data-link":
+                continue  # with the whitespace before it
+            if key == "href" and target is not None:
+                out.append(f'{gap}href="{html.escape(target)}"')
+                target = None  # only the first href counts, as in browsers
+                continue
+            out.append(gap + attribute.group(0))
+        out.append(attributes[last:])
+        head = match.group(0)[: match.start(1) - match.start(0)]
+        return head + "".join(out) + ">"
+
+    return _TAG.sub(tag, document)
+
+
+def _trim(url: str) -> str:
+    """Drop punctuation that ends a sentence rather than the URL, and closing brackets it did not open."""
+    while url:
+        last = url[-1]
+        unopened = (last == ")" and url.count(")") > url.count("(")) or (
+            last == "]" and url.count("]") > url.count("[")
+        )
+        if last not in _TRAILING and not unopened:
+            break
+        url = url[:-1]
+    return url
+
+
+def rewrite_text(text: str, names: Mapping[str, str], replace_link: Replace) -> str:
+    """Each http(s) URL in plain text through ``replace_link``, named by ``names`` (URL → name)."""
+
+    def url(match: re.Match[str]) -> str:
+        found = match.group(0)
+        trimmed = _trim(found)
+        target = replace_link(Link(trimmed, names.get(trimmed)))
+        return found if target is None else target + found[len(trimmed) :]
+
+    return _TEXT_URL.sub(url, text)
+
+
+def known_names(context: Mapping[str, Any]) -> dict[str, str]:
+    """URL → name for the context's own links (:data:`CONTEXT_LINK_NAMES`)."""
+    links = context.get("links") or {}
+    return {url: name for key, name in CONTEXT_LINK_NAMES.items() if isinstance(url := links.get(key), str) and url}
+
+
+class _Tracker:
+    """Finds a message's links in a first pass, stores them, and puts their redirects in on the second."""
+
+    def __init__(self, settings: Settings, context: Mapping[str, Any]) -> None:
+        self.settings = settings
+        self.known = known_names(context)
+        links = context.get("links") or {}
+        unsubscribe = links.get("unsubscribe")
+        self.never = {unsubscribe} if isinstance(unsubscribe, str) else set()
+        self.own = (f"{settings.public_url}/r/", f"{settings.public_url}/unsubscribe/")
+        self.found: list[Link] = []
+        self.redirects: dict[Link, str] = {}
+
+    def trackable(self, link: Link) -> bool:
+        return is_web_url(link.url) and link.url not in self.never and not link.url.startswith(self.own)
+
+    def collect(self, link: Link) -> str | None:
+        if self.trackable(link) and link not in self.found:
+            self.found.append(link)
+        return None
+
+    def substitute(self, link: Link) -> str | None:
+        return self.redirects.get(link) if self.trackable(link) else None
+
+    def store(self, session: Session, message_id: str) -> None:
+        """One row per distinct link, reusing those of an earlier attempt at the same message."""
+        existing = session.execute(
+            select(TrackedLink.id, TrackedLink.position, TrackedLink.url, TrackedLink.name).where(
+                TrackedLink.message_id == message_id
+            )
+        ).all()
+        ids = {Link(url, name): link_id for link_id, _, url, name in existing}
+        position = max((row.position for row in existing), default=-1) + 1
+        added: list[tuple[Link, TrackedLink]] = []
+        for link in self.found:
+            if link in ids:
+                continue
+            row = TrackedLink(message_id=message_id, position=position, name=link.name, url=link.url)
+            session.add(row)
+            added.append((link, row))
+            position += 1
+        session.flush()
+        ids.update((link, row.id) for link, row in added)
+        self.redirects = {link: redirect_url(self.settings, ids[link]) for link in self.found}
+
+
+def _track(
+    runtime: Runtime, message_id: str, context: Mapping[str, Any], html_part: str | None, texts: Sequence[str]
+) -> tuple[str | None, list[str]]:
+    tracker = _Tracker(runtime.settings, context)
+    html_names = dict(tracker.known)
+    if html_part is not None:
+
+        def collect_html(link: Link) -> str | None:
+            if link.name is not None:
+                html_names.setdefault(link.url, link.name)
+            return tracker.collect(link)
+
+        rewrite_html(html_part, tracker.known, collect_html)
+    for text in texts:
+        rewrite_text(text, html_names, tracker.collect)
+    if tracker.found:
+        with Session(runtime.engine) as session, session.begin():
+            tracker.store(session, message_id)
+    # Even with nothing to track the HTML goes through once more, to drop the data-link attributes.
+    new_html = None if html_part is None else rewrite_html(html_part, tracker.known, tracker.substitute)
+    new_texts = [rewrite_text(text, html_names, tracker.substitute) if tracker.found else text for text in texts]
+    return new_html, new_texts
+
+
+def track_email(
+    runtime: Runtime, message: OutboundMessage, email: RenderedEmail, context: Mapping[str, Any]
+) -> RenderedEmail:
+    """The email as it goes out: links replaced by tracked redirects if its campaign tracks clicks, and the
+    ``data-link`` names removed either way (the subject is left alone)."""
+    if not tracks_clicks(runtime.campaigns.get(message.campaign)):
+        return replace(email, html=strip_names(email.html))
+    new_html, (new_text,) = _track(runtime, message.id, context, email.html, [email.text])
+    return replace(email, html=new_html or "", text=new_text)
+
+
+def track_sms(runtime: Runtime, message: OutboundMessage, body: str, context: Mapping[str, Any]) -> str:
+    """The SMS body as it goes out: links replaced by tracked redirects if its campaign tracks clicks."""
+    if not tracks_clicks(runtime.campaigns.get(message.campaign)):
+        return body
+    _, (new_body,) = _track(runtime, message.id, context, None, [body])
+    return new_body
+
+
+def strip_names(document: str) -> str:
+    """The HTML without its ``data-link`` attributes."""
+    if "data-link" not in document:
+        return document
+    return rewrite_html(document, {}, lambda link: None)
+
+
+# --- clicks ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Followed:
+    """Where a redirect token leads, and what the click changed."""
+
+    url: str
+    link_id: int
+    name: str | None
+    recorded: bool
+    tags_added: tuple[str, ...] = ()
+
+
+def follow(runtime: Runtime, token: str, *, record: bool = True, now: datetime | None = None) -> Followed | None:
+    """The stored target of a redirect token, or None when the token or its link is not ours.
+
+    With ``record`` the click is stored, ``last_click_at`` moves and the behaviour rules run, in one transaction.
+    """
+    link_id = link_id_from_token(runtime.settings, token)
+    if link_id is None:
+        return None
+    now = now or utcnow()
+    with Session(runtime.engine, expire_on_commit=False) as session, session.begin():
+        found = session.execute(
+            select(TrackedLink, OutboundMessage.candidate_id)
+            .join(OutboundMessage, OutboundMessage.id == TrackedLink.message_id)
+            .where(TrackedLink.id == link_id)
+        ).first()
+        if found is None:
+            return None
+        link, candidate_id = found
+        if not is_web_url(link.url):
+            return None
+        if not record:
+            return Followed(link.url, link.id, link.name, recorded=False)
+        query = select(Candidate).where(Candidate.id == candidate_id)
+        if session.get_bind().dialect.name == "postgresql":
+            # Serialise concurrent clicks of one candidate: the tag list is read, changed and written back.
+            query = query.with_for_update(key_share=True)
+        candidate = session.scalars(query).one()
+        session.add(LinkClick(link_id=link.id, candidate_id=candidate.id, name=link.name, clicked_at=now))
+        if candidate.last_click_at is None or candidate.last_click_at < now:
+            candidate.last_click_at = now
+        added: tuple[str, ...] = ()
+        if link.name is not None:
+            session.flush()
+            added = apply_behaviours(session, candidate, link.name, runtime.policy.spec.behaviours)
+    log.info("link clicked", extra={"link_id": link.id, "link_name": link.name, "message_id": link.message_id})
+    return Followed(link.url, link.id, link.name, recorded=True, tags_added=added)
+
+
+def apply_behaviours(
+    session: Session, candidate: Candidate, name: str, rules: Sequence[BehaviourSpec]
+) -> tuple[str, ...]:
+    """Run the rules about ``name`` after a click on it; returns the tags that were new."""
+    relevant = [rule for rule in rules if rule.when.clicked == name]
+    if not relevant:
+        return ()
+    clicks = session.scalar(
+        select(func.count())
+        .select_from(LinkClick)
+        .where(LinkClick.candidate_id == candidate.id, LinkClick.name == name)
+    )
+    before = list(candidate.tags)
+    for rule in relevant:
+        if (clicks or 0) >= rule.when.times and not set(rule.add_tags) <= set(candidate.tags):
+            add_tags(candidate, *rule.add_tags)
+    added = tuple(tag for tag in candidate.tags if tag not in before)
+    if added:
+        log.info("behaviour rule tagged candidate", extra={"candidate_id": candidate.id, "link_name": name})
+    return added
