@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo
 from croniter import croniter
 from sqlalchemy import Engine, and_, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from outreach.calendar import BusinessCalendar
 from outreach.campaigns import Campaign, CampaignSet, ExitCondition, Step
@@ -40,8 +40,10 @@ from outreach.models import (
     Enrollment,
     EnrollmentStatus,
     Job,
+    LinkClick,
     MessageStatus,
     OutboundMessage,
+    TrackedLink,
     new_id,
     utcnow,
 )
@@ -294,7 +296,7 @@ class Scheduler:
         step = campaign.steps[index]
         due = enrollment.next_run_at or now
         since = enrollment.last_step_at or enrollment.anchor_at
-        skip_reason = self._skip_reason(step, candidate, since)
+        skip_rule, skip_reason = self._skip_reason(step, candidate, since, enrollment.id) or (None, None)
         outbox_id = new_id()
         # The wall clock, not ``now``: ``tick --now`` simulates when steps are due, but the row is ready to go
         # the moment it is written, and the sweeper's lease runs on real time.
@@ -317,7 +319,7 @@ class Scheduler:
         }
         queueable = True
         if skip_reason:
-            values.update(status=MessageStatus.SKIPPED.value, rule=f"only_if:{step.only_if}", reason=skip_reason)
+            values.update(status=MessageStatus.SKIPPED.value, rule=skip_rule, reason=skip_reason)
             queueable = False
         else:
             subject = self.policy.subject(
@@ -384,11 +386,32 @@ class Scheduler:
         return None
 
     @staticmethod
-    def _skip_reason(step: Step, candidate: Candidate, since: datetime) -> str | None:
+    def _skip_reason(
+        step: Step, candidate: Candidate, since: datetime, enrollment_id: int | None = None
+    ) -> tuple[str, str] | None:
+        """Why the step is skipped, as (rule, reason), or None when it goes ahead."""
         if step.only_if == "no_reply" and candidate.last_reply_at and candidate.last_reply_at > since:
-            return "candidate replied since the previous step"
+            return f"only_if:{step.only_if}", "candidate replied since the previous step"
         if step.only_if == "no_click" and candidate.last_click_at and candidate.last_click_at > since:
-            return "candidate clicked since the previous step"
+            return f"only_if:{step.only_if}", "candidate clicked since the previous step"
+        session = object_session(candidate)
+        if step.unless_clicked and enrollment_id is not None and session is not None:
+            # Clicks on links in this enrollment's own messages, whenever they came: a candidate who booked
+            # from the first email minutes after it arrived needs no reminder either.
+            clicked = session.scalar(
+                select(LinkClick.name)
+                .join(TrackedLink, TrackedLink.id == LinkClick.link_id)
+                .join(OutboundMessage, OutboundMessage.id == TrackedLink.message_id)
+                .where(
+                    LinkClick.candidate_id == candidate.id,
+                    LinkClick.name.in_(step.unless_clicked),
+                    OutboundMessage.enrollment_id == enrollment_id,
+                )
+                .order_by(LinkClick.clicked_at)
+                .limit(1)
+            )
+            if clicked is not None:
+                return f"unless_clicked:{clicked}", f"candidate clicked the {clicked} link of this campaign"
         return None
 
     # -- the sweeper ------------------------------------------------------------------------------------

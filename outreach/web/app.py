@@ -12,7 +12,7 @@ from sqlalchemy.exc import OperationalError
 from outreach.config import set_settings
 from outreach.errors import NotFoundError, ValidationError
 from outreach.runtime import Runtime
-from outreach.web import api, conversation, inbound_parse, unsubscribe, webhooks
+from outreach.web import api, conversation, inbound_parse, redirect, unsubscribe, webhooks
 from outreach.web.webhooks import WebhookSettings
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ def create_app(runtime: Runtime, webhook_settings: WebhookSettings | None = None
 
     app.include_router(api.router)
     app.include_router(unsubscribe.router)
+    app.include_router(redirect.router)
     app.include_router(webhooks.router)
     app.include_router(inbound_parse.router)
     app.include_router(conversation.router)
