@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 
 from outreach.autoreply import plan_auto_reply
 from outreach.candidates import normalise_phone
+from outreach.conversation import notify_reply
 from outreach.enrollment import record_reply
 from outreach.errors import TemplateError
 from outreach.models import (
@@ -189,9 +190,7 @@ def handle_inbound_sms(session: Session, runtime: Runtime, sms: InboundSms) -> I
         assert candidate is not None
         extra["exited"] = record_reply(session, runtime.campaigns, candidate, received_at)
         message = _stored(session, sms.provider_message_id)
-        # --- HR notification -----------------------------------------------------------------------------
-        # (to be added here: tell HR about the candidate's reply)
-        # -----------------------------------------------------------------------------------------------------
+        notify_reply(session, candidate, Channel.SMS.value, message.id)
         auto_reply = plan_auto_reply(session, runtime, candidate, Channel.SMS.value, message)
         queue = (auto_reply,) if auto_reply is not None else ()
         extra["auto_reply"] = auto_reply

@@ -71,3 +71,20 @@ def fire(
             calendar=runtime.policy.calendar,
         )
     return enrollments
+
+
+def resolved_links(runtime: Runtime, text: str) -> list[str]:
+    """The destinations behind the tracked ``/r/`` links in ``text`` (without recording a click)."""
+    import re
+
+    from outreach.links import link_id_from_token
+    from outreach.models import TrackedLink
+
+    destinations = []
+    with Session(runtime.engine) as session:
+        for token in re.findall(r"/r/([A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+)", text):
+            link_id = link_id_from_token(runtime.settings, token)
+            link = session.get(TrackedLink, link_id) if link_id is not None else None
+            if link is not None:
+                destinations.append(link.url)
+    return destinations

@@ -13,7 +13,7 @@ from outreach.delivery import deliver
 from outreach.models import OutboundMessage, Suppression, utcnow
 from outreach.runtime import Runtime
 from outreach.sandbox import SandboxServer
-from tests.helpers import add_candidate, add_job, fire
+from tests.helpers import add_candidate, add_job, fire, resolved_links
 
 T0 = datetime(2026, 11, 25, 2, 0, tzinfo=UTC)
 
@@ -44,7 +44,9 @@ def test_email_and_sms_reach_the_sandbox_with_opaque_ids_only(runtime: Runtime, 
     assert mail.to == "c-1@example.org"
     assert mail.custom_args == {"outreach_id": email.id}
     assert "Backend Engineer" in mail.subject + mail.text
-    assert "https://book.example.com/backend" in mail.html
+    # jd_intro tracks clicks: the booking link goes through our signed redirect to the real page.
+    assert 'href="http://127.0.0.1:9/r/' in mail.html
+    assert "https://book.example.com/backend" in resolved_links(runtime, mail.html)
     assert set(mail.categories) <= {"jd_intro"}
     text = by_channel["sms"]
     assert text.to == "+8613800138000"

@@ -14,7 +14,7 @@ from outreach.delivery import deliver
 from outreach.models import Alert, Candidate, OutboundMessage
 from outreach.runtime import Runtime
 from outreach.sandbox import SandboxMessage, SandboxServer
-from tests.helpers import add_candidate, add_job, fire
+from tests.helpers import add_candidate, add_job, fire, resolved_links
 
 T0 = datetime(2026, 11, 25, 2, 0, tzinfo=UTC)  # a Wednesday, 10:00 in Shanghai
 OFFER_DATA = {
@@ -54,14 +54,15 @@ def test_jd_intro_email_nudge_and_reminder(live: Runtime, sandbox: SandboxServer
     (mail,) = sent(sandbox)
     assert mail.channel == "email" and "Backend Engineer" in mail.subject
     assert "Hi Alex" in mail.text
-    assert "https://book.example.com/be-1" in mail.text and 'href="https://book.example.com/be-1"' in mail.html
+    assert "https://book.example.com/be-1" in resolved_links(live, mail.text)
+    assert "https://book.example.com/be-1" in resolved_links(live, mail.html)
     assert "interview" in mail.text.lower()
     assert "Build the services" in mail.text  # the job description itself
     live.scheduler.tick(T0 + timedelta(minutes=4))
     assert len(sent(sandbox)) == 1
     live.scheduler.tick(T0 + timedelta(minutes=5))
     (nudge,) = sent(sandbox, "sms")
-    assert nudge.to == "+8613800138000" and "https://book.example.com/be-1" in nudge.body
+    assert nudge.to == "+8613800138000" and resolved_links(live, nudge.body) == ["https://book.example.com/be-1"]
     live.scheduler.tick(T0 + timedelta(days=2, minutes=5))
     assert len(sent(sandbox, "sms")) == 2
 
@@ -174,4 +175,5 @@ def test_job_reactivation_only_for_matching_talent_pool(live: Runtime, sandbox: 
     live.scheduler.tick(T0)
     (mail,) = sent(sandbox)
     assert mail.to == "match@example.org"
-    assert "Java Platform Lead" in mail.subject + mail.text and "https://book.example.com/j9" in mail.text
+    assert "Java Platform Lead" in mail.subject + mail.text
+    assert "https://book.example.com/j9" in resolved_links(live, mail.text)  # nurture: tracked

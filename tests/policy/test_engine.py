@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,7 +17,7 @@ from sqlalchemy.orm import Session
 from outreach.campaigns import Category
 from outreach.delivery import deliver
 from outreach.enrollment import pause_for_out_of_office
-from outreach.models import Candidate, Enrollment, MessageStatus, OutboundMessage, new_id, utcnow
+from outreach.models import Candidate, Enrollment, MessageStatus, OutboundMessage, new_id, set_clock, utcnow
 from outreach.policy.config import CapSpec, EmailWindow, PolicySpec, QuietHoursSpec, Window
 from outreach.policy.engine import PolicyEngine
 from outreach.runtime import Runtime
@@ -159,11 +161,25 @@ def test_no_candidate_ever_exceeds_a_cap(runtime: Runtime, sandbox: SandboxServe
             assert len(inside) <= cap.max, (cap.name, sent)
 
 
-def test_sms_at_night_is_held_until_the_window_opens_then_released(runtime: Runtime) -> None:
+@pytest.fixture
+def clock() -> Iterator[Callable[[datetime], None]]:
+    """Run the service's clock at a chosen instant (the sweeper and the outbox read it)."""
+
+    def at(moment: datetime) -> None:
+        set_clock(lambda: moment)
+
+    yield at
+    set_clock(None)
+
+
+def test_sms_at_night_is_held_until_the_window_opens_then_released(
+    runtime: Runtime, clock: Callable[[datetime], None]
+) -> None:
     runtime.policy = PolicyEngine(PolicySpec(caps=(), rate_limits={}), runtime.settings)
     add_candidate(runtime)  # Asia/Shanghai, +86
     add_job(runtime)
     night = datetime(2026, 11, 25, 13, 30, tzinfo=UTC)  # 21:30 in Shanghai
+    clock(night + timedelta(minutes=5))
     fire(runtime, "c-1", "applied", at=night, job="j-1")
     result = runtime.scheduler.tick(night + timedelta(minutes=5))
     with Session(runtime.engine) as session:
@@ -174,22 +190,19 @@ def test_sms_at_night_is_held_until_the_window_opens_then_released(runtime: Runt
     assert opens <= sms.not_before < opens + timedelta(minutes=10)
     assert "08:00-20:00" in (sms.reason or "") and "+86" not in (sms.reason or "")
     assert result.queued == [email.id]
+    assert sms.id not in runtime.scheduler.tick(opens - timedelta(minutes=1)).requeued
     # When its time has come, the sweeper hands it to the workers.
-    with Session(runtime.engine) as session, session.begin():
-        session.execute(
-            update(OutboundMessage)
-            .where(OutboundMessage.id == sms.id)
-            .values(not_before=utcnow() - timedelta(seconds=1))
-        )
-    swept = runtime.scheduler.tick(night + timedelta(minutes=6))
+    clock(sms.not_before + timedelta(seconds=1))
+    swept = runtime.scheduler.tick(sms.not_before + timedelta(seconds=1))
     assert sms.id in swept.requeued
 
 
-def test_messages_api_shows_why_a_message_was_held(runtime: Runtime) -> None:
+def test_messages_api_shows_why_a_message_was_held(runtime: Runtime, clock: Callable[[datetime], None]) -> None:
     runtime.policy = PolicyEngine(PolicySpec(caps=(), rate_limits={}), runtime.settings)
     add_candidate(runtime)
     add_job(runtime)
     night = datetime(2026, 11, 25, 13, 30, tzinfo=UTC)
+    clock(night + timedelta(minutes=5))
     fire(runtime, "c-1", "applied", at=night, job="j-1")
     runtime.scheduler.tick(night + timedelta(minutes=5))
     items = TestClient(create_app(runtime)).get("/api/v1/messages", params={"status": "held"}).json()["items"]
