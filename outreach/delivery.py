@@ -222,6 +222,9 @@ def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Ou
             email = track_email(runtime, message, email, context)
             locale = email.locale
             headers: dict[str, str] = {}
+            if message.category == AUTO_REPLY:
+                # RFC 3834: so the other side's auto-responder does not answer our auto-reply.
+                headers = {"Auto-Submitted": "auto-replied"}
             if message.category == Category.NURTURE.value:
                 link = context["links"]["unsubscribe"]
                 headers = {
@@ -243,6 +246,9 @@ def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Ou
         else:
             sms = runtime.renderer.render_sms(message.template, candidate.locale, context)
             body = track_sms(runtime, message, sms.text, context)  # click tracking (outreach.links)
+            if message.category == AUTO_REPLY:
+                # RFC 3834: so the other side's auto-responder does not answer our auto-reply.
+                headers = {"Auto-Submitted": "auto-replied"}
             if message.category == Category.NURTURE.value:
                 body = with_opt_out_hint(body, sms.locale)
             locale, segments = sms.locale, sms_segments(body)[1]

@@ -185,6 +185,7 @@ def test_an_email_on_saturday_is_answered_by_email_in_chinese(
     assert sent.subject == "自动回复：Example Co. 已收到您的来信"
     assert "招聘专员将于11月30日（星期一）09:00（您当地时间）前回复您" in sent.text
     assert "11月30日（星期一）09:00（您当地时间）" in sent.html
+    assert sent.headers.get("Auto-Submitted") == "auto-replied"  # RFC 3834: other responders stay quiet
     row = outbox_row(runtime, outbox_id)
     assert (row.channel, row.category, row.locale, row.subject) == ("email", "auto_reply", "zh-CN", sent.subject)
     # Should our answer come back to us (a forward, a bounce), it is recognised as automatic and not answered.
