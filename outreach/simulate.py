@@ -1034,6 +1034,10 @@ class _World:
             while (fire_at := schedule.get_next(datetime).astimezone(UTC)) <= end:
                 firings.append(fire_at)
         firings.sort()
+        # Story events that can start an enrollment; replies and the rest only ever stop or delay one.
+        enrolling = {kind.value for kind in EventType if runtime.campaigns.for_event(kind.value)}
+        if EventType.JOB_OPENED.value in enrolling:
+            enrolling.add("job_reopened")
         next_event = next_firing = 0
         now = start
         stops = 0
@@ -1049,9 +1053,11 @@ class _World:
             while next_firing < len(firings) and firings[next_firing] <= now:
                 next_firing += 1
             if due > next_event:
-                self.happen(timeline[next_event:due])
+                arrived = timeline[next_event:due]
+                self.happen(arrived)
                 next_event = due
-                step_at = now  # an event may have started enrollments due at once
+                if any(h.kind in enrolling for h in arrived):
+                    step_at = now  # enrollments may have started, due at once
             if firing:
                 scheduler.fire_cron(now, result)
                 step_at = now
