@@ -363,7 +363,9 @@ class Scheduler:
         enrollment.last_step_at = due
         enrollment.updated_at = now
         if index + 1 < len(campaign.steps):
-            enrollment.next_run_at = step_due(campaign.steps[index + 1], due, candidate, self.settings.company_timezone)
+            enrollment.next_run_at = step_due(
+                campaign.steps[index + 1], due, candidate, self.settings.company_timezone, self.policy.calendar
+            )
         else:
             enrollment.status = EnrollmentStatus.COMPLETED.value
             enrollment.next_run_at = None
@@ -434,6 +436,7 @@ class Scheduler:
                 .returning(OutboundMessage.id)
             )
             requeued = [row[0] for row in rows]
+            lost_wakeups = list(requeued)
             # Deferred rows (quiet hours, caps) whose time has come: back to pending and onto the queue.
             due_held = (
                 select(OutboundMessage.id)
@@ -463,8 +466,11 @@ class Scheduler:
                 )
             )
             result.uncertain += int(getattr(lost, "rowcount", 0) or 0)
-        if requeued:
-            log.warning("sweeper re-enqueued outbox rows", extra={"count": len(requeued)})
+        if lost_wakeups:
+            # Rows that were due and enqueued long ago but never picked up: the broker lost them.
+            log.warning("sweeper re-enqueued outbox rows", extra={"count": len(lost_wakeups)})
+        if len(requeued) > len(lost_wakeups):
+            log.info("deferred messages released", extra={"count": len(requeued) - len(lost_wakeups)})
         result.requeued.extend(requeued)
         self.enqueue(requeued)
 

@@ -143,7 +143,7 @@ def test_suppressed_address_is_not_sent(runtime: Runtime, sandbox: SandboxServer
 def test_missing_phone_fails_with_reason(runtime: Runtime, sandbox: SandboxServer) -> None:
     _, sms = queue_jd_intro(runtime, phone=None)
     row = status_of(runtime, sms.id)  # caught when the step was scheduled: never queued
-    assert (row.status, row.rule, row.reason) == ("failed", "address", "candidate has no phone")
+    assert (row.status, row.rule, row.reason) == ("skipped", "address", "candidate has no phone")
     assert deliver(runtime, sms.id).status == "not-pending"
     assert sandbox.messages() == []
 

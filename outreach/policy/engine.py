@@ -28,7 +28,7 @@ from outreach.policy.quiet_hours import QuietHoursRule, validity_period, window_
 OUTREACH_CATEGORIES = frozenset(c.value for c in Category)
 
 #: Suppressions by these rules end the row with a status of their own rather than ``suppressed``.
-STATUS_FOR_RULE = {"exit": MessageStatus.CANCELLED, "address": MessageStatus.FAILED}
+STATUS_FOR_RULE = {"exit": MessageStatus.CANCELLED, "address": MessageStatus.SKIPPED}
 
 
 @dataclass(frozen=True)
