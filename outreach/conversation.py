@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, String, cast, exists, func, literal, select, update
@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from outreach.config import Settings
 from outreach.db import transaction
 from outreach.models import Alert, Candidate, InboundMessage, MessageStatus, OutboundMessage, Stage, utcnow
+from outreach.policy.config import RepliesSpec
 
 if TYPE_CHECKING:
     from outreach.policy.engine import PolicyEngine
@@ -47,10 +48,10 @@ log = logging.getLogger(__name__)
 ALERT_REPLIED = "candidate_replied"
 ALERT_UNANSWERED = "reply_unanswered"
 #: How long a reply received in business hours may wait for a person before HR is alerted.
-RESPONSE_TIME = timedelta(hours=4)
+RESPONSE_TIME = RepliesSpec().response_time  # the default; policies.yaml `replies.response_time` decides
 #: Replies older than this are no longer looked at (they were alerted long ago or predate the feature); it keeps
 #: the per-tick scan bounded.
-LOOKBACK = timedelta(days=7)
+LOOKBACK = RepliesSpec().lookback
 #: The outbox category of our own answers to a candidate (as opposed to campaign steps).
 AUTO_REPLY_CATEGORY = "auto_reply"
 
@@ -250,8 +251,8 @@ def raise_unanswered_alerts(session: Session, now: datetime, settings: Settings,
         .where(
             InboundMessage.kind == "reply",
             InboundMessage.answered_at.is_(None),
-            InboundMessage.received_at <= now - RESPONSE_TIME,
-            InboundMessage.received_at > now - LOOKBACK,
+            InboundMessage.received_at <= now - policy.spec.replies.response_time,
+            InboundMessage.received_at > now - policy.spec.replies.lookback,
             ~alerted,
         )
     )

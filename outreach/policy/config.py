@@ -240,12 +240,28 @@ def _default_behaviours() -> tuple[BehaviourSpec, ...]:
     return (BehaviourSpec(when=ClickCondition(clicked="salary_range", times=2), add_tags=("intent:high",)),)
 
 
+class RepliesSpec(_Spec):
+    """How fast a person must answer a candidate's reply written during business hours."""
+
+    response_time: timedelta = timedelta(hours=4)
+    lookback: timedelta = timedelta(days=7)
+
+    @field_validator("response_time", "lookback", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> timedelta:
+        duration = parse_duration(value)
+        if duration <= timedelta(0):
+            raise ValueError("must be longer than zero")
+        return duration
+
+
 class PolicySpec(_Spec):
     calendar: CalendarSpec = Field(default_factory=CalendarSpec)
     caps: tuple[CapSpec, ...] = Field(default_factory=_default_caps)
     quiet_hours: QuietHoursSpec = Field(default_factory=QuietHoursSpec)
     rate_limits: dict[str, RateLimitSpec] = Field(default_factory=_default_rates)
     stop_on_reply: StopOnReplySpec = Field(default_factory=StopOnReplySpec)
+    replies: RepliesSpec = Field(default_factory=RepliesSpec)
     behaviours: tuple[BehaviourSpec, ...] = Field(default_factory=_default_behaviours)
 
     @field_validator("caps")
