@@ -271,3 +271,16 @@ def test_out_of_office_pauses_and_resumes(runtime: Runtime) -> None:
         assert session.scalars(select(Candidate.last_reply_at)).one() is None  # not counted as a reply
     runtime.scheduler.tick(t0 + timedelta(days=7, minutes=2))
     assert [s for s, _ in statuses(runtime)] == [MessageStatus.HELD.value, "pending"]
+
+
+def test_sms_carries_a_validity_period_that_ends_with_its_window(
+    runtime: Runtime, sandbox: SandboxServer, clock: Callable[[datetime], None]
+) -> None:
+    runtime.policy = PolicyEngine(PolicySpec(caps=(), rate_limits={}), runtime.settings)
+    candidate = add_candidate(runtime)  # Asia/Shanghai
+    (outbox_id,) = queue_rows(runtime, candidate.id, 1, channel="sms", category="transactional", template="system_help")
+    afternoon = datetime(2026, 11, 26, 11, 0, tzinfo=UTC)  # 19:00 in Shanghai: one hour before the window closes
+    clock(afternoon)
+    assert deliver(runtime, outbox_id, now=afternoon).status == "sent"
+    (sms,) = sandbox.messages()
+    assert sms.validity_period == 3600
