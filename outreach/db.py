@@ -46,11 +46,18 @@ def create_db_engine(url: str) -> Engine:
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=20, max_overflow=20
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            pool_size=20,
+            max_overflow=20,
+            hide_parameters=True,
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True, pool_recycle=1800)
+    # hide_parameters: a database error's text (logged, retried, reported) must not carry names or addresses.
+    return create_engine(
+        url, pool_size=10, max_overflow=20, pool_pre_ping=True, pool_recycle=1800, hide_parameters=True
+    )
 
 
 def get_engine(url: str) -> Engine:
