@@ -47,7 +47,7 @@ from starlette.concurrency import run_in_threadpool
 from outreach.models import utcnow
 from outreach.replies import EmailResult, InboundEmail, handle_inbound_email
 from outreach.runtime import Runtime
-from outreach.web.webhooks import WebhookSettings, get_webhook_settings
+from outreach.web.webhooks import Rejected, WebhookSettings, get_webhook_settings
 
 __all__ = ["MAX_REQUEST_BYTES", "PATH", "InboundForm", "Rejected", "router", "to_email"]
 
@@ -63,17 +63,6 @@ _CHARSET_ALIASES = {"gb2312": "gb18030", "gbk": "gb18030", "x-gbk": "gb18030", "
 _TAGS = re.compile(r"<(script|style)\b.*?</\1\s*>|<[^>]+>", re.IGNORECASE | re.DOTALL)
 #: Fields kept in ``inbound_messages.raw`` besides the header block (the bodies are stored once, as ``body``).
 _KEPT = ("envelope", "charsets", "SPF", "dkim", "spam_score", "sender_ip")
-
-
-class Rejected(Exception):
-    def __init__(self, status: int, error: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.error = error
-        self.message = message
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(status_code=self.status, content={"error": self.error, "message": self.message})
 
 
 # -- the form ---------------------------------------------------------------------------------------------

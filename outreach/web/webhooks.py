@@ -135,7 +135,9 @@ HooksDep = Annotated[WebhookSettings, Depends(get_webhook_settings)]
 RuntimeDep = Annotated[Runtime, Depends(_runtime)]
 
 
-class _Rejected(Exception):
+class Rejected(Exception):
+    """A webhook request refused with ``status``; the JSON body names the error, never the payload."""
+
     def __init__(self, status: int, error: str, message: str) -> None:
         super().__init__(message)
         self.status = status
@@ -146,20 +148,20 @@ class _Rejected(Exception):
         return JSONResponse(status_code=self.status, content={"error": self.error, "message": self.message})
 
 
-def _forbidden(message: str) -> _Rejected:
-    return _Rejected(403, "forbidden", message)
+def _forbidden(message: str) -> Rejected:
+    return Rejected(403, "forbidden", message)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise _Rejected(413, "too_large", f"request body over {limit} bytes")
+        raise Rejected(413, "too_large", f"request body over {limit} bytes")
     size = 0
     chunks: list[bytes] = []
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise _Rejected(413, "too_large", f"request body over {limit} bytes")
+            raise Rejected(413, "too_large", f"request body over {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -178,7 +180,7 @@ def verify_sendgrid(hooks: WebhookSettings, body: bytes, headers: Mapping[str, s
     if verifier is None:
         # Not a forgery, a missing setting: 503 makes SendGrid keep the batch and retry once it is set.
         log.error("sendgrid event webhook refused: OUTREACH_SENDGRID_WEBHOOK_PUBLIC_KEY is not set")
-        raise _Rejected(503, "not_configured", "the SendGrid event webhook is not configured")
+        raise Rejected(503, "not_configured", "the SendGrid event webhook is not configured")
     signature = headers.get(SENDGRID_SIGNATURE_HEADER, "")
     timestamp = headers.get(SENDGRID_TIMESTAMP_HEADER, "")
     if not signature or not timestamp:
@@ -202,14 +204,14 @@ async def sendgrid_events(request: Request, runtime: RuntimeDep, hooks: HooksDep
         try:
             payload = json.loads(body)
         except ValueError:
-            raise _Rejected(400, "invalid", "body is not JSON") from None
+            raise Rejected(400, "invalid", "body is not JSON") from None
         if not isinstance(payload, list):
-            raise _Rejected(400, "invalid", "expected a JSON array of events")
+            raise Rejected(400, "invalid", "expected a JSON array of events")
         try:
             events = parse_sendgrid_batch(payload)
         except ValueError as exc:
-            raise _Rejected(400, "invalid", str(exc)) from None
-    except _Rejected as rejected:
+            raise Rejected(400, "invalid", str(exc)) from None
+    except Rejected as rejected:
         if rejected.status == 403:
             log.warning("sendgrid event webhook rejected", extra={"reason": rejected.message})
         return rejected.response()
@@ -240,7 +242,7 @@ def verify_twilio(runtime: Runtime, hooks: WebhookSettings, request: Request, pa
     token = hooks.twilio_auth_token if hooks.twilio_auth_token is not None else runtime.settings.twilio_auth_token
     if not token:
         log.error("twilio webhook refused: TWILIO_AUTH_TOKEN is not set")
-        raise _Rejected(503, "not_configured", "the Twilio webhooks are not configured")
+        raise Rejected(503, "not_configured", "the Twilio webhooks are not configured")
     signature = request.headers.get(TWILIO_SIGNATURE_HEADER, "")
     if not signature:
         raise _forbidden("missing signature")
@@ -270,8 +272,8 @@ async def twilio_status(
             log.info("twilio status ignored", extra={"outbox_id": outreach_id})
             return JSONResponse({"ignored": 1})
         except ValueError as exc:
-            raise _Rejected(400, "invalid", str(exc)) from None
-    except _Rejected as rejected:
+            raise Rejected(400, "invalid", str(exc)) from None
+    except Rejected as rejected:
         if rejected.status == 403:
             log.warning("twilio status callback rejected", extra={"reason": rejected.message})
         return rejected.response()
@@ -302,8 +304,8 @@ async def twilio_inbound(request: Request, runtime: RuntimeDep, hooks: HooksDep)
         sid = (form.get("MessageSid") or form.get("SmsSid") or "").strip()
         sender = (form.get("From") or "").strip()
         if not sid or not sender:
-            raise _Rejected(400, "invalid", "MessageSid and From are required")
-    except _Rejected as rejected:
+            raise Rejected(400, "invalid", "MessageSid and From are required")
+    except Rejected as rejected:
         if rejected.status == 403:
             log.warning("twilio inbound rejected", extra={"reason": rejected.message})
         return rejected.response()
