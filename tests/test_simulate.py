@@ -128,7 +128,7 @@ def test_the_checks_catch_rules_that_let_messages_through(
         return Decision.allow()
 
     monkeypatch.setattr("outreach.policy.quiet_hours.QuietHoursRule.check", allow)
-    monkeypatch.setattr("outreach.policy.caps.FrequencyCapRule.check", allow)
+    monkeypatch.setattr("outreach.policy.caps.FrequencyCaps.check", allow)
     broken = simulate(weekly_sms_cap, TEMPLATES, candidates=40, days=30, start=START, workers=1)
     assert broken.outside_window > 0
     assert broken.cap_violations > 0

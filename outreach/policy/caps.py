@@ -8,7 +8,9 @@ workers racing on one candidate queue up behind each other and the second sees t
 
 from __future__ import annotations
 
-from datetime import timedelta
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -25,7 +27,16 @@ COUNTED = (
 )
 
 
+@dataclass(frozen=True)
+class RecentSend:
+    sent_at: datetime
+    channel: str
+    category: str
+
+
 class FrequencyCapRule:
+    """One cap. ``check`` reads what it needs itself; :class:`FrequencyCaps` shares one read among all caps."""
+
     def __init__(self, cap: CapSpec) -> None:
         self.cap = cap
         self.name = f"cap:{cap.name}"
@@ -34,27 +45,22 @@ class FrequencyCapRule:
         return subject.category in self.cap.categories and subject.channel in self.cap.channels
 
     def check(self, session: Session, subject: Subject) -> Decision:
+        return self.decide(recent_sends(session, subject, self.cap.per), subject)
+
+    def decide(self, sends: list[RecentSend], subject: Subject) -> Decision:
         if not self.applies(subject):
             return Decision.allow()
         cap = self.cap
         since = subject.now - cap.per
-        query = (
-            select(OutboundMessage.sent_at)
-            .where(
-                OutboundMessage.candidate_id == subject.candidate_id,
-                OutboundMessage.status.in_(COUNTED),
-                OutboundMessage.channel.in_([c.value for c in cap.channels]),
-                OutboundMessage.category.in_([c.value for c in cap.categories]),
-                OutboundMessage.sent_at.is_not(None),
-                # No upper bound: a racing worker's clock may be a hair behind the one that got there first.
-                OutboundMessage.sent_at > since,
-            )
-            .order_by(OutboundMessage.sent_at.desc())
-            .limit(cap.max)
-        )
-        if subject.message_id is not None:
-            query = query.where(OutboundMessage.id != subject.message_id)
-        recent = [at for at in session.scalars(query) if at is not None]
+        # No upper bound on sent_at: a racing worker's clock may be a hair behind the one that got there first.
+        recent = sorted(
+            (
+                s.sent_at
+                for s in sends
+                if s.sent_at > since and s.channel in cap.channels and s.category in cap.categories
+            ),
+            reverse=True,
+        )[: cap.max]
         if len(recent) < cap.max:
             return Decision.allow()
         # The window frees when the oldest of the last ``max`` messages ages out of it.
@@ -63,6 +69,40 @@ class FrequencyCapRule:
         if cap.on_hit == "drop":
             return Decision.suppress(self.name, f"{described}: limit reached, dropped")
         return Decision.defer(self.name, f"{described}: limit reached, deferred", frees_at)
+
+
+class FrequencyCaps:
+    """Every cap from one read of the candidate's recent sends (one query instead of one per cap)."""
+
+    name = "cap:*"
+
+    def __init__(self, caps: Sequence[CapSpec]) -> None:
+        self.rules = [FrequencyCapRule(cap) for cap in caps]
+        self.longest = max((cap.per for cap in caps), default=timedelta(0))
+
+    def check(self, session: Session, subject: Subject) -> Decision:
+        applicable = [rule for rule in self.rules if rule.applies(subject)]
+        if not applicable:
+            return Decision.allow()
+        sends = recent_sends(session, subject, self.longest)
+        for rule in applicable:
+            decision = rule.decide(sends, subject)
+            if not decision.allowed:
+                return decision
+        return Decision.allow()
+
+
+def recent_sends(session: Session, subject: Subject, period: timedelta) -> list[RecentSend]:
+    """The candidate's messages counted by caps, sent within ``period`` before ``subject.now`` (or after it)."""
+    query = select(OutboundMessage.sent_at, OutboundMessage.channel, OutboundMessage.category).where(
+        OutboundMessage.candidate_id == subject.candidate_id,
+        OutboundMessage.status.in_(COUNTED),
+        OutboundMessage.sent_at.is_not(None),
+        OutboundMessage.sent_at > subject.now - period,
+    )
+    if subject.message_id is not None:
+        query = query.where(OutboundMessage.id != subject.message_id)
+    return [RecentSend(at, channel, category) for at, channel, category in session.execute(query) if at is not None]
 
 
 def _human(period: timedelta) -> str:

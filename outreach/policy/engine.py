@@ -19,7 +19,7 @@ from outreach.candidates import candidate_timezone
 from outreach.config import Settings
 from outreach.models import Candidate, Channel, MessageStatus
 from outreach.policy.base import Decision, Rule, Stage, Subject, Verdict
-from outreach.policy.caps import FrequencyCapRule
+from outreach.policy.caps import FrequencyCaps
 from outreach.policy.config import PolicySpec
 from outreach.policy.consent import EnrollmentActiveRule, NurtureConsentRule, SuppressionRule
 from outreach.policy.quiet_hours import QuietHoursRule, validity_period, window_for
@@ -61,7 +61,7 @@ class PolicyEngine:
             SuppressionRule(),
             NurtureConsentRule(),
             QuietHoursRule(self.spec.quiet_hours, self.calendar),
-            *(FrequencyCapRule(cap) for cap in self.spec.caps),
+            FrequencyCaps(self.spec.caps),
         ]
 
     def subject(
