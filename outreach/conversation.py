@@ -283,3 +283,18 @@ def alert_unanswered_replies(engine: Engine, now: datetime, settings: Settings, 
     """:func:`raise_unanswered_alerts` in a transaction of its own (the scheduler tick's entry point)."""
     with transaction(engine) as session:
         return raise_unanswered_alerts(session, now, settings, policy)
+
+
+def last_sent_to(session: Session, candidate_id: int, channel: str, before: datetime) -> str | None:
+    """The message an inbound one most likely answers: the last we sent the candidate on that channel before it."""
+    return session.scalar(
+        select(OutboundMessage.id)
+        .where(
+            OutboundMessage.candidate_id == candidate_id,
+            OutboundMessage.channel == channel,
+            OutboundMessage.sent_at.is_not(None),
+            OutboundMessage.sent_at <= before,
+        )
+        .order_by(OutboundMessage.sent_at.desc())
+        .limit(1)
+    )

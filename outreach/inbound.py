@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 
 from outreach.autoreply import plan_auto_reply
 from outreach.candidates import normalise_phone
-from outreach.conversation import notify_reply
+from outreach.conversation import last_sent_to, notify_reply
 from outreach.enrollment import record_reply
 from outreach.errors import TemplateError
 from outreach.models import (
@@ -154,7 +154,9 @@ def handle_inbound_sms(session: Session, runtime: Runtime, sms: InboundSms) -> I
             "to_address": sms.to,
             "body": sms.body,
             "kind": kind.value,
-            "in_reply_to": _last_sms_to(session, candidate, received_at) if candidate is not None else None,
+            "in_reply_to": last_sent_to(session, candidate.id, Channel.SMS.value, received_at)
+            if candidate is not None
+            else None,
             "received_at": received_at,
             "raw": dict(sms.raw),
             "created_at": utcnow(),
@@ -248,21 +250,6 @@ def _stored(session: Session, provider_message_id: str) -> InboundMessage:
             InboundMessage.provider_message_id == provider_message_id,
         )
     ).one()
-
-
-def _last_sms_to(session: Session, candidate: Candidate, before: datetime) -> str | None:
-    """The SMS this message most likely answers: the last one we sent the candidate before it arrived."""
-    return session.scalar(
-        select(OutboundMessage.id)
-        .where(
-            OutboundMessage.candidate_id == candidate.id,
-            OutboundMessage.channel == Channel.SMS.value,
-            OutboundMessage.sent_at.is_not(None),
-            OutboundMessage.sent_at <= before,
-        )
-        .order_by(OutboundMessage.sent_at.desc())
-        .limit(1)
-    )
 
 
 # --- keywords ----------------------------------------------------------------------------------------------

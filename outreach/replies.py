@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from outreach.config import Settings
-from outreach.conversation import notify_reply, stored_inbound_id
+from outreach.conversation import last_sent_to, notify_reply, stored_inbound_id
 from outreach.enrollment import pause_for_out_of_office, record_reply
 from outreach.models import Candidate, Channel, InboundMessage, OutboundMessage, utcnow
 from outreach.runtime import Runtime
@@ -138,22 +138,7 @@ def _match(session: Session, settings: Settings, email: InboundEmail, sender: st
     ).first()
     if candidate is None:
         return _Match(None, None, first)
-    return _Match(candidate, _last_email_to(session, candidate, email.received_at), first)
-
-
-def _last_email_to(session: Session, candidate: Candidate, before: datetime) -> str | None:
-    """The email a reply without our token most likely answers: the last one we sent the candidate before it."""
-    return session.scalar(
-        select(OutboundMessage.id)
-        .where(
-            OutboundMessage.candidate_id == candidate.id,
-            OutboundMessage.channel == Channel.EMAIL.value,
-            OutboundMessage.sent_at.is_not(None),
-            OutboundMessage.sent_at <= before,
-        )
-        .order_by(OutboundMessage.sent_at.desc())
-        .limit(1)
-    )
+    return _Match(candidate, last_sent_to(session, candidate.id, Channel.EMAIL.value, email.received_at), first)
 
 
 def handle_inbound_email(session: Session, runtime: Runtime, email: InboundEmail) -> EmailResult:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -34,7 +34,6 @@ class Runtime:
     settings: Settings
     sandbox_url: str | None = None
     enqueue_override: Enqueue | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @cached_property
     def engine(self) -> Engine:

@@ -13,6 +13,7 @@ events instead of being sent a second time.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Iterable, Sequence
@@ -75,6 +76,7 @@ def step_due(
     return target.astimezone(due.tzinfo)
 
 
+@functools.cache
 def default_calendar() -> BusinessCalendar:
     from outreach.policy.config import CalendarSpec
 

@@ -56,13 +56,14 @@ class PolicyEngine:
         return BusinessCalendar.from_spec(self.spec.calendar)
 
     @cached_property
-    def _shared_rules(self) -> list[Rule]:
-        return [
-            SuppressionRule(),
-            NurtureConsentRule(),
-            QuietHoursRule(self.spec.quiet_hours, self.calendar),
-            FrequencyCaps(self.spec.caps),
-        ]
+    def _consent_rules(self) -> list[Rule]:
+        """Rules every message obeys, auto-replies included."""
+        return [SuppressionRule(), NurtureConsentRule()]
+
+    @cached_property
+    def _outreach_rules(self) -> list[Rule]:
+        """Rules for campaign messages only: an auto-reply answers the candidate at once, uncapped."""
+        return [QuietHoursRule(self.spec.quiet_hours, self.calendar), FrequencyCaps(self.spec.caps)]
 
     def subject(
         self,
@@ -105,11 +106,10 @@ class PolicyEngine:
         return validity_period(subject.now, subject.zone, window)
 
     def evaluate(self, session: Session, subject: Subject, enrollment_id: int | None = None) -> Outcome:
-        # An auto-reply answers a message the candidate just sent: consent applies, quiet hours and caps do not.
-        outreach = subject.category in OUTREACH_CATEGORIES
-        for rule in [EnrollmentActiveRule(enrollment_id), *self._shared_rules]:
-            if not outreach and (rule.name == "quiet_hours" or rule.name.startswith("cap:")):
-                continue
+        rules = [EnrollmentActiveRule(enrollment_id), *self._consent_rules]
+        if subject.category in OUTREACH_CATEGORIES:
+            rules += self._outreach_rules
+        for rule in rules:
             decision = rule.check(session, subject)
             if not decision.allowed:
                 return Outcome(decision)
