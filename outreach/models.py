@@ -143,13 +143,73 @@ class Candidate(Base):
     stage: Mapped[str] = mapped_column(String(32), default=Stage.APPLIED.value)
     nurture_consent: Mapped[bool] = mapped_column(default=False)
     recontact_at: Mapped[datetime | None]
+    #: The latest intent assessment's level (high / medium / low) and mean score; None until assessed.
+    intent_level: Mapped[str | None] = mapped_column(String(8))
+    intent_score: Mapped[float | None]
+    #: Set when the candidate's personal data was erased; the row stays so aggregate metrics stay intact.
+    erased_at: Mapped[datetime | None]
     last_reply_at: Mapped[datetime | None]
     last_click_at: Mapped[datetime | None]
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
-    __table_args__ = (Index("ix_candidates_stage", "stage"),)
+    __table_args__ = (
+        Index("ix_candidates_stage", "stage"),
+        Index("ix_candidates_intent", "intent_level", "recontact_at"),
+    )
+
+
+class StageChange(Base):
+    """One move of a candidate between stages: the history behind the funnel."""
+
+    __tablename__ = "stage_changes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    candidate_id: Mapped[int] = mapped_column(ForeignKey("candidates.id", ondelete="CASCADE"))
+    from_stage: Mapped[str | None] = mapped_column(String(32))
+    to_stage: Mapped[str] = mapped_column(String(32))
+    #: What moved them: ``event:<type>`` for an ATS event, ``api:<key name>`` for a person through the API.
+    changed_by: Mapped[str] = mapped_column(String(128))
+    event_id: Mapped[int | None] = mapped_column(ForeignKey("candidate_events.id", ondelete="SET NULL"))
+    changed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        Index("ix_stage_changes_candidate", "candidate_id", "changed_at"),
+        Index("ix_stage_changes_to_stage", "to_stage", "changed_at"),
+    )
+
+
+class IntentAssessment(Base):
+    """Scores 1-5 on the configured dimensions, by a person, at a time; the level follows the mean."""
+
+    __tablename__ = "intent_assessments"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    candidate_id: Mapped[int] = mapped_column(ForeignKey("candidates.id", ondelete="CASCADE"))
+    scores: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    mean: Mapped[float]
+    level: Mapped[str] = mapped_column(String(8))
+    assessed_by: Mapped[str] = mapped_column(String(128))
+    assessed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_intent_assessments_candidate", "candidate_id", "assessed_at"),)
+
+
+class ApiKey(Base):
+    """A key for the API and dashboard. Only a hash is stored; the key itself is shown once, at creation."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(16))
+    #: The key's first characters, shown in listings so people can tell keys apart.
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
 
 
 class Job(Base):
