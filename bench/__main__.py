@@ -1,41 +1,103 @@
-"""``python -m bench [--smoke] [--messages N] [--output FILE]``: run the benchmark, print a table, write JSON."""
+"""``python -m bench [--smoke] [--only name[,name]]``: run every benchmark, print one table, write it as JSON.
+
+Every benchmark is a module ``bench.<name>`` with ``run(options: Options) -> list[Figure]``. A module that is not
+there (yet) is reported as missing; one that raises is reported as broken and the others still run. The exit
+status is 1 when a benchmark broke or a figure failed a correctness check (lost, duplicated, ...) — never
+because a goal was not met: these machines are noisy, and CI runs the smoke sizes, which say nothing about speed.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import socket
 import sys
-from collections.abc import Sequence
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from bench import DEFAULT_POSTGRES_URL, DEFAULT_REDIS_URL
-from bench.bare import run_bare
-from bench.e2e import run_e2e
-from bench.harness import ROOT, BenchmarkError, Config, Measurement, install_signal_handlers, machine, versions
+from bench.harness import (
+    ROOT,
+    BenchmarkError,
+    Config,
+    Figure,
+    Options,
+    at_least,
+    install_signal_handlers,
+    machine,
+    progress,
+    versions,
+)
 
-FULL_MESSAGES = 20_000
-SMOKE_MESSAGES = 200
+#: Every benchmark, in the order they run (and appear in the table).
+BENCHMARKS = ("e2e", "nurture", "scheduler", "webhooks", "latency", "memory")
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "latest.json"
+
+Runner = Callable[[Options], list[Figure]]
+
+
+@dataclass
+class Outcome:
+    """What one benchmark module gave: figures, or why there are none."""
+
+    name: str
+    status: str  # "ok", "failed" (a check failed), "broken" (raised), "missing" (no module or no run())
+    seconds: float = 0.0
+    figures: list[Figure] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "seconds": round(self.seconds, 1),
+            "error": self.error,
+            "figures": [figure.to_dict() for figure in self.figures],
+        }
+
+
+# -- the command line --------------------------------------------------------------------------------------
+
+
+def _size(text: str) -> tuple[str, int]:
+    name, sep, value = text.partition("=")
+    if not sep or "." not in name:
+        raise argparse.ArgumentTypeError(f"--size wants <benchmark>.<what>=N, got {text!r}")
+    try:
+        number = int(value.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size {name}: {value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"--size {name}: must be positive")
+    return name.strip(), number
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Messages per second end to end (outbox → worker → SendGrid SDK → sandbox) next to a bare "
-        "Dramatiq no-op actor on the same Redis broker and worker settings.",
+        description="Every benchmark of the service, each next to a baseline measured in the same run; "
+        "one table on stdout, the same as JSON.",
     )
-    parser.add_argument("--smoke", action="store_true", help=f"a seconds-long run ({SMOKE_MESSAGES} messages)")
+    parser.add_argument("--smoke", action="store_true", help="seconds-long sizes (what CI runs)")
+    parser.add_argument("--only", help=f"comma-separated benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
     parser.add_argument(
-        "--messages", type=int, help=f"messages per side (default {FULL_MESSAGES}, smoke {SMOKE_MESSAGES})"
+        "--size",
+        type=_size,
+        action="append",
+        default=[],
+        metavar="BENCH.WHAT=N",
+        help="override one size, e.g. --size e2e.messages=5000 (repeatable; see bench/README.md for names)",
     )
     parser.add_argument("--processes", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--threads", type=int, default=8, help="threads per worker process (default 8)")
-    parser.add_argument("--warmup", type=int, help="untimed messages before each side (default processes×threads×4)")
     parser.add_argument(
         "--redis-url",
         default=os.environ.get("OUTREACH_BENCH_REDIS_URL", DEFAULT_REDIS_URL),
@@ -44,19 +106,25 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--postgres-url",
         default=os.environ.get("OUTREACH_BENCH_POSTGRES_URL", DEFAULT_POSTGRES_URL),
-        help="PostgreSQL server; a scratch database is created on it and dropped "
+        help="PostgreSQL server; each benchmark creates a scratch database on it and drops it "
         f"(default $OUTREACH_BENCH_POSTGRES_URL or {DEFAULT_POSTGRES_URL})",
     )
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per side (default 900)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per measured step")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results file")
     args = parser.parse_args(argv)
-    if args.messages is None:
-        args.messages = SMOKE_MESSAGES if args.smoke else FULL_MESSAGES
-    if args.warmup is None:
-        args.warmup = args.processes * args.threads * 4
-    if args.messages < 1 or args.warmup < 2 or args.processes < 1 or args.threads < 1:
-        parser.error("--messages, --processes and --threads must be positive and --warmup at least 2")
+    if args.only:
+        args.only = [name.strip() for name in args.only.split(",") if name.strip()]
+        unknown = [name for name in args.only if name not in BENCHMARKS]
+        if unknown:
+            parser.error(f"--only: unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+    else:
+        args.only = list(BENCHMARKS)
+    if args.processes < 1 or args.threads < 1 or args.timeout <= 0:
+        parser.error("--processes, --threads and --timeout must be positive")
     return args
+
+
+# -- servers and versions ----------------------------------------------------------------------------------
 
 
 def require(name: str, url: str, default_port: int) -> None:
@@ -68,99 +136,234 @@ def require(name: str, url: str, default_port: int) -> None:
         raise BenchmarkError(f"{name} is not reachable at {host}:{port} ({exc}); `make services` starts one") from None
 
 
-def build_report(config: Config, bare: Measurement, e2e: Measurement) -> dict[str, Any]:
-    lost = (bare.lost or 0) + (e2e.lost or 0)
-    duplicated = (bare.duplicated or 0) + (e2e.duplicated or 0)
-    return {
-        "benchmark": "e2e_vs_bare_dramatiq",
-        "ok": lost == 0 and duplicated == 0,
-        "smoke": config.smoke,
-        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "versions": versions(),
-        "settings": {
-            "broker": "redis",
-            "processes": config.processes,
-            "threads": config.threads,
-            "messages": config.messages,
-            "warmup": config.warmup,
-        },
-        "bare": bare.to_dict(),
-        "e2e": e2e.to_dict(),
-        "ratio": round(e2e.rate / bare.rate, 4) if bare.rate else None,
-        "lost": lost,
-        "duplicated": duplicated,
-    }
+def server_versions(options: Options) -> dict[str, str]:
+    """The PostgreSQL and Redis servers' own versions (the client libraries' are in :func:`versions`)."""
+    found: dict[str, str] = {}
+    try:
+        import psycopg
+
+        with psycopg.connect(options.postgres_url, connect_timeout=5) as connection:
+            row = connection.execute("SHOW server_version").fetchone()
+            found["PostgreSQL server"] = str(row[0]).split()[0] if row else "unknown"
+    except Exception as exc:  # a version is worth a line, not a failed run
+        found["PostgreSQL server"] = f"unknown ({type(exc).__name__})"
+    try:
+        import redis
+
+        client = redis.Redis.from_url(options.redis_url, socket_timeout=5)
+        try:
+            found["Redis server"] = str(client.info("server").get("redis_version", "unknown"))
+        finally:
+            client.close()
+    except Exception as exc:
+        found["Redis server"] = f"unknown ({type(exc).__name__})"
+    return found
 
 
-def render(report: dict[str, Any]) -> str:
-    settings, found, host = report["settings"], report["versions"], report["machine"]
-    bare, e2e = report["bare"], report["e2e"]
+# -- running -----------------------------------------------------------------------------------------------
 
-    def count(value: int | None) -> str:
-        return "n/a" if value is None else str(value)
 
+def legacy_e2e(options: Options) -> list[Figure]:
+    """The end-to-end benchmark as it was before ``run(options)``: both sides, one ratio figure."""
+    from bench.bare import run_bare
+    from bench.e2e import run_e2e
+
+    messages = options.size("e2e.messages", 20_000, 200)
+    config = Config(
+        messages=messages,
+        warmup=options.processes * options.threads * 4,
+        processes=options.processes,
+        threads=options.threads,
+        redis_url=options.redis_url,
+        postgres_url=options.postgres_url,
+        timeout=options.timeout,
+        smoke=options.smoke,
+        token=options.token,
+    )
+    progress(f"bare Dramatiq no-op: {messages} messages")
+    bare = run_bare(config)
+    progress(f"end to end: {messages} messages")
+    e2e = run_e2e(config)
+    return [
+        Figure(
+            "e2e.single_sends",
+            e2e.rate,
+            "msg/s",
+            baseline_name="bare Dramatiq no-op",
+            baseline_value=bare.rate,
+            goal="≥ 0.5× bare",
+            met=at_least(e2e.rate / bare.rate if bare.rate else None, 0.5, options),
+            checks={"lost": (e2e.lost or 0) + (bare.lost or 0), "duplicated": e2e.duplicated},
+            details={"bare": bare.to_dict(), "e2e": e2e.to_dict()},
+        )
+    ]
+
+
+def find(name: str) -> Runner | None:
+    """The module's ``run``, or None when the module (or its ``run``) is not there."""
+    try:
+        module = importlib.import_module(f"bench.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"bench.{name}":
+            return None
+        raise
+    runner = getattr(module, "run", None)
+    if runner is None and name == "e2e":
+        return legacy_e2e
+    return runner if callable(runner) else None
+
+
+def run_one(name: str, options: Options) -> Outcome:
+    started = time.perf_counter()
+    try:
+        runner = find(name)
+        if runner is None:
+            return Outcome(name, "missing", error=f"bench/{name}.py has no run(options) yet")
+        figures = runner(options)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BenchmarkError as exc:
+        return Outcome(name, "broken", time.perf_counter() - started, error=str(exc))
+    except Exception as exc:
+        detail = "".join(traceback.format_exception(exc)[-6:])
+        return Outcome(name, "broken", time.perf_counter() - started, error=f"{type(exc).__name__}: {exc}\n{detail}")
+    seconds = time.perf_counter() - started
+    if not figures:
+        return Outcome(name, "broken", seconds, error="run() returned no figures")
+    status = "ok" if all(figure.ok for figure in figures) else "failed"
+    return Outcome(name, status, seconds, figures)
+
+
+# -- the table ---------------------------------------------------------------------------------------------
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3g}"
+
+
+def _met(met: bool | None) -> str:
+    return {True: "met", False: "NOT MET", None: "-"}[met]
+
+
+def _checks(figure: Figure) -> str:
+    parts = [f"{key} {'n/a' if value is None else value}" for key, value in figure.checks.items()]
+    return ("" if figure.ok else "FAILED ") + ", ".join(parts)
+
+
+def table_rows(outcomes: Sequence[Outcome]) -> list[list[str]]:
+    rows: list[list[str]] = []
+    for outcome in outcomes:
+        if not outcome.figures:
+            rows.append([outcome.name, outcome.status.upper(), "", "", "", "", "", "", ""])
+            continue
+        for figure in outcome.figures:
+            baseline = "" if figure.baseline_value is None else f"{_number(figure.baseline_value)} {figure.unit}"
+            if figure.baseline_name:
+                baseline = f"{baseline} ({figure.baseline_name})".strip()
+            rows.append(
+                [
+                    figure.name,
+                    _number(figure.value),
+                    figure.unit,
+                    baseline,
+                    "" if figure.ratio is None else f"{figure.ratio:.3g}×",
+                    figure.goal,
+                    _met(figure.met),
+                    _checks(figure),
+                    f"{outcome.seconds:.0f}",
+                ]
+            )
+    return rows
+
+
+def render(report: dict[str, Any], outcomes: Sequence[Outcome]) -> str:
+    host, found = report["machine"], report["versions"]
+    header = ["figure", "value", "unit", "baseline", "ratio", "goal", "goal met", "checks", "run s"]
+    rows = table_rows(outcomes)
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    right = {1, 4, 8}
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]) for i, cell in enumerate(cells)
+        ).rstrip()
+
+    settings = report["settings"]
     lines = [
-        f"outreach benchmark{' (smoke)' if report['smoke'] else ''}: Redis broker, "
-        f"{settings['processes']} worker processes x {settings['threads']} threads, "
-        f"{settings['warmup']} warm-up messages per side (untimed)",
+        f"outreach benchmarks{' (smoke sizes: figures say nothing about speed)' if report['smoke'] else ''}, "
+        f"{report['finished_at']}",
         f"machine: {host['cpu_count']} cores ({host['usable_cpus']} usable), {host['platform']}",
+        f"workers: {settings['processes']} processes × {settings['threads']} threads on Redis",
         "versions: " + ", ".join(f"{name} {version}" for name, version in found.items()),
         "",
-        f"{'':28}{'messages':>10}{'seconds':>10}{'msg/s':>11}{'lost':>7}{'duplicated':>12}",
+        line(header),
+        line(["-" * width for width in widths]),
+        *(line(row) for row in rows),
     ]
-    for label, side in (("bare Dramatiq no-op", bare), ("end to end (email, SendGrid)", e2e)):
-        lines.append(
-            f"{label:28}{side['messages']:>10}{side['seconds']:>10.3f}{side['rate']:>11.1f}"
-            f"{count(side['lost']):>7}{count(side['duplicated']):>12}"
-        )
-    ratio = report["ratio"]
-    lines.append(f"{'ratio e2e / bare':28}{'':30}{'n/a' if ratio is None else f'{ratio:.4f}':>11}")
-    if bare["worker_cpu_ms_per_message"] is not None and e2e["worker_cpu_ms_per_message"] is not None:
-        lines.append(
-            f"worker CPU per message: bare {bare['worker_cpu_ms_per_message']:.3f} ms, "
-            f"end to end {e2e['worker_cpu_ms_per_message']:.3f} ms (sandbox {e2e['sandbox_cpu_ms_per_message']:.3f} ms)"
-        )
-    lines.append(
-        f"end to end: {e2e['retried']} row(s) retried, sandbox received {e2e['sandbox_messages']} message(s) "
-        f"in {e2e['sandbox_requests']} request(s) (warm-up included); set-up took {e2e['setup_seconds']} s"
-    )
+    for outcome in outcomes:
+        if outcome.error:
+            first = outcome.error.strip().splitlines()[0]
+            lines.append(f"{outcome.name}: {outcome.status}: {first}")
+    lines.append(f"total {report['seconds']:.0f} s")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     install_signal_handlers()
-    config = Config(
-        messages=args.messages,
-        warmup=args.warmup,
-        processes=args.processes,
-        threads=args.threads,
+    options = Options(
+        smoke=args.smoke,
         redis_url=args.redis_url,
         postgres_url=args.postgres_url,
+        processes=args.processes,
+        threads=args.threads,
         timeout=args.timeout,
-        smoke=args.smoke,
+        sizes=dict(args.size),
     )
     try:
-        require("Redis", config.redis_url, 6379)
-        require("PostgreSQL", config.postgres_url, 5432)
-        print(f"bare Dramatiq no-op: {config.messages} messages ...", file=sys.stderr, flush=True)
-        bare = run_bare(config)
-        print(f"end to end: {config.messages} messages ...", file=sys.stderr, flush=True)
-        e2e = run_e2e(config)
+        require("Redis", options.redis_url, 6379)
+        require("PostgreSQL", options.postgres_url, 5432)
     except BenchmarkError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
-    report = build_report(config, bare, e2e)
-    print(render(report))
+    started = time.perf_counter()
+    outcomes: list[Outcome] = []
+    for name in args.only:
+        print(f"{name} ...", file=sys.stderr, flush=True)
+        outcome = run_one(name, options)
+        print(f"{name}: {outcome.status} in {outcome.seconds:.1f} s", file=sys.stderr, flush=True)
+        if outcome.status == "broken" and outcome.error:
+            print(outcome.error, file=sys.stderr, flush=True)
+        outcomes.append(outcome)
+    report = {
+        "ok": all(outcome.status in ("ok", "missing") for outcome in outcomes),
+        "smoke": options.smoke,
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - started, 1),
+        "machine": machine(),
+        "versions": {**versions(), **server_versions(options)},
+        "settings": {
+            "processes": options.processes,
+            "threads": options.threads,
+            "sizes": dict(options.sizes),
+            "only": args.only,
+        },
+        "missing": [outcome.name for outcome in outcomes if outcome.status == "missing"],
+        "benchmarks": [outcome.to_dict() for outcome in outcomes],
+    }
+    print(render(report, outcomes))
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    args.output.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     print(f"results: {args.output}", file=sys.stderr)
     if not report["ok"]:
-        print(
-            f"benchmark failed: {report['lost']} message(s) lost, {report['duplicated']} duplicated",
-            file=sys.stderr,
-        )
+        bad = [f"{outcome.name} ({outcome.status})" for outcome in outcomes if outcome.status not in ("ok", "missing")]
+        print(f"benchmark failed: {', '.join(bad)}", file=sys.stderr)
         return 1
     return 0
 

@@ -42,6 +42,94 @@ class BenchmarkError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Options:
+    """What ``python -m bench`` hands to every benchmark module's ``run(options) -> list[Figure]``.
+
+    ``sizes`` holds overrides from ``--size name=N`` (e.g. ``webhooks.events=20000``); a benchmark asks for its
+    sizes with :meth:`size`, giving its full and smoke defaults, so one command line can shrink any of them.
+    """
+
+    smoke: bool = False
+    redis_url: str = "redis://127.0.0.1:6379/14"
+    postgres_url: str = "postgresql://postgres@127.0.0.1:5432/test"
+    processes: int = 2
+    threads: int = 8
+    timeout: float = 900.0
+    sizes: Mapping[str, int] = field(default_factory=dict)
+    token: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
+
+    def size(self, name: str, full: int, smoke: int) -> int:
+        """The size called ``name`` (``<benchmark>.<what>``): an override if given, else the smoke or full one."""
+        if name in self.sizes:
+            return self.sizes[name]
+        return smoke if self.smoke else full
+
+    def queue_name(self, side: str) -> str:
+        # Unique per run and per side, so concurrent runs on one Redis never touch each other's keys.
+        return f"bench-{side}-{self.token}"
+
+
+@dataclass
+class Figure:
+    """One line of the table: a measured value, its baseline from the same run, the ratio and the goal.
+
+    ``met`` is None when the figure has no goal (or the goal cannot be judged, e.g. in a smoke run where sizes are
+    too small to mean anything). ``checks`` are correctness counts (``lost``, ``duplicated``, ...; None where not
+    observable); ``ok`` is False when any check failed or the benchmark broke: that, never ``met``, fails CI.
+    """
+
+    name: str
+    value: float | None
+    unit: str
+    baseline_name: str | None = None
+    baseline_value: float | None = None
+    ratio: float | None = None
+    goal: str = ""
+    met: bool | None = None
+    checks: dict[str, int | None] = field(default_factory=dict)
+    ok: bool = True
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.ratio is None and self.value is not None and self.baseline_value:
+            self.ratio = self.value / self.baseline_value
+        if any(count for count in self.checks.values()):
+            self.ok = False
+
+    def to_dict(self) -> dict[str, Any]:
+        def rounded(number: float | None) -> float | None:
+            return None if number is None else round(number, 4)
+
+        return {
+            "name": self.name,
+            "value": rounded(self.value),
+            "unit": self.unit,
+            "baseline_name": self.baseline_name,
+            "baseline_value": rounded(self.baseline_value),
+            "ratio": rounded(self.ratio),
+            "goal": self.goal,
+            "met": self.met,
+            "checks": dict(self.checks),
+            "ok": self.ok,
+            "details": self.details,
+        }
+
+
+def at_least(value: float | None, goal: float, options: Options) -> bool | None:
+    """``value >= goal``; None when there is no value or in a smoke run (smoke sizes say nothing about speed)."""
+    if value is None or options.smoke:
+        return None
+    return value >= goal
+
+
+def at_most(value: float | None, goal: float, options: Options) -> bool | None:
+    """``value <= goal``; None when there is no value or in a smoke run."""
+    if value is None or options.smoke:
+        return None
+    return value <= goal
+
+
+@dataclass(frozen=True)
 class Config:
     messages: int
     warmup: int
