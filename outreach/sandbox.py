@@ -5,7 +5,9 @@ It speaks ``POST /v3/mail/send`` (SendGrid v3) and ``POST /2010-04-01/Accounts/{
 work unchanged when pointed at it. Every accepted message is kept in memory as a :class:`SandboxMessage`,
 shown on an HTML page (like Mailpit) and served as JSON under ``/_sandbox/``. Twilio status callbacks and
 SendGrid event webhooks are posted back, signed the way the real services sign them, so webhook handlers can
-be tested end to end.
+be tested end to end. Like the real services, the sandbox posts them whether or not the sender is still there
+to read the answer, and retries a webhook that failed (a 5xx answer or no connection) with backoff for up to
+:attr:`SandboxServer.webhook_retry_for` seconds.
 
 Faults can be queued (:meth:`SandboxServer.fail` or ``POST /_sandbox/faults``); each one is consumed by the
 next request to that provider's send endpoint:
@@ -16,7 +18,9 @@ kind             effect
 ``429``          rate limited (SendGrid: ``X-RateLimit-*`` headers; Twilio: code 20429)
 ``500``          internal server error with the provider's error body
 ``slow``         wait ``delay`` seconds, then answer normally (the message *is* accepted)
-``reset``        read the request, then reset the connection without answering
+``reset``        read the request, then reset the connection without answering (nothing accepted)
+``hang``         wait ``delay`` seconds, then reset the connection (nothing accepted): a provider that hangs
+``accept_reset`` accept the message (record it, post its webhooks), then reset the connection without answering
 ``21211``        Twilio only: 400, invalid ``To`` number
 ``21610``        Twilio only: 400, recipient unsubscribed (replied STOP)
 ``undelivered``  Twilio only: accepted, then status callbacks ``sent`` → ``undelivered`` (30003)
@@ -38,6 +42,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import heapq
 import html
 import http.client
 import json
@@ -76,9 +81,22 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Provider = Literal["sendgrid", "twilio"]
-FaultKind = Literal["429", "500", "slow", "reset", "21211", "21610", "undelivered", "failed", "bounce", "dropped"]
+FaultKind = Literal[
+    "429",
+    "500",
+    "slow",
+    "reset",
+    "hang",
+    "accept_reset",
+    "21211",
+    "21610",
+    "undelivered",
+    "failed",
+    "bounce",
+    "dropped",
+]
 
-_COMMON_FAULTS = frozenset({"429", "500", "slow", "reset"})
+_COMMON_FAULTS = frozenset({"429", "500", "slow", "reset", "hang", "accept_reset"})
 _FAULTS: dict[str, frozenset[str]] = {
     "sendgrid": _COMMON_FAULTS | {"bounce", "dropped"},
     "twilio": _COMMON_FAULTS | {"21211", "21610", "undelivered", "failed"},
@@ -169,12 +187,18 @@ class _Dispatcher:
 
     One thread keeps each message's callbacks in order (``sent`` before ``delivered``) and reuses a
     keep-alive connection per host, which matters when a benchmark produces thousands of callbacks.
+    A webhook that fails (a 5xx answer, no connection) is tried again with backoff, as SendGrid and Twilio do,
+    until ``retry_for`` seconds after its first attempt; the others are not held up meanwhile.
     """
 
     _STOP = object()
 
-    def __init__(self) -> None:
+    def __init__(self, retry_for: float = 120.0) -> None:
+        self.retry_for = retry_for
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        # (due, sequence, first attempt, backoff, item): webhooks waiting for their next try.
+        self._retries: list[tuple[float, int, float, float, tuple[str, bytes, dict[str, str]]]] = []
+        self._sequence = 0
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._connections: dict[tuple[str, str], http.client.HTTPConnection] = {}
@@ -195,19 +219,37 @@ class _Dispatcher:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
+            now = time.monotonic()
+            while self._retries and self._retries[0][0] <= now:
+                _, _, first, backoff, due_item = heapq.heappop(self._retries)
+                self._attempt(due_item, first, backoff)
+            timeout = max(self._retries[0][0] - time.monotonic(), 0.0) if self._retries else None
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                continue
             if item is self._STOP:
                 break
-            url, body, headers = cast(tuple[str, bytes, dict[str, str]], item)
-            try:
-                self._deliver(url, body, headers)
-            except Exception as exc:  # the sandbox must outlive any receiver
-                log.debug("sandbox webhook to %s failed: %r", url, exc)
+            self._attempt(cast(tuple[str, bytes, dict[str, str]], item), time.monotonic(), 0.25)
         for connection in self._connections.values():
             connection.close()
         self._connections.clear()
 
-    def _deliver(self, url: str, body: bytes, headers: dict[str, str]) -> None:
+    def _attempt(self, item: tuple[str, bytes, dict[str, str]], first: float, backoff: float) -> None:
+        url, body, headers = item
+        try:
+            status = self._deliver(url, body, headers)
+        except Exception as exc:  # the sandbox must outlive any receiver
+            log.debug("sandbox webhook to %s failed: %r", url, exc)
+            status = None
+        if status is not None and status < 500:
+            return
+        due = time.monotonic() + backoff
+        if due - first <= self.retry_for:
+            self._sequence += 1
+            heapq.heappush(self._retries, (due, self._sequence, first, min(backoff * 2, 5.0), item))
+
+    def _deliver(self, url: str, body: bytes, headers: dict[str, str]) -> int:
         parts = urlsplit(url)
         key = (parts.scheme, parts.netloc)
         target = parts.path or "/"
@@ -229,13 +271,14 @@ class _Dispatcher:
                 if response.will_close:
                     connection.close()
                     del self._connections[key]
-                return
+                return response.status
             except (OSError, http.client.HTTPException):
                 connection.close()
                 self._connections.pop(key, None)
                 # A kept-alive connection the receiver closed in the meantime deserves one fresh try.
                 if not reused or attempt:
                     raise
+        raise AssertionError("unreachable")
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -257,7 +300,8 @@ class SandboxServer:
 
     ``twilio_auth_token`` signs status callbacks (``X-Twilio-Signature``); any non-empty password is accepted on the
     API itself. When ``sendgrid_event_url`` is given, SendGrid-style signed event batches are posted there;
-    verify them with :attr:`sendgrid_public_key`.
+    verify them with :attr:`sendgrid_public_key`. A webhook that fails is retried for ``webhook_retry_for``
+    seconds.
     """
 
     def __init__(
@@ -267,6 +311,7 @@ class SandboxServer:
         *,
         twilio_auth_token: str = "sandbox-token",
         sendgrid_event_url: str | None = None,
+        webhook_retry_for: float = 120.0,
     ) -> None:
         self.host = host
         self.port = port
@@ -290,7 +335,7 @@ class SandboxServer:
         self._faults: dict[str, deque[_Fault]] = {"sendgrid": deque(), "twilio": deque()}
 
         self.stopping = threading.Event()
-        self._dispatcher = _Dispatcher()
+        self._dispatcher = _Dispatcher(webhook_retry_for)
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._open: set[socket.socket] = set()
@@ -979,7 +1024,9 @@ class _Handler(BaseHTTPRequestHandler):
         sandbox = self.sandbox
         fault = sandbox._take_fault("sendgrid")
         if fault is not None:
-            if fault.kind == "reset":
+            if fault.kind in {"reset", "hang"}:
+                if fault.kind == "hang":
+                    sandbox.stopping.wait(fault.delay)
                 sandbox._count_request("sendgrid", rejected=True)
                 self._reset()
                 return
@@ -1022,8 +1069,14 @@ class _Handler(BaseHTTPRequestHandler):
         message_id = secrets.token_urlsafe(16)
         records = _sendgrid_records(payload, message_id)
         sandbox._record("sendgrid", records)
-        self._reply(202, headers=[("X-Message-Id", message_id)])
-        sandbox._post_sendgrid_events(records, fault.kind if fault else None)
+        try:
+            # The message is accepted now: its events follow even if the sender is gone or never gets the answer.
+            if fault is not None and fault.kind == "accept_reset":
+                self._reset()
+            else:
+                self._reply(202, headers=[("X-Message-Id", message_id)])
+        finally:
+            sandbox._post_sendgrid_events(records, fault.kind if fault else None)
 
     # -- Twilio ------------------------------------------------------------------------------------
 
@@ -1044,7 +1097,9 @@ class _Handler(BaseHTTPRequestHandler):
         fault = sandbox._take_fault("twilio")
         if fault is not None:
             rejection: tuple[int, int, str] | None = None
-            if fault.kind == "reset":
+            if fault.kind in {"reset", "hang"}:
+                if fault.kind == "hang":
+                    sandbox.stopping.wait(fault.delay)
                 sandbox._count_request("twilio", rejected=True)
                 self._reset()
                 return
@@ -1116,16 +1171,22 @@ class _Handler(BaseHTTPRequestHandler):
             segments=segments,
         )
         sandbox._record("twilio", [record])
-        self._reply(
-            201,
-            _json(_twilio_message(sid, account_sid, to, from_, service_sid, text, segments, now)),
-            "application/json; charset=utf-8",
-            [("Twilio-Request-Id", "RQ" + secrets.token_hex(16))],
-        )
-        if callback:
-            sandbox._post_status_callbacks(
-                callback, sid, account_sid, to, from_, service_sid, fault.kind if fault else None
-            )
+        try:
+            # The message is accepted now: its callbacks follow even if the sender is gone or never gets the answer.
+            if fault is not None and fault.kind == "accept_reset":
+                self._reset()
+            else:
+                self._reply(
+                    201,
+                    _json(_twilio_message(sid, account_sid, to, from_, service_sid, text, segments, now)),
+                    "application/json; charset=utf-8",
+                    [("Twilio-Request-Id", "RQ" + secrets.token_hex(16))],
+                )
+        finally:
+            if callback:
+                sandbox._post_status_callbacks(
+                    callback, sid, account_sid, to, from_, service_sid, fault.kind if fault else None
+                )
 
 
 # -- HTML --------------------------------------------------------------------------------------------
