@@ -187,7 +187,7 @@ class _Dispatcher:
 
     One thread keeps each message's callbacks in order (``sent`` before ``delivered``) and reuses a
     keep-alive connection per host, which matters when a benchmark produces thousands of callbacks.
-    A webhook that fails (a 5xx answer, no connection) is tried again with backoff, as SendGrid and Twilio do,
+    A webhook that fails (a 5xx or 429 answer, no connection) is tried again with backoff, as SendGrid and Twilio do,
     until ``retry_for`` seconds after its first attempt; the others are not held up meanwhile.
     """
 
@@ -242,7 +242,7 @@ class _Dispatcher:
         except Exception as exc:  # the sandbox must outlive any receiver
             log.debug("sandbox webhook to %s failed: %r", url, exc)
             status = None
-        if status is not None and status < 500:
+        if status is not None and status < 500 and status != 429:
             return
         due = time.monotonic() + backoff
         if due - first <= self.retry_for:
