@@ -340,6 +340,7 @@ class SandboxServer:
         self._thread: threading.Thread | None = None
         self._open: set[socket.socket] = set()
         self._open_lock = threading.Lock()
+        self._connections = 0  # TCP connections accepted so far: shows whether clients keep theirs open
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -445,7 +446,8 @@ class SandboxServer:
                 self._rejected[provider] += 1
 
     def stats(self) -> dict[str, Any]:
-        """Counts per provider: requests, accepted records, rejections, faults served and still queued."""
+        """Counts per provider (requests, accepted records, rejections, faults served and still queued) and the
+        TCP connections accepted since the start."""
         with self._lock:
             per_provider = {
                 provider: {
@@ -457,7 +459,9 @@ class SandboxServer:
                 }
                 for provider in ("sendgrid", "twilio")
             }
-            return {"messages": len(self._records), **per_provider}
+        with self._open_lock:
+            connections = self._connections
+        return {"messages": len(self._records), "connections": connections, **per_provider}
 
     # -- faults ------------------------------------------------------------------------------------
 
@@ -584,6 +588,7 @@ class SandboxServer:
         with self._open_lock:
             if add:
                 self._open.add(sock)
+                self._connections += 1
             else:
                 self._open.discard(sock)
 
