@@ -20,7 +20,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -400,6 +400,36 @@ class RedisQueue:
 
     def close(self) -> None:
         self.client.close()
+
+
+# -- databases ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def scratch_database(server_url: str, prefix: str = "outreach_bench") -> Iterator[str]:
+    """A new database on the PostgreSQL server, migrated to head; dropped afterwards whatever happened.
+
+    Yields its SQLAlchemy URL (psycopg driver)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    from outreach.db import dispose_engines, normalise_url, upgrade
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(normalise_url(server_url), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            url = make_url(normalise_url(server_url)).set(database=name).render_as_string(hide_password=False)
+            upgrade(url)
+            yield url
+        finally:
+            dispose_engines()
+            with admin.connect() as connection:
+                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
 
 
 # -- the stopwatch -----------------------------------------------------------------------------------------
