@@ -100,6 +100,13 @@ class Settings:
     queue_name: str = "outreach"
     log_level: str = "INFO"
 
+    # Guards on the public routes (outreach.web.ratelimit): per client IP; 0 turns the rate limit off.
+    public_rate_limit: float = 20.0
+    public_rate_burst: int = 200
+    rate_limit_redis_url: str = ""
+    max_request_bytes: int = 1024 * 1024
+    max_webhook_bytes: int = 5 * 1024 * 1024
+
     @property
     def has_sendgrid_credentials(self) -> bool:
         return bool(self.sendgrid_api_key)
@@ -155,6 +162,19 @@ class Settings:
             max_retries=int(_number(text("OUTREACH_MAX_RETRIES", "8"), "OUTREACH_MAX_RETRIES")),
             queue_name=text("OUTREACH_QUEUE", defaults.queue_name),
             log_level=text("OUTREACH_LOG_LEVEL", defaults.log_level).upper(),
+            public_rate_limit=_number(
+                text("OUTREACH_PUBLIC_RATE_LIMIT", str(defaults.public_rate_limit)), "OUTREACH_PUBLIC_RATE_LIMIT"
+            ),
+            public_rate_burst=max(
+                1, int(_number(text("OUTREACH_PUBLIC_RATE_BURST", "200"), "OUTREACH_PUBLIC_RATE_BURST"))
+            ),
+            rate_limit_redis_url=text("OUTREACH_RATE_LIMIT_REDIS_URL", ""),
+            max_request_bytes=int(
+                _number(text("OUTREACH_MAX_REQUEST_BYTES", "1048576"), "OUTREACH_MAX_REQUEST_BYTES")
+            ),
+            max_webhook_bytes=int(
+                _number(text("OUTREACH_MAX_WEBHOOK_BYTES", "5242880"), "OUTREACH_MAX_WEBHOOK_BYTES")
+            ),
         )
         settings.validate()
         return settings

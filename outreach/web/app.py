@@ -13,6 +13,7 @@ from outreach.config import set_settings
 from outreach.errors import NotFoundError, ValidationError
 from outreach.runtime import Runtime
 from outreach.web import api, conversation, inbound_parse, redirect, unsubscribe, webhooks
+from outreach.web.ratelimit import BodyLimit, ErrorShield, RateLimit, make_limiter
 from outreach.web.webhooks import WebhookSettings
 
 log = logging.getLogger(__name__)
@@ -81,4 +82,11 @@ def create_app(runtime: Runtime, webhook_settings: WebhookSettings | None = None
     app.include_router(webhooks.router)
     app.include_router(inbound_parse.router)
     app.include_router(conversation.router)
+
+    # Guards (outreach.web.ratelimit), outermost last: request id and generic 500s, rate limits, body size.
+    settings = runtime.settings
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes, max_webhook_bytes=settings.max_webhook_bytes)
+    limiter = make_limiter(settings.public_rate_limit, settings.public_rate_burst, settings.rate_limit_redis_url)
+    app.add_middleware(RateLimit, limiter=limiter)
+    app.add_middleware(ErrorShield)
     return app
