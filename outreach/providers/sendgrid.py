@@ -3,10 +3,13 @@
 One request per message, one personalization per request. Our outbox id travels as the custom arg
 ``outreach_id`` so SendGrid's events can be matched back without personal data.
 
+Connections are kept open and reused (:class:`outreach.providers.http.PooledClient` replaces only the SDK's
+urllib send with a pool shared by the process's threads; the SDK still builds every request).
+
 Error mapping: the SDK (its ``python_http_client``) raises an ``HTTPError`` subclass for every non-2xx answer
-but lets network failures through untouched (``urllib.error.URLError``, ``TimeoutError``/``socket.timeout``,
-``ConnectionError``, ``http.client.RemoteDisconnected``). 429, 408, 5xx and network failures are transient;
-other 4xx are permanent.
+but lets network failures through untouched (``urllib3`` errors from the pool; ``urllib.error.URLError``,
+``TimeoutError``, ``ConnectionError``, ``http.client.RemoteDisconnected`` from the SDK's own client). 429, 408,
+5xx and network failures are transient; other 4xx are permanent.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Mapping
 from email.utils import parseaddr
 from typing import Any
 
+import urllib3
 from python_http_client.exceptions import HTTPError
 from sendgrid import SendGridAPIClient
 
@@ -30,10 +34,13 @@ from outreach.errors import (
     TransientProviderError,
 )
 from outreach.providers.base import EmailMessage, EmailProvider, ProviderPipeline, SendResult, redact
+from outreach.providers.http import PooledClient, pool_manager
 
 __all__ = ["SendGridProvider"]
 
 _NAME = "sendgrid"
+#: Open connections kept per host: enough for a worker process's threads.
+POOL_SIZE = 32
 
 
 def _address(value: str) -> dict[str, str]:
@@ -100,12 +107,15 @@ class SendGridProvider(ProviderPipeline[EmailMessage, dict[str, Any], Any], Emai
         self._client = SendGridAPIClient(api_key=api_key, host=host)
         # The SDK has no timeout argument; its python_http_client copies the root client's timeout into the
         # per-path clients it builds for each call. 0 would mean "no timeout" to it, so keep None explicit.
-        # It also opens a new connection for every request (urllib, "Connection: close"): no pooling is
-        # possible through this client, a known cost tracked as a performance issue.
-        self._client.client.timeout = settings.provider_timeout or None
+        timeout = settings.provider_timeout or None
+        self._client.client.timeout = timeout
         # Every call shares this headers dict and the SDK adds Content-Type to it on first use; adding it now
         # keeps concurrent first sends from changing the dict while another thread copies it.
         self._client.client.request_headers.setdefault("Content-Type", "application/json")
+        # The SDK's client opens a new connection per request ("Connection: close"); this one keeps them open.
+        self.pool = pool_manager(POOL_SIZE, timeout)
+        self._client.client = PooledClient.replacing(self._client.client, self.pool)
+        self._send = self._client.client.mail.send
         self._default_reply_to = settings.email_reply_to or None
 
     def send_email(self, message: EmailMessage) -> SendResult:
@@ -139,7 +149,7 @@ class SendGridProvider(ProviderPipeline[EmailMessage, dict[str, Any], Any], Emai
         return payload
 
     def post(self, payload: dict[str, Any]) -> Any:
-        return self._client.client.mail.send.post(request_body=payload)
+        return self._send.post(request_body=payload)
 
     def parse_result(self, response: Any) -> str:
         return str(response.headers.get("X-Message-Id") or "")
@@ -159,6 +169,16 @@ class SendGridProvider(ProviderPipeline[EmailMessage, dict[str, Any], Any], Emai
             if status >= 500 or status == 408:
                 return TransientProviderError(_NAME, detail, status=status, code=str(status))
             return PermanentProviderError(_NAME, detail, status=status, code=str(status))
+        if isinstance(exc, urllib3.exceptions.HTTPError):
+            # MaxRetryError names the failure that used up the (connect-only) retries. A refused connection is
+            # a NewConnectionError, which urllib3 also files under its timeouts: ask for it first.
+            reason: object = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) else exc
+            if isinstance(reason, urllib3.exceptions.NewConnectionError):
+                return TransientProviderError(_NAME, f"connection failed ({type(reason).__name__})")
+            if isinstance(reason, urllib3.exceptions.TimeoutError):
+                return TransientProviderError(_NAME, "timed out waiting for the answer")
+            kind = type(reason if isinstance(reason, BaseException) else exc).__name__
+            return TransientProviderError(_NAME, f"connection failed ({kind})")
         if isinstance(exc, urllib.error.URLError):
             reason = exc.reason
             kind = type(reason).__name__ if isinstance(reason, BaseException) else "URLError"

@@ -1,0 +1,121 @@
+"""A keep-alive HTTP transport for the SendGrid SDK's ``python_http_client``.
+
+The SDK builds every request itself (URL, headers, JSON body) and sends it with ``urllib``, which opens a new TCP
+connection per request and closes it afterwards. :class:`PooledClient` keeps all of the SDK's request building
+and its error classes and replaces only the last step, the send, with a ``urllib3`` connection pool shared by
+every thread of the process: connections stay open between sends. Non-2xx answers still raise the SDK's own
+``python_http_client.exceptions.HTTPError`` subclasses, with status, body and headers as the SDK gives them.
+
+Nothing is retried here: a POST that may have reached the provider must not be sent twice behind the caller's
+back. Only a connection that could not be opened at all is tried again (nothing was sent on it). Failures leave
+as ``urllib3.exceptions.HTTPError`` subclasses (timeouts as ``urllib3.exceptions.TimeoutError``).
+"""
+
+from __future__ import annotations
+
+import io
+import urllib.error
+import urllib.request
+from email.message import Message
+from typing import Any
+
+import urllib3
+from python_http_client import Client
+from python_http_client.exceptions import handle_error
+
+__all__ = ["PooledClient", "pool_manager"]
+
+
+def pool_manager(maxsize: int, timeout: float | None) -> urllib3.PoolManager:
+    """A process-wide pool: up to ``maxsize`` open connections per host, never blocking a thread for one."""
+    return urllib3.PoolManager(
+        num_pools=4,
+        maxsize=maxsize,
+        block=False,
+        timeout=urllib3.Timeout(connect=timeout, read=timeout),
+        # Connection failures only: the request never left, so trying again cannot send it twice.
+        retries=urllib3.Retry(total=2, connect=2, read=0, redirect=0, status=0, other=0, raise_on_status=False),
+    )
+
+
+class _Answer:
+    """What ``python_http_client.Response`` reads from an answer: ``getcode()``, ``read()`` and ``info()``."""
+
+    def __init__(self, status: int, body: bytes, headers: Message) -> None:
+        self._status = status
+        self._body = body
+        self._headers = headers
+
+    def getcode(self) -> int:
+        return self._status
+
+    def read(self) -> bytes:
+        return self._body
+
+    def info(self) -> Message:
+        return self._headers
+
+
+def _headers(response: urllib3.BaseHTTPResponse) -> Message:
+    # The SDK hands out urllib's header object (an email Message: case-insensitive get()); keep that type.
+    headers = Message()
+    for name, value in response.headers.items():
+        headers[name] = value
+    return headers
+
+
+class PooledClient(Client):  # type: ignore[misc]
+    """``python_http_client.Client`` that sends through ``pool`` instead of a new urllib connection per call."""
+
+    def __init__(self, *args: Any, pool: urllib3.PoolManager, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pool = pool
+
+    @classmethod
+    def replacing(cls, client: Client, pool: urllib3.PoolManager) -> PooledClient:
+        """A pooled copy of the SDK's root ``client`` (same host, version, headers and timeout)."""
+        return cls(
+            host=client.host,
+            request_headers=client.request_headers,
+            version=client._version,
+            url_path=list(client._url_path),
+            append_slash=client.append_slash,
+            timeout=client.timeout,
+            pool=pool,
+        )
+
+    def _build_client(self, name: str | None = None) -> PooledClient:
+        url_path = [*self._url_path, name] if name else self._url_path
+        return PooledClient(
+            host=self.host,
+            version=self._version,
+            request_headers=self.request_headers,
+            url_path=url_path,
+            append_slash=self.append_slash,
+            timeout=self.timeout,
+            pool=self._pool,
+        )
+
+    def _make_request(self, opener: Any, request: urllib.request.Request, timeout: float | None = None) -> _Answer:
+        timeout = timeout or self.timeout
+        response = self._pool.request(
+            request.get_method(),
+            request.full_url,
+            body=request.data,  # type: ignore[arg-type]
+            headers=dict(request.header_items()),
+            timeout=urllib3.Timeout(connect=timeout, read=timeout) if timeout else urllib3.Timeout.DEFAULT_TIMEOUT,
+            redirect=False,
+            preload_content=True,
+        )
+        body = response.data
+        headers = _headers(response)
+        if response.status >= 400:
+            # The SDK's own error classes, built the way the SDK builds them from urllib's HTTPError.
+            error = urllib.error.HTTPError(
+                request.full_url, response.status, response.reason or "", headers, io.BytesIO(body)
+            )
+            try:
+                raise handle_error(error) from None
+            finally:
+                error.close()
+        return _Answer(response.status, body, headers)
