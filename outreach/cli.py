@@ -109,6 +109,7 @@ def up(host: str, port: int, threads: int) -> None:
     runtime = Runtime(settings)
     set_runtime(runtime)
     _check_campaigns(runtime)
+    _first_start_key(runtime)
     sandbox = None
     hooks = None
     if not (settings.has_sendgrid_credentials and settings.has_twilio_credentials):
@@ -498,6 +499,90 @@ def event(
             }
         )
     )
+
+
+# -- API keys ----------------------------------------------------------------------------------------------
+
+
+@main.group()
+def apikey() -> None:
+    """Keys for the API and dashboard (roles: hr reads and writes; ops reads metrics, never personal data)."""
+
+
+@apikey.command("create")
+@click.option("--role", required=True, type=click.Choice(["hr", "ops"]), help="What the key may do.")
+@click.option("--name", default=None, help="Who or what uses the key (shown in listings).")
+def apikey_create(role: str, name: str | None) -> None:
+    """Create a key and print it once, alone on the last line (only its hash is stored)."""
+    from sqlalchemy.orm import Session
+
+    from outreach.auth import create_key
+    from outreach.db import get_engine
+
+    settings = _settings()
+    try:
+        with Session(get_engine(settings.database_url)) as session, session.begin():
+            row, key = create_key(session, role, name)
+            click.echo(f"created {row.role} key {row.id} ({row.name}); it is shown once, store it now:")
+    except OutreachError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(key)
+
+
+@apikey.command("list")
+def apikey_list() -> None:
+    """Keys with their role, shown prefix, creation and last use (never the key)."""
+    from sqlalchemy.orm import Session
+
+    from outreach.auth import list_keys
+    from outreach.db import get_engine
+
+    settings = _settings()
+    with Session(get_engine(settings.database_url)) as session:
+        rows = list_keys(session)
+    if not rows:
+        click.echo("no keys; create one with: outreach apikey create --role hr")
+        return
+    click.echo(f"{'id':>4}  {'role':<4}  {'prefix':<14}  {'created':<20}  {'last used':<20}  {'revoked':<20}  name")
+    for row in rows:
+        created = row.created_at.strftime("%Y-%m-%d %H:%M:%S")
+        used = row.last_used_at.strftime("%Y-%m-%d %H:%M:%S") if row.last_used_at else "-"
+        revoked = row.revoked_at.strftime("%Y-%m-%d %H:%M:%S") if row.revoked_at else "-"
+        shown = row.prefix + "…"
+        click.echo(f"{row.id:>4}  {row.role:<4}  {shown:<14}  {created:<20}  {used:<20}  {revoked:<20}  {row.name}")
+
+
+@apikey.command("revoke")
+@click.argument("key")
+def apikey_revoke(key: str) -> None:
+    """Revoke KEY, given by its numeric id or its shown prefix; it stops working at once."""
+    from sqlalchemy.orm import Session
+
+    from outreach.auth import revoke_key
+    from outreach.db import get_engine
+
+    settings = _settings()
+    try:
+        with Session(get_engine(settings.database_url), expire_on_commit=False) as session, session.begin():
+            row = revoke_key(session, key)
+    except OutreachError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"revoked {row.role} key {row.id} ({row.name})")
+
+
+def _first_start_key(runtime: Runtime) -> None:
+    """On a database without keys, create an hr key and print it, so a newcomer can call the API at once."""
+    from sqlalchemy.orm import Session
+
+    from outreach.auth import Role, create_key, has_keys
+
+    with Session(runtime.engine) as session, session.begin():
+        if has_keys(session):
+            return
+        _, key = create_key(session, Role.HR, "first-start")
+    click.echo("first start: an hr API key was created (shown once; more with `outreach apikey create`):")
+    click.echo(key)
+    sys.stdout.flush()  # before the server's own output, also when stdout is a pipe
 
 
 if __name__ == "__main__":

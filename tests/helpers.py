@@ -88,3 +88,22 @@ def resolved_links(runtime: Runtime, text: str) -> list[str]:
             if link is not None:
                 destinations.append(link.url)
     return destinations
+
+
+def api_key(runtime: Runtime, role: str = "hr", name: str | None = None) -> str:
+    """A fresh API key of ``role`` on the runtime's database (the clear key; only its hash is stored)."""
+    from outreach.auth import create_key
+
+    with Session(runtime.engine) as session, session.begin():
+        _, key = create_key(session, role, name)
+    return key
+
+
+def api_client(runtime: Runtime, role: str = "hr", app: Any = None, **kwargs: Any) -> Any:
+    """A TestClient on ``create_app(runtime)`` (or ``app``) that sends a new ``role`` key with every request."""
+    from fastapi.testclient import TestClient
+
+    from outreach.web import create_app
+
+    headers = {**kwargs.pop("headers", {}), "Authorization": f"Bearer {api_key(runtime, role)}"}
+    return TestClient(app if app is not None else create_app(runtime), headers=headers, **kwargs)

@@ -152,16 +152,23 @@ def test_up_answers_healthz_and_sends_the_jd_mail_within_five_seconds(env: dict[
             assert process.poll() is None, process.stdout.read() if process.stdout else ""
             assert time.monotonic() < deadline, "outreach up did not answer /healthz within 60 s"
             time.sleep(0.2)
+        # The first start prints an hr key (alone on its line) before the server starts listening.
+        assert process.stdout is not None
+        key = next(line.strip() for line in process.stdout if line.startswith("ork_"))
+        auth = {"Authorization": f"Bearer {key}"}
+        assert httpx.get(f"{api}/api/v1/messages").status_code == 401
         httpx.post(
             f"{api}/api/v1/jobs",
             json={"external_id": "j-1", "title": "QA Engineer", "booking_url": "https://book.example.com/qa"},
+            headers=auth,
         ).raise_for_status()
         httpx.post(
             f"{api}/api/v1/candidates",
             json={"external_id": "c-1", "name": "Sam Lee", "email": "sam@example.org"},
+            headers=auth,
         ).raise_for_status()
         started = time.monotonic()
-        response = httpx.post(f"{api}/api/v1/candidates/c-1/events", json={"type": "applied", "job_id": "j-1"})
+        response = httpx.post(f"{api}/api/v1/candidates/c-1/events", json={"type": "applied", "job_id": "j-1"}, headers=auth)
         assert response.status_code == 202
         while time.monotonic() - started < 5:
             messages = httpx.get(f"http://127.0.0.1:{sandbox_port}/_sandbox/messages").json()
@@ -174,7 +181,7 @@ def test_up_answers_healthz_and_sends_the_jd_mail_within_five_seconds(env: dict[
         deadline = time.monotonic() + 10
         status = ""
         while time.monotonic() < deadline and status != "delivered":
-            items = httpx.get(f"{api}/api/v1/messages", params={"candidate": "c-1"}).json()["items"]
+            items = httpx.get(f"{api}/api/v1/messages", params={"candidate": "c-1"}, headers=auth).json()["items"]
             status = next((i["status"] for i in items if i["channel"] == "email"), "")
             time.sleep(0.1)
         assert status == "delivered"

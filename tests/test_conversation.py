@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -27,7 +26,7 @@ from outreach.replies import InboundEmail, handle_inbound_email
 from outreach.runtime import Runtime
 from outreach.web import create_app
 from outreach.web.webhooks import WebhookSettings
-from tests.helpers import add_candidate
+from tests.helpers import add_candidate, api_client
 
 # Tuesday 24 November 2026, 10:00 in Shanghai (the company's timezone): business hours.
 TUESDAY_10 = datetime(2026, 11, 24, 2, 0, tzinfo=UTC)
@@ -149,7 +148,7 @@ def test_conversation_api(runtime: Runtime) -> None:
     candidate = add_candidate(runtime)
     jd = outbox(runtime, candidate, sent_at=TUESDAY_10 - timedelta(hours=2))
     email_reply(runtime, "c-1", TUESDAY_10)
-    client = TestClient(create_app(runtime, WebhookSettings(inbound_token=Secret("t0k"))))
+    client = api_client(runtime, app=create_app(runtime, WebhookSettings(inbound_token=Secret("t0k"))))
 
     answer = client.get("/api/v1/candidates/c-1/conversation")
     assert answer.status_code == 200, answer.text
@@ -180,7 +179,7 @@ def test_alerts_api_lists_newest_first_and_resolves(runtime: Runtime) -> None:
     add_candidate(runtime)
     email_reply(runtime, "c-1", TUESDAY_10 - timedelta(hours=1))
     email_reply(runtime, "c-1", TUESDAY_10)
-    client = TestClient(create_app(runtime, WebhookSettings(inbound_token=Secret("t0k"))))
+    client = api_client(runtime, app=create_app(runtime, WebhookSettings(inbound_token=Secret("t0k"))))
     listed = client.get("/api/v1/alerts", params={"open": "true"}).json()
     assert listed["count"] == 2
     newest, oldest = listed["items"]

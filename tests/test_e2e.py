@@ -21,8 +21,8 @@ from outreach.config import set_settings
 from outreach.models import OutboundMessage, utcnow
 from outreach.runtime import Runtime, set_runtime
 from outreach.sandbox import SandboxMessage, SandboxServer
-from outreach.web import create_app
 from tests.conftest import RABBITMQ_URL, REDIS_URL, make_settings, open_policy, require_server
+from tests.helpers import api_client
 
 BROKERS = {"in-process": "", "redis": REDIS_URL, "rabbitmq": RABBITMQ_URL}
 
@@ -87,7 +87,7 @@ def apply(client: TestClient) -> dict[str, object]:
 
 
 def test_applied_event_reaches_the_sandbox_within_five_seconds(live: Runtime, sandbox: SandboxServer) -> None:
-    client = TestClient(create_app(live))
+    client = api_client(live)
     started = time.monotonic()
     body = apply(client)
     assert body["queued"] == 1
@@ -104,7 +104,7 @@ def test_applied_event_reaches_the_sandbox_within_five_seconds(live: Runtime, sa
 
 
 def test_flushed_broker_loses_nothing_and_sends_nothing_twice(live: Runtime, sandbox: SandboxServer) -> None:
-    client = TestClient(create_app(live))
+    client = api_client(live)
     dropped: list[str] = []
     live.enqueue_override = dropped.extend  # the broker "loses" every wake-up
     for n in range(20):
@@ -144,7 +144,7 @@ def test_flushed_broker_loses_nothing_and_sends_nothing_twice(live: Runtime, san
 
 
 def test_rate_limit_then_success_is_sent_once_after_the_reset(live: Runtime, sandbox: SandboxServer) -> None:
-    client = TestClient(create_app(live))
+    client = api_client(live)
     sandbox.fail("sendgrid", "429", reset_after=2)
     started = time.time()
     apply(client)

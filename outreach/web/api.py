@@ -15,7 +15,11 @@ from outreach.enrollment import EventIn, record_event
 from outreach.errors import NotFoundError
 from outreach.models import Candidate, Job, OutboundMessage
 from outreach.runtime import Runtime
+from outreach.web.auth import ops_readable
 
+#: Routes without authentication (health checks for load balancers and the compose file).
+public = APIRouter()
+#: Everything under /api: included with the ``authorize`` dependency, so every route needs a key.
 router = APIRouter()
 
 
@@ -85,7 +89,7 @@ def message_out(message: OutboundMessage, external_id: str) -> dict[str, Any]:
     }
 
 
-@router.get("/healthz", tags=["health"])
+@public.get("/healthz", tags=["health"])
 def healthz(runtime: RuntimeDep, response: Response) -> dict[str, Any]:
     try:
         with runtime.engine.connect() as connection:
@@ -165,6 +169,7 @@ def post_event(external_id: str, body: EventIn, runtime: RuntimeDep) -> EventAcc
 
 
 @router.get("/api/v1/messages", tags=["messages"])
+@ops_readable
 def list_messages(
     runtime: RuntimeDep,
     candidate: str | None = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
@@ -13,6 +13,7 @@ from outreach.config import set_settings
 from outreach.errors import NotFoundError, ValidationError
 from outreach.runtime import Runtime
 from outreach.web import api, conversation, inbound_parse, redirect, unsubscribe, webhooks
+from outreach.web.auth import Forbidden, Unauthorized, authorize
 from outreach.web.ratelimit import BodyLimit, ErrorShield, RateLimit, make_limiter
 from outreach.web.webhooks import WebhookSettings
 
@@ -67,6 +68,18 @@ def create_app(runtime: Runtime, webhook_settings: WebhookSettings | None = None
             },
         )
 
+    @app.exception_handler(Unauthorized)
+    async def _unauthorized(_: Request, exc: Unauthorized) -> JSONResponse:
+        return JSONResponse(
+            status_code=401,
+            content={"error": "unauthorized", "message": str(exc)},
+            headers={"WWW-Authenticate": 'Bearer realm="outreach"'},
+        )
+
+    @app.exception_handler(Forbidden)
+    async def _forbidden(_: Request, exc: Forbidden) -> JSONResponse:
+        return JSONResponse(status_code=403, content={"error": "forbidden", "message": str(exc)})
+
     @app.exception_handler(NotFoundError)
     async def _not_found(_: Request, exc: NotFoundError) -> JSONResponse:
         return JSONResponse(status_code=404, content={"error": "not_found", "message": str(exc)})
@@ -76,12 +89,13 @@ def create_app(runtime: Runtime, webhook_settings: WebhookSettings | None = None
         log.error("database unavailable", extra={"error": type(exc.orig).__name__ if exc.orig else "unknown"})
         return JSONResponse(status_code=503, content={"error": "unavailable", "message": "database unavailable"})
 
-    app.include_router(api.router)
+    app.include_router(api.public)
+    app.include_router(api.router, dependencies=[Depends(authorize)])
     app.include_router(unsubscribe.router)
     app.include_router(redirect.router)
     app.include_router(webhooks.router)
     app.include_router(inbound_parse.router)
-    app.include_router(conversation.router)
+    app.include_router(conversation.router, dependencies=[Depends(authorize)])
 
     # Guards (outreach.web.ratelimit), outermost last: request id and generic 500s, rate limits, body size.
     settings = runtime.settings

@@ -12,6 +12,7 @@ from outreach.conversation import mark_answered, thread
 from outreach.errors import NotFoundError
 from outreach.models import Alert, Candidate, utcnow
 from outreach.web.api import RuntimeDep
+from outreach.web.auth import ops_readable
 
 __all__ = ["alert_out", "router"]
 
@@ -58,6 +59,7 @@ def alert_out(alert: Alert, external_id: str | None) -> dict[str, Any]:
 
 
 @router.get("/alerts", tags=["alerts"])
+@ops_readable
 def list_alerts(
     runtime: RuntimeDep,
     open_: Annotated[bool | None, Query(alias="open")] = None,

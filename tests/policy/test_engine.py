@@ -25,7 +25,7 @@ from outreach.sandbox import SandboxServer
 from outreach.tokens import unsubscribe_url
 from outreach.web import create_app
 from tests.conftest import empty_tables
-from tests.helpers import add_candidate, add_job, fire
+from tests.helpers import add_candidate, add_job, api_client, fire
 
 EPOCH = datetime(2020, 1, 1, tzinfo=UTC)
 ALWAYS = Window.parse("00:00-24:00")
@@ -205,7 +205,7 @@ def test_messages_api_shows_why_a_message_was_held(runtime: Runtime, clock: Call
     clock(night + timedelta(minutes=5))
     fire(runtime, "c-1", "applied", at=night, job="j-1")
     runtime.scheduler.tick(night + timedelta(minutes=5))
-    items = TestClient(create_app(runtime)).get("/api/v1/messages", params={"status": "held"}).json()["items"]
+    items = api_client(runtime).get("/api/v1/messages", params={"status": "held"}).json()["items"]
     assert [(i["channel"], i["rule"]) for i in items] == [("sms", "quiet_hours")]
     assert items[0]["reason"].startswith("outside 08:00-20:00")
 

@@ -11,12 +11,12 @@ from sqlalchemy.orm import Session
 
 from outreach.models import Candidate, CandidateEvent, Enrollment
 from outreach.runtime import Runtime
-from outreach.web import create_app
+from tests.helpers import api_client
 
 
 @pytest.fixture
 def client(runtime: Runtime) -> Iterator[TestClient]:
-    with TestClient(create_app(runtime), raise_server_exceptions=False) as test_client:
+    with api_client(runtime, raise_server_exceptions=False) as test_client:
         yield test_client
 
 

@@ -40,7 +40,10 @@ def upgrade() -> None:
         sa.Column("event_id", sa.Integer(), nullable=True),
         sa.Column("changed_at", sa.DateTime(), nullable=False),
         sa.ForeignKeyConstraint(
-            ["candidate_id"], ["candidates.id"], name=op.f("fk_stage_changes_candidate_id_candidates"), ondelete="CASCADE"
+            ["candidate_id"],
+            ["candidates.id"],
+            name=op.f("fk_stage_changes_candidate_id_candidates"),
+            ondelete="CASCADE",
         ),
         sa.ForeignKeyConstraint(
             ["event_id"],
