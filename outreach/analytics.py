@@ -33,13 +33,31 @@ Every count is of distinct messages; a rate is ``None`` when its denominator is 
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Literal
 
-from sqlalchemy import Engine
+from sqlalchemy import ColumnElement, Engine, Select, case, func, literal, select
+from sqlalchemy.orm import Session
+
+from outreach.models import (
+    Alert,
+    Candidate,
+    CandidateEvent,
+    DeliveryEvent,
+    InboundMessage,
+    LinkClick,
+    MessageStatus,
+    OutboundMessage,
+    StageChange,
+    TrackedLink,
+    UTCDateTime,
+    utcnow,
+)
 
 __all__ = [
     "FUNNEL_STAGES",
@@ -306,6 +324,67 @@ class QueueReport:
         return data
 
 
+#: Outbox statuses of a row that went to (or at least towards) a provider: the "messages" of :func:`rates`.
+ATTEMPTED: tuple[str, ...] = tuple(
+    s.value
+    for s in (
+        MessageStatus.SENDING,
+        MessageStatus.UNCERTAIN,
+        MessageStatus.SENT,
+        MessageStatus.DELIVERED,
+        MessageStatus.FAILED,
+        MessageStatus.BOUNCED,
+        MessageStatus.UNDELIVERED,
+    )
+)
+#: Provider events that prove a message arrived.
+ARRIVAL_EVENTS: tuple[str, ...] = ("delivered", "opened", "clicked", "unsubscribed", "complained")
+AUTO_REPLY = "auto_reply"
+
+
+def _message_time() -> ColumnElement[datetime]:
+    return func.coalesce(OutboundMessage.sent_at, OutboundMessage.created_at, type_=UTCDateTime())
+
+
+def _period(engine: Engine, moment: ColumnElement[datetime], bucket: Bucket) -> ColumnElement[str]:
+    """The bucket's first day as ``YYYY-MM-DD`` text, computed by the database (weeks start on Monday)."""
+    if engine.dialect.name == "sqlite":
+        if bucket == "week":
+            return func.date(moment, "weekday 0", "-6 days")
+        return func.date(moment)
+    return func.to_char(func.date_trunc(bucket, moment), "YYYY-MM-DD")
+
+
+def _attributed(kind: str) -> Select[Any]:
+    """Outbox ids that inbound messages of ``kind`` answer: ``in_reply_to``, else the latest message sent to the
+    candidate before the inbound message arrived."""
+    latest = (
+        select(OutboundMessage.id)
+        .where(
+            OutboundMessage.candidate_id == InboundMessage.candidate_id,
+            OutboundMessage.category != AUTO_REPLY,
+            OutboundMessage.status.in_(ATTEMPTED),
+            OutboundMessage.sent_at.is_not(None),
+            OutboundMessage.sent_at <= InboundMessage.received_at,
+        )
+        .order_by(OutboundMessage.sent_at.desc(), OutboundMessage.id.desc())
+        .limit(1)
+        .correlate(InboundMessage)
+        .scalar_subquery()
+    )
+    target = func.coalesce(InboundMessage.in_reply_to, latest)
+    inner = select(target.label("target")).where(InboundMessage.kind == kind).subquery()
+    return select(inner.c.target).where(inner.c.target.is_not(None))
+
+
+def _with_event(*types: str) -> Select[Any]:
+    return select(DeliveryEvent.message_id).where(DeliveryEvent.type.in_(types), DeliveryEvent.message_id.is_not(None))
+
+
+def _count(condition: ColumnElement[bool]) -> ColumnElement[int]:
+    return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+
 def rates(
     engine: Engine,
     by: Dimension | None = None,
@@ -316,9 +395,115 @@ def rates(
     """Counts and rates of the messages sent in ``[since, until)``, grouped by ``by`` and/or period ``bucket``.
 
     ``by=Dimension.PERIOD`` groups by ``bucket`` alone (``day`` when not given). Groups are sorted by period,
-    then key. See the module notes for what every count means.
+    then key. Without ``by`` and ``bucket`` there is one row (``key`` None) even when nothing was sent. See the
+    module notes for what every count means.
     """
-    raise NotImplementedError
+    if by is Dimension.PERIOD:
+        bucket, by = bucket or "day", None
+    m = OutboundMessage
+    moment = _message_time()
+    delivered = m.id.in_(_with_event(*ARRIVAL_EVENTS))
+    is_email = m.channel == "email"
+    clicked = m.id.in_(_with_event("clicked")) | m.id.in_(
+        select(TrackedLink.message_id).join(LinkClick, LinkClick.link_id == TrackedLink.id)
+    )
+    opted_out = m.id.in_(_with_event("unsubscribed")) | m.id.in_(_attributed("opt_out"))
+    key: Any = literal(None)
+    query_from: Any = m
+    if by is Dimension.CAMPAIGN:
+        key = m.campaign
+    elif by is Dimension.STEP:
+        key = m.step
+    elif by is Dimension.CHANNEL:
+        key = m.channel
+    elif by is Dimension.TEMPLATE:
+        key = m.template
+    elif by is Dimension.LOCALE:
+        key = func.coalesce(m.locale, UNKNOWN)
+    elif by is Dimension.SOURCE:
+        key = func.coalesce(Candidate.source, UNKNOWN)
+        query_from = m.__table__.join(Candidate.__table__, Candidate.id == m.candidate_id)
+    period: ColumnElement[Any] = _period(engine, moment, bucket) if bucket else literal(None)
+    query = (
+        select(
+            period.label("period"),
+            key.label("key"),
+            func.count().label("messages"),
+            _count(delivered),
+            _count(delivered & is_email),
+            _count(is_email & m.id.in_(_with_event("opened"))),
+            _count(clicked),
+            _count(m.id.in_(_attributed("reply"))),
+            _count(opted_out),
+            _count(m.id.in_(_with_event("bounced"))),
+        )
+        .select_from(query_from)
+        .where(m.category != AUTO_REPLY, m.status.in_(ATTEMPTED))
+    )
+    if since is not None:
+        query = query.where(moment >= since)
+    if until is not None:
+        query = query.where(moment < until)
+    grouped = by is not None or bucket is not None
+    if grouped:
+        groups = [g for g, used in ((period, bucket), (key, by)) if used]
+        query = query.group_by(*groups)
+    with Session(engine) as session:
+        result = session.execute(query).all()
+    rows = [
+        RateRow(
+            key=None if by is None else str(row[1]),
+            period=date.fromisoformat(str(row[0])) if bucket else None,
+            messages=int(row[2]),
+            delivered=int(row[3]),
+            emails_delivered=int(row[4]),
+            opened=int(row[5]),
+            clicked=int(row[6]),
+            replied=int(row[7]),
+            opted_out=int(row[8]),
+            bounced=int(row[9]),
+        )
+        for row in result
+    ]
+    rows.sort(key=lambda r: (r.period or date.min, _sortable(r.key)))
+    return rows
+
+
+def _sortable(key: str | None) -> tuple[int, str]:
+    """Numeric keys (steps) sort as numbers, the rest as text."""
+    if key is None:
+        return (0, "")
+    return (int(key), "") if key.isdigit() else (1 << 30, key)
+
+
+# -- the funnel ---------------------------------------------------------------------------------------------------
+
+_STAGE_RANK = {stage: index for index, stage in enumerate(FUNNEL_STAGES)}
+#: Stages outside the funnel's line that still prove how far a candidate got.
+_IMPLIES = {"hired": "accepted", "declined": "offer"}
+
+
+def _rank(stage: str | None) -> int:
+    if stage is None:
+        return -1
+    return _STAGE_RANK.get(_IMPLIES.get(stage, stage), -1)
+
+
+def _funnel_row(source: str | None, furthest: Sequence[int]) -> FunnelRow:
+    reached = [sum(1 for f in furthest if f >= index) for index in range(len(FUNNEL_STAGES))]
+    stages = []
+    for index, stage in enumerate(FUNNEL_STAGES):
+        last = index == len(FUNNEL_STAGES) - 1
+        following = 0 if last else reached[index + 1]
+        stages.append(
+            FunnelStage(
+                stage=stage,
+                reached=reached[index],
+                dropped=0 if last else reached[index] - following,
+                conversion=None if last else _rate(following, reached[index]),
+            )
+        )
+    return FunnelRow(source=source, stages=tuple(stages))
 
 
 def funnel(
@@ -329,8 +514,56 @@ def funnel(
     The application time is the first ``applied`` event, else when the candidate was created. A candidate
     reached a stage if the stage history (``StageChange``, either side of a move) or the current stage shows
     it or any later stage; ``hired`` counts as ``accepted`` and ``declined`` (an offer declined) as ``offer``.
+    Every candidate of the cohort reached ``applied``. Sources are sorted by name; ``unknown`` when missing.
     """
-    raise NotImplementedError
+    applied = (
+        select(CandidateEvent.candidate_id, func.min(CandidateEvent.occurred_at).label("at"))
+        .where(CandidateEvent.type == "applied")
+        .group_by(CandidateEvent.candidate_id)
+        .subquery()
+    )
+    at = func.coalesce(applied.c.at, Candidate.created_at, type_=UTCDateTime())
+    cohort = select(Candidate.id, Candidate.source, Candidate.stage).outerjoin(
+        applied, applied.c.candidate_id == Candidate.id
+    )
+    if since is not None:
+        cohort = cohort.where(at >= since)
+    if until is not None:
+        cohort = cohort.where(at < until)
+    cohort_ids = cohort.with_only_columns(Candidate.id).scalar_subquery()
+    furthest: dict[int, int] = {}
+    sources: dict[int, str] = {}
+    with Session(engine) as session:
+        for candidate_id, source, stage in session.execute(cohort):
+            furthest[candidate_id] = max(0, _rank(stage))
+            sources[candidate_id] = source or UNKNOWN
+        history = select(StageChange.candidate_id, StageChange.from_stage, StageChange.to_stage).where(
+            StageChange.candidate_id.in_(cohort_ids)
+        )
+        for candidate_id, from_stage, to_stage in session.execute(history):
+            if candidate_id in furthest:
+                furthest[candidate_id] = max(furthest[candidate_id], _rank(from_stage), _rank(to_stage))
+    per_source: dict[str, list[int]] = defaultdict(list)
+    for candidate_id, value in furthest.items():
+        per_source[sources[candidate_id]].append(value)
+    rows = tuple(_funnel_row(source, per_source[source]) for source in sorted(per_source)) if by_source else ()
+    return FunnelReport(since=since, until=until, total=_funnel_row(None, list(furthest.values())), by_source=rows)
+
+
+# -- SLAs ---------------------------------------------------------------------------------------------------------
+
+#: What answers an offer, for the unanswered-offer promise: the candidate accepting or declining it.
+_OFFER_ANSWERS = ("offer_accepted", "offer_declined")
+
+
+def _first_after(times: Sequence[datetime], moment: datetime) -> datetime | None:
+    index = bisect_left(times, moment)
+    return times[index] if index < len(times) else None
+
+
+def _any_within(times: Sequence[datetime], start: datetime, end: datetime) -> bool:
+    index = bisect_right(times, start)
+    return index < len(times) and times[index] <= end
 
 
 def sla(
@@ -341,10 +574,144 @@ def sla(
     specs: Sequence[SlaSpec] = SLAS,
     limit: int = 100,
 ) -> list[SlaReport]:
-    """Each promise in ``specs`` over its events in ``[since, until)``, judged at ``now`` (default: utcnow)."""
-    raise NotImplementedError
+    """Each promise in ``specs`` over its events in ``[since, until)``, judged at ``now`` (default: utcnow).
+
+    An answer counts if it came at or after the event. For an alert promise, an offer that the candidate
+    answered (a reply, an accept or decline, or any stage change away from ``offer``) within ``within`` is
+    not counted at all: no alert was owed.
+    """
+    now = now or utcnow()
+    with Session(engine) as session:
+        query = (
+            select(CandidateEvent.type, CandidateEvent.candidate_id, CandidateEvent.occurred_at, Candidate.external_id)
+            .join(Candidate, Candidate.id == CandidateEvent.candidate_id)
+            .where(CandidateEvent.type.in_({spec.event for spec in specs}))
+        )
+        if since is not None:
+            query = query.where(CandidateEvent.occurred_at >= since)
+        if until is not None:
+            query = query.where(CandidateEvent.occurred_at < until)
+        events = session.execute(query.order_by(CandidateEvent.occurred_at, CandidateEvent.id)).all()
+        if not events:
+            return [_sla_report(spec, [], now, limit) for spec in specs]
+        start = min(row[2] for row in events)
+        # Answers: every message and alert since the earliest event, as sorted times per candidate (and campaign).
+        sent_any: dict[int, list[datetime]] = defaultdict(list)
+        sent_by_campaign: dict[tuple[int, str], list[datetime]] = defaultdict(list)
+        messages = session.execute(
+            select(OutboundMessage.candidate_id, OutboundMessage.campaign, OutboundMessage.sent_at).where(
+                OutboundMessage.category != AUTO_REPLY,
+                OutboundMessage.status.in_(ATTEMPTED),
+                OutboundMessage.sent_at >= start,
+            )
+        )
+        for sent_to, campaign, sent_at in messages:
+            if sent_at is not None:
+                sent_any[sent_to].append(sent_at)
+                sent_by_campaign[(sent_to, campaign)].append(sent_at)
+        alerts: dict[tuple[int, str], list[datetime]] = defaultdict(list)
+        for alerted, kind, created_at in session.execute(
+            select(Alert.candidate_id, Alert.kind, Alert.created_at).where(
+                Alert.created_at >= start, Alert.candidate_id.is_not(None)
+            )
+        ):
+            if alerted is not None:
+                alerts[(alerted, kind)].append(created_at)
+        answers: dict[int, list[datetime]] = defaultdict(list)
+        if any(spec.alert for spec in specs):
+            for replier, received_at in session.execute(
+                select(InboundMessage.candidate_id, InboundMessage.received_at).where(
+                    InboundMessage.kind == "reply", InboundMessage.received_at >= start
+                )
+            ):
+                if replier is not None:
+                    answers[replier].append(received_at)
+            for answerer, answered_at in session.execute(
+                select(CandidateEvent.candidate_id, CandidateEvent.occurred_at).where(
+                    CandidateEvent.type.in_(_OFFER_ANSWERS), CandidateEvent.occurred_at >= start
+                )
+            ):
+                answers[answerer].append(answered_at)
+            for mover, changed_at in session.execute(
+                select(StageChange.candidate_id, StageChange.changed_at).where(
+                    StageChange.from_stage == "offer", StageChange.to_stage != "offer", StageChange.changed_at >= start
+                )
+            ):
+                answers[mover].append(changed_at)
+    for table in (sent_any, sent_by_campaign, alerts, answers):
+        for times in table.values():
+            times.sort()
+    reports = []
+    for spec in specs:
+        cases: list[tuple[str, datetime, datetime, datetime | None]] = []
+        for event_type, candidate_id, occurred_at, external_id in events:
+            if event_type != spec.event:
+                continue
+            due = occurred_at + spec.within
+            if spec.alert is not None:
+                if _any_within(answers.get(candidate_id, []), occurred_at, due):
+                    continue
+                due += spec.grace
+                done = _first_after(alerts.get((candidate_id, spec.alert), []), occurred_at)
+            elif spec.campaigns:
+                found = [_first_after(sent_by_campaign.get((candidate_id, c), []), occurred_at) for c in spec.campaigns]
+                done = min((f for f in found if f is not None), default=None)
+            else:
+                done = _first_after(sent_any.get(candidate_id, []), occurred_at)
+            cases.append((external_id, occurred_at, due, done))
+        reports.append(_sla_report(spec, cases, now, limit))
+    return reports
+
+
+def _sla_report(
+    spec: SlaSpec, cases: Sequence[tuple[str, datetime, datetime, datetime | None]], now: datetime, limit: int
+) -> SlaReport:
+    met = pending = 0
+    breaches: list[SlaBreach] = []
+    for external_id, event_at, due, done in cases:
+        if done is not None and done <= due:
+            met += 1
+        elif done is None and now < due:
+            pending += 1
+        else:
+            late = ((done or now) - due).total_seconds()
+            breaches.append(SlaBreach(external_id, event_at, due, done, late))
+    decided = met + len(breaches)
+    breaches.sort(key=lambda b: (b.event_at, b.candidate), reverse=True)
+    return SlaReport(
+        name=spec.name,
+        description=spec.description,
+        total=len(cases),
+        met=met,
+        breached=len(breaches),
+        pending=pending,
+        met_pct=None if decided == 0 else round(100.0 * met / decided, 2),
+        worst_late_seconds=max((b.late_seconds for b in breaches), default=None),
+        breaches=tuple(breaches[:limit]),
+    )
+
+
+# -- the queue ----------------------------------------------------------------------------------------------------
 
 
 def queue(engine: Engine, now: datetime | None = None) -> QueueReport:
     """The outbox right now: depth by status and the lag of the oldest due pending row."""
-    raise NotImplementedError
+    now = now or utcnow()
+    m = OutboundMessage
+    with Session(engine) as session:
+        counts: dict[str, int] = {
+            status: n for status, n in session.execute(select(m.status, func.count()).group_by(m.status))
+        }
+        due_pending, oldest = session.execute(
+            select(func.count(), func.min(m.not_before)).where(
+                m.status == MessageStatus.PENDING.value, m.not_before <= now
+            )
+        ).one()
+        held_due = session.scalar(select(func.count()).where(m.status == MessageStatus.HELD.value, m.not_before <= now))
+    return QueueReport(
+        at=now,
+        by_status={status.value: int(counts.get(status.value, 0)) for status in MessageStatus},
+        due_pending=int(due_pending),
+        held_due=int(held_due or 0),
+        oldest_due_lag_seconds=max(0.0, (now - oldest).total_seconds()) if oldest is not None else 0.0,
+    )
