@@ -6,7 +6,9 @@ nothing the sweeper cannot re-enqueue from the database.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import dramatiq
 from dramatiq import Broker, Message
@@ -15,6 +17,7 @@ from dramatiq.brokers.stub import StubBroker
 from outreach.config import Settings
 
 DELIVER_ACTOR = "deliver_message"
+BATCH_ACTOR = "deliver_batch"
 
 
 def build_broker(settings: Settings) -> Broker:
@@ -59,8 +62,57 @@ def current_broker() -> Broker:
 
 def enqueue_deliveries(outbox_ids: Sequence[str], *, broker: Broker | None = None, queue_name: str) -> None:
     """Wake workers for these outbox rows. Called only after the rows are committed."""
+    enqueue_calls(DELIVER_ACTOR, [(outbox_id,) for outbox_id in outbox_ids], broker=broker, queue_name=queue_name)
+
+
+def enqueue_batch(outbox_ids: Sequence[str], *, broker: Broker | None = None, queue_name: str) -> None:
+    """Wake one worker for a batch of nurture email rows (sent together, see :mod:`outreach.batch`)."""
+    if outbox_ids:
+        enqueue_calls(BATCH_ACTOR, [(list(outbox_ids),)], broker=broker, queue_name=queue_name)
+
+
+def enqueue_calls(
+    actor_name: str, calls: Sequence[tuple[Any, ...]], *, broker: Broker | None = None, queue_name: str
+) -> None:
+    """Put one message per argument tuple on the queue for ``actor_name``.
+
+    On Redis every message body and the queue push go out in one pipelined round trip (a MULTI/EXEC, so no
+    worker sees an id before its body), instead of one script call per message; the broker's enqueue
+    middleware still sees each message. Other brokers enqueue one by one.
+    """
+    if not calls:
+        return
     target = broker or current_broker()
-    for outbox_id in outbox_ids:
-        target.enqueue(
-            Message(queue_name=queue_name, actor_name=DELIVER_ACTOR, args=(outbox_id,), kwargs={}, options={})
-        )
+    messages: list[Message[Any]] = [
+        Message(queue_name=queue_name, actor_name=actor_name, args=args, kwargs={}, options={}) for args in calls
+    ]
+    if not _is_redis(target):
+        for message in messages:
+            target.enqueue(message)
+        return
+    redis_broker: Any = target
+    stamped = [message.copy(options={"redis_message_id": str(uuid.uuid4())}) for message in messages]
+    for message in stamped:
+        target.emit_before("enqueue", message, None)
+    queue_key = f"{redis_broker.namespace}:{queue_name}"
+    with redis_broker.client.pipeline(transaction=True) as pipe:
+        # The same two writes Dramatiq's dispatch script makes for "enqueue": body into the hash, id onto the list.
+        for start in range(0, len(stamped), _PIPELINE_CHUNK):
+            chunk = stamped[start : start + _PIPELINE_CHUNK]
+            pipe.hset(f"{queue_key}.msgs", mapping={m.options["redis_message_id"]: m.encode() for m in chunk})
+            pipe.rpush(queue_key, *(m.options["redis_message_id"] for m in chunk))
+        pipe.execute()
+    for message in stamped:
+        target.emit_after("enqueue", message, None)
+
+
+#: Messages per HSET/RPUSH command in one pipeline (keeps each command's argument list moderate).
+_PIPELINE_CHUNK = 1000
+
+
+def _is_redis(broker: Broker) -> bool:
+    try:
+        from dramatiq.brokers.redis import RedisBroker
+    except ImportError:  # pragma: no cover - redis is a dependency
+        return False
+    return isinstance(broker, RedisBroker)

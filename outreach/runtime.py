@@ -34,6 +34,7 @@ class Runtime:
     settings: Settings
     sandbox_url: str | None = None
     enqueue_override: Enqueue | None = None
+    enqueue_batch_override: Enqueue | None = None
 
     @cached_property
     def engine(self) -> Engine:
@@ -76,7 +77,16 @@ class Runtime:
     def scheduler(self) -> Scheduler:
         from outreach.scheduler import Scheduler
 
-        return Scheduler(self.engine, self.campaigns, self.settings, self.enqueue, policy=self.policy)
+        # Code that collects ids through ``enqueue_override`` alone sees nurture rows there too, one by one.
+        batching = self.enqueue_override is None or self.enqueue_batch_override is not None
+        return Scheduler(
+            self.engine,
+            self.campaigns,
+            self.settings,
+            self.enqueue,
+            policy=self.policy,
+            enqueue_batch=self.enqueue_batch if batching else None,
+        )
 
     def enqueue(self, outbox_ids: Sequence[str]) -> None:
         if not outbox_ids:
@@ -87,6 +97,17 @@ class Runtime:
         from outreach.broker import enqueue_deliveries
 
         enqueue_deliveries(outbox_ids, queue_name=self.settings.queue_name)
+
+    def enqueue_batch(self, outbox_ids: Sequence[str]) -> None:
+        """Wake one worker for a batch of nurture email rows (:mod:`outreach.batch`)."""
+        if not outbox_ids:
+            return
+        if self.enqueue_batch_override is not None:
+            self.enqueue_batch_override(outbox_ids)
+            return
+        from outreach.broker import enqueue_batch
+
+        enqueue_batch(outbox_ids, queue_name=self.settings.queue_name)
 
 
 _runtime: Runtime | None = None

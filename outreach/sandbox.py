@@ -115,6 +115,8 @@ _API_VERSION = "2010-04-01"
 _TWILIO_MAX_BODY = 1600
 # SendGrid accepts up to 1000 personalizations per request.
 _SENDGRID_MAX_PERSONALIZATIONS = 1000
+# … and at most 10,000 bytes of substitutions, custom args and headers in each of them.
+_SENDGRID_MAX_PERSONALIZATION_BYTES = 10_000
 
 # GSM 03.38: characters in the basic set take one septet, those in the extension table two.
 _GSM_BASIC = frozenset(
@@ -419,6 +421,15 @@ class SandboxServer:
         for pending in self._faults.values():
             pending.clear()
 
+    def forget(self, addresses: Iterable[str]) -> int:
+        """Drop every record sent to one of ``addresses`` (erasure of a candidate); how many were dropped."""
+        wanted = {a.strip().lower() for a in addresses if a}
+        with self._lock:
+            kept = [r for r in self._records if r.to.strip().lower() not in wanted]
+            dropped = len(self._records) - len(kept)
+            self._records[:] = kept
+        return dropped
+
     def wait_for(self, count: int, timeout: float) -> list[SandboxMessage]:
         """Block until at least ``count`` records exist and return them all; ``TimeoutError`` otherwise."""
         deadline = time.monotonic() + timeout
@@ -695,6 +706,15 @@ def _validate_sendgrid(payload: Any) -> list[dict[str, Any]]:
         errors.extend(_string_map_errors(personalization.get("custom_args"), f"{where}.custom_args"))
         errors.extend(_string_map_errors(personalization.get("headers"), f"{where}.headers"))
         errors.extend(_string_map_errors(personalization.get("substitutions"), f"{where}.substitutions"))
+        if _personalization_bytes(personalization) > _SENDGRID_MAX_PERSONALIZATION_BYTES:
+            errors.append(
+                _sendgrid_error(
+                    "The total size of substitutions, custom_args and headers of a personalization may not exceed "
+                    f"{_SENDGRID_MAX_PERSONALIZATION_BYTES} bytes.",
+                    where,
+                    "message.personalizations",
+                )
+            )
 
     subject = payload.get("subject")
     if not template_id and not every_subject and not (isinstance(subject, str) and subject):
@@ -770,6 +790,12 @@ def _validate_sendgrid(payload: Any) -> list[dict[str, Any]]:
     errors.extend(_string_map_errors(payload.get("custom_args"), "custom_args"))
     errors.extend(_string_map_errors(payload.get("headers"), "headers"))
     return errors
+
+
+def _personalization_bytes(personalization: Mapping[str, Any]) -> int:
+    """Bytes SendGrid counts against one personalization's limit (its substitutions, custom args and headers)."""
+    counted = {key: personalization.get(key) for key in ("substitutions", "custom_args", "headers")}
+    return len(json.dumps(counted, ensure_ascii=False).encode("utf-8"))
 
 
 def _string_map_errors(value: Any, where: str) -> list[dict[str, Any]]:
@@ -978,8 +1004,13 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         self._read_body()
         if path == "/_sandbox/messages":
-            self.sandbox.clear()
-            self._reply(204)
+            query = parse_qs(self.path.partition("?")[2])
+            if "to" in query:
+                dropped = self.sandbox.forget(query["to"])
+                self._reply(200, _json({"dropped": dropped}))
+            else:
+                self.sandbox.clear()
+                self._reply(204)
         else:
             self._not_found(path)
 

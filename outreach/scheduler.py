@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -28,7 +28,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, object_session
 
 from outreach.calendar import BusinessCalendar
-from outreach.campaigns import Campaign, CampaignSet, ExitCondition, Step
+from outreach.campaigns import Campaign, CampaignSet, Category, ExitCondition, Step
 from outreach.candidates import candidate_timezone
 from outreach.config import Settings
 from outreach.conversation import alert_unanswered_replies
@@ -38,6 +38,7 @@ from outreach.models import (
     Alert,
     CampaignRun,
     Candidate,
+    Channel,
     Enrollment,
     EnrollmentStatus,
     Job,
@@ -55,6 +56,9 @@ from outreach.policy.engine import PolicyEngine
 log = logging.getLogger(__name__)
 
 MAX_PASSES = 20
+
+#: SendGrid takes at most 1000 personalizations per request.
+MAX_BATCH = 1000
 
 
 def step_due(
@@ -134,11 +138,17 @@ class Scheduler:
         settings: Settings,
         enqueue: Any,
         policy: PolicyEngine | None = None,
+        enqueue_batch: Callable[[Sequence[str]], None] | None = None,
+        batch_size: int = MAX_BATCH,
     ) -> None:
         self.engine = engine
         self.campaigns = campaigns
         self.settings = settings
         self.enqueue = enqueue
+        #: Wakes one batch worker for up to ``batch_size`` nurture email rows of one (campaign, step, template,
+        #: locale); without it every row is enqueued on its own.
+        self.enqueue_batch = enqueue_batch
+        self.batch_size = batch_size
         self.policy = policy or PolicyEngine(PolicySpec(), settings)
         self.sqlite = is_sqlite(engine)
 
@@ -245,6 +255,7 @@ class Scheduler:
 
     def run_due(self, now: datetime, result: TickResult, only: Sequence[int] | None = None) -> int:
         queued: list[str] = []
+        batches: dict[tuple[str, int, str, str], list[str]] = {}
         with transaction(self.engine) as session:
             ids = self._claim(session, now, only)
             if not ids:
@@ -254,13 +265,43 @@ class Scheduler:
             ).all()
             jobs = self._jobs(session, enrollments)
             for enrollment in enrollments:
+                key = self._batch_key(enrollment)
                 outbox_id = self._advance(session, enrollment, jobs, now, result)
-                if outbox_id:
+                if not outbox_id:
+                    continue
+                if key is None:
                     queued.append(outbox_id)
+                else:
+                    batches.setdefault(key, []).append(outbox_id)
         result.claimed += len(ids)
         result.queued.extend(queued)
         self.enqueue(queued)
+        self._enqueue_batches(batches, result)
         return len(ids)
+
+    def _batch_key(self, enrollment: Enrollment) -> tuple[str, int, str, str] | None:
+        """(campaign, step, template, locale) when the enrollment's due step is a nurture email that may go out
+        in a SendGrid batch (:mod:`outreach.batch`); None for everything sent one by one."""
+        if self.enqueue_batch is None:
+            return None
+        campaign = self.campaigns.get(enrollment.campaign)
+        index = enrollment.current_step
+        if campaign is None or campaign.category is not Category.NURTURE or index >= len(campaign.steps):
+            return None
+        step = campaign.steps[index]
+        if step.channel is not Channel.EMAIL:
+            return None
+        return campaign.name, index, step.template, enrollment.candidate.locale
+
+    def _enqueue_batches(self, batches: dict[tuple[str, int, str, str], list[str]], result: TickResult) -> None:
+        if not batches:
+            return
+        assert self.enqueue_batch is not None
+        size = max(1, min(self.batch_size, MAX_BATCH))
+        for ids in batches.values():
+            result.queued.extend(ids)
+            for start in range(0, len(ids), size):
+                self.enqueue_batch(ids[start : start + size])
 
     def _jobs(self, session: Session, enrollments: Iterable[Enrollment]) -> dict[int, Job]:
         job_ids = {e.job_id for e in enrollments if e.job_id is not None}
@@ -394,6 +435,10 @@ class Scheduler:
         step: Step, candidate: Candidate, since: datetime, enrollment_id: int | None = None
     ) -> tuple[str, str] | None:
         """Why the step is skipped, as (rule, reason), or None when it goes ahead."""
+        # The intent condition reads the candidate's level now, when the step is due: a reassessment counts.
+        if step.intent and (candidate.intent_level or "unassessed") not in step.intent:
+            level = candidate.intent_level or "unassessed"
+            return "intent", f"step is for {', '.join(step.intent)} intent; candidate is {level}"
         if step.only_if == "no_reply" and candidate.last_reply_at and candidate.last_reply_at > since:
             return f"only_if:{step.only_if}", "candidate replied since the previous step"
         if step.only_if == "no_click" and candidate.last_click_at and candidate.last_click_at > since:

@@ -14,6 +14,7 @@ from sqlalchemy.exc import OperationalError
 from outreach.broker import DELIVER_ACTOR
 from outreach.delivery import deliver
 from outreach.runtime import get_runtime
+from workers.batch import declare_batch_actor
 
 #: Unexpected errors (a database that went away) are retried this many times before dramatiq gives up; the
 #: outbox row stays pending and the sweeper picks it up again after that.
@@ -51,4 +52,4 @@ def declare_actors(broker: Broker) -> dict[str, dramatiq.Actor[..., None]]:
             "time_limit": 120_000,
         },
     )
-    return {DELIVER_ACTOR: actor}
+    return {DELIVER_ACTOR: actor, **declare_batch_actor(broker, queue, actor.options)}

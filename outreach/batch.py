@@ -1,0 +1,932 @@
+"""Nurture email in SendGrid batches: one request for up to 1000 recipients, each still checked and tracked alone.
+
+The scheduler puts the due nurture email rows of one (campaign, step, template, locale) on the queue as one batch
+message of outbox ids (:meth:`outreach.scheduler.Scheduler.run_due`); a worker hands it to :func:`deliver_batch`,
+which keeps every promise of the single path (:func:`outreach.delivery.deliver`):
+
+- **Claim and rules, per recipient.** One transaction claims the rows that are still ``pending`` and due
+  (``pending`` → ``sending``, rows another worker holds are skipped), locks the candidates' rows in id order
+  (``FOR NO KEY UPDATE``, as the single path does, so caps hold against concurrent sends) and runs every policy
+  rule for every recipient at the send stage, with what the rules read loaded once for the whole batch (enrollment
+  states, suppressions, consent, the recent sends the caps count). A recipient a rule holds, suppresses, skips or
+  cancels gets that status, rule and reason on its own row and simply drops out of the request. Two rows of one
+  candidate in one batch are counted by the caps one after the other, as two single sends would be.
+- **Render once.** The template is rendered once per (template, locale, job, enrollment context) with SendGrid
+  substitution tags standing for what differs between recipients: the name, the unsubscribe link, the outbox id
+  and the tracked links. The HTML part gets HTML-escaped values of its own tags. A template that reads anything
+  else about the candidate (tags, concerns, stage …), or transforms a per-recipient value instead of printing it,
+  cannot be shared: its rows go back to ``pending`` and are sent one by one.
+- **One request per 1000.** Each personalization carries the recipient's substitutions, ``List-Unsubscribe``
+  headers and our outbox id as the custom arg ``outreach_id`` (opaque ids only), which SendGrid returns on every
+  event, so events find their own row although the whole request shares one ``X-Message-Id``. A personalization
+  over SendGrid's 10,000-byte limit is sent on its own instead.
+- **At least once, never blindly twice.** Rows are committed ``sending`` before the call. A crash mid-call leaves
+  them ``sending`` until the sweeper marks them ``uncertain`` (reconciled from events, never resent); a retried
+  batch message claims only rows still ``pending``. A transient failure puts the request's rows back to
+  ``pending`` with the provider's reset time and asks for a retry; a permanent one for a request of several
+  recipients sends them one by one (so one bad address fails alone), and fails the row of a single recipient.
+
+SendGrid cannot carry a different ``Reply-To`` per personalization (it is a reserved header), so batched mail uses
+the plain ``OUTREACH_EMAIL_REPLY_TO`` address and replies are matched by the sender's address. Twilio has no
+batch send: SMS always go one by one.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import re
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from email.utils import parseaddr
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from outreach.campaigns import Category
+from outreach.delivery import backoff, build_context
+from outreach.errors import PermanentProviderError, ProviderError, TemplateError, TransientProviderError
+from outreach.links import (
+    Link,
+    is_web_url,
+    known_names,
+    redirect_url,
+    rewrite_html,
+    rewrite_text,
+    strip_names,
+    tracks_clicks,
+)
+from outreach.models import (
+    Base,
+    Candidate,
+    Channel,
+    Enrollment,
+    EnrollmentStatus,
+    Job,
+    MessageStatus,
+    OutboundMessage,
+    Suppression,
+    TrackedLink,
+    utcnow,
+)
+from outreach.policy.base import Decision, Stage, Subject
+from outreach.policy.caps import COUNTED, FrequencyCaps, RecentSend
+from outreach.policy.consent import NurtureConsentRule, SuppressionRule, suppression_address
+from outreach.policy.engine import OUTREACH_CATEGORIES
+from outreach.policy.engine import Outcome as Verdict
+from outreach.providers.base import ProviderPipeline
+from outreach.runtime import Runtime
+from outreach.tokens import unsubscribe_url
+
+__all__ = ["MAX_PERSONALIZATIONS", "MAX_PERSONALIZATION_BYTES", "BatchOutcome", "deliver_batch"]
+
+log = logging.getLogger(__name__)
+
+#: SendGrid's limits: personalizations per request, and bytes of substitutions, headers and custom args in one.
+MAX_PERSONALIZATIONS = 1000
+MAX_PERSONALIZATION_BYTES = 10_000
+
+#: Candidate fields that may differ between the recipients of one rendering (they are substituted).
+SUBSTITUTED = frozenset({"name", "first_name"})
+
+_TAG = re.compile(r"%%o:[^%\s]{0,40}%%", re.IGNORECASE)
+_OUTBOX = Base.metadata.tables["outbound_messages"]
+_LINKS = Base.metadata.tables["tracked_links"]
+_FINISHED_FROM = (MessageStatus.SENDING.value, MessageStatus.UNCERTAIN.value)
+
+
+def text_tag(key: str) -> str:
+    return f"%%o:{key}%%"
+
+
+def html_tag(key: str) -> str:
+    return f"%%o:{key}:h%%"
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What one batch did; ``retry_in`` (seconds) asks the caller to run the same batch again later."""
+
+    claimed: int = 0
+    sent: int = 0
+    stopped: int = 0  # held, suppressed, skipped or cancelled by a rule
+    failed: int = 0
+    single: int = 0  # handed back to the one-by-one path
+    requests: int = 0
+    retry_in: float | None = None
+
+
+# -- render once ---------------------------------------------------------------------------------------------
+
+
+class _Slot(str):
+    """A per-recipient value in the shared rendering: prints as its text tag, autoescapes to its HTML tag."""
+
+    __slots__ = ("key",)
+    key: str
+
+    def __new__(cls, key: str) -> _Slot:
+        slot = super().__new__(cls, text_tag(key))
+        slot.key = key
+        return slot
+
+    def __html__(self) -> str:
+        return html_tag(self.key)
+
+
+class _Probe(dict[str, Any]):
+    """The candidate as the shared rendering sees it; remembers which fields the template read."""
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        super().__init__(values)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+
+class _ProbeList(list[Any]):
+    """A per-recipient list (``concerns``): any use of it makes the rendering unshareable."""
+
+    used = False
+
+    def __iter__(self) -> Iterator[Any]:
+        self.used = True
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self.used = True
+        return super().__len__()
+
+    def __contains__(self, item: object) -> bool:
+        self.used = True
+        return super().__contains__(item)
+
+    def __getitem__(self, index: Any) -> Any:
+        self.used = True
+        return super().__getitem__(index)
+
+
+@dataclass(frozen=True)
+class SharedEmail:
+    """One rendering for many recipients: the parts hold substitution tags; ``links`` are the tracked ones."""
+
+    subject: str
+    text: str
+    html: str
+    locale: str
+    tags: frozenset[str]
+    links: tuple[Link, ...] = ()
+
+
+class NotShareable(Exception):
+    """The template reads or reshapes per-recipient data; its recipients are sent one by one."""
+
+
+# -- the recipients ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Recipient:
+    id: str
+    candidate: Candidate
+    enrollment_id: int | None
+    campaign: str
+    step: int
+    template: str
+    category: str
+    channel: str
+    attempts: int
+    created_at: datetime
+    not_before: datetime
+    context: dict[str, Any] = field(default_factory=dict)
+    job: Job | None = None
+    substitutions: dict[str, str] = field(default_factory=dict)
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def deliver_batch(runtime: Runtime, outbox_ids: Sequence[str], now: datetime | None = None) -> BatchOutcome:
+    """Send these nurture email rows in as few SendGrid requests as their templates allow."""
+    now = now or utcnow()
+    ids = sorted(set(outbox_ids))
+    if not ids:
+        return BatchOutcome()
+    provider = runtime.providers.email
+    if not isinstance(provider, ProviderPipeline) or provider.name != "sendgrid":
+        # Only SendGrid's payload is built here; another provider gets one request per message.
+        runtime.enqueue(ids)
+        return BatchOutcome(single=len(ids))
+
+    recipients, stopped = _claim_and_check(runtime, ids, now)
+    claimed = len(recipients) + stopped
+    if not recipients:
+        return BatchOutcome(claimed=claimed, stopped=stopped)
+
+    try:
+        requests, single, failed = _prepare(runtime, recipients)
+    except BaseException:
+        # Nothing was sent yet: give the rows back rather than leave them to become ``uncertain``.
+        _release(runtime, [r.id for r in recipients], utcnow(), 0.0, give_back_attempt=True)
+        raise
+
+    sent = 0
+    retry_in: float | None = None
+    for position, (shared, chunk) in enumerate(requests):
+        try:
+            result = _send(runtime, provider, shared, chunk, now)
+        except BaseException:
+            # This request's rows stay ``sending`` (the call may have happened); later ones were never tried.
+            untried = [r.id for _, later in requests[position + 1 :] for r in later] + single
+            _release(runtime, untried, utcnow(), 0.0, give_back_attempt=True)
+            raise
+        sent += result.sent
+        failed += result.failed
+        single.extend(result.single)
+        if result.retry_in is not None:
+            retry_in = result.retry_in if retry_in is None else min(retry_in, result.retry_in)
+    if single:
+        _release(runtime, single, utcnow(), 0.0, give_back_attempt=True)
+        runtime.enqueue(single)
+    return BatchOutcome(
+        claimed=claimed,
+        sent=sent,
+        stopped=stopped,
+        failed=failed,
+        single=len(single),
+        requests=len(requests),
+        retry_in=retry_in,
+    )
+
+
+def _prepare(
+    runtime: Runtime, recipients: Sequence[_Recipient]
+) -> tuple[list[tuple[SharedEmail, list[_Recipient]]], list[str], int]:
+    """Render each group once and fill in its recipients: (requests to make, ids to send singly, failed count)."""
+    single: list[str] = []
+    failed = 0
+    requests: list[tuple[SharedEmail, list[_Recipient]]] = []
+    for group in _groups(runtime, recipients):
+        try:
+            shared = render_shared(runtime, group[0])
+        except NotShareable as exc:
+            log.info(
+                "template not shareable; sending one by one", extra={"template": group[0].template, "why": str(exc)}
+            )
+            single.extend(r.id for r in group)
+            continue
+        except TemplateError as exc:
+            _fail(runtime, [r.id for r in group], utcnow(), rule="template", code="template", detail=str(exc)[:500])
+            log.error("template failed", extra={"template": group[0].template, "count": len(group)})
+            failed += len(group)
+            continue
+        fitting = _personalize(runtime, shared, group)
+        fits = {r.id for r in fitting}
+        single.extend(r.id for r in group if r.id not in fits)
+        for chunk in _chunks(fitting, MAX_PERSONALIZATIONS):
+            requests.append((shared, list(chunk)))
+    return requests, single, failed
+
+
+# -- claim and rules -----------------------------------------------------------------------------------------
+
+
+def _claim_and_check(runtime: Runtime, ids: Sequence[str], now: datetime) -> tuple[list[_Recipient], int]:
+    """Claim the rows still pending, lock their candidates, run every rule; returns those allowed to go."""
+    settings = runtime.settings
+    policy = runtime.policy
+    om = OutboundMessage
+    with Session(runtime.engine, expire_on_commit=False) as session, session.begin():
+        postgres = session.get_bind().dialect.name == "postgresql"
+        pick = (
+            select(om.id)
+            .where(
+                om.id.in_(ids),
+                om.status == MessageStatus.PENDING.value,
+                om.not_before <= now,
+                om.channel == Channel.EMAIL.value,
+            )
+            .order_by(om.id)
+        )
+        if postgres:
+            # Rows a retried copy of this batch (or a single send) is claiming right now are theirs.
+            pick = pick.with_for_update(skip_locked=True)
+        claimed = session.execute(
+            update(om)
+            .where(om.id.in_(pick.scalar_subquery()))
+            .values(
+                status=MessageStatus.SENDING.value,
+                lease_until=now + timedelta(seconds=settings.lease_seconds),
+                attempts=om.attempts + 1,
+                # Provisional, as in the single path: caps count rows being sent by this time.
+                sent_at=now,
+                updated_at=now,
+            )
+            .returning(
+                om.id,
+                om.candidate_id,
+                om.enrollment_id,
+                om.campaign,
+                om.step,
+                om.template,
+                om.category,
+                om.channel,
+                om.attempts,
+                om.created_at,
+                om.not_before,
+            )
+        ).all()
+        if not claimed:
+            return [], 0
+        claimed_ids = {row.id for row in claimed}
+        candidate_ids = sorted({row.candidate_id for row in claimed})
+        # Locked in id order, so batches and single sends queue up behind each other instead of deadlocking.
+        query = select(Candidate).where(Candidate.id.in_(candidate_ids)).order_by(Candidate.id)
+        if postgres:
+            query = query.with_for_update(key_share=True)
+        candidates = {c.id: c for c in session.scalars(query)}
+
+        enrollment_ids = {row.enrollment_id for row in claimed if row.enrollment_id is not None}
+        enrollments = {
+            e.id: e
+            for e in session.execute(
+                select(
+                    Enrollment.id, Enrollment.status, Enrollment.exit_reason, Enrollment.job_id, Enrollment.context
+                ).where(Enrollment.id.in_(enrollment_ids))
+            )
+        }
+        job_ids = {e.job_id for e in enrollments.values() if e.job_id is not None}
+        jobs = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(job_ids)))} if job_ids else {}
+        addresses = {
+            suppression_address(row.channel, c.email) for row in claimed if (c := candidates[row.candidate_id]).email
+        }
+        suppressed = dict(
+            session.execute(
+                select(Suppression.address, Suppression.reason).where(
+                    Suppression.channel == Channel.EMAIL.value, Suppression.address.in_(addresses)
+                )
+            ).all()
+        )
+        caps = next((r for r in policy._outreach_rules if isinstance(r, FrequencyCaps)), None)
+        sends: dict[int, list[RecentSend]] = defaultdict(list)
+        if caps is not None and caps.rules:
+            for message_id, candidate_id, at, channel, category in session.execute(
+                select(om.id, om.candidate_id, om.sent_at, om.channel, om.category).where(
+                    om.candidate_id.in_(candidate_ids),
+                    om.status.in_(COUNTED),
+                    om.sent_at.is_not(None),
+                    om.sent_at > now - caps.longest,
+                )
+            ):
+                # This batch's own rows count once they are allowed, one after the other, below.
+                if message_id not in claimed_ids and at is not None:
+                    sends[candidate_id].append(RecentSend(at, channel, category))
+
+        allowed: list[_Recipient] = []
+        stopped: list[dict[str, Any]] = []
+        for row in sorted(claimed, key=lambda r: (r.candidate_id, r.id)):
+            candidate = candidates[row.candidate_id]
+            enrollment = enrollments.get(row.enrollment_id) if row.enrollment_id is not None else None
+            subject = policy.subject(
+                candidate,
+                channel=row.channel,
+                category=row.category,
+                campaign=row.campaign,
+                now=now,
+                stage=Stage.SEND,
+                message_id=row.id,
+            )
+            decision = _decide(session, runtime, subject, candidate, enrollment, suppressed, sends[candidate.id])
+            if not decision.allowed:
+                verdict = Verdict(decision)
+                held = verdict.status is MessageStatus.HELD
+                stopped.append(
+                    {
+                        "b_id": row.id,
+                        "b_status": verdict.status.value,
+                        "b_rule": decision.rule,
+                        "b_reason": decision.reason,
+                        "b_not_before": decision.until if held and decision.until else row.not_before,
+                    }
+                )
+                continue
+            sends[candidate.id].append(RecentSend(now, row.channel, row.category))
+            job = jobs.get(enrollment.job_id) if enrollment is not None and enrollment.job_id else None
+            allowed.append(
+                _Recipient(
+                    id=row.id,
+                    candidate=candidate,
+                    enrollment_id=row.enrollment_id,
+                    campaign=row.campaign,
+                    step=row.step,
+                    template=row.template,
+                    category=row.category,
+                    channel=row.channel,
+                    attempts=row.attempts,
+                    created_at=row.created_at,
+                    not_before=row.not_before,
+                    context=dict(enrollment.context or {}) if enrollment is not None else {},
+                    job=job,
+                )
+            )
+        if stopped:
+            table = _OUTBOX
+            session.connection().execute(
+                update(table)
+                .where(table.c.id == bindparam("b_id"))
+                .values(
+                    status=bindparam("b_status"),
+                    rule=bindparam("b_rule"),
+                    reason=bindparam("b_reason"),
+                    not_before=bindparam("b_not_before"),
+                    enqueued_at=None,
+                    sent_at=None,
+                    lease_until=None,
+                    updated_at=now,
+                ),
+                stopped,
+            )
+    return allowed, len(stopped)
+
+
+def _decide(
+    session: Session,
+    runtime: Runtime,
+    subject: Subject,
+    candidate: Candidate,
+    enrollment: Any,
+    suppressed: Mapping[str, str],
+    sends: list[RecentSend],
+) -> Decision:
+    """The policy engine's rules in its order, answered from the batch's reads where a rule reads the database.
+
+    Each bulk answer is the rule's own decision on the same data (same rule name, same reason); a rule this
+    function does not know is asked directly, so a new rule can never be skipped by the batch path.
+    """
+    policy = runtime.policy
+    if enrollment is not None and enrollment.status == EnrollmentStatus.EXITED.value:
+        return Decision.suppress("exit", f"enrollment exited: {enrollment.exit_reason}")
+    rules: list[Any] = list(policy._consent_rules)
+    if subject.category in OUTREACH_CATEGORIES:
+        rules += policy._outreach_rules
+    for rule in rules:
+        if isinstance(rule, SuppressionRule):
+            if not subject.address:
+                decision = Decision.suppress("address", "candidate has no email")
+            elif (reason := suppressed.get(suppression_address(subject.channel, subject.address))) is not None:
+                decision = Decision.suppress(rule.name, f"address suppressed: {reason}")
+            else:
+                decision = Decision.allow()
+        elif isinstance(rule, NurtureConsentRule):
+            if subject.category == Category.NURTURE.value and not candidate.nurture_consent:
+                decision = Decision.suppress(rule.name, "no consent to nurture messages")
+            else:
+                decision = Decision.allow()
+        elif isinstance(rule, FrequencyCaps):
+            decision = Decision.allow()
+            for cap in rule.rules:
+                if cap.applies(subject):
+                    decision = cap.decide(sends, subject)
+                    if not decision.allowed:
+                        break
+        else:
+            decision = rule.check(session, subject)
+        if not decision.allowed:
+            return decision
+    return Decision.allow()
+
+
+# -- grouping and rendering ----------------------------------------------------------------------------------
+
+
+def _groups(runtime: Runtime, recipients: Iterable[_Recipient]) -> list[list[_Recipient]]:
+    """Recipients that one rendering serves: same campaign, template, locale, job and enrollment context."""
+    groups: dict[tuple[Any, ...], list[_Recipient]] = {}
+    for recipient in recipients:
+        try:
+            locale = runtime.renderer.resolve_locale("email", recipient.template, recipient.candidate.locale)
+        except TemplateError:
+            locale = recipient.candidate.locale or ""
+        key = (
+            recipient.campaign,
+            recipient.category,
+            recipient.template,
+            locale,
+            recipient.job.id if recipient.job is not None else None,
+            json.dumps(recipient.context, sort_keys=True, default=str),
+        )
+        groups.setdefault(key, []).append(recipient)
+    return list(groups.values())
+
+
+def _transient_message(recipient: _Recipient) -> OutboundMessage:
+    return OutboundMessage(
+        id=recipient.id,
+        enrollment_id=recipient.enrollment_id,
+        candidate_id=recipient.candidate.id,
+        campaign=recipient.campaign,
+        step=recipient.step,
+        channel=recipient.channel,
+        template=recipient.template,
+        category=recipient.category,
+        created_at=recipient.created_at,
+    )
+
+
+def render_shared(runtime: Runtime, exemplar: _Recipient) -> SharedEmail:
+    """Render ``exemplar``'s template once, with substitution tags for every per-recipient value."""
+    enrollment = Enrollment(context=exemplar.context) if exemplar.enrollment_id is not None else None
+    context = build_context(runtime, _transient_message(exemplar), exemplar.candidate, enrollment, exemplar.job)
+    probe = _Probe({**context["candidate"], **{key: _Slot(key) for key in SUBSTITUTED}})
+    concerns = _ProbeList(context.get("concerns") or [])
+    context.update(
+        candidate=probe,
+        concerns=concerns,
+        links={**context["links"], "unsubscribe": _Slot("unsubscribe")},
+        message={**context["message"], "id": _Slot("message_id")},
+    )
+    email = runtime.renderer.render_email(exemplar.template, exemplar.candidate.locale, context)
+    unshared = sorted(probe.read - SUBSTITUTED)
+    if unshared or concerns.used:
+        raise NotShareable(f"reads candidate fields {unshared or ['concerns']}")
+    allowed = {text_tag(k) for k in (*SUBSTITUTED, "unsubscribe", "message_id")}
+    allowed |= {html_tag(k) for k in (*SUBSTITUTED, "unsubscribe", "message_id")}
+    found = set(_TAG.findall(email.subject + email.text + email.html))
+    if found - allowed or "%%o:" in _TAG.sub("", email.subject + email.text + email.html).lower():
+        raise NotShareable("transforms a per-recipient value instead of printing it")
+
+    text, body = email.text, email.html
+    links: list[Link] = []
+    if tracks_clicks(runtime.campaigns.get(exemplar.campaign)):
+        text, body, links = _tracked(runtime, context, text, body)
+        found |= {text_tag(f"link{i}") for i in range(len(links))}
+    else:
+        body = strip_names(body)
+    return SharedEmail(
+        subject=email.subject, text=text, html=body, locale=email.locale, tags=frozenset(found), links=tuple(links)
+    )
+
+
+def _tracked(runtime: Runtime, context: Mapping[str, Any], text: str, body: str) -> tuple[str, str, list[Link]]:
+    """The parts with every trackable link replaced by a tag of its own (``link0`` …), as click tracking would."""
+    settings = runtime.settings
+    known = known_names(context)
+    own = (f"{settings.public_url}/r/", f"{settings.public_url}/unsubscribe/")
+    found: list[Link] = []
+    names = dict(known)
+
+    def trackable(link: Link) -> bool:
+        return is_web_url(link.url) and not link.url.startswith(own)
+
+    def collect_html(link: Link) -> str | None:
+        if link.name is not None:
+            names.setdefault(link.url, link.name)
+        if trackable(link) and link not in found:
+            found.append(link)
+        return None
+
+    def collect_text(link: Link) -> str | None:
+        if trackable(link) and link not in found:
+            found.append(link)
+        return None
+
+    rewrite_html(body, known, collect_html)
+    rewrite_text(text, names, collect_text)
+    tags = {link: text_tag(f"link{i}") for i, link in enumerate(found)}
+
+    def substitute(link: Link) -> str | None:
+        return tags.get(link) if trackable(link) else None
+
+    return rewrite_text(text, names, substitute), rewrite_html(body, known, substitute), found
+
+
+def _personalize(runtime: Runtime, shared: SharedEmail, group: Sequence[_Recipient]) -> list[_Recipient]:
+    """Fill each recipient's substitutions (storing tracked links first); returns those that fit a batch."""
+    settings = runtime.settings
+    link_urls = _store_links(runtime, shared, group) if shared.links else {}
+    fitting: list[_Recipient] = []
+    for recipient in group:
+        name = recipient.candidate.name or ""
+        words = name.split()
+        values = {
+            "name": name,
+            "first_name": words[0] if words else name,
+            "unsubscribe": unsubscribe_url(settings, recipient.channel, recipient.candidate.id),
+            "message_id": recipient.id,
+        }
+        for index, url in enumerate(link_urls.get(recipient.id, ())):
+            values[f"link{index}"] = url
+        substitutions: dict[str, str] = {}
+        for key, value in values.items():
+            if text_tag(key) in shared.tags:
+                substitutions[text_tag(key)] = value
+            if html_tag(key) in shared.tags:
+                substitutions[html_tag(key)] = html.escape(value)
+        recipient.substitutions = substitutions
+        if _personalization_bytes(recipient, shared) <= MAX_PERSONALIZATION_BYTES:
+            fitting.append(recipient)
+    return fitting
+
+
+def _store_links(runtime: Runtime, shared: SharedEmail, group: Sequence[_Recipient]) -> dict[str, list[str]]:
+    """One TrackedLink row per recipient and link (reusing an earlier attempt's); returns the redirect URLs."""
+    settings = runtime.settings
+    table = _LINKS
+    ids = [r.id for r in group]
+    urls: dict[str, list[str]] = {}
+    with Session(runtime.engine) as session, session.begin():
+        existing: dict[tuple[str, str, str | None], int] = {}
+        positions: dict[str, int] = defaultdict(lambda: -1)
+        for chunk in _chunks(ids, 1000):
+            for link_id, message_id, position, url, name in session.execute(
+                select(
+                    TrackedLink.id, TrackedLink.message_id, TrackedLink.position, TrackedLink.url, TrackedLink.name
+                ).where(TrackedLink.message_id.in_(chunk))
+            ):
+                existing[(message_id, url, name)] = link_id
+                positions[message_id] = max(positions[message_id], position)
+        missing: list[dict[str, Any]] = []
+        for message_id in ids:
+            for link in shared.links:
+                if (message_id, link.url, link.name) not in existing:
+                    positions[message_id] += 1
+                    missing.append(
+                        {
+                            "message_id": message_id,
+                            "position": positions[message_id],
+                            "url": link.url,
+                            "name": link.name,
+                        }
+                    )
+        if missing:
+            statement = insert(table).returning(
+                table.c.id, table.c.message_id, table.c.url, table.c.name, sort_by_parameter_order=True
+            )
+            for link_id, message_id, url, name in session.connection().execute(statement, missing):
+                existing[(message_id, url, name)] = link_id
+    for message_id in ids:
+        urls[message_id] = [
+            redirect_url(settings, existing[(message_id, link.url, link.name)]) for link in shared.links
+        ]
+    return urls
+
+
+def _personalization_bytes(recipient: _Recipient, shared: SharedEmail) -> int:
+    # SendGrid counts substitutions, custom args and headers of a personalization against its limit.
+    extra = {
+        "substitutions": recipient.substitutions,
+        "custom_args": {"outreach_id": recipient.id},
+        "headers": _headers(recipient),
+    }
+    return len(json.dumps(extra, ensure_ascii=False).encode("utf-8"))
+
+
+def _headers(recipient: _Recipient) -> dict[str, str]:
+    if recipient.category != Category.NURTURE.value:
+        return {}
+    link = recipient.substitutions.get(text_tag("unsubscribe"))
+    if link is None:
+        return {}
+    return {"List-Unsubscribe": f"<{link}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+
+
+# -- the request ---------------------------------------------------------------------------------------------
+
+
+def _address(value: str) -> dict[str, str]:
+    name, email = parseaddr(value)
+    result = {"email": email or value.strip()}
+    if name:
+        result["name"] = name
+    return result
+
+
+def build_payload(runtime: Runtime, shared: SharedEmail, chunk: Sequence[_Recipient]) -> dict[str, Any]:
+    """The SendGrid v3 mail/send body for one request: shared content, one personalization per recipient."""
+    settings = runtime.settings
+    first = chunk[0]
+    personalizations = []
+    for recipient in chunk:
+        personalization: dict[str, Any] = {
+            "to": [{"email": recipient.candidate.email or ""}],
+            "custom_args": {"outreach_id": recipient.id},
+        }
+        if recipient.substitutions:
+            personalization["substitutions"] = recipient.substitutions
+        headers = _headers(recipient)
+        if headers:
+            personalization["headers"] = headers
+        personalizations.append(personalization)
+    payload: dict[str, Any] = {
+        "personalizations": personalizations,
+        "from": _address(settings.email_from),
+        "subject": shared.subject,
+        "content": [
+            {"type": kind, "value": value}
+            for kind, value in (("text/plain", shared.text), ("text/html", shared.html))
+            if value
+        ],
+        "categories": list(dict.fromkeys((first.campaign, first.template))),
+    }
+    if settings.email_reply_to:
+        payload["reply_to"] = _address(settings.email_reply_to)
+    return payload
+
+
+@dataclass
+class _Sent:
+    sent: int = 0
+    failed: int = 0
+    single: list[str] = field(default_factory=list)
+    retry_in: float | None = None
+
+
+def _send(
+    runtime: Runtime,
+    provider: ProviderPipeline[Any, Any, Any],
+    shared: SharedEmail,
+    chunk: list[_Recipient],
+    now: datetime,
+) -> _Sent:
+    settings = runtime.settings
+    ids = [r.id for r in chunk]
+    rate = runtime.policy.spec.rate_limits.get(provider.name)
+    if rate is not None:
+        booking = runtime.pacer.book(f"{provider.name}:{settings.email_from}", rate, cost=float(len(chunk)))
+        if not booking.granted:
+            _release(runtime, ids, utcnow(), booking.wait, give_back_attempt=True)
+            return _Sent(retry_in=booking.wait)
+        if booking.wait > 0:
+            time.sleep(booking.wait)
+
+    payload = build_payload(runtime, shared, chunk)
+    error: ProviderError | None
+    try:
+        response = provider.post(payload)
+        error = None
+    except ProviderError as exc:
+        error = exc
+    except Exception as exc:
+        error = provider.map_error(exc)
+        if error is None:
+            raise
+    if error is None:
+        provider_message_id = provider.parse_result(response)
+        if not provider_message_id:
+            error = PermanentProviderError(provider.name, "accepted without returning a message id")
+            _fail(runtime, ids, utcnow(), rule="provider", code="no-id", detail=str(error), provider=provider.name)
+            return _Sent(failed=len(ids))
+        _record_sent(runtime, shared, chunk, provider.name, provider_message_id, now)
+        return _Sent(sent=len(ids))
+
+    if isinstance(error, TransientProviderError):
+        code = error.code or str(error.status or "network")
+        exhausted = [r.id for r in chunk if r.attempts >= settings.max_retries]
+        retrying = [r.id for r in chunk if r.attempts < settings.max_retries]
+        if exhausted:
+            _fail(runtime, exhausted, utcnow(), rule="retries", code=code, detail=str(error)[:500])
+        if not retrying:
+            return _Sent(failed=len(exhausted))
+        attempt = max(r.attempts for r in chunk)
+        delay = error.retry_after if error.retry_after is not None else backoff(attempt)
+        _release(runtime, retrying, utcnow(), delay, error_code=code, error_detail=str(error)[:500])
+        log.warning(
+            "provider busy; retrying batch",
+            extra={"provider": error.provider, "status": error.status, "delay": delay, "count": len(retrying)},
+        )
+        return _Sent(failed=len(exhausted), retry_in=delay)
+
+    if len(chunk) > 1:
+        # One bad personalization refuses the whole request: send them one by one, so only that one fails.
+        log.warning(
+            "provider refused batch; sending one by one", extra={"provider": error.provider, "code": error.code}
+        )
+        return _Sent(single=ids)
+    code = error.code or str(error.status)
+    _fail(runtime, ids, utcnow(), rule="provider", code=code, detail=str(error)[:500], provider=error.provider)
+    return _Sent(failed=len(ids))
+
+
+def _substitute(text: str, substitutions: Mapping[str, str]) -> str:
+    for tag, value in substitutions.items():
+        if tag in text:
+            text = text.replace(tag, value)
+    return text
+
+
+def _record_sent(
+    runtime: Runtime,
+    shared: SharedEmail,
+    chunk: Sequence[_Recipient],
+    provider: str,
+    provider_message_id: str,
+    sent_at: datetime,
+) -> None:
+    """Every row of the request ``sent`` (or, where a provider event got there first, the send's facts added)."""
+    rows = [
+        {
+            "b_id": r.id,
+            "b_subject": _substitute(shared.subject, r.substitutions),
+            "b_body": _substitute(shared.text, r.substitutions),
+        }
+        for r in chunk
+    ]
+    table = _OUTBOX
+    facts: dict[str, Any] = {
+        "provider": provider,
+        "provider_message_id": provider_message_id,
+        "locale": shared.locale,
+        "subject": bindparam("b_subject"),
+        "body": bindparam("b_body"),
+        "lease_until": None,
+        "updated_at": sent_at,
+    }
+    with Session(runtime.engine) as session, session.begin():
+        connection: Connection = session.connection()
+        # The claim time stands as the send time: caps counted the rows from then on.
+        connection.execute(
+            update(table)
+            .where(table.c.id == bindparam("b_id"), or_(*(table.c.status == s for s in _FINISHED_FROM)))
+            .values(status=MessageStatus.SENT.value, sent_at=sent_at, error_code=None, error_detail=None, **facts),
+            rows,
+        )
+        connection.execute(
+            update(table)
+            .where(
+                table.c.id == bindparam("b_id"),
+                *(table.c.status != s for s in _FINISHED_FROM),
+                table.c.provider_message_id.is_(None),
+            )
+            .values(**facts),
+            rows,
+        )
+
+
+def _fail(
+    runtime: Runtime,
+    ids: Sequence[str],
+    now: datetime,
+    *,
+    rule: str,
+    code: str,
+    detail: str,
+    provider: str | None = None,
+) -> None:
+    om = OutboundMessage
+    with Session(runtime.engine) as session, session.begin():
+        session.execute(
+            update(om)
+            .where(om.id.in_(list(ids)), om.status.in_(_FINISHED_FROM))
+            .values(
+                status=MessageStatus.FAILED.value,
+                rule=rule,
+                error_code=code[:32],
+                error_detail=detail[:500],
+                provider=provider,
+                lease_until=None,
+                updated_at=now,
+            )
+        )
+
+
+def _release(
+    runtime: Runtime,
+    ids: Sequence[str],
+    now: datetime,
+    delay: float,
+    *,
+    give_back_attempt: bool = False,
+    **values: Any,
+) -> None:
+    """Rows still ``sending`` back to ``pending``, due after ``delay`` seconds."""
+    om = OutboundMessage
+    retry_at = now + timedelta(seconds=delay)
+    if give_back_attempt:
+        values["attempts"] = om.attempts - 1
+    with Session(runtime.engine) as session, session.begin():
+        session.execute(
+            update(om)
+            .where(om.id.in_(list(ids)), om.status == MessageStatus.SENDING.value)
+            .values(
+                status=MessageStatus.PENDING.value,
+                not_before=retry_at,
+                enqueued_at=retry_at,
+                lease_until=None,
+                sent_at=None,
+                updated_at=now,
+                **values,
+            )
+        )
