@@ -1,0 +1,200 @@
+"""The dashboard without a browser: login and logout, redirects, CSRF checks, what each role sees, the search."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+
+from outreach.auth import revoke_key
+from outreach.models import utcnow
+from outreach.runtime import Runtime
+from outreach.web import create_app
+from outreach.web.auth import COOKIE
+from outreach.web.dashboard import Series, line_chart
+from tests.helpers import api_key
+from tests.web.dashboard_data import CANARIES, CANARY_ERROR, CANARY_NAME, Expected, seed
+
+PAGES = ("/dashboard", "/dashboard/funnel", "/dashboard/sla", "/dashboard/messages", "/dashboard/queue",
+         "/dashboard/inbox")
+SITE = "http://testserver"
+
+
+@pytest.fixture
+def client(runtime: Runtime) -> Iterator[TestClient]:
+    with TestClient(create_app(runtime), follow_redirects=False) as test_client:
+        yield test_client
+
+
+def login(client: TestClient, key: str, next_page: str = "") -> None:
+    answer = client.post("/dashboard/login", data={"key": key, "next": next_page}, headers={"Origin": SITE})
+    assert answer.status_code == 303, answer.text
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_without_a_key_every_page_redirects_to_the_login_form(client: TestClient, page: str) -> None:
+    answer = client.get(page, params={"status": "sent"} if page.endswith("messages") else None)
+    assert answer.status_code == 303
+    location = answer.headers["location"]
+    assert location.startswith("/dashboard/login?next=%2Fdashboard")
+    if page.endswith("messages"):
+        assert location.endswith("%3Fstatus%3Dsent")
+    assert client.get(location).status_code == 200
+
+
+def test_login_sets_a_strict_httponly_cookie_and_returns_to_the_page_asked_for(
+    client: TestClient, runtime: Runtime
+) -> None:
+    key = api_key(runtime, "ops", name="night-shift")
+    answer = client.post(
+        "/dashboard/login", data={"key": key, "next": "/dashboard/queue"}, headers={"Origin": SITE}
+    )
+    assert answer.status_code == 303
+    assert answer.headers["location"] == "/dashboard/queue"
+    cookie = answer.headers["set-cookie"]
+    assert cookie.startswith(f"{COOKIE}=")
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/dashboard" in cookie
+    page = client.get("/dashboard/queue")
+    assert page.status_code == 200
+    assert "night-shift" in page.text and 'data-role="ops"' in page.text
+    assert page.headers["cache-control"] == "no-store" and page.headers["x-frame-options"] == "DENY"
+
+
+def test_a_wrong_key_is_refused_and_never_echoed(client: TestClient) -> None:
+    wrong = "ork_" + "x" * 43
+    answer = client.post("/dashboard/login", data={"key": wrong}, headers={"Origin": SITE})
+    assert answer.status_code == 401
+    assert "Unknown or revoked key" in answer.text and wrong not in answer.text
+    assert "set-cookie" not in answer.headers
+    assert client.post("/dashboard/login", data={"key": ""}).status_code == 401
+
+
+def test_login_from_another_site_is_refused(client: TestClient, runtime: Runtime) -> None:
+    key = api_key(runtime, "hr")
+    for headers in ({"Origin": "https://evil.example"}, {"Origin": "null"}, {"Referer": "https://evil.example/x"}):
+        answer = client.post("/dashboard/login", data={"key": key}, headers=headers)
+        assert answer.status_code == 403, headers
+        assert "set-cookie" not in answer.headers
+    login(client, key)
+    assert client.post("/dashboard/logout", headers={"Origin": "https://evil.example"}).status_code == 403
+
+
+@pytest.mark.parametrize("target", ["https://evil.example/", "//evil.example/dashboard", "/api/v1/messages",
+                                    "/\\evil.example"])
+def test_next_never_leaves_the_dashboard(client: TestClient, runtime: Runtime, target: str) -> None:
+    answer = client.post(
+        "/dashboard/login", data={"key": api_key(runtime, "hr"), "next": target}, headers={"Origin": SITE}
+    )
+    assert answer.headers["location"] == "/dashboard"
+
+
+def test_logout_forgets_the_cookie_and_a_revoked_key_logs_out(client: TestClient, runtime: Runtime) -> None:
+    key = api_key(runtime, "hr", name="to-revoke")
+    login(client, key)
+    assert client.get("/dashboard").status_code == 200
+    answer = client.post("/dashboard/logout", headers={"Origin": SITE})
+    assert answer.status_code == 303 and answer.headers["location"] == "/dashboard/login"
+    assert client.get("/dashboard").status_code == 303
+    login(client, key)
+    with Session(runtime.engine) as session, session.begin():
+        revoke_key(session, key[:12])
+    assert client.get("/dashboard").status_code == 303
+
+
+def test_a_bearer_header_works_too(client: TestClient, runtime: Runtime) -> None:
+    headers = {"Authorization": f"Bearer {api_key(runtime, 'ops')}"}
+    assert client.get("/dashboard/funnel", headers=headers).status_code == 200
+
+
+def _figure(text: str, name: str) -> str:
+    found = re.search(rf'data-figure="{re.escape(name)}">([^<]*)<', text)
+    assert found, name
+    return found.group(1).strip()
+
+
+@pytest.fixture
+def seeded(runtime: Runtime) -> Expected:
+    return seed(runtime, utcnow())
+
+
+def test_ops_sees_no_personal_data_on_any_page(client: TestClient, runtime: Runtime, seeded: Expected) -> None:
+    login(client, api_key(runtime, "ops"))
+    pages = [*PAGES, "/dashboard?bucket=week", "/dashboard/messages?candidate=cand-01"]
+    pages += [f"/dashboard/messages/{mid}" for mid in (seeded.held_id, seeded.bounced_id, *seeded.pipeline_ids)]
+    pages += ["/dashboard/messages/" + seeded.suppressed_id]
+    for page in pages:
+        answer = client.get(page)
+        assert answer.status_code == 200, page
+        for canary in CANARIES:
+            assert canary not in answer.text, (page, canary)
+    inbox = client.get("/dashboard/inbox").text
+    assert _figure(inbox, "inbox-count") == str(len(seeded.pipeline_ids))
+    assert seeded.pipeline_ids[0] in inbox  # outbox ids are not personal data: they link to the message
+
+
+def test_hr_sees_the_candidate_and_the_content(client: TestClient, runtime: Runtime, seeded: Expected) -> None:
+    login(client, api_key(runtime, "hr"))
+    bounced = client.get(f"/dashboard/messages/{seeded.bounced_id}").text
+    assert CANARY_NAME in bounced and CANARY_ERROR in bounced
+    inbox = client.get("/dashboard/inbox").text
+    assert "canary-mail.example" in inbox
+
+
+def test_pages_show_the_figures_of_the_history(client: TestClient, runtime: Runtime, seeded: Expected) -> None:
+    login(client, api_key(runtime, "ops"))
+    overview = client.get("/dashboard").text
+    assert _figure(overview, "messages") == str(seeded.messages)
+    assert _figure(overview, "delivery_rate") == seeded.delivery_rate
+    assert _figure(overview, "bounce_rate") == seeded.bounce_rate
+    assert _figure(overview, "reply_rate") == seeded.reply_rate
+    assert _figure(overview, "due-pending") == str(seeded.due_pending)
+    assert _figure(overview, "held") == str(seeded.held)
+    assert _figure(overview, "open-alerts") == str(seeded.open_alerts)
+    assert '<svg class="chart"' in overview and "<title" in overview
+    sla = client.get("/dashboard/sla").text
+    row = re.search(r'data-sla="first_contact">(.*?)</tr>', sla, re.S)
+    assert row
+    assert f'data-col="breached">{seeded.first_contact_breached}<' in row.group(1)
+    assert f'data-col="met">{seeded.first_contact_met}<' in row.group(1)
+    queue = client.get("/dashboard/queue").text
+    assert _figure(queue, "due-pending") == str(seeded.due_pending)
+    lag = float(_figure(queue, "queue-lag-seconds"))
+    assert 600 <= lag < 900
+
+
+def test_message_detail_names_the_rule_that_held_it_and_its_history(
+    client: TestClient, runtime: Runtime, seeded: Expected
+) -> None:
+    login(client, api_key(runtime, "ops"))
+    held = client.get(f"/dashboard/messages/{seeded.held_id}").text
+    assert "Held by quiet_hours" in held and 'data-field="rule">quiet_hours<' in held
+    suppressed = client.get(f"/dashboard/messages/{seeded.suppressed_id}").text
+    assert "Dropped (suppressed) by consent: address suppressed: unsubscribed" in suppressed
+    bounced = client.get(f"/dashboard/messages/{seeded.bounced_id}").text
+    history = bounced.split('id="history"', 1)[1]
+    assert history.index("created") < history.index("sent") < history.index("bounced")
+    assert client.get("/dashboard/messages/nope").status_code == 404
+
+
+def test_search_filters_and_names_a_bad_field(client: TestClient, runtime: Runtime, seeded: Expected) -> None:
+    login(client, api_key(runtime, "ops"))
+    held = client.get("/dashboard/messages", params={"status": "held"}).text
+    assert _figure(held, "message-count") == str(seeded.held)
+    one = client.get("/dashboard/messages", params={"candidate": "cand-03", "channel": "email"}).text
+    assert _figure(one, "message-count") == "2"
+    bad = client.get("/dashboard/messages", params={"date_from": "yesterday", "status": "lost"})
+    assert bad.status_code == 200
+    assert 'data-field="date_from"' in bad.text and 'data-field="status"' in bad.text
+    messages = " ".join(re.findall(r'<p class="error"[^>]*>([^<]*)</p>', bad.text))
+    assert "date_from: not a date" in messages and "yesterday" not in messages
+
+
+def test_line_chart_is_labelled_and_leaves_gaps() -> None:
+    svg = str(line_chart("Rates per day", ["11-01", "11-02", "11-03"], [Series("delivery", [0.5, None, 1.0])],
+                         x_label="day", y_label="rate"))
+    assert "<title" in svg and 'role="img"' in svg and ">rate<" in svg and ">day<" in svg
+    assert "delivery, 11-03: 100.0%" in svg
+    assert "<polyline" not in svg  # two points separated by a gap: no line drawn between them
