@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install up test lint typecheck bench bench-smoke services clean
+.PHONY: install up test lint typecheck bench bench-smoke services browser clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,12 +17,17 @@ install: $(VENV)/.installed
 up: install
 	$(BIN)/outreach up
 
-## Check PostgreSQL, Redis and RabbitMQ (starting local ones if possible), then run the whole suite.
-test: install services
+## Check PostgreSQL, Redis and RabbitMQ (starting local ones if possible) and Chromium (installing it if
+## missing), then run the whole suite.
+test: install services browser
 	$(BIN)/pytest
 
 services:
 	scripts/test-services
+
+## The browser tests drive Debian's Chromium; install it when it is missing.
+browser:
+	scripts/test-browser
 
 lint: install
 	$(BIN)/ruff check outreach workers tests bench
