@@ -14,6 +14,8 @@ from outreach.errors import NotFoundError, ValidationError
 from outreach.runtime import Runtime
 from outreach.web import api, conversation, inbound_parse, redirect, unsubscribe, webhooks
 from outreach.web.auth import Forbidden, Unauthorized, authorize
+from outreach.web.metrics_api import router as metrics_router
+from outreach.web.prometheus import router as prometheus_router
 from outreach.web.ratelimit import BodyLimit, ErrorShield, RateLimit, make_limiter
 from outreach.web.webhooks import WebhookSettings
 
@@ -96,6 +98,8 @@ def create_app(runtime: Runtime, webhook_settings: WebhookSettings | None = None
     app.include_router(webhooks.router)
     app.include_router(inbound_parse.router)
     app.include_router(conversation.router, dependencies=[Depends(authorize)])
+    app.include_router(metrics_router, dependencies=[Depends(authorize)])
+    app.include_router(prometheus_router)  # /metrics: no key, like /healthz (see outreach.web.prometheus)
 
     # Guards (outreach.web.ratelimit), outermost last: request id and generic 500s, rate limits, body size.
     settings = runtime.settings
