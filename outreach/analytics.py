@@ -33,17 +33,19 @@ Every count is of distinct messages; a rate is ``None`` when its denominator is 
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Literal
 
 from sqlalchemy import ColumnElement, Engine, Select, case, func, literal, select
 from sqlalchemy.orm import Session
 
+from outreach.errors import ValidationError
 from outreach.models import (
     Alert,
     Candidate,
@@ -72,7 +74,11 @@ __all__ = [
     "SlaBreach",
     "SlaReport",
     "SlaSpec",
+    "check_window",
     "funnel",
+    "parse_bucket",
+    "parse_dimension",
+    "parse_moment",
     "queue",
     "rates",
     "sla",
@@ -322,6 +328,51 @@ class QueueReport:
         data = asdict(self)
         data["at"] = self.at.isoformat()
         return data
+
+
+_AGO = re.compile(r"^\s*(\d+)\s*([hdw])\s*$")
+_AGO_UNITS = {"h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
+
+
+def parse_moment(value: str | None, field_name: str, now: datetime | None = None) -> datetime | None:
+    """``30d`` / ``12h`` / ``2w`` (that long before ``now``), or an ISO date or datetime (UTC unless it says
+    otherwise); empty → None. Anything else raises :class:`~outreach.errors.ValidationError` naming the field."""
+    if value is None or not value.strip():
+        return None
+    match = _AGO.match(value)
+    if match:
+        return (now or utcnow()) - int(match.group(1)) * _AGO_UNITS[match.group(2)]
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise ValidationError(
+            field_name, "give a time like 30d, 12h or 2w (ago), or an ISO date or datetime (2026-11-01)"
+        ) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def parse_dimension(value: str | None, field_name: str = "by") -> Dimension | None:
+    if value is None or not value.strip():
+        return None
+    try:
+        return Dimension(value.strip())
+    except ValueError:
+        raise ValidationError(field_name, f"must be one of {', '.join(d.value for d in Dimension)}") from None
+
+
+def parse_bucket(value: str | None, field_name: str = "bucket") -> Bucket | None:
+    if value is None or not value.strip():
+        return None
+    if value.strip() == "day":
+        return "day"
+    if value.strip() == "week":
+        return "week"
+    raise ValidationError(field_name, "must be day or week")
+
+
+def check_window(since: datetime | None, until: datetime | None) -> None:
+    if since is not None and until is not None and until <= since:
+        raise ValidationError("until", "must be after since")
 
 
 #: Outbox statuses of a row that went to (or at least towards) a provider: the "messages" of :func:`rates`.
