@@ -63,6 +63,7 @@ from sqlalchemy import JSON, Table, Text, bindparam, column, func, or_, select, 
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+from sqlalchemy.types import TypeEngine
 
 from outreach.models import (
     Candidate,
@@ -409,7 +410,7 @@ def _insert_ignore_many(
     statement: Any
     if session.get_bind().dialect.name == "postgresql":
         names = list(rows[0])
-        source = _pg_records(session, table, rows, names)
+        source = _pg_records(session, {name: table.c[name].type for name in names}, rows)
         statement = postgresql.insert(table).from_select(names, select(*(source.c[name] for name in names)))
         return list(session.execute(statement.on_conflict_do_nothing().returning(*returning)).all())
     statement = sqlite.insert(table).on_conflict_do_nothing()
@@ -422,16 +423,16 @@ def _json_scalar(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} cannot go into a JSON record")
 
 
-def _pg_records(session: Session, table: Table, rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> Any:
-    """``json_to_recordset(:records) AS records(name type, …)`` holding ``rows`` for the columns ``names``.
+def _pg_records(session: Session, types: Mapping[str, TypeEngine[Any]], rows: Sequence[Mapping[str, Any]]) -> Any:
+    """``json_to_recordset(:records) AS records(name type, …)`` holding ``rows``, one column per key of ``types``.
 
     Each value first goes through its column type's own bind processing (``UTCDateTime`` makes naive UTC), so
     what is stored is what an ordinary parameter would have stored; JSON columns go in as JSON values.
     """
     dialect = session.get_bind().dialect
+    names = list(types)
     processors: dict[str, Any] = {}
-    for name in names:
-        column_type = table.c[name].type
+    for name, column_type in types.items():
         if not isinstance(column_type, JSON):
             processor = column_type.bind_processor(dialect)
             if processor is not None:
@@ -439,12 +440,12 @@ def _pg_records(session: Session, table: Table, rows: Sequence[Mapping[str, Any]
     records = []
     for row in rows:
         if len(row) != len(names):
-            raise ValueError("every row of one insert must have the same columns")
+            raise ValueError("every row of one statement must have the same columns")
         records.append({name: processors[name](row[name]) if name in processors else row[name] for name in names})
     document = json.dumps(records, default=_json_scalar, ensure_ascii=False, separators=(",", ":"))
     return (
         func.json_to_recordset(sql_cast(bindparam("records", document, type_=Text), JSON))
-        .table_valued(*(column(name, table.c[name].type) for name in names))
+        .table_valued(*(column(name, column_type) for name, column_type in types.items()))
         .render_derived(name="records", with_types=True)
     )
 
@@ -551,7 +552,7 @@ def _plan_moves(new_events: Iterable[tuple[NormalizedEvent, _Row]]) -> dict[str,
 
 
 def _apply_moves(session: Session, moves: Mapping[str, tuple[_Move, _Row]], now: datetime) -> int:
-    """One executemany per target status; each UPDATE only matches rows of lower rank."""
+    """One UPDATE per target status; each only matches rows of lower rank."""
     table = cast(Table, OutboundMessage.__table__)
     c = table.c
     groups: dict[MessageStatus, list[dict[str, Any]]] = {}
@@ -569,35 +570,54 @@ def _apply_moves(session: Session, moves: Mapping[str, tuple[_Move, _Row]], now:
                 "b_error_detail": event.detail,
             }
         )
+    types: dict[str, TypeEngine[Any]] = {
+        "b_id": c.id.type,
+        "b_sent_at": UTCDateTime(),
+        "b_delivered_at": UTCDateTime(),
+        "b_provider": c.provider.type,
+        "b_provider_message_id": c.provider_message_id.type,
+        "b_error_code": c.error_code.type,
+        "b_error_detail": c.error_detail.type,
+    }
+    postgres = session.get_bind().dialect.name == "postgresql"
     updated = 0
     for target, params in sorted(groups.items()):
         rank = STATUS_RANK[target.value]
         lower = [status for status, value in STATUS_RANK.items() if value < rank]
+        # PostgreSQL: one UPDATE … FROM json_to_recordset for the whole group (see _insert_ignore_many); the rows
+        # are already locked, in id order, by _load_rows. SQLite: an executemany of the same UPDATE.
+        source = _pg_records(session, types, params) if postgres else None
+
+        def given(name: str, source: Any = source) -> Any:
+            return source.c[name] if source is not None else bindparam(name, type_=types[name])
+
         values: dict[str, Any] = {
             "status": target.value,
             "updated_at": now,
             "lease_until": None,
             # The worker may have died (or still be waiting) before it recorded these: fill them in.
-            "sent_at": func.coalesce(c.sent_at, bindparam("b_sent_at", type_=UTCDateTime())),
-            "provider": func.coalesce(c.provider, bindparam("b_provider", type_=c.provider.type)),
-            "provider_message_id": func.coalesce(
-                c.provider_message_id, bindparam("b_provider_message_id", type_=c.provider_message_id.type)
-            ),
-            "delivered_at": func.coalesce(c.delivered_at, bindparam("b_delivered_at", type_=UTCDateTime())),
+            "sent_at": func.coalesce(c.sent_at, given("b_sent_at")),
+            "provider": func.coalesce(c.provider, given("b_provider")),
+            "provider_message_id": func.coalesce(c.provider_message_id, given("b_provider_message_id")),
+            "delivered_at": func.coalesce(c.delivered_at, given("b_delivered_at")),
         }
         if rank == _TERMINAL_RANK:
-            values["error_code"] = bindparam("b_error_code", type_=c.error_code.type)
-            values["error_detail"] = bindparam("b_error_detail", type_=c.error_detail.type)
+            values["error_code"] = given("b_error_code")
+            values["error_detail"] = given("b_error_detail")
         else:
             values["error_code"] = None
             values["error_detail"] = None
-        # Plain equality comparisons rather than IN: expanding parameters cannot be used with executemany.
-        statement = (
-            update(table)
-            .where(c.id == bindparam("b_id"), or_(*(c.status == status for status in lower)))
-            .values(**values)
-        )
-        result = session.execute(statement, params)
+        if source is not None:
+            statement = update(table).where(c.id == source.c.b_id, c.status.in_(lower)).values(**values)
+            result = session.execute(statement)
+        else:
+            # Plain equality comparisons rather than IN: expanding parameters cannot be used with executemany.
+            statement = (
+                update(table)
+                .where(c.id == bindparam("b_id"), or_(*(c.status == status for status in lower)))
+                .values(**values)
+            )
+            result = session.execute(statement, params)
         updated += max(int(getattr(result, "rowcount", 0) or 0), 0)
     return updated
 
