@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from outreach.campaigns import Category
+from outreach.config import get_settings
 from outreach.models import Candidate, Enrollment, EnrollmentStatus, Suppression
 from outreach.policy.base import Decision, Subject
 
@@ -15,21 +19,41 @@ def suppression_address(channel: str, address: str) -> str:
     return address.strip().lower() if channel == "email" else address.strip()
 
 
+#: Suppressions kept after an erasure are stored under a keyed hash of the address, with this prefix.
+HASH_PREFIX = "hmac:"
+
+
+def address_hash(key: bytes, channel: str, address: str) -> str:
+    """The keyed hash an erased address stays suppressed under (stable for one secret key, useless without it)."""
+    normalised = suppression_address(channel, address)
+    return HASH_PREFIX + hmac.new(key, f"suppression\n{channel}\n{normalised}".encode(), hashlib.sha256).hexdigest()
+
+
 class SuppressionRule:
-    """An address that opted out, bounced hard or complained is never written to again on that channel."""
+    """An address that opted out, bounced hard or complained is never written to again on that channel.
+
+    The address is looked up in clear and under its keyed hash, so an opt-out outlives the candidate's erasure.
+    """
 
     name = "suppression"
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self._key = key
 
     def check(self, session: Session, subject: Subject) -> Decision:
         if not subject.address:
             return Decision.suppress(
                 "address", f"candidate has no {'email' if subject.channel == 'email' else 'phone'}"
             )
+        key = self._key if self._key is not None else get_settings().signing_key
+        plain = suppression_address(subject.channel, subject.address)
         reason = session.scalar(
-            select(Suppression.reason).where(
+            select(Suppression.reason)
+            .where(
                 Suppression.channel == subject.channel,
-                Suppression.address == suppression_address(subject.channel, subject.address),
+                Suppression.address.in_((plain, address_hash(key, subject.channel, plain))),
             )
+            .limit(1)
         )
         if reason is not None:
             return Decision.suppress(self.name, f"address suppressed: {reason}")

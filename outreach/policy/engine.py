@@ -58,7 +58,7 @@ class PolicyEngine:
     @cached_property
     def _consent_rules(self) -> list[Rule]:
         """Rules every message obeys, auto-replies included."""
-        return [SuppressionRule(), NurtureConsentRule()]
+        return [SuppressionRule(self.settings.signing_key), NurtureConsentRule()]
 
     @cached_property
     def _outreach_rules(self) -> list[Rule]:

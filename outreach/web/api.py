@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from outreach.candidates import CandidateIn, JobIn, upsert_candidate, upsert_job
 from outreach.enrollment import EventIn, record_event
+from outreach.erasure import erase_candidate, forget_in_sandbox
 from outreach.errors import NotFoundError
 from outreach.models import Candidate, Job, OutboundMessage
 from outreach.runtime import Runtime
@@ -116,6 +117,17 @@ def get_candidate(external_id: str, runtime: RuntimeDep) -> dict[str, Any]:
         if candidate is None:
             raise NotFoundError(f"candidate {external_id!r} not found")
         return candidate_out(candidate)
+
+
+@router.delete("/api/v1/candidates/{external_id}", tags=["candidates"])
+def delete_candidate(external_id: str, runtime: RuntimeDep) -> dict[str, Any]:
+    """Erase the candidate's personal data everywhere; opt-outs survive as keyed hashes, metrics stay intact."""
+    with Session(runtime.engine) as session, session.begin():
+        report, addresses = erase_candidate(session, runtime.settings, external_id)
+    counts = report.as_dict()
+    if runtime.sandbox_url:
+        counts["sandbox_records"] = forget_in_sandbox(runtime.sandbox_url, addresses)
+    return {"erased": True, "counts": counts}
 
 
 @router.post("/api/v1/jobs", tags=["jobs"])
