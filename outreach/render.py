@@ -21,9 +21,12 @@ context values: they are a candidate's personal data and end up in logs and the 
 
 from __future__ import annotations
 
+import contextvars
 import math
 import os
 import re
+import string
+import time
 import traceback
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -32,7 +35,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
-from jinja2 import FileSystemLoader, StrictUndefined, Template, select_autoescape
+from jinja2 import FileSystemLoader, StrictUndefined, Template, nodes, select_autoescape
 from jinja2 import TemplateError as JinjaTemplateError
 from jinja2.exceptions import (
     SecurityError,
@@ -40,6 +43,7 @@ from jinja2.exceptions import (
     TemplateSyntaxError,
     UndefinedError,
 )
+from jinja2.filters import FILTERS as DEFAULT_FILTERS
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import missing, object_type_repr
@@ -84,10 +88,125 @@ _RESOLVED_CACHE_LIMIT = 4096
 _MAX_REPEAT = 100_000
 _MAX_EXPONENT = 1024
 _FIRST_BATCH = 2048
+# A string a single operation may build (`replace`, `join`, padding widths): far beyond any real message.
+_MAX_STRING = 1_000_000
+_MAX_WIDTH = 10_000
+#: Wall-clock budget of one template render; a real one takes about a millisecond.
+RENDER_TIME_BUDGET = 2.0
+# Loops check the clock once per this many items.
+_TICK_EVERY = 256
 
 
 class _TooLong(Exception):
     pass
+
+
+class _TooSlow(Exception):
+    pass
+
+
+# The deadline of the render running in this thread (None outside a render: previews of single expressions).
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("outreach_render_deadline", default=None)
+
+
+def _tick() -> None:
+    deadline = _DEADLINE.get()
+    if deadline is not None and time.monotonic() > deadline:
+        raise _TooSlow
+
+
+def _budgeted(iterable: Any) -> Iterator[Any]:
+    """Every ``{% for %}`` iterates through this: the render's time budget holds inside loops that call nothing."""
+    for count, item in enumerate(iterable):
+        if not count % _TICK_EVERY:
+            _tick()
+        yield item
+
+
+_PERCENT_FIELD = re.compile(r"%(?:\([^)]*\))?[#0 +\-]*(\*|\d+)?(?:\.(\*|\d+))?")
+
+
+def _check_widths(widths: Iterator[str]) -> None:
+    for width in widths:
+        if width == "*" or "{" in width:
+            raise SecurityError("field widths taken from arguments are not allowed")
+        if width.isdigit() and int(width) > _MAX_WIDTH:
+            raise SecurityError(f"field widths above {_MAX_WIDTH} are not allowed")
+
+
+def _check_percent_format(template: str) -> None:
+    _check_widths(w for m in _PERCENT_FIELD.finditer(template) for w in m.groups() if w)
+
+
+def _check_brace_format(template: str) -> None:
+    try:
+        fields = list(string.Formatter().parse(template))
+    except ValueError:
+        return  # malformed: formatting it fails on its own
+    specs = (spec for _, name, spec, _ in fields if name is not None and spec)
+    _check_widths(w for spec in specs for w in (["{"] if "{" in spec else re.findall(r"\d+", spec)))
+
+
+def _too_big(size: int) -> None:
+    if size > _MAX_STRING:
+        raise SecurityError(f"building a string of more than {_MAX_STRING} characters is not allowed")
+
+
+def _check_str_call(text: str, method: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    """Refuse str methods whose result would be huge before they build it."""
+    if method in {"center", "ljust", "rjust", "zfill"}:
+        width = args[0] if args else kwargs.get("width")
+        if isinstance(width, int) and width > _MAX_WIDTH:
+            raise SecurityError(f"field widths above {_MAX_WIDTH} are not allowed")
+    elif method == "expandtabs":
+        size = args[0] if args else kwargs.get("tabsize", 8)
+        if isinstance(size, int):
+            _too_big(len(text) + text.count("\t") * size)
+    elif method == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        old, new = args[0], args[1]
+        hits = text.count(old) if old else len(text) + 1
+        _too_big(len(text) + hits * max(0, len(new) - len(old)))
+    elif method == "join" and args and hasattr(args[0], "__len__"):
+        _too_big(len(text) * max(0, len(args[0]) - 1))
+    elif method in {"format", "format_map"}:
+        _check_brace_format(text)
+
+
+def _guard_filter(name: str, check: Any) -> Any:
+    original = DEFAULT_FILTERS[name]
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        check(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    guarded.__name__ = original.__name__
+    for attribute in ("jinja_pass_arg",):
+        if hasattr(original, attribute):
+            setattr(guarded, attribute, getattr(original, attribute))
+    return guarded
+
+
+def _check_width_filter(value: Any, width: Any = 80, *args: Any, **kwargs: Any) -> None:
+    width = kwargs.get("width", width)
+    if isinstance(width, int) and width > _MAX_WIDTH:
+        raise SecurityError(f"field widths above {_MAX_WIDTH} are not allowed")
+    if isinstance(width, str) and len(width) > _MAX_WIDTH:
+        raise SecurityError(f"indentation longer than {_MAX_WIDTH} characters is not allowed")
+
+
+def _check_replace_filter(eval_ctx: Any, value: Any, old: Any = "", new: Any = "", *args: Any, **kwargs: Any) -> None:
+    if isinstance(value, str) and isinstance(old, str) and isinstance(new, str):
+        _check_str_call(value, "replace", (old, new), {})
+
+
+def _check_join_filter(eval_ctx: Any, value: Any, d: Any = "", *args: Any, **kwargs: Any) -> None:
+    if isinstance(d, str) and hasattr(value, "__len__"):
+        _too_big(len(d) * max(0, len(value) - 1))
+
+
+def _check_format_filter(value: Any, *args: Any, **kwargs: Any) -> None:
+    if isinstance(value, str):
+        _check_percent_format(value)
 
 
 @dataclass(frozen=True)
@@ -229,7 +348,30 @@ def _format_of(name: str) -> str:
 
 
 class _Environment(ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
+        # Every loop iterates through _budgeted, so a loop that outputs nothing still meets the time budget.
+        tree = super()._parse(source, name, filename)
+        for loop in tree.find_all(nodes.For):
+            loop.iter = nodes.Filter(loop.iter, "_budgeted", [], [], None, None, lineno=loop.lineno)
+        return tree
+
+    def call(
+        __self,
+        __context: Context,
+        __obj: Any,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        # Every call (macros included: deep recursion, loops of calls) checks the clock.
+        _tick()
+        # str.format arrives wrapped by the sandbox (a partial carrying the method as __wrapped__).
+        method = getattr(__obj, "__wrapped__", __obj)
+        bound = getattr(method, "__self__", None)
+        if isinstance(bound, str):
+            _check_str_call(bound, getattr(method, "__name__", ""), args, kwargs)
+        return super().call(__context, __obj, *args, **kwargs)
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         # The context is plain dicts: look the key up first. This skips the AttributeError the default order
@@ -250,6 +392,8 @@ class _Environment(ImmutableSandboxedEnvironment):
                     raise SecurityError(f"repetition producing more than {_MAX_REPEAT} items is not allowed")
         elif operator == "**" and isinstance(right, int) and abs(right) > _MAX_EXPONENT:
             raise SecurityError(f"exponents above {_MAX_EXPONENT} are not allowed")
+        elif operator == "%" and isinstance(left, str):
+            _check_percent_format(left)
         return super().call_binop(context, operator, left, right)
 
     def join_path(self, template: str, parent: str) -> str:
@@ -304,6 +448,15 @@ class Renderer:
         self.environment.filters["date"] = _format_date
         self.environment.filters["number"] = _format_number
         self.environment.filters["paragraphs"] = _paragraphs
+        self.environment.filters["_budgeted"] = _budgeted
+        self.environment.filters["center"] = _guard_filter("center", _check_width_filter)
+        self.environment.filters["indent"] = _guard_filter("indent", _check_width_filter)
+        self.environment.filters["replace"] = _guard_filter("replace", _check_replace_filter)
+        self.environment.filters["join"] = _guard_filter("join", _check_join_filter)
+        self.environment.filters["format"] = _guard_filter("format", _check_format_filter)
+        # Lorem ipsum has no place in a real message, and lipsum(n=10**9) would run for ever.
+        self.environment.globals.pop("lipsum", None)
+        self.time_budget = RENDER_TIME_BUDGET
         self._index = _scan(Path(self._root))
         self._compiled: dict[str, Template] = {}
         self._resolved: dict[tuple[str, str, str | None], str] = {}
@@ -416,6 +569,10 @@ class Renderer:
             return self._collect(template, context, limit)
         except _TooLong:
             raise TemplateError(name, f"output exceeds the limit of {limit} characters; is a loop runaway?") from None
+        except _TooSlow:
+            raise TemplateError(
+                name, f"rendering took longer than the budget of {self.time_budget:g} seconds; is a loop runaway?"
+            ) from None
         except Exception as exc:
             raise self._error(name, exc) from None
 
@@ -423,6 +580,7 @@ class Renderer:
         # Template.render minus its extra generator layer, plus a size check. A real message is a few hundred
         # chunks, so the first batch is all of it and is joined at C speed; only a runaway loop reaches the
         # batch-by-batch path, which stops it as soon as it passes the limit.
+        deadline = _DEADLINE.set(time.monotonic() + self.time_budget)
         try:
             variables = context if isinstance(context, dict) else dict(context)
             stream = template.root_render_func(template.new_context(variables))
@@ -437,11 +595,14 @@ class Renderer:
                 if size > limit:
                     raise _TooLong
                 chunks.append(chunk)
-        except _TooLong:
+                _tick()
+        except (_TooLong, _TooSlow):
             raise
         except Exception:
             # Rewrites the traceback to template file names and lines, which _where() reports.
             self.environment.handle_exception()
+        finally:
+            _DEADLINE.reset(deadline)
         return text if len(chunks) == 1 else "".join(chunks)
 
     # -- errors ---------------------------------------------------------------------------------------------
