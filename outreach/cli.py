@@ -585,5 +585,133 @@ def _first_start_key(runtime: Runtime) -> None:
     sys.stdout.flush()  # before the server's own output, also when stdout is a pipe
 
 
+_RATE_COLUMNS = (
+    ("messages", None),
+    ("delivered", "delivery_rate"),
+    ("opened", "open_rate"),
+    ("clicked", "click_rate"),
+    ("replied", "reply_rate"),
+    ("opted_out", "opt_out_rate"),
+    ("bounced", "bounce_rate"),
+)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _report_tables(rates: list[Any], funnel: Any, slas: list[Any], by: str | None) -> list[str]:
+    lines = []
+    heading = by or "all"
+    header = f"{heading:<24}" + "".join(
+        f"{count:>10}" + (f"{rate.split('_rate')[0] + '%':>10}" if rate else "") for count, rate in _RATE_COLUMNS
+    )
+    lines += ["Rates (rate = count / messages for delivery and bounce, / delivered for the others; opens: emails)"]
+    lines.append(header)
+    for row in rates:
+        label = " ".join(str(part) for part in (row.period, row.key) if part is not None) or "all"
+        cells = "".join(
+            f"{getattr(row, count):>10}" + (f"{_pct(getattr(row, rate)):>10}" if rate else "")
+            for count, rate in _RATE_COLUMNS
+        )
+        lines.append(f"{label:<24}{cells}")
+    lines += ["", "Funnel (candidates who applied in the window: reached / dropped before the next stage)"]
+    stages = [stage.stage for stage in funnel.total.stages]
+    lines.append(f"{'source':<16}" + "".join(f"{stage:>18}" for stage in stages))
+    for row in (funnel.total, *funnel.by_source):
+        cells = "".join(f"{f'{s.reached} / -{s.dropped}':>18}" for s in row.stages)
+        lines.append(f"{row.source or 'all':<16}{cells}")
+    lines += ["", "SLAs (events in the window)"]
+    lines.append(f"{'promise':<24}{'total':>7}{'met':>7}{'breached':>10}{'pending':>9}{'met %':>8}  worst late")
+    for report in slas:
+        met = "-" if report.met_pct is None else f"{report.met_pct:.1f}"
+        worst = "-" if report.worst_late_seconds is None else f"{report.worst_late_seconds / 3600:.1f} h"
+        lines.append(
+            f"{report.name:<24}{report.total:>7}{report.met:>7}{report.breached:>10}{report.pending:>9}"
+            f"{met:>8}  {worst}"
+        )
+    return lines
+
+
+def _report_csv(rates: list[Any], funnel: Any, slas: list[Any]) -> str:
+    """One long table: section, group, period, metric, value (rates, funnel stages and SLA counts)."""
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["section", "group", "period", "metric", "value"])
+    for row in rates:
+        data = row.as_dict()
+        for name, value in data.items():
+            if name not in ("key", "period"):
+                writer.writerow(["rates", row.key or "all", data["period"] or "", name, "" if value is None else value])
+    for frow in (funnel.total, *funnel.by_source):
+        for stage in frow.stages:
+            for name in ("reached", "dropped", "conversion"):
+                value = getattr(stage, name)
+                writer.writerow(
+                    ["funnel", frow.source or "all", "", f"{stage.stage}.{name}", "" if value is None else value]
+                )
+    for report in slas:
+        for name in ("total", "met", "breached", "pending", "met_pct", "worst_late_seconds"):
+            value = getattr(report, name)
+            writer.writerow(["sla", report.name, "", name, "" if value is None else value])
+    return out.getvalue()
+
+
+@main.command()
+@click.option("--since", "since_text", default="30d", show_default=True, help="30d, 12h, 2w (ago) or an ISO date.")
+@click.option("--until", "until_text", default=None, help="30d, 12h, 2w (ago) or an ISO date; default now.")
+@click.option(
+    "--by",
+    type=click.Choice(["campaign", "step", "channel", "template", "locale", "source", "period"]),
+    default=None,
+    help="Group the rates (default: one total).",
+)
+@click.option("--bucket", type=click.Choice(["day", "week"]), default=None, help="Also split the rates by period.")
+@click.option(
+    "--format", "output_format", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True
+)
+def report(since_text: str, until_text: str | None, by: str | None, bucket: str | None, output_format: str) -> None:
+    """Delivery, engagement and reply rates, the hiring funnel and the SLAs (no personal data)."""
+    from outreach import analytics
+    from outreach.db import get_engine
+    from outreach.models import utcnow
+
+    settings = _settings()
+    now = utcnow()
+    try:
+        since = analytics.parse_moment(since_text, "--since", now)
+        until = analytics.parse_moment(until_text, "--until", now)
+        analytics.check_window(since, until)
+    except ValidationError as exc:
+        raise click.BadParameter(
+            exc.message, param_hint=exc.field if exc.field.startswith("--") else f"--{exc.field}"
+        ) from None
+    dimension = analytics.parse_dimension(by)
+    period = analytics.parse_bucket(bucket)
+    engine = get_engine(settings.database_url)
+    rates = analytics.rates(engine, by=dimension, since=since, until=until, bucket=period)
+    funnel = analytics.funnel(engine, since=since, until=until)
+    slas = analytics.sla(engine, since=since, until=until, now=now)
+    if output_format == "json":
+        document = {
+            "since": since.isoformat() if since else None,
+            "until": until.isoformat() if until else None,
+            "by": by,
+            "rates": [row.as_dict() for row in rates],
+            "funnel": funnel.as_dict(),
+            "sla": [item.as_dict() for item in slas],
+        }
+        click.echo(json.dumps(document, indent=2))
+    elif output_format == "csv":
+        click.echo(_report_csv(rates, funnel, slas), nl=False)
+    else:
+        window = f"{since:%Y-%m-%d %H:%M} UTC" if since else "the start"
+        click.echo(f"outreach report: {window} to {f'{until:%Y-%m-%d %H:%M} UTC' if until else 'now'}")
+        click.echo("")
+        click.echo("\n".join(_report_tables(rates, funnel, slas, by)))
+
+
 if __name__ == "__main__":
     main()

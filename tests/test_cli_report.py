@@ -1,0 +1,89 @@
+"""``outreach report`` on both databases: the table, JSON and CSV formats carry the analytics figures."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+
+from outreach.cli import main
+from outreach.runtime import Runtime
+from tests import synthetic_history as synth
+
+
+@pytest.fixture
+def history(runtime: Runtime) -> synth.History:
+    h = synth.generate(seed=7, candidates=150)
+    synth.insert_history(runtime.engine, h)
+    return h
+
+
+def run(runtime: Runtime, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k.startswith("OUTREACH_")}
+    env = dict.fromkeys(env, None)  # type: ignore[arg-type]
+    env.update(
+        {
+            "OUTREACH_DATABASE_URL": runtime.settings.database_url,
+            "OUTREACH_CAMPAIGNS_DIR": str(runtime.settings.campaigns_dir),
+            "OUTREACH_TEMPLATES_DIR": str(runtime.settings.templates_dir),
+            "OUTREACH_LOG_LEVEL": "WARNING",
+        }
+    )
+    result = CliRunner().invoke(main, ["report", *args], env=env, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+WINDOW = ("--since", synth.START.isoformat(), "--until", synth.NOW.isoformat())
+
+
+def test_json_and_csv_carry_the_recomputed_figures(runtime: Runtime, history: synth.History) -> None:
+    document = json.loads(run(runtime, *WINDOW, "--by", "channel", "--format", "json"))
+    want = synth.expected_rates(history, by="channel", since=synth.START, until=synth.NOW)
+    assert {row["key"]: row["messages"] for row in document["rates"]} == {
+        key: counts["messages"] for (_, key), counts in want.items()
+    }
+    assert {row["key"]: row["replied"] for row in document["rates"]} == {
+        key: counts.get("replied", 0) for (_, key), counts in want.items()
+    }
+    funnel = synth.expected_funnel(history, synth.START, synth.NOW)
+    assert [s["reached"] for s in document["funnel"]["total"]["stages"]] == funnel[None]
+    assert {s["name"] for s in document["sla"]} >= {"first_contact", "offer_letter", "decline_note"}
+
+    rows = list(csv.DictReader(io.StringIO(run(runtime, *WINDOW, "--format", "csv"))))
+    assert set(rows[0]) == {"section", "group", "period", "metric", "value"}
+    total = synth.expected_rates(history, since=synth.START, until=synth.NOW)[(None, None)]
+    got = {r["metric"]: r["value"] for r in rows if r["section"] == "rates"}
+    assert int(got["messages"]) == total["messages"] and int(got["bounced"]) == total["bounced"]
+    assert float(got["delivery_rate"]) == pytest.approx(total["delivered"] / total["messages"])
+    reached = {r["metric"]: r["value"] for r in rows if r["section"] == "funnel" and r["group"] == "all"}
+    assert [int(reached[f"{stage}.reached"]) for stage in synth.STAGES] == funnel[None]
+    assert {r["group"] for r in rows if r["section"] == "sla"} >= {"first_contact", "offer_unanswered_alert"}
+
+    for output in (json.dumps(document), run(runtime, *WINDOW, "--format", "csv")):
+        assert synth.CANARY_NAME not in output and synth.CANARY_EMAIL_DOMAIN not in output
+
+
+def test_table(runtime: Runtime, history: synth.History) -> None:
+    text = run(runtime, *WINDOW, "--by", "campaign")
+    assert "Rates" in text and "Funnel" in text and "SLAs" in text
+    for campaign in synth.CAMPAIGNS:
+        assert campaign in text
+    assert "first_contact" in text and "linkedin" in text
+    assert synth.CANARY_NAME not in text
+    weekly = run(runtime, *WINDOW, "--by", "period", "--bucket", "week")
+    assert "2026-09-07" in weekly  # a Monday
+
+
+def test_bad_since_names_the_option(runtime: Runtime) -> None:
+    env = {"OUTREACH_DATABASE_URL": runtime.settings.database_url}
+    result = CliRunner().invoke(main, ["report", "--since", "yesterday-ish"], env=env)
+    assert result.exit_code == 2 and "--since" in result.output
+    result = CliRunner().invoke(main, ["report", "--since", "2026-10-02", "--until", "2026-10-01"], env=env)
+    assert result.exit_code == 2 and "--until" in result.output
+    result = CliRunner().invoke(main, ["report", "--format", "xml"], env=env)
+    assert result.exit_code == 2 and "--format" in result.output
