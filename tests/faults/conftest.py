@@ -166,7 +166,7 @@ def seed_enrollments(runtime: Runtime, count: int) -> None:
     ids: list[int] = []
     with Session(engine, expire_on_commit=False) as session, session.begin():
         upsert_job(session, JobIn.model_validate(JOB))
-        for index, fields in enumerate(EXEMPLARS):
+        for index, fields in enumerate(EXEMPLARS[:count]):
             data = {"external_id": f"f-{index:06d}", "email": f"f-{index:06d}@example.org", "phone": _phone(index)}
             candidate = upsert_candidate(session, CandidateIn.model_validate({**data, **fields}), settings)
             _, enrolled = record_event(
@@ -425,9 +425,9 @@ def make_stack(pg_database_url: str, tmp_path: Path) -> Iterator[Callable[..., S
         values.update(overrides)
         settings = make_settings(database_url or pg_database_url, **values)
         queues.append((settings.broker_url, queue))
-        runtime = Runtime(settings)
-        runtime.enqueue_override = lambda ids: None  # the scheduler processes enqueue; this process never does
         sandbox = SandboxServer("127.0.0.1", 0, twilio_auth_token=TWILIO_TOKEN, webhook_retry_for=90.0).start()
+        runtime = Runtime(settings, sandbox_url=sandbox.url)
+        runtime.enqueue_override = lambda ids: None  # the scheduler processes enqueue; this process never does
         log_dir = tmp_path / f"logs-{len(made)}"
         log_dir.mkdir()
         stack = Stack(settings, runtime, sandbox, log_dir)
@@ -468,7 +468,8 @@ class Counts:
 
     expected: int  # outbox rows that should reach the provider
     sent: int  # distinct outbox ids the sandbox accepted
-    lost: int  # expected, never accepted by the sandbox, and not marked uncertain
+    lost: int  # expected, never accepted by the sandbox, and neither uncertain nor failed
+    failed: int  # ended failed (provider refused, retries exhausted): recorded with the rule and code
     duplicated: int  # extra acceptances of an id the sandbox already had
     uncertain: int  # rows ending ``uncertain`` (worker died mid-send; never resent)
     reconciled: int  # rows the sweeper marked uncertain that provider events then moved on
@@ -482,17 +483,28 @@ class Counts:
         print(f"[faults] {name}: statuses={dict(sorted(self.statuses.items()))} {self.extra}")
 
 
-def count(stack: Stack, **extra: Any) -> Counts:
+FAILED = (MessageStatus.FAILED.value, MessageStatus.BOUNCED.value, MessageStatus.UNDELIVERED.value)
+
+
+def count(stack: Stack, only: Sequence[str] | None = None, **extra: Any) -> Counts:
+    """The counts over every outbox row, or over the rows ``only`` names (what a test tried to send)."""
     received = Counter(outbox_id_of(record) for record in stack.sandbox.messages())
+    query = select(OutboundMessage.id, OutboundMessage.status, OutboundMessage.rule)
+    if only is not None:
+        query = query.where(OutboundMessage.id.in_(list(only)))
     with stack.engine.connect() as connection:
-        rows = connection.execute(select(OutboundMessage.id, OutboundMessage.status, OutboundMessage.rule)).all()
+        rows = connection.execute(query).all()
     status = {row_id: row_status for row_id, row_status, _ in rows}
     expected = {row_id for row_id, row_status, _ in rows if row_status not in ("skipped", "cancelled", "suppressed")}
     uncertain = {row_id for row_id, row_status, _ in rows if row_status == MessageStatus.UNCERTAIN.value}
+    failed = {row_id for row_id, row_status, _ in rows if row_status in FAILED}
+    if only is not None:
+        received = Counter({i: n for i, n in received.items() if i in status})
     return Counts(
         expected=len(expected),
         sent=len(expected & received.keys()),
-        lost=len(expected - received.keys() - uncertain),
+        lost=len(expected - received.keys() - uncertain - failed),
+        failed=len(failed),
         duplicated=sum(n - 1 for n in received.values() if n > 1)
         + sum(n for i, n in received.items() if i not in status),
         uncertain=len(uncertain),

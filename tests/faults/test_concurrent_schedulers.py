@@ -59,4 +59,5 @@ def test_two_schedulers_four_workers_send_every_due_step_once(make_stack: Callab
     assert counts.sent == enrollments
     assert counts.duplicated == 0
     assert counts.lost == 0
+    assert counts.failed == 0
     assert counts.uncertain == 0

@@ -90,6 +90,7 @@ def test_sigkilled_workers_lose_nothing_and_send_nothing_twice(make_stack: Calla
     assert counts.expected == messages
     assert counts.duplicated == 0
     assert counts.lost == 0
+    assert counts.failed == 0
     assert counts.unreconciled == 0
     # Only sends in flight at a kill can end uncertain: at most one per worker thread per kill.
     assert counts.uncertain <= kills * THREADS
