@@ -66,18 +66,14 @@ from outreach.models import (
     Candidate,
     Channel,
     Enrollment,
-    EnrollmentStatus,
     Job,
     MessageStatus,
     OutboundMessage,
-    Suppression,
     TrackedLink,
     utcnow,
 )
-from outreach.policy.base import Decision, Stage, Subject
-from outreach.policy.caps import COUNTED, FrequencyCaps, RecentSend
-from outreach.policy.consent import NurtureConsentRule, SuppressionRule, suppression_address
-from outreach.policy.engine import OUTREACH_CATEGORIES
+from outreach.policy.base import Stage
+from outreach.policy.bulk import PolicyReads
 from outreach.policy.engine import Outcome as Verdict
 from outreach.providers.base import ProviderPipeline
 from outreach.runtime import Runtime
@@ -370,30 +366,7 @@ def _claim_and_check(runtime: Runtime, ids: Sequence[str], now: datetime) -> tup
         }
         job_ids = {e.job_id for e in enrollments.values() if e.job_id is not None}
         jobs = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(job_ids)))} if job_ids else {}
-        addresses = {
-            suppression_address(row.channel, c.email) for row in claimed if (c := candidates[row.candidate_id]).email
-        }
-        suppressed = dict(
-            session.execute(
-                select(Suppression.address, Suppression.reason).where(
-                    Suppression.channel == Channel.EMAIL.value, Suppression.address.in_(addresses)
-                )
-            ).all()
-        )
-        caps = next((r for r in policy._outreach_rules if isinstance(r, FrequencyCaps)), None)
-        sends: dict[int, list[RecentSend]] = defaultdict(list)
-        if caps is not None and caps.rules:
-            for message_id, candidate_id, at, channel, category in session.execute(
-                select(om.id, om.candidate_id, om.sent_at, om.channel, om.category).where(
-                    om.candidate_id.in_(candidate_ids),
-                    om.status.in_(COUNTED),
-                    om.sent_at.is_not(None),
-                    om.sent_at > now - caps.longest,
-                )
-            ):
-                # This batch's own rows count once they are allowed, one after the other, below.
-                if message_id not in claimed_ids and at is not None:
-                    sends[candidate_id].append(RecentSend(at, channel, category))
+        reads = PolicyReads.load(session, policy, candidates.values(), {Channel.EMAIL.value}, now, exclude=claimed_ids)
 
         allowed: list[_Recipient] = []
         stopped: list[dict[str, Any]] = []
@@ -409,7 +382,8 @@ def _claim_and_check(runtime: Runtime, ids: Sequence[str], now: datetime) -> tup
                 stage=Stage.SEND,
                 message_id=row.id,
             )
-            decision = _decide(session, runtime, subject, candidate, enrollment, suppressed, sends[candidate.id])
+            state = None if enrollment is None else (enrollment.status, enrollment.exit_reason)
+            decision = reads.evaluate(session, subject, candidate, state)
             if not decision.allowed:
                 verdict = Verdict(decision)
                 held = verdict.status is MessageStatus.HELD
@@ -423,7 +397,7 @@ def _claim_and_check(runtime: Runtime, ids: Sequence[str], now: datetime) -> tup
                     }
                 )
                 continue
-            sends[candidate.id].append(RecentSend(now, row.channel, row.category))
+            reads.count(subject)
             job = jobs.get(enrollment.job_id) if enrollment is not None and enrollment.job_id else None
             allowed.append(
                 _Recipient(
@@ -460,53 +434,6 @@ def _claim_and_check(runtime: Runtime, ids: Sequence[str], now: datetime) -> tup
                 stopped,
             )
     return allowed, len(stopped)
-
-
-def _decide(
-    session: Session,
-    runtime: Runtime,
-    subject: Subject,
-    candidate: Candidate,
-    enrollment: Any,
-    suppressed: Mapping[str, str],
-    sends: list[RecentSend],
-) -> Decision:
-    """The policy engine's rules in its order, answered from the batch's reads where a rule reads the database.
-
-    Each bulk answer is the rule's own decision on the same data (same rule name, same reason); a rule this
-    function does not know is asked directly, so a new rule can never be skipped by the batch path.
-    """
-    policy = runtime.policy
-    if enrollment is not None and enrollment.status == EnrollmentStatus.EXITED.value:
-        return Decision.suppress("exit", f"enrollment exited: {enrollment.exit_reason}")
-    rules: list[Any] = list(policy._consent_rules)
-    if subject.category in OUTREACH_CATEGORIES:
-        rules += policy._outreach_rules
-    for rule in rules:
-        if isinstance(rule, SuppressionRule):
-            if not subject.address:
-                decision = Decision.suppress("address", "candidate has no email")
-            elif (reason := suppressed.get(suppression_address(subject.channel, subject.address))) is not None:
-                decision = Decision.suppress(rule.name, f"address suppressed: {reason}")
-            else:
-                decision = Decision.allow()
-        elif isinstance(rule, NurtureConsentRule):
-            if subject.category == Category.NURTURE.value and not candidate.nurture_consent:
-                decision = Decision.suppress(rule.name, "no consent to nurture messages")
-            else:
-                decision = Decision.allow()
-        elif isinstance(rule, FrequencyCaps):
-            decision = Decision.allow()
-            for cap in rule.rules:
-                if cap.applies(subject):
-                    decision = cap.decide(sends, subject)
-                    if not decision.allowed:
-                        break
-        else:
-            decision = rule.check(session, subject)
-        if not decision.allowed:
-            return decision
-    return Decision.allow()
 
 
 # -- grouping and rendering ----------------------------------------------------------------------------------

@@ -50,8 +50,9 @@ from outreach.models import (
     utcnow,
 )
 from outreach.policy.base import Stage as PolicyStage
+from outreach.policy.bulk import PolicyReads
 from outreach.policy.config import PolicySpec
-from outreach.policy.engine import PolicyEngine
+from outreach.policy.engine import Outcome, PolicyEngine
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ MAX_PASSES = 20
 
 #: SendGrid takes at most 1000 personalizations per request.
 MAX_BATCH = 1000
+
+#: Outbox rows per multi-row INSERT (about 15 parameters a row, far below both databases' limits).
+INSERT_CHUNK = 500
 
 
 def step_due(
@@ -264,11 +268,21 @@ class Scheduler:
                 select(Enrollment).where(Enrollment.id.in_(ids)).order_by(Enrollment.next_run_at)
             ).all()
             jobs = self._jobs(session, enrollments)
+            # What the rules read, for every claimed step at once (the rules themselves run per step).
+            reads = PolicyReads.load(
+                session, self.policy, [e.candidate for e in enrollments], (Channel.EMAIL.value, Channel.SMS.value), now
+            )
+            rows: list[dict[str, Any]] = []
+            wanted: list[tuple[str, tuple[str, int, str, str] | None]] = []
             for enrollment in enrollments:
                 key = self._batch_key(enrollment)
-                outbox_id = self._advance(session, enrollment, jobs, now, result)
-                if not outbox_id:
-                    continue
+                outbox_id = self._advance(session, enrollment, jobs, now, result, reads, rows)
+                if outbox_id:
+                    wanted.append((outbox_id, key))
+            written = self._insert_outbox(session, rows)
+            for outbox_id, key in wanted:
+                if outbox_id not in written:
+                    continue  # the step's row already existed: another scheduler got there first
                 if key is None:
                     queued.append(outbox_id)
                 else:
@@ -278,6 +292,20 @@ class Scheduler:
         self.enqueue(queued)
         self._enqueue_batches(batches, result)
         return len(ids)
+
+    @staticmethod
+    def _insert_outbox(session: Session, rows: list[dict[str, Any]]) -> set[str]:
+        """All the pass's outbox rows in a few multi-row INSERT … ON CONFLICT DO NOTHING; returns the ids written."""
+        written: set[str] = set()
+        dialect = session.get_bind().dialect.name
+        for start in range(0, len(rows), INSERT_CHUNK):
+            chunk = rows[start : start + INSERT_CHUNK]
+            statement: Any = (
+                postgresql.insert(OutboundMessage) if dialect == "postgresql" else sqlite.insert(OutboundMessage)
+            )
+            statement = statement.values(chunk).on_conflict_do_nothing().returning(OutboundMessage.id)
+            written.update(row[0] for row in session.execute(statement))
+        return written
 
     def _batch_key(self, enrollment: Enrollment) -> tuple[str, int, str, str] | None:
         """(campaign, step, template, locale) when the enrollment's due step is a nurture email that may go out
@@ -316,8 +344,11 @@ class Scheduler:
         jobs: dict[int, Job],
         now: datetime,
         result: TickResult,
+        reads: PolicyReads,
+        rows: list[dict[str, Any]],
     ) -> str | None:
-        """Turn one due step into an outbox row and move the enrollment on. Returns the id to enqueue."""
+        """Turn one due step into an outbox row (appended to ``rows``, written by the caller) and move the
+        enrollment on. Returns the id to enqueue once the row is written."""
         campaign = self.campaigns.get(enrollment.campaign)
         candidate = enrollment.candidate
         if campaign is None or not campaign.enabled:
@@ -374,14 +405,14 @@ class Scheduler:
                 stage=PolicyStage.SCHEDULE,
                 message_id=outbox_id,
             )
-            verdict = self.policy.evaluate(session, subject, enrollment.id)
+            verdict = Outcome(reads.evaluate(session, subject, candidate, (enrollment.status, enrollment.exit_reason)))
             if not verdict.decision.allowed:
                 queueable = False
                 values.update(status=verdict.status.value, rule=verdict.decision.rule, reason=verdict.decision.reason)
                 if verdict.decision.until is not None:
                     values.update(not_before=max(verdict.decision.until, wall), enqueued_at=None)
                 result.held += 1
-        written = insert_ignore(session, OutboundMessage, values)
+        rows.append(values)
 
         if step.alert and not skip_reason:
             job = jobs.get(enrollment.job_id) if enrollment.job_id else None
@@ -416,7 +447,7 @@ class Scheduler:
         if skip_reason:
             result.skipped += 1
             return None
-        return outbox_id if written and queueable else None
+        return outbox_id if queueable else None
 
     @staticmethod
     def _exit_reason(campaign: Campaign, enrollment: Enrollment, candidate: Candidate) -> str | None:
