@@ -706,8 +706,15 @@ def _count_open_alerts(engine: Engine) -> int:
         return int(session.scalar(select(func.count()).select_from(Alert).where(Alert.resolved_at.is_(None))) or 0)
 
 
+#: The breakdowns the overview always shows, and the ones it adds on request (``?by=``).
+BREAKDOWNS = (Dimension.CAMPAIGN, Dimension.CHANNEL, Dimension.SOURCE)
+EXTRA_BREAKDOWNS = (Dimension.STEP, Dimension.TEMPLATE, Dimension.LOCALE)
+
+
 @router.get("", response_class=HTMLResponse)
-def overview(request: Request, principal: ViewerDep, bucket: str = "day", days: str = "") -> HTMLResponse:
+def overview(
+    request: Request, principal: ViewerDep, bucket: str = "day", days: str = "", by: str = ""
+) -> HTMLResponse:
     engine = _runtime(request).engine
     now = utcnow()
     errors: dict[str, str] = {}
@@ -733,10 +740,14 @@ def overview(request: Request, principal: ViewerDep, bucket: str = "day", days: 
         percent=False,
         height=200,
     )
+    dimensions = list(BREAKDOWNS)
+    extra = {d.value: d for d in EXTRA_BREAKDOWNS}
+    if by in extra:
+        dimensions.append(extra[by])
+    elif by and by not in {d.value for d in BREAKDOWNS}:
+        errors["by"] = f"by: use one of {', '.join(extra)}"
     breakdowns = [
-        ("campaign", "Campaign", rates(engine, by=Dimension.CAMPAIGN, since=window.since)),
-        ("channel", "Channel", rates(engine, by=Dimension.CHANNEL, since=window.since)),
-        ("source", "Source", rates(engine, by=Dimension.SOURCE, since=window.since)),
+        (d.value, d.value.capitalize(), rates(engine, by=d, since=window.since)) for d in dimensions
     ]
     return _page(
         request,
@@ -752,6 +763,8 @@ def overview(request: Request, principal: ViewerDep, bucket: str = "day", days: 
         rate_names=RATES,
         queue=queue(engine, now=now),
         open_alerts=_count_open_alerts(engine),
+        by=by,
+        extra_breakdowns=list(extra),
     )
 
 
