@@ -26,6 +26,7 @@ import base64
 import contextlib
 import http.client
 import json
+import os
 import queue
 import statistics
 import sys
@@ -41,7 +42,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Table, func, insert, select
-from sqlalchemy.engine import create_engine
+from sqlalchemy.engine import create_engine, make_url
 
 from bench.harness import (
     BenchmarkError,
@@ -49,6 +50,7 @@ from bench.harness import (
     Options,
     Service,
     at_least,
+    at_most,
     clean_environment,
     free_port,
     progress,
@@ -430,6 +432,25 @@ def _answers(port: int, path: str) -> Callable[[], bool]:
     return up
 
 
+def database_cpu_seconds(database_url: str) -> float | None:
+    """CPU time of the PostgreSQL backends serving ``database_url`` (Linux, server on this machine; else None)."""
+    name = make_url(database_url).database
+    proc = Path("/proc")
+    if not name or not (proc / "self" / "stat").exists():
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in proc.glob("[0-9]*"):
+        try:
+            if f" {name} ".encode() not in (entry / "cmdline").read_bytes().replace(b"\0", b" ") + b" ":
+                continue
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 def signature_check_seconds(signer: Signer, body: bytes) -> float:
     """The service's own signature check (``verify_sendgrid``) on one batch, in-process: the best of three."""
     from outreach.web.webhooks import WebhookSettings, verify_sendgrid
@@ -450,7 +471,7 @@ def signature_check_seconds(signer: Signer, body: bytes) -> float:
 def run(options: Options) -> list[Figure]:
     target_events = options.size("webhooks.events", 150_000, 6_000)
     batch_bytes = options.size("webhooks.batch_bytes", 1024 * 1024, 1024 * 1024)
-    concurrency = options.size("webhooks.concurrency", 4, 4)
+    concurrency = options.size("webhooks.concurrency", 2, 2)
     # About 2.4 events per message with the shares above.
     messages = _messages(max(1, round(target_events / 2.4)))
     events: list[dict[str, Any]] = []
@@ -483,7 +504,9 @@ def run(options: Options) -> list[Figure]:
                 _answers(port, "/"), timeout=60, interval=0.1, what="the baseline server", check=baseline_server.check
             )
             signed = [(body, signer.headers(body)) for body, _ in batches]
+            base_cpu = baseline_server.cpu_seconds()
             baseline = post_all(port, signed, order, concurrency, options.timeout)
+            base_cpu_after = baseline_server.cpu_seconds()
             baseline_server.check()
         if baseline.errors:
             raise BenchmarkError(f"the baseline server refused batches: {baseline.errors[:3]}")
@@ -504,7 +527,9 @@ def run(options: Options) -> list[Figure]:
         # Signed now: the service refuses timestamps more than five minutes off.
         signed = [(body, signer.headers(body)) for body, _ in batches]
         progress(f"webhooks: posting {posted_events} events to the service")
+        cpu_before, db_before = service.cpu_seconds(), database_cpu_seconds(database_url)
         result = post_all(port, signed, order, concurrency, options.timeout)
+        cpu_after, db_after = service.cpu_seconds(), database_cpu_seconds(database_url)
         service.check()
         checks = verify(database_url, messages, unique)
 
@@ -526,6 +551,12 @@ def run(options: Options) -> list[Figure]:
         "baseline_seconds": round(baseline.seconds, 3),
         "p50_ack_seconds": round(result.p(0.5), 4),
         "signature_check_ms_per_batch": round(verify_seconds * 1000, 2),
+        "service_cpu_us_per_event": (
+            round((cpu_after - cpu_before) * 1e6 / posted_events) if cpu_before is not None and cpu_after else None
+        ),
+        "database_cpu_us_per_event": (
+            round((db_after - db_before) * 1e6 / posted_events) if db_before is not None and db_after else None
+        ),
         "errors": result.errors[:5],
     }
     if result.errors:
@@ -534,6 +565,14 @@ def run(options: Options) -> list[Figure]:
     baseline_rate = unique / baseline.seconds if baseline.seconds > 0 else 0.0
     p99, baseline_p99 = result.p(0.99), baseline.p(0.99)
     ok = not any(checks.values())
+    cpu_us = None
+    if cpu_before is not None and cpu_after is not None and db_before is not None and db_after is not None:
+        cpu_us = ((cpu_after - cpu_before) + (db_after - db_before)) * 1e6 / posted_events
+    base_cpu_us = None
+    if base_cpu is not None and base_cpu_after is not None:
+        base_cpu_us = (base_cpu_after - base_cpu) * 1e6 / posted_events
+    cores = os.cpu_count() or 1
+    budget = cores * 1e6 / GOAL_EVENTS_PER_SECOND
     return [
         Figure(
             "webhooks.events_per_second",
@@ -556,6 +595,17 @@ def run(options: Options) -> list[Figure]:
             goal=f"< {GOAL_P99_SECONDS:g} s per batch",
             met=None if options.smoke else p99 < GOAL_P99_SECONDS,
             checks={"rejected": result.rejected},
+            ok=ok,
+        ),
+        Figure(
+            "webhooks.cpu_per_event",
+            cpu_us,
+            "µs CPU/event",
+            baseline_name="trivial endpoint",
+            baseline_value=base_cpu_us,
+            goal=f"≤ {budget:,.0f} µs ({GOAL_EVENTS_PER_SECOND:,.0f}/s on {cores} cores)",
+            met=at_most(cpu_us, budget, options),
+            checks={},
             ok=ok,
         ),
     ]
