@@ -314,6 +314,26 @@ def render(report: dict[str, Any], outcomes: Sequence[Outcome]) -> str:
     return "\n".join(lines)
 
 
+def markdown(report: dict[str, Any], outcomes: Sequence[Outcome]) -> str:
+    """The table as Markdown, for the README's performance section (written next to the JSON)."""
+    host, found = report["machine"], report["versions"]
+    lines = [
+        f"{host['cpu_count']} cores; "
+        + ", ".join(f"{name} {version}" for name, version in found.items())
+        + f"; {report['finished_at'][:10]}{' (smoke sizes)' if report['smoke'] else ''}",
+        "",
+        "| figure | value | baseline (same run) | ratio | goal | met |",
+        "| --- | ---: | ---: | ---: | --- | --- |",
+    ]
+    for row in table_rows(outcomes):
+        name, value, unit, baseline, ratio, goal, met, checks, _ = row
+        if checks.startswith("FAILED"):
+            met = f"{met}; {checks}"
+        shown = f"{value} {unit}".strip()
+        lines.append(f"| {name} | {shown} | {baseline} | {ratio} | {goal} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     install_signal_handlers()
@@ -360,7 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(render(report, outcomes))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    print(f"results: {args.output}", file=sys.stderr)
+    args.output.with_suffix(".md").write_text(markdown(report, outcomes))
+    print(f"results: {args.output} (and {args.output.with_suffix('.md').name}, for the README)", file=sys.stderr)
     if not report["ok"]:
         bad = [f"{outcome.name} ({outcome.status})" for outcome in outcomes if outcome.status not in ("ok", "missing")]
         print(f"benchmark failed: {', '.join(bad)}", file=sys.stderr)

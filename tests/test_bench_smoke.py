@@ -78,7 +78,7 @@ def test_bench_smoke_runs_every_benchmark_and_loses_nothing(tmp_path: Path) -> N
         for figure in outcome["figures"]:
             assert figure["ok"] is True, figure
             assert isinstance(figure["value"], int | float) and figure["value"] >= 0, figure
-            assert figure["unit"] and figure["goal"], figure
+            assert figure["unit"], figure
             assert figure["met"] is None, "smoke sizes must not judge goals"
             assert not any(figure["checks"].values()), figure
             assert figure["name"] in stdout
