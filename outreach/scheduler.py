@@ -36,6 +36,7 @@ from outreach.db import is_sqlite, transaction
 from outreach.enrollment import audience_matches, enroll, exit_enrollments
 from outreach.models import (
     Alert,
+    Base,
     CampaignRun,
     Candidate,
     Channel,
@@ -61,8 +62,7 @@ MAX_PASSES = 20
 #: SendGrid takes at most 1000 personalizations per request.
 MAX_BATCH = 1000
 
-#: Outbox rows per multi-row INSERT (about 15 parameters a row, far below both databases' limits).
-INSERT_CHUNK = 500
+OUTBOX = Base.metadata.tables["outbound_messages"]
 
 
 def step_due(
@@ -295,17 +295,15 @@ class Scheduler:
 
     @staticmethod
     def _insert_outbox(session: Session, rows: list[dict[str, Any]]) -> set[str]:
-        """All the pass's outbox rows in a few multi-row INSERT … ON CONFLICT DO NOTHING; returns the ids written."""
-        written: set[str] = set()
+        """All the pass's outbox rows in one INSERT … ON CONFLICT DO NOTHING (executemany, which SQLAlchemy sends
+        as a few multi-row statements); returns the ids written."""
+        if not rows:
+            return set()
+        table = OUTBOX
         dialect = session.get_bind().dialect.name
-        for start in range(0, len(rows), INSERT_CHUNK):
-            chunk = rows[start : start + INSERT_CHUNK]
-            statement: Any = (
-                postgresql.insert(OutboundMessage) if dialect == "postgresql" else sqlite.insert(OutboundMessage)
-            )
-            statement = statement.values(chunk).on_conflict_do_nothing().returning(OutboundMessage.id)
-            written.update(row[0] for row in session.execute(statement))
-        return written
+        statement: Any = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
+        statement = statement.on_conflict_do_nothing().returning(table.c.id)
+        return {row[0] for row in session.connection().execute(statement, rows)}
 
     def _batch_key(self, enrollment: Enrollment) -> tuple[str, int, str, str] | None:
         """(campaign, step, template, locale) when the enrollment's due step is a nurture email that may go out
