@@ -8,6 +8,7 @@ A campaign file looks like this::
       event: applied               # a candidate event …
       # cron: "0 10 1 1,4,7,10 *"  # … or a schedule over an audience
       audience: {stages: [declined, rejected, talent_pool], require_nurture_consent: true}
+      # audience may also say intent: [high, medium] to enroll only candidates assessed at those levels
     exit_on: [stage_changed, replied]
     steps:
       - channel: email
@@ -19,6 +20,7 @@ A campaign file looks like this::
         only_if: no_reply          # skip unless the candidate stayed silent since the previous step
         unless_clicked: [book_interview]  # skip if a message of this enrollment had that named link clicked
         alert: offer_unanswered    # optional: also raise an HR alert of this kind
+        intent: [high]             # optional: only for these intent levels (high, medium, low, unassessed)
     track_clicks: true             # links become signed /r/ redirects; default: on for nurture, off otherwise
 
 Errors name the file, the line and the field. ``policies.yaml`` and other files starting with ``_`` are
@@ -43,7 +45,11 @@ from pydantic import ValidationError as PydanticValidationError
 from outreach.errors import CampaignError, Problem
 from outreach.models import Channel, Stage
 
-NOT_CAMPAIGNS = {"policies.yaml", "policies.yml"}
+NOT_CAMPAIGNS = {"policies.yaml", "policies.yml", "intent.yaml", "intent.yml"}
+
+#: An intent level a campaign can target: a candidate's latest assessment (``outreach.intent``), or
+#: ``unassessed`` for candidates nobody has assessed yet.
+IntentTarget = Literal["high", "medium", "low", "unassessed"]
 
 
 class Category(StrEnum):
@@ -53,6 +59,10 @@ class Category(StrEnum):
 
 class EventType(StrEnum):
     APPLIED = "applied"
+    CONTACTED = "contacted"
+    INTERVIEW_SCHEDULED = "interview_scheduled"
+    FINAL_INTERVIEW = "final_interview"
+    MOVED_TO_TALENT_POOL = "moved_to_talent_pool"
     OFFER_EXTENDED = "offer_extended"
     OFFER_ACCEPTED = "offer_accepted"
     OFFER_DECLINED = "offer_declined"
@@ -97,6 +107,13 @@ class Audience(_Spec):
     tags_all: tuple[str, ...] = ()
     require_nurture_consent: bool = False
     match_job_tags: bool = False
+    #: Enroll only candidates at these intent levels (empty: any level, assessed or not).
+    intent: tuple[IntentTarget, ...] = ()
+
+    @field_validator("intent", mode="before")
+    @classmethod
+    def _intent(cls, value: object) -> object:
+        return _names(value)
 
 
 class Trigger(_Spec):
@@ -141,6 +158,9 @@ class Step(_Spec):
     #: Skip the step if the candidate clicked one of these named links in a message of this enrollment.
     unless_clicked: tuple[LinkName, ...] = ()
     alert: str | None = Field(default=None, pattern=r"^[a-z0-9_]+$")
+    #: Run the step only for candidates at these intent levels, as assessed when the step comes due (a
+    #: reassessment in between counts); otherwise it is skipped, like ``only_if``. Empty: every level.
+    intent: tuple[IntentTarget, ...] = ()
 
     @model_validator(mode="before")
     @classmethod
@@ -156,7 +176,7 @@ class Step(_Spec):
     def _duration(cls, value: object) -> timedelta:
         return parse_duration(value)
 
-    @field_validator("unless_clicked", mode="before")
+    @field_validator("unless_clicked", "intent", mode="before")
     @classmethod
     def _unless_clicked(cls, value: object) -> object:
         return _names(value)

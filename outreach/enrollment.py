@@ -1,14 +1,21 @@
 """Candidate events: update the candidate's stage, then enroll them in the campaigns the event triggers.
 
-The stage follows the ATS event (an offer extended puts the candidate at ``offer``); enrollments remember the
-stage they started at, so a later change makes campaigns with ``exit_on: [stage_changed]`` stop on their next
-step. Replies come in through :func:`record_reply`, the hook the inbound webhooks call.
+The stage follows the ATS event (an offer extended puts the candidate at ``offer``) and every move is written to
+the stage history (``outreach.intent.move_stage``); enrollments remember the stage they started at, so a later
+change makes campaigns with ``exit_on: [stage_changed]`` stop on their next step. Replies come in through
+:func:`record_reply`, the hook the inbound webhooks call.
+
+Re-activation (:func:`reactivate`) is the one way a ``job_opened`` reaches candidates, whether the ATS sends the
+event for one candidate or HR opens the job for the whole talent pool (``POST /api/v1/jobs/{id}/open``).
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select, update
@@ -16,8 +23,9 @@ from sqlalchemy.orm import Session
 
 from outreach.calendar import BusinessCalendar
 from outreach.campaigns import Audience, Campaign, CampaignSet, EventType, ExitCondition
-from outreach.candidates import add_tags, as_utc, slug
+from outreach.candidates import add_tags, as_utc
 from outreach.errors import NotFoundError, ValidationError
+from outreach.intent import LEVEL_ORDER, RECONTACT_AFTER_DECLINE, IntentSpec, decline_reason, level_of, move_stage
 from outreach.models import (
     Candidate,
     CandidateEvent,
@@ -31,9 +39,16 @@ from outreach.models import (
 )
 from outreach.render import REQUIRED_EVENT_DATA
 
+if TYPE_CHECKING:
+    from outreach.policy.engine import PolicyEngine
+
 #: The stage an ATS event puts the candidate in; job_opened says nothing about the candidate.
 STAGE_AFTER_EVENT: dict[EventType, Stage | None] = {
     EventType.APPLIED: Stage.APPLIED,
+    EventType.CONTACTED: Stage.CONTACTED,
+    EventType.INTERVIEW_SCHEDULED: Stage.INTERVIEWING,
+    EventType.FINAL_INTERVIEW: Stage.FINAL,
+    EventType.MOVED_TO_TALENT_POOL: Stage.TALENT_POOL,
     EventType.OFFER_EXTENDED: Stage.OFFER,
     EventType.OFFER_ACCEPTED: Stage.ACCEPTED,
     EventType.OFFER_DECLINED: Stage.DECLINED,
@@ -42,8 +57,7 @@ STAGE_AFTER_EVENT: dict[EventType, Stage | None] = {
     EventType.JOB_OPENED: None,
 }
 
-#: Declined candidates are contacted again after about six months.
-RECONTACT_AFTER_DECLINE = timedelta(days=182)
+__all__ = ["RECONTACT_AFTER_DECLINE", "EventIn", "Reactivation", "enroll", "reactivate", "record_event"]
 
 
 class EventIn(BaseModel):
@@ -66,7 +80,9 @@ def audience_matches(audience: Audience, candidate: Candidate, job: Job | None) 
         return False
     if audience.tags_any and not tags & set(audience.tags_any):
         return False
-    return not (audience.match_job_tags and (job is None or not tags & set(job.tags)))
+    if audience.match_job_tags and (job is None or not tags & set(job.tags)):
+        return False
+    return not (audience.intent and level_of(candidate) not in audience.intent)
 
 
 def first_due(
@@ -130,8 +146,15 @@ def record_event(
     *,
     company_tz: str,
     calendar: BusinessCalendar | None = None,
+    policy: PolicyEngine | None = None,
+    intent: IntentSpec | None = None,
 ) -> tuple[CandidateEvent, list[Enrollment]]:
-    """Store the event, move the candidate's stage, and enroll them where the event triggers a campaign."""
+    """Store the event, move the candidate's stage, and enroll them where the event triggers a campaign.
+
+    ``job_opened`` goes through :func:`reactivate` for this one candidate (frequency caps are checked there when
+    ``policy`` is given; the send-time policy checks them again in any case). ``intent`` gives the talent-pool
+    re-contact delay (when None, ``intent.yaml`` in the configured campaigns folder).
+    """
     candidate = session.scalar(select(Candidate).where(Candidate.external_id == external_id))
     if candidate is None:
         raise NotFoundError(f"candidate {external_id!r} not found")
@@ -156,25 +179,43 @@ def record_event(
         occurred_at=occurred_at,
     )
     session.add(event)
+    session.flush()
     stage = STAGE_AFTER_EVENT[event_in.type]
-    if stage is not None and candidate.stage != stage.value:
-        candidate.stage = stage.value
+    if stage is not None:
+        move_stage(session, candidate, stage, by=f"event:{event.type}", at=occurred_at, event_id=event.id)
     if event_in.type is EventType.OFFER_DECLINED:
-        add_tags(candidate, f"decline_reason:{slug(event_in.reason or 'unspecified')}")
+        known = decline_reason(event_in.reason)
+        if known is not None:
+            add_tags(candidate, f"decline_reason:{known}")
         candidate.recontact_at = occurred_at + RECONTACT_AFTER_DECLINE
     if event_in.type is EventType.FINAL_INTERVIEW_FAILED:
         candidate.recontact_at = occurred_at + RECONTACT_AFTER_DECLINE
+    if event_in.type is EventType.MOVED_TO_TALENT_POOL:
+        if intent is None:
+            from outreach.config import get_settings
+            from outreach.intent import load_intent
+
+            intent = load_intent(get_settings().campaigns_dir)
+        candidate.recontact_at = occurred_at + intent.talent_pool_recontact
     candidate.updated_at = utcnow()
     session.flush()
 
-    context = {
-        "event": {
-            "type": event.type,
-            "reason": event.reason,
-            "occurred_at": occurred_at.isoformat(),
-            "data": event.data,
-        }
-    }
+    if event_in.type is EventType.JOB_OPENED:
+        assert job is not None
+        result = reactivate(
+            session,
+            campaigns,
+            job,
+            company_tz=company_tz,
+            calendar=calendar,
+            policy=policy,
+            now=occurred_at,
+            candidates=[candidate],
+            event=event,
+        )
+        return event, result.enrollments
+
+    context = event_context(event)
     enrollments: list[Enrollment] = []
     for campaign in campaigns.for_event(event_in.type.value):
         if not audience_matches(campaign.trigger.audience, candidate, job):
@@ -194,6 +235,191 @@ def record_event(
         if enrollment is not None:
             enrollments.append(enrollment)
     return event, enrollments
+
+
+def event_context(event: CandidateEvent) -> dict[str, Any]:
+    """What templates see as ``event``."""
+    return {
+        "event": {
+            "type": event.type,
+            "reason": event.reason,
+            "occurred_at": event.occurred_at.isoformat(),
+            "data": event.data,
+        }
+    }
+
+
+#: The stages re-activation looks in when the campaign's audience names none.
+POOL_STAGES = (Stage.TALENT_POOL, Stage.DECLINED, Stage.REJECTED)
+
+
+@dataclass
+class Reactivation:
+    """Who a job opening reached: the new enrollments, and how many candidates were passed over, by reason.
+
+    Reasons (first that applies): ``erased``; ``not_in_pool`` (stage outside the campaign's audience);
+    ``recontact_later`` (declined or rejected, and their re-contact date is still ahead; talent-pool entries are
+    always eligible: a matching opening is what the pool is for); ``no_matching_tags`` (no tag in common with
+    the job, or the audience's tag rules fail); ``intent_not_targeted`` (the audience names intent levels);
+    ``opted_out`` (address suppressed, or no nurture consent where the campaign needs it); ``no_address``;
+    ``already_enrolled`` (this job reached them before: opening twice enrolls once); ``capped`` (a frequency
+    cap would hold the message); ``over_limit`` (beyond the ``limit`` asked for, high intent goes first).
+    """
+
+    enrollments: list[Enrollment] = field(default_factory=list)
+    excluded: Counter[str] = field(default_factory=Counter)
+
+    def summary(self) -> dict[str, Any]:
+        return {"selected": len(self.enrollments), "excluded": dict(sorted(self.excluded.items()))}
+
+
+def _exclusion(
+    session: Session,
+    campaign: Campaign,
+    candidate: Candidate,
+    job: Job,
+    now: datetime,
+    dedupe_key: str,
+    policy: PolicyEngine | None,
+) -> str | None:
+    """Why ``candidate`` is not re-activated for ``job`` by ``campaign`` (None: they are)."""
+    from outreach.policy.base import Stage as PolicyStage
+    from outreach.policy.caps import FrequencyCaps
+    from outreach.policy.consent import NurtureConsentRule, SuppressionRule
+
+    audience = campaign.trigger.audience
+    if candidate.erased_at is not None:
+        return "erased"
+    if candidate.stage not in [s.value for s in (audience.stages or POOL_STAGES)]:
+        return "not_in_pool"
+    if (
+        candidate.stage in (Stage.DECLINED.value, Stage.REJECTED.value)
+        and candidate.recontact_at is not None
+        and candidate.recontact_at > now
+    ):
+        return "recontact_later"
+    tags = set(candidate.tags)
+    if (
+        (audience.match_job_tags and not tags & set(job.tags))
+        or (audience.tags_all and not set(audience.tags_all) <= tags)
+        or (audience.tags_any and not tags & set(audience.tags_any))
+    ):
+        return "no_matching_tags"
+    if audience.intent and level_of(candidate) not in audience.intent:
+        return "intent_not_targeted"
+    if audience.require_nurture_consent and not candidate.nurture_consent:
+        return "opted_out"
+    channel = campaign.steps[0].channel.value
+    if policy is not None:
+        subject = policy.subject(
+            candidate,
+            channel=channel,
+            category=campaign.category.value,
+            campaign=campaign.name,
+            now=now,
+            stage=PolicyStage.SCHEDULE,
+        )
+    else:
+        from zoneinfo import ZoneInfo
+
+        from outreach.policy.base import Subject
+
+        subject = Subject(
+            candidate_id=candidate.id,
+            channel=channel,
+            category=campaign.category.value,
+            campaign=campaign.name,
+            address=candidate.email if channel == "email" else candidate.phone,
+            zone=ZoneInfo("UTC"),
+            country=None,
+            now=now,
+            stage=PolicyStage.SCHEDULE,
+        )
+    for rule in (SuppressionRule(), NurtureConsentRule()):
+        decision = rule.check(session, subject)
+        if not decision.allowed:
+            return "no_address" if decision.rule == "address" else "opted_out"
+    already = session.scalar(
+        select(Enrollment.id).where(
+            Enrollment.campaign == campaign.name,
+            Enrollment.candidate_id == candidate.id,
+            Enrollment.dedupe_key == dedupe_key,
+        )
+    )
+    if already is not None:
+        return "already_enrolled"
+    if policy is not None and not FrequencyCaps(policy.spec.caps).check(session, subject).allowed:
+        return "capped"
+    return None
+
+
+def _best_first(candidate: Candidate) -> tuple[int, float, int]:
+    return (LEVEL_ORDER.index(level_of(candidate)), -(candidate.intent_score or 0.0), candidate.id)
+
+
+def reactivate(
+    session: Session,
+    campaigns: CampaignSet,
+    job: Job,
+    *,
+    company_tz: str,
+    calendar: BusinessCalendar | None = None,
+    policy: PolicyEngine | None = None,
+    now: datetime | None = None,
+    candidates: Sequence[Candidate] | None = None,
+    event: CandidateEvent | None = None,
+    limit: int | None = None,
+) -> Reactivation:
+    """Start the ``job_opened`` campaigns (the seed's ``job_reactivation``) for the candidates ``job`` suits.
+
+    ``candidates`` None means the whole pool (the audience's stages, by default talent_pool, declined and
+    rejected), high intent first, then medium, low and unassessed; ``event`` is the ATS event that named one
+    candidate (without one, a ``job_opened`` event is recorded for each candidate selected, so templates and
+    the history see the same as for an ATS event). Idempotent per job: the enrollment's key is the job.
+    """
+    now = now or utcnow()
+    chosen = campaigns.for_event(EventType.JOB_OPENED.value)
+    result = Reactivation()
+    if not chosen:
+        return result
+    if candidates is None:
+        stages = {s.value for c in chosen for s in (c.trigger.audience.stages or POOL_STAGES)}
+        candidates = list(
+            session.scalars(select(Candidate).where(Candidate.stage.in_(stages), Candidate.erased_at.is_(None)))
+        )
+    dedupe_key = f"{EventType.JOB_OPENED.value}:{job.external_id}"
+    for candidate in sorted(candidates, key=_best_first):
+        reasons = [_exclusion(session, c, candidate, job, now, dedupe_key, policy) for c in chosen]
+        eligible = [c for c, reason in zip(chosen, reasons, strict=True) if reason is None]
+        if not eligible:
+            result.excluded[str(reasons[0])] += 1
+            continue
+        if limit is not None and len(result.enrollments) >= limit:
+            result.excluded["over_limit"] += 1
+            continue
+        trigger = event
+        if trigger is None:
+            trigger = CandidateEvent(
+                candidate_id=candidate.id, type=EventType.JOB_OPENED.value, job_id=job.id, data={}, occurred_at=now
+            )
+            session.add(trigger)
+            session.flush()
+        for campaign in eligible:
+            enrollment = enroll(
+                session,
+                campaign,
+                candidate,
+                anchor=trigger.occurred_at,
+                dedupe_key=dedupe_key,
+                company_tz=company_tz,
+                job=job,
+                event=trigger,
+                context=event_context(trigger),
+                calendar=calendar,
+            )
+            if enrollment is not None:
+                result.enrollments.append(enrollment)
+    return result
 
 
 def record_reply(session: Session, campaigns: CampaignSet, candidate: Candidate, at: datetime) -> int:

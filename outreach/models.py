@@ -172,6 +172,8 @@ class StageChange(Base):
     #: What moved them: ``event:<type>`` for an ATS event, ``api:<key name>`` for a person through the API.
     changed_by: Mapped[str] = mapped_column(String(128))
     event_id: Mapped[int | None] = mapped_column(ForeignKey("candidate_events.id", ondelete="SET NULL"))
+    #: Why, when a person gave a reason through the API.
+    reason: Mapped[str | None] = mapped_column(String(500))
     changed_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (

@@ -168,6 +168,7 @@ def validate_all(
     Returns the campaigns (None when a file is invalid) and every problem found; the service must not
     start while the list is non-empty.
     """
+    from outreach.intent import intent_problems
     from outreach.policy.config import load_policies
 
     policy_problems: list[Problem] = []
@@ -175,6 +176,7 @@ def validate_all(
         load_policies(campaigns_dir)
     except CampaignError as exc:
         policy_problems = list(exc.problems)
+    policy_problems += intent_problems(campaigns_dir)[1]
     try:
         campaigns = load_campaigns(campaigns_dir)
     except CampaignError as exc:

@@ -67,7 +67,7 @@ def only(problems: list[Problem]) -> Problem:
 
 def test_seed_campaigns_load() -> None:
     campaigns = load_campaigns(CAMPAIGNS)
-    assert len(campaigns) == 7
+    assert len(campaigns) == 8
     for campaign in campaigns:
         assert campaigns.sources[campaign.name] == CAMPAIGNS / f"{campaign.name}.yaml"
         assert campaign.enabled
@@ -94,6 +94,18 @@ def test_seed_campaigns_load() -> None:
         "no_reply",
         "offer_unanswered",
     )
+
+    priority = campaigns["offer_followup_priority"]
+    assert priority.trigger.event is EventType.OFFER_EXTENDED
+    assert priority.trigger.audience.intent == ("high",)
+    (fast,) = priority.steps
+    assert (fast.template, fast.delay, fast.only_if, fast.intent) == (
+        "offer_followup_personal",
+        timedelta(days=1),
+        "no_reply",
+        ("high",),
+    )
+    assert jd.steps[2].intent == ("high", "medium", "unassessed")  # low intent: no SMS reminder
 
     letter = campaigns["offer_letter"]
     assert letter.trigger.event is EventType.OFFER_ACCEPTED

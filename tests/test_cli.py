@@ -50,7 +50,7 @@ def env(tmp_path: Path) -> dict[str, str]:
 def test_validate_accepts_the_seed_campaigns(env: dict[str, str]) -> None:
     result = outreach("campaigns", "validate", env=env)
     assert result.returncode == 0, result.stderr
-    assert "7 campaign(s) valid" in result.stdout
+    assert "8 campaign(s) valid" in result.stdout
 
 
 def test_validate_names_file_line_and_field_and_exits_nonzero(env: dict[str, str], tmp_path: Path) -> None:

@@ -49,6 +49,7 @@ def test_seed_campaigns_validate_clean() -> None:
         "jd_intro",
         "job_reactivation",
         "offer_followup",
+        "offer_followup_priority",
         "offer_letter",
         "quarterly_nurture",
     ]

@@ -12,7 +12,7 @@ from sqlalchemy.exc import OperationalError
 from outreach.config import set_settings
 from outreach.errors import NotFoundError, ValidationError
 from outreach.runtime import Runtime
-from outreach.web import api, conversation, dashboard, inbound_parse, redirect, unsubscribe, webhooks
+from outreach.web import api, candidates_api, conversation, dashboard, inbound_parse, redirect, unsubscribe, webhooks
 from outreach.web.auth import Forbidden, Unauthorized, authorize
 from outreach.web.metrics_api import router as metrics_router
 from outreach.web.prometheus import router as prometheus_router
@@ -101,6 +101,7 @@ def create_app(runtime: Runtime, webhook_settings: WebhookSettings | None = None
     app.include_router(dashboard.router)  # its own login: the same keys, from a cookie or a Bearer header
     app.include_router(metrics_router, dependencies=[Depends(authorize)])
     app.include_router(prometheus_router)  # /metrics: no key, like /healthz (see outreach.web.prometheus)
+    app.include_router(candidates_api.router, dependencies=[Depends(authorize)])
 
     # Guards (outreach.web.ratelimit), outermost last: request id and generic 500s, rate limits, body size.
     settings = runtime.settings
