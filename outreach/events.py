@@ -247,6 +247,21 @@ def implied_status(event_type: EventType) -> MessageStatus:
     return _IMPLIED_STATUS[event_type]
 
 
+_BOUNCED, _FAILED, _DROPPED = EventType.BOUNCED, EventType.FAILED, EventType.DROPPED
+#: Events whose implied status is a failure: they carry an error code and the provider's reason.
+_FAILURE_TYPES = frozenset(
+    t
+    for t in EventType
+    if _IMPLIED_STATUS[t] in {MessageStatus.FAILED, MessageStatus.BOUNCED, MessageStatus.UNDELIVERED}
+)
+#: Events that suppress the address by themselves (a drop does only for some reasons, see the parser).
+_SUPPRESSING_TYPES: Mapping[EventType, str] = {
+    EventType.BOUNCED: "bounced",
+    EventType.UNSUBSCRIBED: EventType.UNSUBSCRIBED.value,
+    EventType.COMPLAINED: EventType.COMPLAINED.value,
+}
+
+
 # -- parsing --------------------------------------------------------------------------------------------
 
 
@@ -312,20 +327,18 @@ def parse_sendgrid_batch(payload: list[dict[str, Any]]) -> list[NormalizedEvent]
         event_type = SENDGRID_EVENTS.get(name)
         if event_type is None:
             continue
-        bounce_type = _text(item.get("type"))
-        if event_type is EventType.BOUNCED and bounce_type is not None and bounce_type.lower() == "blocked":
-            event_type = EventType.FAILED
-        reason = _text(item.get("reason"))
-        suppress: str | None = None
-        if event_type is EventType.BOUNCED:
-            suppress = "bounced"
-        elif event_type in (EventType.UNSUBSCRIBED, EventType.COMPLAINED):
-            suppress = event_type.value
-        elif event_type is EventType.DROPPED and reason is not None:
+        # Enum members are looked up once, at import (_BOUNCED, …): this loop runs for every event of a batch.
+        if event_type is _BOUNCED:
+            bounce_type = _text(item.get("type"))
+            if bounce_type is not None and bounce_type.lower() == "blocked":
+                event_type = _FAILED
+        failure = event_type in _FAILURE_TYPES
+        reason = _text(item.get("reason")) if failure or event_type is _DROPPED else None
+        suppress = _SUPPRESSING_TYPES.get(event_type)
+        if event_type is _DROPPED and reason is not None:
             lowered = reason.lower()
             suppress = next((why for key, why in _SENDGRID_DROP_SUPPRESSIONS.items() if key in lowered), None)
         sg_message_id = _text(item.get("sg_message_id"))
-        failure = implied_status(event_type).value in {"failed", "bounced", "undelivered"}
         error_code = _text(item.get("status")) if failure else None
         events.append(
             NormalizedEvent(
@@ -437,11 +450,16 @@ def _pg_records(session: Session, types: Mapping[str, TypeEngine[Any]], rows: Se
             processor = column_type.bind_processor(dialect)
             if processor is not None:
                 processors[name] = processor
-    records = []
-    for row in rows:
-        if len(row) != len(names):
-            raise ValueError("every row of one statement must have the same columns")
-        records.append({name: processors[name](row[name]) if name in processors else row[name] for name in names})
+    if any(len(row) != len(names) for row in rows):
+        raise ValueError("every row of one statement must have the same columns")
+    records: list[Mapping[str, Any]] = list(rows)
+    if processors:
+        records = []
+        for row in rows:
+            record = dict(row)
+            for name, processor in processors.items():
+                record[name] = processor(record[name])
+            records.append(record)
     document = json.dumps(records, default=_json_scalar, ensure_ascii=False, separators=(",", ":"))
     return (
         func.json_to_recordset(sql_cast(bindparam("records", document, type_=Text), JSON))
