@@ -2,7 +2,12 @@
 
 The order is fixed: claim the row (``pending`` → ``sending``, a conditional update, so one outbox id delivered
 five times at once makes one provider call) → re-check that it may still go out → render → call the provider
-→ record the provider's message id. Transient provider failures put the row back to ``pending`` with
+→ record the provider's message id.
+
+The hot path is two short transactions on one pooled connection: (1) claim (the update returns the row), lock
+the candidate (one select that also reads the enrollment and job), run the rules, render and store tracked
+links, commit — the ``sending`` row is durable before (2) the provider call, after which one update records
+the outcome. Transient provider failures put the row back to ``pending`` with
 ``not_before`` set to the provider's reset time and tell the caller when to retry; permanent ones end the row
 as ``failed`` with the provider's code, and suppress the address when the provider says so (Twilio 21610).
 """
@@ -16,8 +21,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, select, update
+from sqlalchemy.orm import Session, lazyload
 
 from outreach.autoreply import AUTO_REPLY, reply_by
 from outreach.campaigns import Category
@@ -53,9 +58,11 @@ class Outcome:
     provider_message_id: str | None = None
 
 
-def claim(session: Session, outbox_id: str, now: datetime, lease: timedelta) -> int | None:
-    """``pending`` → ``sending`` if still pending and due; returns the attempt number, or None if not ours."""
-    row = session.execute(
+def claim(session: Session, outbox_id: str, now: datetime, lease: timedelta) -> OutboundMessage | None:
+    """``pending`` → ``sending`` if still pending and due; returns the claimed row, or None if not ours.
+
+    ``attempts`` on the returned row is this attempt's number."""
+    return session.scalars(
         update(OutboundMessage)
         .where(
             OutboundMessage.id == outbox_id,
@@ -70,18 +77,36 @@ def claim(session: Session, outbox_id: str, now: datetime, lease: timedelta) -> 
             sent_at=now,
             updated_at=now,
         )
-        .returning(OutboundMessage.attempts)
+        .returning(OutboundMessage)
+        .execution_options(synchronize_session=False, populate_existing=True)
     ).first()
-    return None if row is None else int(row[0])
 
 
-def lock_candidate(session: Session, candidate_id: int) -> Candidate:
-    """Serialise sends to one candidate so caps hold under concurrency (SQLite has one writer anyway)."""
-    query = select(Candidate).where(Candidate.id == candidate_id)
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(key_share=True)
-    candidate = session.scalars(query).one()
-    return candidate
+def lock_candidate(
+    session: Session, candidate_id: int, enrollment_id: int | None = None
+) -> tuple[Candidate, Enrollment | None, Job | None]:
+    """Serialise sends to one candidate so caps hold under concurrency (SQLite has one writer anyway).
+
+    The same statement reads the message's enrollment and its job (neither locked), so the rules and the
+    template context need no further reads."""
+    postgres = session.get_bind().dialect.name == "postgresql"
+    if enrollment_id is None:
+        query = select(Candidate).where(Candidate.id == candidate_id)
+        if postgres:
+            query = query.with_for_update(key_share=True)
+        return session.scalars(query).one(), None, None
+    joined = (
+        select(Candidate, Enrollment, Job)
+        .select_from(Candidate)
+        .outerjoin(Enrollment, Enrollment.id == enrollment_id)
+        .outerjoin(Job, Job.id == Enrollment.job_id)
+        .options(lazyload(Enrollment.candidate))
+        .where(Candidate.id == candidate_id)
+    )
+    if postgres:
+        joined = joined.with_for_update(key_share=True, of=Candidate)
+    candidate, enrollment, job = session.execute(joined).one()
+    return candidate, enrollment, job
 
 
 def build_context(
@@ -168,17 +193,21 @@ def backoff(attempt: int) -> float:
 
 
 def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Outcome:
+    # One pooled connection for the whole attempt: one checkout (and liveness check) instead of one per step.
+    with runtime.engine.connect() as connection:
+        return _deliver(runtime, connection, outbox_id, now or utcnow())
+
+
+def _deliver(runtime: Runtime, connection: Connection, outbox_id: str, now: datetime) -> Outcome:
     settings = runtime.settings
-    engine = runtime.engine
-    now = now or utcnow()
-    # One transaction: claim, lock the candidate, run the rules. Any error rolls it all back to pending.
-    with Session(engine, expire_on_commit=False) as session, session.begin():
-        attempt = claim(session, outbox_id, now, timedelta(seconds=settings.lease_seconds))
-        if attempt is None:
+    # One transaction: claim, lock the candidate, run the rules, render, store tracked links. An unexpected error
+    # rolls it all back to pending; a template error ends the row as failed in the same transaction.
+    with Session(connection, expire_on_commit=False) as session, session.begin():
+        message = claim(session, outbox_id, now, timedelta(seconds=settings.lease_seconds))
+        if message is None:
             return Outcome("not-pending")
-        message = session.get(OutboundMessage, outbox_id)
-        assert message is not None
-        candidate = lock_candidate(session, message.candidate_id)
+        attempt = message.attempts
+        candidate, enrollment, job = lock_candidate(session, message.candidate_id, message.enrollment_id)
         # The rules again, right before the provider call: state may have changed since scheduling.
         subject = runtime.policy.subject(
             candidate,
@@ -188,6 +217,8 @@ def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Ou
             now=now,
             stage=PolicyStage.SEND,
             message_id=outbox_id,
+            locked=True,
+            enrollment_state=None if enrollment is None else (enrollment.status, enrollment.exit_reason),
         )
         verdict = runtime.policy.evaluate(session, subject, message.enrollment_id)
         if not verdict.decision.allowed:
@@ -205,62 +236,14 @@ def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Ou
                     lease_until=None,
                     updated_at=now,
                 )
+                .execution_options(synchronize_session=False)
             )
             return Outcome(verdict.status.value)
-        enrollment = session.get(Enrollment, message.enrollment_id) if message.enrollment_id else None
-        job = session.get(Job, enrollment.job_id) if enrollment is not None and enrollment.job_id else None
         context = build_context(runtime, message, candidate, enrollment, job)
-        email_to, phone_to = candidate.email, candidate.phone
         validity = runtime.policy.sms_validity(subject) if message.channel == Channel.SMS.value else None
-
-    try:
-        payload: EmailMessage | SmsMessage
-        segments: int | None = None
-        if message.channel == Channel.EMAIL.value:
-            email = runtime.renderer.render_email(message.template, candidate.locale, context)
-            # Click tracking (outreach.links): links become signed /r/ redirects if the campaign tracks clicks.
-            email = track_email(runtime, message, email, context)
-            locale = email.locale
-            headers: dict[str, str] = {}
-            if message.category == AUTO_REPLY:
-                # RFC 3834: so the other side's auto-responder does not answer our auto-reply.
-                headers = {"Auto-Submitted": "auto-replied"}
-            if message.category == Category.NURTURE.value:
-                link = context["links"]["unsubscribe"]
-                headers = {
-                    "List-Unsubscribe": f"<{link}>",
-                    "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
-                }
-            payload = EmailMessage(
-                message_id=outbox_id,
-                to=email_to or "",
-                subject=email.subject,
-                text=email.text,
-                html=email.html,
-                from_email=settings.email_from,
-                reply_to=reply_address(settings, outbox_id) or settings.email_reply_to or None,
-                categories=(message.campaign, message.template),
-                custom_args={"outreach_id": outbox_id},
-                headers=headers,
-            )
-        else:
-            sms = runtime.renderer.render_sms(message.template, candidate.locale, context)
-            body = track_sms(runtime, message, sms.text, context)  # click tracking (outreach.links)
-            if message.category == AUTO_REPLY:
-                # RFC 3834: so the other side's auto-responder does not answer our auto-reply.
-                headers = {"Auto-Submitted": "auto-replied"}
-            if message.category == Category.NURTURE.value:
-                body = with_opt_out_hint(body, sms.locale)
-            locale, segments = sms.locale, sms_segments(body)[1]
-            payload = SmsMessage(
-                message_id=outbox_id,
-                to=phone_to or "",
-                body=body,
-                status_callback=f"{settings.public_url}/webhooks/twilio/status?outreach_id={outbox_id}",
-                validity_period=validity,
-            )
-    except TemplateError as exc:
-        with Session(engine) as session, session.begin():
+        try:
+            payload, locale, segments = _compose(runtime, session, message, candidate, context, validity)
+        except TemplateError as exc:
             _finish(
                 session,
                 outbox_id,
@@ -270,8 +253,8 @@ def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Ou
                 error_code="template",
                 error_detail=str(exc)[:500],
             )
-        log.error("template failed", extra={"outbox_id": outbox_id, "template": message.template})
-        return Outcome(MessageStatus.FAILED.value)
+            log.error("template failed", extra={"outbox_id": outbox_id, "template": message.template})
+            return Outcome(MessageStatus.FAILED.value)
 
     provider_name = runtime.providers.email.name if isinstance(payload, EmailMessage) else runtime.providers.sms.name
     rate = runtime.policy.spec.rate_limits.get(provider_name)
@@ -284,7 +267,7 @@ def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Ou
         booking = runtime.pacer.book(f"{provider_name}:{sender}", rate, cost=float(segments or 1))
         if not booking.granted:
             # The sender is booked out for a while: give the slot back and come back when it frees.
-            _release(runtime, outbox_id, utcnow(), booking.wait, attempts=OutboundMessage.attempts - 1)
+            _release(connection, outbox_id, utcnow(), booking.wait, attempts=OutboundMessage.attempts - 1)
             return Outcome(MessageStatus.PENDING.value, retry_in=booking.wait)
         if booking.wait > 0:
             time.sleep(booking.wait)
@@ -297,7 +280,7 @@ def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Ou
             result = runtime.providers.sms.send_sms(payload)
     except TransientProviderError as exc:
         if attempt >= settings.max_retries:
-            with Session(engine) as session, session.begin():
+            with Session(connection) as session, session.begin():
                 _finish(
                     session,
                     outbox_id,
@@ -310,7 +293,7 @@ def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Ou
             return Outcome(MessageStatus.FAILED.value)
         delay = exc.retry_after if exc.retry_after is not None else backoff(attempt)
         _release(
-            runtime,
+            connection,
             outbox_id,
             utcnow(),
             delay,
@@ -323,7 +306,7 @@ def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Ou
         )
         return Outcome(MessageStatus.PENDING.value, retry_in=delay)
     except PermanentProviderError as exc:
-        with Session(engine) as session, session.begin():
+        with Session(connection) as session, session.begin():
             _finish(
                 session,
                 outbox_id,
@@ -356,7 +339,7 @@ def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Ou
 
     # The claim time stands as the send time: caps counted the row from then on, and they must keep agreeing.
     sent_at = now
-    with Session(engine) as session, session.begin():
+    with Session(connection) as session, session.begin():
         _finish(
             session,
             outbox_id,
@@ -375,9 +358,61 @@ def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Ou
     return Outcome(MessageStatus.SENT.value, provider_message_id=result.provider_message_id)
 
 
-def _release(runtime: Runtime, outbox_id: str, now: datetime, delay: float, **values: Any) -> None:
+def _compose(
+    runtime: Runtime,
+    session: Session,
+    message: OutboundMessage,
+    candidate: Candidate,
+    context: dict[str, Any],
+    validity: int | None,
+) -> tuple[EmailMessage | SmsMessage, str, int | None]:
+    """Render the message for its provider: (payload, locale, SMS segments). Tracked links go into ``session``."""
+    settings = runtime.settings
+    outbox_id = message.id
+    if message.channel == Channel.EMAIL.value:
+        email = runtime.renderer.render_email(message.template, candidate.locale, context)
+        # Click tracking (outreach.links): links become signed /r/ redirects if the campaign tracks clicks.
+        email = track_email(runtime, message, email, context, session)
+        headers: dict[str, str] = {}
+        if message.category == AUTO_REPLY:
+            # RFC 3834: so the other side's auto-responder does not answer our auto-reply.
+            headers = {"Auto-Submitted": "auto-replied"}
+        if message.category == Category.NURTURE.value:
+            link = context["links"]["unsubscribe"]
+            headers = {
+                "List-Unsubscribe": f"<{link}>",
+                "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
+            }
+        payload = EmailMessage(
+            message_id=outbox_id,
+            to=candidate.email or "",
+            subject=email.subject,
+            text=email.text,
+            html=email.html,
+            from_email=settings.email_from,
+            reply_to=reply_address(settings, outbox_id) or settings.email_reply_to or None,
+            categories=(message.campaign, message.template),
+            custom_args={"outreach_id": outbox_id},
+            headers=headers,
+        )
+        return payload, email.locale, None
+    sms = runtime.renderer.render_sms(message.template, candidate.locale, context)
+    body = track_sms(runtime, message, sms.text, context, session)  # click tracking (outreach.links)
+    if message.category == Category.NURTURE.value:
+        body = with_opt_out_hint(body, sms.locale)
+    sms_payload = SmsMessage(
+        message_id=outbox_id,
+        to=candidate.phone or "",
+        body=body,
+        status_callback=f"{settings.public_url}/webhooks/twilio/status?outreach_id={outbox_id}",
+        validity_period=validity,
+    )
+    return sms_payload, sms.locale, sms_segments(body)[1]
+
+
+def _release(connection: Connection, outbox_id: str, now: datetime, delay: float, **values: Any) -> None:
     retry_at = now + timedelta(seconds=delay)
-    with Session(runtime.engine) as session, session.begin():
+    with Session(connection) as session, session.begin():
         session.execute(
             update(OutboundMessage)
             .where(OutboundMessage.id == outbox_id, OutboundMessage.status == MessageStatus.SENDING.value)

@@ -251,7 +251,12 @@ class _Tracker:
 
 
 def _track(
-    runtime: Runtime, message_id: str, context: Mapping[str, Any], html_part: str | None, texts: Sequence[str]
+    runtime: Runtime,
+    message_id: str,
+    context: Mapping[str, Any],
+    html_part: str | None,
+    texts: Sequence[str],
+    session: Session | None = None,
 ) -> tuple[str | None, list[str]]:
     tracker = _Tracker(runtime.settings, context)
     html_names = dict(tracker.known)
@@ -266,8 +271,11 @@ def _track(
     for text in texts:
         rewrite_text(text, html_names, tracker.collect)
     if tracker.found:
-        with Session(runtime.engine) as session, session.begin():
+        if session is not None:
             tracker.store(session, message_id)
+        else:
+            with Session(runtime.engine) as own, own.begin():
+                tracker.store(own, message_id)
     # Even with nothing to track the HTML goes through once more, to drop the data-link attributes.
     new_html = None if html_part is None else rewrite_html(html_part, tracker.known, tracker.substitute)
     new_texts = [rewrite_text(text, html_names, tracker.substitute) if tracker.found else text for text in texts]
@@ -275,21 +283,33 @@ def _track(
 
 
 def track_email(
-    runtime: Runtime, message: OutboundMessage, email: RenderedEmail, context: Mapping[str, Any]
+    runtime: Runtime,
+    message: OutboundMessage,
+    email: RenderedEmail,
+    context: Mapping[str, Any],
+    session: Session | None = None,
 ) -> RenderedEmail:
     """The email as it goes out: links replaced by tracked redirects if its campaign tracks clicks, and the
-    ``data-link`` names removed either way (the subject is left alone)."""
+    ``data-link`` names removed either way (the subject is left alone). The links are stored in ``session``'s
+    transaction when one is given (delivery's own), else in a transaction of their own."""
     if not tracks_clicks(runtime.campaigns.get(message.campaign)):
         return replace(email, html=strip_names(email.html))
-    new_html, (new_text,) = _track(runtime, message.id, context, email.html, [email.text])
+    new_html, (new_text,) = _track(runtime, message.id, context, email.html, [email.text], session)
     return replace(email, html=new_html or "", text=new_text)
 
 
-def track_sms(runtime: Runtime, message: OutboundMessage, body: str, context: Mapping[str, Any]) -> str:
-    """The SMS body as it goes out: links replaced by tracked redirects if its campaign tracks clicks."""
+def track_sms(
+    runtime: Runtime,
+    message: OutboundMessage,
+    body: str,
+    context: Mapping[str, Any],
+    session: Session | None = None,
+) -> str:
+    """The SMS body as it goes out: links replaced by tracked redirects if its campaign tracks clicks (stored in
+    ``session``'s transaction when one is given)."""
     if not tracks_clicks(runtime.campaigns.get(message.campaign)):
         return body
-    _, (new_body,) = _track(runtime, message.id, context, None, [body])
+    _, (new_body,) = _track(runtime, message.id, context, None, [body], session)
     return new_body
 
 

@@ -70,6 +70,11 @@ class Subject:
     now: datetime
     stage: Stage
     message_id: str | None = None
+    #: Facts the caller has just read under the candidate's row lock, in the transaction the rules run in, so the
+    #: rules need not read them again: the candidate's nurture consent, and the message's enrollment as
+    #: ``(status, exit_reason)``. None means "not known": the rule reads it itself.
+    nurture_consent: bool | None = None
+    enrollment_state: tuple[str, str | None] | None = None
 
 
 class Rule(Protocol):

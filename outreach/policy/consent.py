@@ -68,7 +68,9 @@ class NurtureConsentRule:
     def check(self, session: Session, subject: Subject) -> Decision:
         if subject.category != Category.NURTURE.value:
             return Decision.allow()
-        consent = session.scalar(select(Candidate.nurture_consent).where(Candidate.id == subject.candidate_id))
+        consent = subject.nurture_consent
+        if consent is None:
+            consent = session.scalar(select(Candidate.nurture_consent).where(Candidate.id == subject.candidate_id))
         if not consent:
             return Decision.suppress(self.name, "no consent to nurture messages")
         return Decision.allow()
@@ -85,9 +87,12 @@ class EnrollmentActiveRule:
     def check(self, session: Session, subject: Subject) -> Decision:
         if self.enrollment_id is None:
             return Decision.allow()
-        row = session.execute(
-            select(Enrollment.status, Enrollment.exit_reason).where(Enrollment.id == self.enrollment_id)
-        ).first()
+        row = subject.enrollment_state
+        if row is None:
+            found = session.execute(
+                select(Enrollment.status, Enrollment.exit_reason).where(Enrollment.id == self.enrollment_id)
+            ).first()
+            row = None if found is None else (found[0], found[1])
         if row is not None and row[0] == EnrollmentStatus.EXITED.value:
             return Decision.suppress(self.name, f"enrollment exited: {row[1]}")
         return Decision.allow()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import phonenumbers
 from sqlalchemy.orm import Session
@@ -46,6 +46,15 @@ class Outcome:
         return MessageStatus.PENDING
 
 
+@lru_cache(maxsize=4096)
+def _country(phone: str) -> str | None:
+    """The phone number's region (``CN``), parsed once per number per process."""
+    try:
+        return phonenumbers.region_code_for_number(phonenumbers.parse(phone))
+    except phonenumbers.NumberParseException:
+        return None
+
+
 class PolicyEngine:
     def __init__(self, spec: PolicySpec, settings: Settings) -> None:
         self.spec = spec
@@ -75,14 +84,14 @@ class PolicyEngine:
         now: datetime,
         stage: Stage,
         message_id: str | None = None,
+        locked: bool = False,
+        enrollment_state: tuple[str, str | None] | None = None,
     ) -> Subject:
+        """What the rules look at. ``locked``: ``candidate`` was just read under its row lock in the transaction the
+        rules will run in, so its consent is current and the consent rule need not read it again; likewise
+        ``enrollment_state`` (``(status, exit_reason)`` of the message's enrollment, read in that transaction)."""
         address = candidate.email if channel == Channel.EMAIL.value else candidate.phone
-        country = None
-        if candidate.phone:
-            try:
-                country = phonenumbers.region_code_for_number(phonenumbers.parse(candidate.phone))
-            except phonenumbers.NumberParseException:
-                country = None
+        country = _country(candidate.phone) if candidate.phone else None
         return Subject(
             candidate_id=candidate.id,
             channel=channel,
@@ -94,6 +103,8 @@ class PolicyEngine:
             now=now,
             stage=stage,
             message_id=message_id,
+            nurture_consent=bool(candidate.nurture_consent) if locked else None,
+            enrollment_state=enrollment_state,
         )
 
     def sms_validity(self, subject: Subject) -> int | None:
