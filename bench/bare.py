@@ -18,13 +18,21 @@ from bench.harness import (
     wait_until,
 )
 
+#: The baseline actor that records when it ran (declared in ``bench.noop``), for enqueue → run latency.
+STAMP_ACTOR = "stamp"
+
+#: Worker settings both sides of every comparison run with (environment variables Dramatiq reads at start-up).
+#: Empty: Dramatiq's defaults (prefetch 2 × threads per process; hiredis is used whenever it is installed, and
+#: it is a dependency of the service).
+WORKER_SETTINGS: dict[str, str] = {}
+
 #: Redis is cheap to ask; a short interval keeps the end of the window sharp.
 POLL_INTERVAL = 0.01
 
 
 def run_bare(config: Config) -> Measurement:
     queue = RedisQueue(config.redis_url, config.queue_name("noop"))
-    env = clean_environment({"OUTREACH_BROKER_URL": config.redis_url, "OUTREACH_QUEUE": queue.name})
+    env = clean_environment({"OUTREACH_BROKER_URL": config.redis_url, "OUTREACH_QUEUE": queue.name, **WORKER_SETTINGS})
     try:
         queue.cleanup()
         with tempfile.TemporaryDirectory(prefix="outreach-bench-") as logs:

@@ -28,13 +28,17 @@ from sqlalchemy import Table, create_engine, func, insert, select, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session
 
+from bench.bare import WORKER_SETTINGS, run_bare
 from bench.harness import (
     ROOT,
     BenchmarkError,
     Config,
+    Figure,
     Measurement,
+    Options,
     RedisQueue,
     Service,
+    at_least,
     clean_environment,
     cpu_per_message,
     dramatiq_workers,
@@ -236,6 +240,55 @@ def _failures(engine: Engine) -> str:
 # -- the run -----------------------------------------------------------------------------------------------
 
 
+def run(options: Options) -> list[Figure]:
+    """Both sides with ``e2e.messages`` messages each (20,000; smoke 200): the ratio e2e / bare is the figure."""
+    messages = options.size("e2e.messages", 20_000, 200)
+    config = Config(
+        messages=messages,
+        warmup=options.size(
+            "e2e.warmup", options.processes * options.threads * 4, options.processes * options.threads * 2
+        ),
+        processes=options.processes,
+        threads=options.threads,
+        redis_url=options.redis_url,
+        postgres_url=options.postgres_url,
+        timeout=options.timeout,
+        smoke=options.smoke,
+        token=options.token,
+    )
+    progress(f"e2e: bare Dramatiq no-op, {messages} messages")
+    bare = run_bare(config)
+    progress(f"e2e: end to end, {messages} messages")
+    e2e = run_e2e(config)
+    ratio = e2e.rate / bare.rate if bare.rate else None
+    checks = {"lost": (e2e.lost or 0) + (bare.lost or 0), "duplicated": e2e.duplicated}
+    bare_cpu = bare.details.get("worker_cpu_ms_per_message")
+    e2e_cpu = e2e.details.get("worker_cpu_ms_per_message")
+    return [
+        Figure(
+            "e2e.single_sends",
+            e2e.rate,
+            "msg/s",
+            baseline_name="bare Dramatiq no-op",
+            baseline_value=bare.rate,
+            ratio=ratio,
+            goal="≥ 0.5× bare",
+            met=at_least(ratio, 0.5, options),
+            checks=checks,
+            details={"bare": bare.to_dict(), "e2e": e2e.to_dict(), "worker_settings": dict(WORKER_SETTINGS)},
+        ),
+        Figure(
+            "e2e.worker_cpu",
+            e2e_cpu,
+            "ms/msg",
+            baseline_name="bare Dramatiq no-op",
+            baseline_value=bare_cpu,
+            goal="",
+            details={"sandbox_cpu_ms_per_message": e2e.details.get("sandbox_cpu_ms_per_message")},
+        ),
+    ]
+
+
 def run_e2e(config: Config) -> Measurement:
     queue = RedisQueue(config.redis_url, config.queue_name("e2e"))
     with contextlib.ExitStack() as stack:
@@ -269,20 +322,7 @@ def _measure(config: Config, queue: RedisQueue, stack: contextlib.ExitStack) -> 
 
     wait_until(_answers(sandbox_url), timeout=60, interval=0.1, what="the sandbox to start", check=sandbox.check)
 
-    env = clean_environment(
-        {
-            "OUTREACH_DATABASE_URL": database_url,
-            "OUTREACH_BROKER_URL": config.redis_url,
-            "OUTREACH_QUEUE": queue.name,
-            "SENDGRID_API_KEY": "SG.bench",
-            "OUTREACH_SENDGRID_HOST": sandbox_url,
-            "TWILIO_ACCOUNT_SID": "AC" + "0" * 32,
-            "TWILIO_AUTH_TOKEN": SANDBOX_TOKEN,
-            "OUTREACH_TWILIO_BASE_URL": sandbox_url,
-            "OUTREACH_SMS_FROM": "+15005550006",
-            "OUTREACH_LOG_LEVEL": "WARNING",
-        }
-    )
+    env = worker_environment(database_url, config.redis_url, queue.name, sandbox_url)
     staged = queue.stage(DELIVER_ACTOR, ((outbox_id,) for outbox_id in ids))
     warmup, measured = staged[: config.warmup], staged[config.warmup :]
     workers = stack.enter_context(dramatiq_workers("e2e-workers", "workers", queue.name, config, env, logs))
@@ -335,6 +375,37 @@ def _measure(config: Config, queue: RedisQueue, stack: contextlib.ExitStack) -> 
         **verified,
     }
     return Measurement("e2e", config.messages, finished - started, lost=lost, duplicated=duplicated, details=details)
+
+
+def worker_environment(database_url: str, redis_url: str, queue: str, sandbox_url: str) -> dict[str, str]:
+    """The service's workers' environment: the scratch database, the run's queue, both SDKs at the sandbox."""
+    return clean_environment(
+        {
+            "OUTREACH_DATABASE_URL": database_url,
+            "OUTREACH_BROKER_URL": redis_url,
+            "OUTREACH_QUEUE": queue,
+            "SENDGRID_API_KEY": "SG.bench",
+            "OUTREACH_SENDGRID_HOST": sandbox_url,
+            "TWILIO_ACCOUNT_SID": "AC" + "0" * 32,
+            "TWILIO_AUTH_TOKEN": SANDBOX_TOKEN,
+            "OUTREACH_TWILIO_BASE_URL": sandbox_url,
+            "OUTREACH_SMS_FROM": "+15005550006",
+            "OUTREACH_LOG_LEVEL": "WARNING",
+            **WORKER_SETTINGS,
+        }
+    )
+
+
+def start_sandbox(stack: contextlib.ExitStack, logs: Path) -> tuple[Service, str]:
+    """The provider sandbox in a process of its own (so it shares no GIL with the driver or a worker), up."""
+    port = free_port()
+    sandbox_url = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "outreach", "sandbox", "--host", "127.0.0.1", "--port", str(port)]
+    sandbox = stack.enter_context(
+        Service("sandbox", argv, clean_environment({"TWILIO_AUTH_TOKEN": SANDBOX_TOKEN}), logs)
+    )
+    wait_until(_answers(sandbox_url), timeout=60, interval=0.1, what="the sandbox to start", check=sandbox.check)
+    return sandbox, sandbox_url
 
 
 def _answers(sandbox_url: str) -> Callable[[], bool]:
