@@ -469,7 +469,7 @@ def signature_check_seconds(signer: Signer, body: bytes) -> float:
 
 
 def run(options: Options) -> list[Figure]:
-    target_events = options.size("webhooks.events", 150_000, 6_000)
+    target_events = options.size("webhooks.events", 100_000, 3_000)
     batch_bytes = options.size("webhooks.batch_bytes", 1024 * 1024, 1024 * 1024)
     concurrency = options.size("webhooks.concurrency", 2, 2)
     # About 2.4 events per message with the shares above.
