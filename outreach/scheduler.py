@@ -300,6 +300,10 @@ class Scheduler:
         if not rows:
             return set()
         table = OUTBOX
+        # executemany needs the same keys in every row: a skipped or held row carries rule and reason, a plain one
+        # does not (None is what the plain row would get anyway).
+        keys = {key for row in rows for key in row}
+        rows = [row if len(row) == len(keys) else {key: row.get(key) for key in keys} for row in rows]
         dialect = session.get_bind().dialect.name
         statement: Any = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
         statement = statement.on_conflict_do_nothing().returning(table.c.id)
