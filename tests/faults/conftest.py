@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session
 
 from outreach.candidates import CandidateIn, JobIn, upsert_candidate, upsert_job
 from outreach.config import Secret, Settings
+from outreach.db import get_engine
 from outreach.enrollment import EventIn, record_event
 from outreach.models import Base, MessageStatus, OutboundMessage, utcnow
 from outreach.runtime import Runtime
@@ -359,10 +360,12 @@ class Stack:
     log_dir: Path
     app: WebhookApp | None = None
     procs: list[Proc] = field(default_factory=list)
+    #: The database as the test sees it, when the service reaches it another way (through a proxy).
+    observer_url: str | None = None
 
     @property
     def engine(self) -> Engine:
-        return self.runtime.engine
+        return get_engine(self.observer_url) if self.observer_url else self.runtime.engine
 
     def env(self, **extra: str) -> dict[str, str]:
         return service_env(self.settings, self.sandbox.url, **extra)
@@ -430,7 +433,7 @@ def make_stack(pg_database_url: str, tmp_path: Path) -> Iterator[Callable[..., S
         runtime.enqueue_override = lambda ids: None  # the scheduler processes enqueue; this process never does
         log_dir = tmp_path / f"logs-{len(made)}"
         log_dir.mkdir()
-        stack = Stack(settings, runtime, sandbox, log_dir)
+        stack = Stack(settings, runtime, sandbox, log_dir, observer_url=pg_database_url if database_url else None)
         made.append(stack)
         if webhooks:
             stack.app = WebhookApp(runtime, sandbox, app_port).start()
