@@ -45,7 +45,7 @@ from datetime import datetime, timedelta
 from email.utils import parseaddr
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, or_, select, update
+from sqlalchemy import bindparam, case, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from outreach.campaigns import Category
@@ -781,25 +781,23 @@ def _record_sent(
         "lease_until": None,
         "updated_at": sent_at,
     }
+    # One statement for both cases of the single path's finish: a row still in flight becomes ``sent`` (the claim
+    # time stands as the send time: caps counted it from then on); a row a provider event already moved on keeps
+    # its status and only gains the send's facts.
+    in_flight = or_(*(table.c.status == s for s in _FINISHED_FROM))
+    statement = (
+        update(table)
+        .where(table.c.id == bindparam("b_id"))
+        .values(
+            status=case((in_flight, MessageStatus.SENT.value), else_=table.c.status),
+            sent_at=case((in_flight, sent_at), else_=table.c.sent_at),
+            error_code=case((in_flight, None), else_=table.c.error_code),
+            error_detail=case((in_flight, None), else_=table.c.error_detail),
+            **facts,
+        )
+    )
     with Session(runtime.engine) as session, session.begin():
-        connection: Connection = session.connection()
-        # The claim time stands as the send time: caps counted the rows from then on.
-        connection.execute(
-            update(table)
-            .where(table.c.id == bindparam("b_id"), or_(*(table.c.status == s for s in _FINISHED_FROM)))
-            .values(status=MessageStatus.SENT.value, sent_at=sent_at, error_code=None, error_detail=None, **facts),
-            rows,
-        )
-        connection.execute(
-            update(table)
-            .where(
-                table.c.id == bindparam("b_id"),
-                *(table.c.status != s for s in _FINISHED_FROM),
-                table.c.provider_message_id.is_(None),
-            )
-            .values(**facts),
-            rows,
-        )
+        session.connection().execute(statement, rows)
 
 
 def _fail(
