@@ -32,6 +32,7 @@ from outreach.models import (
     InboundMessage,
     MessageStatus,
     OutboundMessage,
+    StageChange,
     Suppression,
     new_id,
     utcnow,
@@ -126,6 +127,12 @@ def erase_candidate(session: Session, settings: Settings, external_id: str) -> t
         update(CandidateEvent)
         .where(CandidateEvent.candidate_id == cid)
         .values(reason=None, data={})
+        .execution_options(synchronize_session=False)
+    )
+    session.execute(
+        update(StageChange)
+        .where(StageChange.candidate_id == cid)
+        .values(reason=None)
         .execution_options(synchronize_session=False)
     )
     session.execute(

@@ -8,7 +8,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from outreach.delivery import deliver
-from outreach.models import Base, Candidate, DeliveryEvent, InboundMessage, OutboundMessage, Suppression
+from outreach.models import Base, Candidate, DeliveryEvent, InboundMessage, OutboundMessage, StageChange, Suppression
 from outreach.policy.consent import HASH_PREFIX
 from outreach.runtime import Runtime
 from outreach.sandbox import SandboxServer
@@ -78,6 +78,15 @@ def history_with_canaries(runtime: Runtime, sandbox: SandboxServer) -> None:
             )
         )
         session.add(Suppression(channel="email", address=EMAIL, reason="unsubscribe", source="link"))
+        session.add(
+            StageChange(
+                candidate_id=candidate_id,
+                from_stage="applied",
+                to_stage="contacted",
+                changed_by="api:lead",
+                reason=f"phoned {NAME}",
+            )
+        )
 
 
 def test_erasure_removes_every_trace_and_keeps_the_opt_out(runtime: Runtime, sandbox: SandboxServer) -> None:
