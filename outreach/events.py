@@ -59,7 +59,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import JSON, Table, Text, bindparam, column, func, or_, select, update
+from sqlalchemy import JSON, Table, Text, any_, bindparam, column, func, or_, select, update
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
@@ -482,6 +482,18 @@ def _key(event: NormalizedEvent) -> tuple[str, str]:
     return (event.provider, event.provider_event_id)
 
 
+def _one_of(session: Session, column: Any, values: Sequence[Any]) -> Iterator[Any]:
+    """``column IN values`` as few conditions with short SQL: on PostgreSQL one ``column = ANY(:array)`` (one
+    cached statement, one round trip), elsewhere IN lists of at most ``_CHUNK`` values."""
+    if not values:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        yield column == any_(bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
+        return
+    for chunk in _chunks(values):
+        yield column.in_(chunk)
+
+
 def _load_rows(session: Session, events: Sequence[NormalizedEvent]) -> dict[tuple[str, str], _Row]:
     """The outbox row each event belongs to: by our outbox id first, else by the provider's message id.
 
@@ -498,12 +510,9 @@ def _load_rows(session: Session, events: Sequence[NormalizedEvent]) -> dict[tupl
     )
     by_id: dict[str, _Row] = {}
     wanted = sorted({e.outbox_id for e in events if e.outbox_id})
-    for chunk in _chunks(wanted):
+    for condition in _one_of(session, OutboundMessage.id, wanted):
         for found in session.execute(
-            select(*columns)
-            .where(OutboundMessage.id.in_(chunk))
-            .order_by(OutboundMessage.id)
-            .with_for_update(of=OutboundMessage)
+            select(*columns).where(condition).order_by(OutboundMessage.id).with_for_update(of=OutboundMessage)
         ):
             by_id[found[0]] = _Row(*found)
     by_provider_id: dict[tuple[str, str], _Row] = {}
@@ -514,8 +523,8 @@ def _load_rows(session: Session, events: Sequence[NormalizedEvent]) -> dict[tupl
             if e.provider_message_id and (e.outbox_id is None or e.outbox_id not in by_id)
         }
     )
-    for chunk in _chunks(fallback):
-        query = select(*columns).where(OutboundMessage.provider_message_id.in_(chunk))
+    for condition in _one_of(session, OutboundMessage.provider_message_id, fallback):
+        query = select(*columns).where(condition)
         for values in session.execute(query.order_by(OutboundMessage.id).with_for_update(of=OutboundMessage)):
             candidate_row = _Row(*values)
             assert candidate_row.provider_message_id is not None
