@@ -5,11 +5,13 @@ from __future__ import annotations
 import html
 import json
 import math
+import shutil
 import threading
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -34,7 +36,7 @@ from outreach.runtime import Runtime
 from outreach.sandbox import SandboxServer
 from outreach.scheduler import TickResult
 from outreach.tokens import unsubscribe_url
-from tests.conftest import open_policy
+from tests.conftest import ROOT, open_policy
 from tests.helpers import add_candidate, add_job, fire, resolved_links
 
 #: quarterly_nurture fires at 10:00 Shanghai on 1 January (02:00 UTC).
@@ -67,15 +69,15 @@ def _pool(runtime: Runtime, count: int, *, zh_every: int = 3) -> list[Candidate]
         return list(session.scalars(select(Candidate).order_by(Candidate.id)))
 
 
-def _schedule(runtime: Runtime, batch_size: int = 1000) -> list[list[str]]:
-    """Fire quarterly_nurture and run its step; returns the batches the scheduler enqueued."""
+def _schedule(runtime: Runtime, batch_size: int = 1000, campaign: str = "quarterly_nurture") -> list[list[str]]:
+    """Fire the quarterly campaign and run its step; returns the batches the scheduler enqueued."""
     batches: list[list[str]] = []
     singles: list[str] = []
     runtime.enqueue_override = singles.extend
     runtime.enqueue_batch_override = lambda ids: batches.append(list(ids))
     runtime.scheduler.batch_size = batch_size
     result = runtime.scheduler.tick(FIRE)
-    assert result.fired == ["quarterly_nurture"]
+    assert result.fired == [campaign]
     assert singles == []
     return batches
 
@@ -351,3 +353,55 @@ def test_personalization_limit_is_the_sandboxs_too(sandbox: SandboxServer) -> No
     with pytest.raises(Exception) as error:
         client.client.mail.send.post(request_body=payload)
     assert "10000 bytes" in str(getattr(error.value, "body", b""))
+
+
+@pytest.mark.parametrize(
+    "greeting",
+    [
+        "Hi {{ candidate.first_name }}{% if 'vip' in candidate.tags %}, our VIP{% endif %},",  # reads tags
+        "Hi {{ candidate.first_name|upper }},",  # reshapes a per-recipient value
+    ],
+)
+def test_a_template_that_cannot_be_shared_goes_out_one_by_one(
+    pg_runtime: Runtime, sandbox: SandboxServer, tmp_path: Path, greeting: str
+) -> None:
+    from outreach.delivery import deliver
+
+    templates, campaigns = tmp_path / "templates", tmp_path / "campaigns"
+    shutil.copytree(ROOT / "templates", templates)
+    campaigns.mkdir()
+    shutil.copy(ROOT / "campaigns" / "policies.yaml", campaigns / "policies.yaml")
+    (campaigns / "tagged_note.yaml").write_text(
+        "name: tagged_note\ncategory: nurture\nexit_on: []\n"
+        "trigger: {cron: '0 10 1 1,4,7,10 *', audience: {stages: [talent_pool], require_nurture_consent: true}}\n"
+        "steps:\n  - {channel: email, template: tagged_note}\n",
+        encoding="utf-8",
+    )
+    (templates / "email" / "tagged_note.en.subject.txt").write_text("News from {{ company.name }}\n", encoding="utf-8")
+    (templates / "email" / "tagged_note.en.txt").write_text(
+        greeting + "\nunsubscribe: {{ links.unsubscribe }}\n", encoding="utf-8"
+    )
+    (templates / "email" / "tagged_note.en.html").write_text(
+        "<p>" + greeting + '</p><a href="{{ links.unsubscribe }}">unsubscribe</a>\n', encoding="utf-8"
+    )
+    settings = pg_runtime.settings.with_overrides(campaigns_dir=campaigns, templates_dir=templates)
+    runtime = Runtime(settings, sandbox_url=sandbox.url)
+    runtime.policy = open_policy(settings)
+    _pool(runtime, 3, zh_every=1000)
+    with Session(runtime.engine) as session, session.begin():
+        session.execute(update(Candidate).where(Candidate.external_id == "tp-0001").values(tags=["vip"]))
+    batches = _schedule(runtime, campaign="tagged_note")
+    singles: list[str] = []
+    runtime.enqueue_override = singles.extend
+    [batch] = batches
+    outcome = deliver_batch(runtime, batch)
+    assert (outcome.sent, outcome.single, outcome.requests) == (0, 3, 0)
+    assert sorted(singles) == sorted(batch)
+    assert {(m.status, m.attempts) for m in _rows(runtime).values()} == {("pending", 0)}
+    for outbox_id in singles:
+        assert deliver(runtime, outbox_id).status == "sent"
+    texts = sorted(record.text.splitlines()[0] for record in sandbox.messages())
+    if "upper" in greeting:
+        assert texts == ["Hi ANA&BO0,", "Hi ANA&BO1,", "Hi ANA&BO2,"]
+    else:
+        assert texts == ["Hi Ana&Bo0,", "Hi Ana&Bo1, our VIP,", "Hi Ana&Bo2,"]
