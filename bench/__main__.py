@@ -240,7 +240,7 @@ def run_one(name: str, options: Options) -> Outcome:
 def _number(value: float | None) -> str:
     if value is None:
         return "n/a"
-    if abs(value) >= 1000:
+    if abs(value) >= 100:
         return f"{value:,.0f}"
     if abs(value) >= 10:
         return f"{value:.1f}"

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,58 @@ def test_bench_rejects_an_unknown_benchmark_name() -> None:
     returncode, _, stderr = run_bench(["--only", "e2e,nonsense"], bench_environment())
     assert returncode == 2
     assert "nonsense" in stderr
+
+
+def _module(monkeypatch: pytest.MonkeyPatch, name: str, run: object) -> None:
+    module = types.ModuleType(f"bench.{name}")
+    module.run = run  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, f"bench.{name}", module)
+
+
+def test_runner_reports_missing_broken_and_failed_benchmarks_and_never_judges_speed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bench.__main__ import markdown, run_one
+    from bench.harness import BenchmarkError, Figure, Options
+
+    def slow(options: Options) -> list[Figure]:
+        return [Figure("slow.rate", 1.0, "msg/s", "bare", 100.0, goal="≥ 0.5× bare", met=False)]
+
+    def lossy(options: Options) -> list[Figure]:
+        return [Figure("lossy.rate", 50.0, "msg/s", checks={"lost": 1, "duplicated": 0})]
+
+    def broken(options: Options) -> list[Figure]:
+        raise BenchmarkError("the workers died")
+
+    for name, run in (("slow", slow), ("lossy", lossy), ("broken", broken)):
+        _module(monkeypatch, name, run)
+    options = Options(smoke=True)
+
+    assert run_one("not_written_yet", options).status == "missing"
+    outcome = run_one("slow", options)
+    assert outcome.status == "ok"  # a goal not met is reported, not a failure
+    assert outcome.figures[0].ratio == pytest.approx(0.01)
+    lossy_outcome = run_one("lossy", options)
+    assert lossy_outcome.status == "failed" and not lossy_outcome.figures[0].ok
+    broken_outcome = run_one("broken", options)
+    assert broken_outcome.status == "broken" and broken_outcome.error == "the workers died"
+
+    report = {
+        "machine": {"cpu_count": 2},
+        "versions": {"python": "3"},
+        "finished_at": "2026-01-01T00:00:00+00:00",
+        "smoke": True,
+    }
+    table = markdown(report, [outcome, lossy_outcome, broken_outcome])
+    assert "| slow.rate | 1 msg/s | 100 msg/s (bare) | 0.01× | ≥ 0.5× bare | NOT MET |" in table
+    assert "FAILED lost 1" in table and "| broken | BROKEN |" in table
+
+
+def test_options_sizes_follow_smoke_and_overrides() -> None:
+    from bench.harness import Options, at_least, at_most
+
+    assert Options().size("webhooks.events", 100, 3) == 100
+    assert Options(smoke=True).size("webhooks.events", 100, 3) == 3
+    assert Options(smoke=True, sizes={"webhooks.events": 7}).size("webhooks.events", 100, 3) == 7
+    assert at_least(4.0, 5.0, Options()) is False and at_most(4.0, 5.0, Options()) is True
+    assert at_least(4.0, 5.0, Options(smoke=True)) is None
