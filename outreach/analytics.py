@@ -406,9 +406,10 @@ def _period(engine: Engine, moment: ColumnElement[datetime], bucket: Bucket) -> 
     return func.to_char(func.date_trunc(bucket, moment), "YYYY-MM-DD")
 
 
-def _attributed(kind: str) -> Select[Any]:
+def _attributed(kind: str, since: datetime | None) -> Select[Any]:
     """Outbox ids that inbound messages of ``kind`` answer: ``in_reply_to``, else the latest message sent to the
-    candidate before the inbound message arrived."""
+    candidate before the inbound message arrived. Only inbound messages from ``since`` on can answer a message
+    sent since then."""
     latest = (
         select(OutboundMessage.id)
         .where(
@@ -424,12 +425,23 @@ def _attributed(kind: str) -> Select[Any]:
         .scalar_subquery()
     )
     target = func.coalesce(InboundMessage.in_reply_to, latest)
-    inner = select(target.label("target")).where(InboundMessage.kind == kind).subquery()
+    answers = select(target.label("target")).where(InboundMessage.kind == kind)
+    if since is not None:
+        answers = answers.where(InboundMessage.received_at >= since)
+    inner = answers.subquery()
     return select(inner.c.target).where(inner.c.target.is_not(None))
 
 
-def _with_event(*types: str) -> Select[Any]:
-    return select(DeliveryEvent.message_id).where(DeliveryEvent.type.in_(types), DeliveryEvent.message_id.is_not(None))
+#: Provider timestamps may be a little earlier than our own send time (clocks, whole seconds): events this much
+#: older than ``since`` are still read.
+EVENT_SKEW = timedelta(hours=1)
+
+
+def _with_event(since: datetime | None, *types: str) -> Select[Any]:
+    query = select(DeliveryEvent.message_id).where(DeliveryEvent.type.in_(types), DeliveryEvent.message_id.is_not(None))
+    if since is not None:
+        query = query.where(DeliveryEvent.occurred_at >= since - EVENT_SKEW)
+    return query
 
 
 def _count(condition: ColumnElement[bool]) -> ColumnElement[int]:
@@ -453,12 +465,12 @@ def rates(
         bucket, by = bucket or "day", None
     m = OutboundMessage
     moment = _message_time()
-    delivered = m.id.in_(_with_event(*ARRIVAL_EVENTS))
+    delivered = m.id.in_(_with_event(since, *ARRIVAL_EVENTS))
     is_email = m.channel == "email"
-    clicked = m.id.in_(_with_event("clicked")) | m.id.in_(
+    clicked = m.id.in_(_with_event(since, "clicked")) | m.id.in_(
         select(TrackedLink.message_id).join(LinkClick, LinkClick.link_id == TrackedLink.id)
     )
-    opted_out = m.id.in_(_with_event("unsubscribed")) | m.id.in_(_attributed("opt_out"))
+    opted_out = m.id.in_(_with_event(since, "unsubscribed")) | m.id.in_(_attributed("opt_out", since))
     key: Any = literal(None)
     query_from: Any = m
     if by is Dimension.CAMPAIGN:
@@ -482,11 +494,11 @@ def rates(
             func.count().label("messages"),
             _count(delivered),
             _count(delivered & is_email),
-            _count(is_email & m.id.in_(_with_event("opened"))),
+            _count(is_email & m.id.in_(_with_event(since, "opened"))),
             _count(clicked),
-            _count(m.id.in_(_attributed("reply"))),
+            _count(m.id.in_(_attributed("reply", since))),
             _count(opted_out),
-            _count(m.id.in_(_with_event("bounced"))),
+            _count(m.id.in_(_with_event(since, "bounced"))),
         )
         .select_from(query_from)
         .where(m.category != AUTO_REPLY, m.status.in_(ATTEMPTED))

@@ -264,8 +264,9 @@ def _history_of(rng: random.Random, h: History, cid: int, applied_at: datetime, 
         kind = rng.choices(["reply", "auto_reply", "opt_out", "help", "opt_in"], weights=[55, 20, 12, 8, 5])[0]
         received = applied_at + timedelta(seconds=rng.randrange(0, 25 * 86400))
         in_reply_to = None
-        if mine and rng.random() < 0.5:
-            in_reply_to = rng.choice(mine)["id"]
+        answerable = [m for m in mine if m["sent_at"] is not None and m["sent_at"] <= received]
+        if answerable and rng.random() < 0.5:
+            in_reply_to = rng.choice(answerable)["id"]  # a message it can answer: one sent before it
         h.inbound.append(_inbound(rng, cid, kind, received, in_reply_to))
     if rng.random() < 0.02:
         h.inbound.append(_inbound(rng, None, "unmatched", applied_at, None))
