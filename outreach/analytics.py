@@ -28,7 +28,9 @@ What counts as what (:func:`rates`)
 - **bounced**: messages with a hard ``bounced`` event (the address does not exist). ``bounce_rate = bounced /
   messages``. An asynchronous bounce can follow a delivery, so one message may count as both.
 
-Every count is of distinct messages; a rate is ``None`` when its denominator is 0.
+Every count is of distinct messages; a rate is ``None`` when its denominator is 0. With ``since``, provider
+events from an hour before it on and inbound messages from it on are read (a reply cannot precede the message
+it answers), so the cost follows the window, not the tables.
 """
 
 from __future__ import annotations
@@ -111,8 +113,9 @@ def _rate(numerator: int, denominator: int) -> float | None:
 class RateRow:
     """One group of :func:`rates`: its key (``None`` when not grouped), its period start and the counts.
 
-    ``key`` is the dimension's value as text (a campaign name, a step number "0", a channel …); ``period`` is
-    the first day of the bucket (a Monday for weeks) when a bucket was asked for.
+    ``key`` is the dimension's value as text (a campaign name, a channel …; for steps the outbox's 0-based step
+    index, as ``GET /api/v1/messages`` shows it, so "0" is a campaign's first step); ``period`` is the first day
+    of the bucket (a Monday for weeks, UTC) when a bucket was asked for.
     """
 
     key: str | None
