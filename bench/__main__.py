@@ -49,7 +49,8 @@ class Outcome:
     """What one benchmark module gave: figures, or why there are none."""
 
     name: str
-    status: str  # "ok", "failed" (a check failed), "broken" (raised), "missing" (no module or no run())
+    #: "ok", "failed" (a check failed), "broken" (raised), "missing" (no module or no run()), "interrupted"
+    status: str
     seconds: float = 0.0
     figures: list[Figure] = field(default_factory=list)
     error: str | None = None
@@ -109,7 +110,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="PostgreSQL server; each benchmark creates a scratch database on it and drops it "
         f"(default $OUTREACH_BENCH_POSTGRES_URL or {DEFAULT_POSTGRES_URL})",
     )
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds allowed per measured step")
+    parser.add_argument("--timeout", type=float, help="seconds allowed per measured step (default 900, smoke 180)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results file")
     args = parser.parse_args(argv)
     if args.only:
@@ -119,6 +120,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
             parser.error(f"--only: unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
     else:
         args.only = list(BENCHMARKS)
+    if args.timeout is None:
+        args.timeout = 180.0 if args.smoke else 900.0
     if args.processes < 1 or args.threads < 1 or args.timeout <= 0:
         parser.error("--processes, --threads and --timeout must be positive")
     return args
@@ -354,9 +357,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     started = time.perf_counter()
     outcomes: list[Outcome] = []
+    interrupted: BaseException | None = None
     for name in args.only:
         print(f"{name} ...", file=sys.stderr, flush=True)
-        outcome = run_one(name, options)
+        try:
+            outcome = run_one(name, options)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            # Still print and write what was measured; the benchmark's own clean-up has run.
+            outcomes.append(Outcome(name, "interrupted", error="interrupted (SIGINT/SIGTERM)"))
+            interrupted = exc
+            break
         print(f"{name}: {outcome.status} in {outcome.seconds:.1f} s", file=sys.stderr, flush=True)
         if outcome.status == "broken" and outcome.error:
             print(outcome.error, file=sys.stderr, flush=True)
@@ -382,6 +392,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.output.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     args.output.with_suffix(".md").write_text(markdown(report, outcomes))
     print(f"results: {args.output} (and {args.output.with_suffix('.md').name}, for the README)", file=sys.stderr)
+    if interrupted is not None:
+        print("benchmark interrupted", file=sys.stderr)
+        return 130 if isinstance(interrupted, KeyboardInterrupt) else int(getattr(interrupted, "code", 1) or 1)
     if not report["ok"]:
         bad = [f"{outcome.name} ({outcome.status})" for outcome in outcomes if outcome.status not in ("ok", "missing")]
         print(f"benchmark failed: {', '.join(bad)}", file=sys.stderr)
