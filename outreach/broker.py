@@ -83,15 +83,22 @@ def enqueue_calls(
     if not calls:
         return
     target = broker or current_broker()
-    messages: list[Message[Any]] = [
-        Message(queue_name=queue_name, actor_name=actor_name, args=args, kwargs={}, options={}) for args in calls
-    ]
     if not _is_redis(target):
-        for message in messages:
-            target.enqueue(message)
+        for args in calls:
+            target.enqueue(Message(queue_name=queue_name, actor_name=actor_name, args=args, kwargs={}, options={}))
         return
     redis_broker: Any = target
-    stamped = [message.copy(options={"redis_message_id": str(uuid.uuid4())}) for message in messages]
+    # Stamped with the Redis id at once (the broker's own enqueue copies each message to add it).
+    stamped: list[Message[Any]] = [
+        Message(
+            queue_name=queue_name,
+            actor_name=actor_name,
+            args=args,
+            kwargs={},
+            options={"redis_message_id": str(uuid.uuid4())},
+        )
+        for args in calls
+    ]
     for message in stamped:
         target.emit_before("enqueue", message, None)
     queue_key = f"{redis_broker.namespace}:{queue_name}"
