@@ -460,7 +460,8 @@ def _pg_records(session: Session, types: Mapping[str, TypeEngine[Any]], rows: Se
             for name, processor in processors.items():
                 record[name] = processor(record[name])
             records.append(record)
-    document = json.dumps(records, default=_json_scalar, ensure_ascii=False, separators=(",", ":"))
+    # ASCII escapes, as SQLAlchemy's JSON type writes them: a lone surrogate in a payload stays storable.
+    document = json.dumps(records, default=_json_scalar, separators=(",", ":"))
     return (
         func.json_to_recordset(sql_cast(bindparam("records", document, type_=Text), JSON))
         .table_valued(*(column(name, column_type) for name, column_type in types.items()))

@@ -543,6 +543,21 @@ def test_events_naming_no_known_message_are_kept_unlinked(runtime: Runtime) -> N
     assert (result.stored, result.unmatched, result.updated) == (1, 1, 0)
 
 
+def test_non_ascii_and_escaped_text_is_stored_as_received(runtime: Runtime) -> None:
+    # On PostgreSQL a batch travels as one JSON document (json_to_recordset): text must survive the round trip.
+    odd = 'Zoë "quoted" \\ back\tslash ☃ 😀'
+    result = run(
+        runtime,
+        [sendgrid("bounce", "f" * 32, 1764108060, "é-1", email="Zoë@Exämple.org", type="bounce", reason=odd)],
+    )
+    assert (result.stored, result.suppressed) == (1, 1)
+    with Session(runtime.engine) as session:
+        stored = session.scalars(select(DeliveryEvent)).one()
+        assert stored.provider_event_id == "é-1" and stored.raw["reason"] == odd
+        assert stored.occurred_at == at(1764108060)
+        assert session.scalars(select(Suppression.address)).one() == "zoë@exämple.org"
+
+
 def test_a_large_batch_is_set_based(runtime: Runtime) -> None:
     candidate = add_candidate(runtime)
     ids = [f"{n:032x}" for n in range(1000)]
