@@ -174,7 +174,7 @@ def plant_search_population(runtime: Runtime) -> None:
     add_candidate(runtime, "java-pool", tags=["stack:java", "status:passive"], stage="talent_pool", source="referral")
     add_candidate(runtime, "java-active", tags=["stack:java", "status:active"])
     add_candidate(runtime, "go-pool", tags=["stack:go", "status:passive"], stage="talent_pool")
-    add_candidate(runtime, "python", tags=["stack:python"])
+    add_candidate(runtime, "python", tags=["stack:python", "city:上海", 'nick:"q"'])
     with Session(runtime.engine) as session, session.begin():
         session.execute(
             update(Candidate)
@@ -209,6 +209,8 @@ def test_search_by_stage_tags_intent_recontact_and_source(runtime: Runtime, clie
     assert found(client, f"recontact_after={soon}") == ["go-pool"]
     assert found(client, "source=referral") == ["java-pool"]
     assert found(client, "tag=stack:rust") == []
+    assert found(client, "tag=city:上海") == found(client, 'tag=nick:"q"') == ["python"]  # stored JSON-escaped
+    assert found(client, "tag=city:上") == found(client, "tag=stack:pyth") == []  # whole tags only
     item = client.get("/api/v1/candidates?tag=stack:java&intent=high").json()["items"][0]
     assert (item["intent_level"], item["stage"], item["email"]) == ("high", "talent_pool", "java-pool@example.org")
     for query, field in [("intent=hot", "intent"), ("tag=Stack:java", "tag.0"), ("stage=lost", "stage")]:
