@@ -166,3 +166,41 @@ def test_chinese_candidate_gets_chinese_messages(runtime: Runtime, sandbox: Sand
     assert "张伟" in received["email"].text
     assert status_of(runtime, email.id).locale == "zh-CN"
     assert status_of(runtime, sms.id).segments is not None
+
+
+def test_one_send_is_two_transactions_on_one_connection(runtime: Runtime, sandbox: SandboxServer) -> None:
+    """The hot path's shape: one pooled connection, the claiming transaction (claim, candidate lock with its
+    enrollment and job, rules, tracked links) committed before the provider call, one update after it."""
+    from sqlalchemy import event
+
+    email, _ = queue_jd_intro(runtime)
+    statements: list[str] = []
+    checkouts: list[object] = []
+    commits: list[object] = []
+
+    def on_execute(conn: object, cursor: object, statement: str, *args: object) -> None:
+        statements.append(statement.split(None, 1)[0].upper())
+
+    def on_checkout(*args: object) -> None:
+        checkouts.append(args)
+
+    def on_commit(conn: object) -> None:
+        commits.append(conn)
+
+    engine = runtime.engine
+    listeners = [(engine, "before_cursor_execute", on_execute), (engine.pool, "checkout", on_checkout)]
+    listeners.append((engine, "commit", on_commit))
+    for target, name, function in listeners:
+        event.listen(target, name, function)
+    try:
+        assert deliver(runtime, email.id).status == "sent"
+    finally:
+        for target, name, function in listeners:
+            event.remove(target, name, function)
+    assert len(checkouts) == 1
+    assert len(commits) == 2
+    # claim, lock (+ enrollment, job), enrollment rule answered from the lock, suppression, caps, tracked links
+    # (read + insert), the outcome.
+    assert statements.count("UPDATE") == 2
+    assert len(statements) <= 8, statements
+    assert sandbox.wait_for(1, timeout=5)[0].custom_args == {"outreach_id": email.id}
