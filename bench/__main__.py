@@ -27,13 +27,10 @@ from bench import DEFAULT_POSTGRES_URL, DEFAULT_REDIS_URL
 from bench.harness import (
     ROOT,
     BenchmarkError,
-    Config,
     Figure,
     Options,
-    at_least,
     install_signal_handlers,
     machine,
-    progress,
     versions,
 )
 
@@ -166,42 +163,6 @@ def server_versions(options: Options) -> dict[str, str]:
 # -- running -----------------------------------------------------------------------------------------------
 
 
-def legacy_e2e(options: Options) -> list[Figure]:
-    """The end-to-end benchmark as it was before ``run(options)``: both sides, one ratio figure."""
-    from bench.bare import run_bare
-    from bench.e2e import run_e2e
-
-    messages = options.size("e2e.messages", 20_000, 200)
-    config = Config(
-        messages=messages,
-        warmup=options.processes * options.threads * 4,
-        processes=options.processes,
-        threads=options.threads,
-        redis_url=options.redis_url,
-        postgres_url=options.postgres_url,
-        timeout=options.timeout,
-        smoke=options.smoke,
-        token=options.token,
-    )
-    progress(f"bare Dramatiq no-op: {messages} messages")
-    bare = run_bare(config)
-    progress(f"end to end: {messages} messages")
-    e2e = run_e2e(config)
-    return [
-        Figure(
-            "e2e.single_sends",
-            e2e.rate,
-            "msg/s",
-            baseline_name="bare Dramatiq no-op",
-            baseline_value=bare.rate,
-            goal="≥ 0.5× bare",
-            met=at_least(e2e.rate / bare.rate if bare.rate else None, 0.5, options),
-            checks={"lost": (e2e.lost or 0) + (bare.lost or 0), "duplicated": e2e.duplicated},
-            details={"bare": bare.to_dict(), "e2e": e2e.to_dict()},
-        )
-    ]
-
-
 def find(name: str) -> Runner | None:
     """The module's ``run``, or None when the module (or its ``run``) is not there."""
     try:
@@ -211,8 +172,6 @@ def find(name: str) -> Runner | None:
             return None
         raise
     runner = getattr(module, "run", None)
-    if runner is None and name == "e2e":
-        return legacy_e2e
     return runner if callable(runner) else None
 
 
