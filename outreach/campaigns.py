@@ -255,11 +255,65 @@ def _field_name(loc: Iterable[Any]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + str(part)
+            text = str(part)
+            # A blank or odd key ("", " ", "a\tb") is shown quoted, so the message still says which one.
+            shown = text if text.strip() and text.isprintable() and text == text.strip() else repr(text)
+            out += ("." if out else "") + shown
     return out or "(file)"
 
 
 M = TypeVar("M", bound=BaseModel)
+
+
+#: More values than any campaign or policy file needs (aliases counted as often as they are used).
+MAX_YAML_VALUES = 100_000
+MAX_YAML_DEPTH = 100
+
+
+def _expanded_size(node: yaml.Node) -> int:
+    """How many values the document has once every alias is expanded, computed without expanding anything.
+
+    An alias is the same node object as its anchor, so sizes are memoised per node; a node inside itself is
+    endless.
+    """
+    sizes: dict[int, int] = {}
+    visiting: set[int] = set()
+    pending: list[tuple[yaml.Node, bool]] = [(node, False)]
+    while pending:
+        current, expanded = pending.pop()
+        key = id(current)
+        if key in sizes:
+            continue
+        if not isinstance(current, yaml.SequenceNode | yaml.MappingNode):
+            sizes[key] = 1
+            continue
+        children: list[yaml.Node] = (
+            list(current.value)
+            if isinstance(current, yaml.SequenceNode)
+            else [part for pair in current.value for part in pair]
+        )
+        if not expanded:
+            if any(id(child) in visiting or child is current for child in children):
+                return MAX_YAML_VALUES + 1  # a value that contains itself never ends
+            visiting.add(key)
+            pending.append((current, True))
+            pending.extend((child, False) for child in children if id(child) not in sizes)
+            continue
+        visiting.discard(key)
+        sizes[key] = min(MAX_YAML_VALUES + 1, 1 + sum(sizes.get(id(child), 1) for child in children))
+    return sizes[id(node)]
+
+
+def _flow_depth(text: str) -> int:
+    """The deepest nesting of ``[`` and ``{`` (brackets inside strings count too: an over-estimate is harmless)."""
+    depth = deepest = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}" and depth:
+            depth -= 1
+    return deepest
 
 
 def load_yaml_model(path: Path, model: type[M], expected: str) -> tuple[M | None, list[Problem], dict[Any, int]]:
@@ -272,14 +326,23 @@ def load_yaml_model(path: Path, model: type[M], expected: str) -> tuple[M | None
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         return None, [Problem(label, None, "(file)", f"cannot read: {exc}")], {}
+    if _flow_depth(text) > MAX_YAML_DEPTH:
+        # PyYAML parses nesting recursively: thousands of levels take seconds, then overflow the stack.
+        return None, [Problem(label, None, "(yaml)", f"lists or mappings nested more than {MAX_YAML_DEPTH} deep")], {}
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None and _expanded_size(node) > MAX_YAML_VALUES:
+            # Aliases of aliases ("billion laughs") would make validation walk an exponential document.
+            return None, [Problem(label, None, "(yaml)", f"the document expands to more than {MAX_YAML_VALUES} "
+                                  "values; use fewer anchors and aliases (&, *)")], {}  # fmt: skip
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc)
         return None, [Problem(label, line, "(yaml)", f"invalid YAML: {problem}")], {}
+    except RecursionError:
+        return None, [Problem(label, None, "(yaml)", "invalid YAML: lists or mappings nested too deeply")], {}
     if not isinstance(data, dict) or node is None:
         return None, [Problem(label, 1, "(file)", f"expected a mapping with {expected}")], {}
     lines = _line_index(node)
