@@ -73,7 +73,7 @@ from outreach.models import (
     utcnow,
 )
 from outreach.policy.base import Stage
-from outreach.policy.bulk import PolicyReads
+from outreach.policy.bulk import PolicyReads, one_of
 from outreach.policy.engine import Outcome as Verdict
 from outreach.providers.base import ProviderPipeline
 from outreach.runtime import Runtime
@@ -310,7 +310,7 @@ def _claim_and_check(runtime: Runtime, ids: Sequence[str], now: datetime) -> tup
         pick = (
             select(om.id)
             .where(
-                om.id.in_(ids),
+                one_of(session, om.id, ids),
                 om.status == MessageStatus.PENDING.value,
                 om.not_before <= now,
                 om.channel == Channel.EMAIL.value,
@@ -350,7 +350,7 @@ def _claim_and_check(runtime: Runtime, ids: Sequence[str], now: datetime) -> tup
         claimed_ids = {row.id for row in claimed}
         candidate_ids = sorted({row.candidate_id for row in claimed})
         # Locked in id order, so batches and single sends queue up behind each other instead of deadlocking.
-        query = select(Candidate).where(Candidate.id.in_(candidate_ids)).order_by(Candidate.id)
+        query = select(Candidate).where(one_of(session, Candidate.id, candidate_ids)).order_by(Candidate.id)
         if postgres:
             query = query.with_for_update(key_share=True)
         candidates = {c.id: c for c in session.scalars(query)}
@@ -361,7 +361,7 @@ def _claim_and_check(runtime: Runtime, ids: Sequence[str], now: datetime) -> tup
             for e in session.execute(
                 select(
                     Enrollment.id, Enrollment.status, Enrollment.exit_reason, Enrollment.job_id, Enrollment.context
-                ).where(Enrollment.id.in_(enrollment_ids))
+                ).where(one_of(session, Enrollment.id, enrollment_ids))
             )
         }
         job_ids = {e.job_id for e in enrollments.values() if e.job_id is not None}
@@ -581,7 +581,7 @@ def _store_links(runtime: Runtime, shared: SharedEmail, group: Sequence[_Recipie
             for link_id, message_id, position, url, name in session.execute(
                 select(
                     TrackedLink.id, TrackedLink.message_id, TrackedLink.position, TrackedLink.url, TrackedLink.name
-                ).where(TrackedLink.message_id.in_(chunk))
+                ).where(one_of(session, TrackedLink.message_id, chunk))
             ):
                 existing[(message_id, url, name)] = link_id
                 positions[message_id] = max(positions[message_id], position)
