@@ -16,16 +16,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select, update
+from sqlalchemy import false, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from outreach.calendar import BusinessCalendar
 from outreach.campaigns import Audience, Campaign, CampaignSet, EventType, ExitCondition
 from outreach.candidates import add_tags, as_utc
+from outreach.config import get_settings
 from outreach.errors import NotFoundError, ValidationError
-from outreach.intent import LEVEL_ORDER, RECONTACT_AFTER_DECLINE, IntentSpec, decline_reason, level_of, move_stage
+from outreach.intent import (
+    LEVEL_ORDER,
+    RECONTACT_AFTER_DECLINE,
+    IntentSpec,
+    decline_reason,
+    has_tags,
+    level_of,
+    move_stage,
+)
 from outreach.models import (
     Candidate,
     CandidateEvent,
@@ -192,7 +202,6 @@ def record_event(
         candidate.recontact_at = occurred_at + RECONTACT_AFTER_DECLINE
     if event_in.type is EventType.MOVED_TO_TALENT_POOL:
         if intent is None:
-            from outreach.config import get_settings
             from outreach.intent import load_intent
 
             intent = load_intent(get_settings().campaigns_dir)
@@ -257,13 +266,14 @@ POOL_STAGES = (Stage.TALENT_POOL, Stage.DECLINED, Stage.REJECTED)
 class Reactivation:
     """Who a job opening reached: the new enrollments, and how many candidates were passed over, by reason.
 
-    Reasons (first that applies): ``erased``; ``not_in_pool`` (stage outside the campaign's audience);
-    ``recontact_later`` (declined or rejected, and their re-contact date is still ahead; talent-pool entries are
-    always eligible: a matching opening is what the pool is for); ``no_matching_tags`` (no tag in common with
-    the job, or the audience's tag rules fail); ``intent_not_targeted`` (the audience names intent levels);
-    ``opted_out`` (address suppressed, or no nurture consent where the campaign needs it); ``no_address``;
-    ``already_enrolled`` (this job reached them before: opening twice enrolls once); ``capped`` (a frequency
-    cap would hold the message); ``over_limit`` (beyond the ``limit`` asked for, high intent goes first).
+    Reasons (the first that applies; for a whole pool, tags are checked first): ``erased``; ``not_in_pool``
+    (stage outside the campaign's audience); ``recontact_later`` (declined or rejected, and their re-contact
+    date is still ahead; talent-pool entries are always eligible: a matching opening is what the pool is for);
+    ``no_matching_tags`` (no tag in common with the job, or the audience's tag rules fail);
+    ``intent_not_targeted`` (the audience names intent levels); ``opted_out`` (address suppressed, or no nurture
+    consent where the campaign needs it); ``no_address``; ``already_enrolled`` (this job reached them before:
+    opening twice enrolls once); ``capped`` (a frequency cap would hold the message); ``over_limit`` (beyond the
+    ``limit`` asked for; high intent goes first).
     """
 
     enrollments: list[Enrollment] = field(default_factory=list)
@@ -273,17 +283,59 @@ class Reactivation:
         return {"selected": len(self.enrollments), "excluded": dict(sorted(self.excluded.items()))}
 
 
+@dataclass
+class _PoolReads:
+    """What the exclusion checks read, loaded once for every candidate considered (a few queries, not a few per
+    candidate): suppressions and recent sends through :class:`outreach.policy.bulk.PolicyReads` (the same
+    lookups the send-time rules make), and who this job already reached."""
+
+    reads: Any
+    enrolled: set[tuple[str, int]]
+
+
+def _load_reads(
+    session: Session,
+    chosen: Sequence[Campaign],
+    candidates: Sequence[Candidate],
+    dedupe_key: str,
+    policy: PolicyEngine | None,
+    now: datetime,
+) -> _PoolReads:
+    from outreach.policy.bulk import PolicyReads
+    from outreach.policy.config import PolicySpec
+    from outreach.policy.engine import PolicyEngine as Engine
+
+    engine = policy or Engine(PolicySpec(caps=()), get_settings())
+    channels = {c.steps[0].channel.value for c in chosen}
+    reads = PolicyReads.load(session, engine, candidates, channels, now)
+    enrolled: set[tuple[str, int]] = set()
+    ids = [c.id for c in candidates]
+    for start in range(0, len(ids), 1000):
+        enrolled.update(
+            (campaign, candidate_id)
+            for campaign, candidate_id in session.execute(
+                select(Enrollment.campaign, Enrollment.candidate_id).where(
+                    Enrollment.candidate_id.in_(ids[start : start + 1000]),
+                    Enrollment.campaign.in_([c.name for c in chosen]),
+                    Enrollment.dedupe_key == dedupe_key,
+                )
+            )
+        )
+    return _PoolReads(reads, enrolled)
+
+
 def _exclusion(
     session: Session,
     campaign: Campaign,
     candidate: Candidate,
     job: Job,
     now: datetime,
-    dedupe_key: str,
+    pool: _PoolReads,
     policy: PolicyEngine | None,
 ) -> str | None:
     """Why ``candidate`` is not re-activated for ``job`` by ``campaign`` (None: they are)."""
     from outreach.policy.base import Stage as PolicyStage
+    from outreach.policy.base import Subject
     from outreach.policy.caps import FrequencyCaps
     from outreach.policy.consent import NurtureConsentRule, SuppressionRule
 
@@ -310,46 +362,29 @@ def _exclusion(
     if audience.require_nurture_consent and not candidate.nurture_consent:
         return "opted_out"
     channel = campaign.steps[0].channel.value
-    if policy is not None:
-        subject = policy.subject(
-            candidate,
-            channel=channel,
-            category=campaign.category.value,
-            campaign=campaign.name,
-            now=now,
-            stage=PolicyStage.SCHEDULE,
-        )
-    else:
-        from zoneinfo import ZoneInfo
-
-        from outreach.policy.base import Subject
-
-        subject = Subject(
-            candidate_id=candidate.id,
-            channel=channel,
-            category=campaign.category.value,
-            campaign=campaign.name,
-            address=candidate.email if channel == "email" else candidate.phone,
-            zone=ZoneInfo("UTC"),
-            country=None,
-            now=now,
-            stage=PolicyStage.SCHEDULE,
-        )
+    subject = Subject(
+        candidate_id=candidate.id,
+        channel=channel,
+        category=campaign.category.value,
+        campaign=campaign.name,
+        address=candidate.email if channel == "email" else candidate.phone,
+        zone=ZoneInfo("UTC"),  # read by no rule asked here
+        country=None,
+        now=now,
+        stage=PolicyStage.SCHEDULE,
+    )
+    # The consent rules and the caps, decided on the loaded reads exactly as at send time; quiet hours and
+    # pacing only delay a message, so they exclude nobody.
     for rule in (SuppressionRule(), NurtureConsentRule()):
-        decision = rule.check(session, subject)
+        decision = pool.reads._decide(session, rule, subject, candidate)
         if not decision.allowed:
             return "no_address" if decision.rule == "address" else "opted_out"
-    already = session.scalar(
-        select(Enrollment.id).where(
-            Enrollment.campaign == campaign.name,
-            Enrollment.candidate_id == candidate.id,
-            Enrollment.dedupe_key == dedupe_key,
-        )
-    )
-    if already is not None:
+    if (campaign.name, candidate.id) in pool.enrolled:
         return "already_enrolled"
-    if policy is not None and not FrequencyCaps(policy.spec.caps).check(session, subject).allowed:
-        return "capped"
+    if policy is not None:
+        decision = pool.reads._decide(session, FrequencyCaps(policy.spec.caps), subject, candidate)
+        if not decision.allowed:
+            return "capped"
     return None
 
 
@@ -384,26 +419,39 @@ def reactivate(
         return result
     if candidates is None:
         stages = {s.value for c in chosen for s in (c.trigger.audience.stages or POOL_STAGES)}
-        candidates = list(
-            session.scalars(select(Candidate).where(Candidate.stage.in_(stages), Candidate.erased_at.is_(None)))
-        )
+        pool = select(Candidate).where(Candidate.stage.in_(stages), Candidate.erased_at.is_(None))
+        if all(c.trigger.audience.match_job_tags for c in chosen):
+            # Only candidates sharing a tag with the job are loaded (the tag index answers on PostgreSQL); the
+            # rest are only counted.
+            total = session.scalar(select(func.count()).select_from(pool.subquery())) or 0
+            sharing = or_(*(has_tags(session, [tag]) for tag in job.tags)) if job.tags else false()
+            candidates = list(session.scalars(pool.where(sharing)))
+            if total > len(candidates):
+                result.excluded["no_matching_tags"] += total - len(candidates)
+        else:
+            candidates = list(session.scalars(pool))
     dedupe_key = f"{EventType.JOB_OPENED.value}:{job.external_id}"
+    reads = _load_reads(session, chosen, candidates, dedupe_key, policy, now)
+    picked: list[tuple[Candidate, list[Campaign]]] = []
     for candidate in sorted(candidates, key=_best_first):
-        reasons = [_exclusion(session, c, candidate, job, now, dedupe_key, policy) for c in chosen]
+        reasons = [_exclusion(session, c, candidate, job, now, reads, policy) for c in chosen]
         eligible = [c for c, reason in zip(chosen, reasons, strict=True) if reason is None]
         if not eligible:
             result.excluded[str(reasons[0])] += 1
-            continue
-        if limit is not None and len(result.enrollments) >= limit:
+        elif limit is not None and len(picked) >= limit:
             result.excluded["over_limit"] += 1
-            continue
-        trigger = event
-        if trigger is None:
-            trigger = CandidateEvent(
-                candidate_id=candidate.id, type=EventType.JOB_OPENED.value, job_id=job.id, data={}, occurred_at=now
-            )
-            session.add(trigger)
-            session.flush()
+        else:
+            picked.append((candidate, eligible))
+    triggers: dict[int, CandidateEvent] = {}
+    for candidate, _ in picked:
+        triggers[candidate.id] = event or CandidateEvent(
+            candidate_id=candidate.id, type=EventType.JOB_OPENED.value, job_id=job.id, data={}, occurred_at=now
+        )
+    if event is None and triggers:
+        session.add_all(triggers.values())
+        session.flush()  # one INSERT for every new event
+    for candidate, eligible in picked:
+        trigger = triggers[candidate.id]
         for campaign in eligible:
             enrollment = enroll(
                 session,
