@@ -443,7 +443,7 @@ def make_stack(pg_database_url: str, tmp_path: Path) -> Iterator[Callable[..., S
     yield build
     for stack in made:
         for proc in stack.procs:
-            proc.stop()
+            proc.kill()  # what they were doing is over; a graceful dramatiq shutdown only costs time
         stack.sandbox.stop()
         if stack.app is not None:
             stack.app.stop()

@@ -105,7 +105,7 @@ def post_webhooks(stack: Stack, email_id: str, sms_id: str) -> list[int]:
 def test_postgres_unreachable_for_30_seconds(
     make_stack: Callable[..., Stack], proxy: TcpProxy, pg_database_url: str
 ) -> None:
-    messages = size("outage_messages", 400)
+    messages = size("outage_messages", 240)
     proxied = make_url(pg_database_url).set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     stack = make_stack(campaign=MIXED_CAMPAIGN, database_url=proxied, lease_seconds=5.0, provider_timeout=5.0)
     seed_enrollments(stack.runtime, messages // 2)

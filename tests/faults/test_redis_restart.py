@@ -75,7 +75,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 def test_redis_restarted_empty_mid_run_loses_nothing_sends_nothing_twice(
     make_stack: Callable[..., Stack], redis_server: RedisServer
 ) -> None:
-    messages = size("redis_messages", 600)
+    messages = size("redis_messages", 400)
     stack = make_stack(campaign=MIXED_CAMPAIGN, broker_url=redis_server.url, lease_seconds=3.0)
     seed_enrollments(stack.runtime, messages // 2)
     stack.spawn("scheduler", scheduler_argv())
