@@ -319,11 +319,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     interrupted: BaseException | None = None
     for name in args.only:
         print(f"{name} ...", file=sys.stderr, flush=True)
+        began = time.perf_counter()
         try:
             outcome = run_one(name, options)
         except (KeyboardInterrupt, SystemExit) as exc:
             # Still print and write what was measured; the benchmark's own clean-up has run.
-            outcomes.append(Outcome(name, "interrupted", error="interrupted (SIGINT/SIGTERM)"))
+            elapsed = time.perf_counter() - began
+            outcomes.append(Outcome(name, "interrupted", elapsed, error="interrupted (SIGINT/SIGTERM)"))
             interrupted = exc
             break
         print(f"{name}: {outcome.status} in {outcome.seconds:.1f} s", file=sys.stderr, flush=True)
