@@ -6,7 +6,7 @@ work unchanged when pointed at it. Every accepted message is kept in memory as a
 shown on an HTML page (like Mailpit) and served as JSON under ``/_sandbox/``. Twilio status callbacks and
 SendGrid event webhooks are posted back, signed the way the real services sign them, so webhook handlers can
 be tested end to end. Like the real services, the sandbox posts them whether or not the sender is still there
-to read the answer, and retries a webhook that failed (a 5xx answer or no connection) with backoff for up to
+to read the answer, and retries a webhook that failed (a 5xx or 429 answer, no connection) with backoff for up to
 :attr:`SandboxServer.webhook_retry_for` seconds.
 
 Faults can be queued (:meth:`SandboxServer.fail` or ``POST /_sandbox/faults``); each one is consumed by the
