@@ -341,6 +341,7 @@ class SandboxServer:
         self._faults: dict[str, deque[_Fault]] = {"sendgrid": deque(), "twilio": deque()}
 
         self.stopping = threading.Event()
+        self.webhook_retry_for = webhook_retry_for
         self._dispatcher = _Dispatcher(webhook_retry_for)
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
