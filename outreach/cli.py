@@ -130,6 +130,7 @@ def up(host: str, port: int, threads: int) -> None:
         click.echo(f"provider sandbox: {sandbox.url}/  (messages sent show up here)")
     stop = _start_background(runtime, threads)
     click.echo(f"outreach API: http://{host}:{port}/docs")
+    click.echo(f"dashboard: http://{host}:{port}/dashboard  (log in with an API key)")
     from outreach.web import create_app
 
     try:

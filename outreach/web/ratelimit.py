@@ -52,7 +52,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Routes without authentication other than a provider signature or a signed token.
-PUBLIC_PREFIXES = ("/webhooks/", "/unsubscribe/", "/r/")
+PUBLIC_PREFIXES = ("/webhooks/", "/unsubscribe/", "/r/", "/dashboard/login")
 #: Routes that enforce their own (larger, streaming) body limits.
 OWN_BODY_LIMIT = ("/webhooks/sendgrid/inbound",)
 
