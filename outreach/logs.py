@@ -22,7 +22,24 @@ class KeyValueFormatter(logging.Formatter):
         return f"{base} {parts}"
 
 
+#: Library loggers that write data at their verbose levels: SQLAlchemy's engine logs result rows at DEBUG,
+#: SendGrid's HTTP client each request body at DEBUG, Twilio's the parameters of each request (numbers, message
+#: bodies) at INFO.
+DATA_LOGGERS = {
+    "sqlalchemy.engine": logging.WARNING,
+    "python_http_client": logging.WARNING,
+    "twilio.http_client": logging.WARNING,
+}
+
+
+def quiet_data_loggers() -> None:
+    """Keep the loggers of :data:`DATA_LOGGERS` at WARNING whatever the root level is."""
+    for name, level in DATA_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+
+
 def configure_logging(level: str = "INFO") -> None:
+    quiet_data_loggers()
     root = logging.getLogger()
     if any(getattr(h, "_outreach", False) for h in root.handlers):
         root.setLevel(level)
