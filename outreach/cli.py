@@ -420,12 +420,19 @@ def candidates_import(path: Path) -> None:
     settings = _settings()
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
-        unknown = set(reader.fieldnames or ()) - set(CSV_COLUMNS)
-        if "external_id" not in (reader.fieldnames or ()):
-            raise click.ClickException(f"{path}: the header needs an external_id column")
-        if unknown:
-            raise click.ClickException(f"{path}: unknown column(s): {', '.join(sorted(unknown))}")
-        rows = list(reader)
+        try:
+            unknown = set(reader.fieldnames or ()) - set(CSV_COLUMNS)
+            if "external_id" not in (reader.fieldnames or ()):
+                raise click.ClickException(f"{path}: the header needs an external_id column")
+            if unknown:
+                raise click.ClickException(f"{path}: unknown column(s): {', '.join(sorted(unknown))}")
+            rows = list(reader)
+        except UnicodeDecodeError as exc:
+            raise click.ClickException(
+                f"{path}: not UTF-8 text (byte {exc.start}); save the file as CSV UTF-8; nothing was imported"
+            ) from None
+        except csv.Error as exc:
+            raise click.ClickException(f"{path}:{reader.line_num}: {exc}; nothing was imported") from None
     parsed: list[CandidateIn] = []
     errors: list[str] = []
     for number, raw in enumerate(rows, start=2):
