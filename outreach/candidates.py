@@ -82,6 +82,23 @@ def check_tags(values: list[str]) -> list[str]:
     return cleaned
 
 
+def no_nul(value: Any) -> Any:
+    """Refuse NUL characters anywhere in a value (strings, and keys and items of nested data): PostgreSQL cannot
+    store them in text or JSONB, so they would fail the write instead of the request."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise ValueError("must not contain NUL characters")
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+    return value
+
+
 class CandidateIn(BaseModel):
     """A candidate as the ATS sends it. Unknown fields are refused so typos do not vanish silently."""
 
@@ -97,6 +114,11 @@ class CandidateIn(BaseModel):
     tags: list[str] = Field(default_factory=list, max_length=100)
     nurture_consent: bool | None = None
     data: dict[str, Any] | None = None
+
+    @field_validator("external_id", "name", "source", "data", mode="after")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        return no_nul(value)
 
     @field_validator("email")
     @classmethod
@@ -141,6 +163,11 @@ class JobIn(BaseModel):
     @classmethod
     def _tags(cls, value: list[str]) -> list[str]:
         return check_tags(value)
+
+    @field_validator("external_id", "title", "department", "location", "description", mode="after")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        return no_nul(value)
 
     @field_validator("salary_max")
     @classmethod
