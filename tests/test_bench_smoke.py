@@ -57,6 +57,7 @@ def run_bench(args: list[str], env: dict[str, str]) -> tuple[int, str, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(SMOKE_TIMEOUT + 60)
 def test_bench_smoke_runs_every_benchmark_and_loses_nothing(tmp_path: Path) -> None:
     require_server("PostgreSQL", POSTGRES_URL, 5432)
     env = bench_environment()
