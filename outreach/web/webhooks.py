@@ -252,11 +252,20 @@ def verify_twilio(runtime: Runtime, hooks: WebhookSettings, request: Request, pa
         raise _forbidden("invalid signature")
 
 
+#: The longest value Twilio sends in these fields (SIDs are 34 characters, numbers E.164 or a channel address);
+#: anything longer is refused before it can overflow a column.
+_TWILIO_FIELD_LIMITS = {"MessageSid": 64, "SmsSid": 64, "From": 320, "To": 320, "MessageStatus": 32, "ErrorCode": 16}
+
+
 async def _signed_twilio_form(request: Request, runtime: Runtime, hooks: WebhookSettings) -> dict[str, str]:
     body = await _read_body(request, hooks.max_body_bytes)
     params = _twilio_form(body)
     verify_twilio(runtime, hooks, request, params)
-    return dict(params)
+    form = dict(params)
+    for name, limit in _TWILIO_FIELD_LIMITS.items():
+        if len(form.get(name) or "") > limit:
+            raise Rejected(400, "invalid", f"{name} is longer than {limit} characters")
+    return form
 
 
 @router.post("/twilio/status")
