@@ -127,10 +127,11 @@ def _bare(config: Config, half: int, logs: Path) -> tuple[list[float], list[floa
         with dramatiq_workers("memory-bare-workers", "bench.noop", queue.name, config, env, logs) as workers:
             # Both halves are released once the workers are up; each is drained before the reading.
             readings = []
-            for part in (ids[:half], ids[half:]):
+            for part, unreleased in ((ids[:half], len(ids) - half), (ids[half:], 0)):
                 queue.release(part)
+                # Drained: nothing waiting or delayed, and only the bodies not yet released left in the hash.
                 wait_until(
-                    lambda: queue.counts() == (0, 0, 0),
+                    lambda unreleased=unreleased: queue.counts() == (0, unreleased, 0),
                     timeout=config.timeout,
                     interval=POLL,
                     what="the no-op queue to drain",
