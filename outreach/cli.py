@@ -475,6 +475,7 @@ def event(
     from sqlalchemy.orm import Session
 
     from outreach.enrollment import EventIn, record_event
+    from outreach.intent import load_intent
 
     settings = _settings()
     runtime = _runtime_for_commands(settings)
@@ -494,6 +495,8 @@ def event(
                 event_in,
                 company_tz=settings.company_timezone,
                 calendar=runtime.policy.calendar,
+                policy=runtime.policy,
+                intent=load_intent(settings.campaigns_dir),
             )
     except OutreachError as exc:
         raise click.ClickException(str(exc)) from None

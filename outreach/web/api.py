@@ -14,6 +14,7 @@ from outreach.candidates import CandidateIn, JobIn, upsert_candidate, upsert_job
 from outreach.enrollment import EventIn, record_event
 from outreach.erasure import erase_candidate, forget_in_sandbox
 from outreach.errors import NotFoundError
+from outreach.intent import load_intent
 from outreach.models import Candidate, Job, OutboundMessage
 from outreach.runtime import Runtime
 from outreach.web.auth import ops_readable
@@ -158,6 +159,8 @@ def post_event(external_id: str, body: EventIn, runtime: RuntimeDep) -> EventAcc
             body,
             company_tz=runtime.settings.company_timezone,
             calendar=runtime.policy.calendar,
+            policy=runtime.policy,
+            intent=load_intent(runtime.settings.campaigns_dir),
         )
         stage = session.scalar(select(Candidate.stage).where(Candidate.id == event.candidate_id)) or ""
         listed = [
