@@ -168,7 +168,9 @@ def test_up_answers_healthz_and_sends_the_jd_mail_within_five_seconds(env: dict[
             headers=auth,
         ).raise_for_status()
         started = time.monotonic()
-        response = httpx.post(f"{api}/api/v1/candidates/c-1/events", json={"type": "applied", "job_id": "j-1"}, headers=auth)
+        response = httpx.post(
+            f"{api}/api/v1/candidates/c-1/events", json={"type": "applied", "job_id": "j-1"}, headers=auth
+        )
         assert response.status_code == 202
         while time.monotonic() - started < 5:
             messages = httpx.get(f"http://127.0.0.1:{sandbox_port}/_sandbox/messages").json()
