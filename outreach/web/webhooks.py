@@ -261,6 +261,8 @@ async def _signed_twilio_form(request: Request, runtime: Runtime, hooks: Webhook
     body = await _read_body(request, hooks.max_body_bytes)
     params = _twilio_form(body)
     verify_twilio(runtime, hooks, request, params)
+    if any("\x00" in key or "\x00" in value for key, value in params):
+        raise Rejected(400, "invalid", "the form contains NUL characters")
     form = dict(params)
     for name, limit in _TWILIO_FIELD_LIMITS.items():
         if len(form.get(name) or "") > limit:
