@@ -96,6 +96,8 @@ class Settings:
     claim_batch: int = 1000
     lease_seconds: float = 120.0
     cron_misfire_grace: float = 86400.0
+    #: Seconds an ``uncertain`` message may wait for a provider event before the sweep alerts a person.
+    uncertain_alert_after: float = 1800.0
     max_retries: int = 8
     queue_name: str = "outreach"
     log_level: str = "INFO"
@@ -159,6 +161,9 @@ class Settings:
             claim_batch=int(_number(text("OUTREACH_CLAIM_BATCH", "1000"), "OUTREACH_CLAIM_BATCH")),
             lease_seconds=_number(text("OUTREACH_LEASE_SECONDS", "120"), "OUTREACH_LEASE_SECONDS"),
             cron_misfire_grace=_number(text("OUTREACH_CRON_MISFIRE_GRACE", "86400"), "OUTREACH_CRON_MISFIRE_GRACE"),
+            uncertain_alert_after=_number(
+                text("OUTREACH_UNCERTAIN_ALERT_AFTER", "1800"), "OUTREACH_UNCERTAIN_ALERT_AFTER"
+            ),
             max_retries=int(_number(text("OUTREACH_MAX_RETRIES", "8"), "OUTREACH_MAX_RETRIES")),
             queue_name=text("OUTREACH_QUEUE", defaults.queue_name),
             log_level=text("OUTREACH_LOG_LEVEL", defaults.log_level).upper(),

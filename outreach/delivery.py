@@ -10,6 +10,8 @@ links, commit — the ``sending`` row is durable before (2) the provider call, a
 the outcome. Transient provider failures put the row back to ``pending`` with
 ``not_before`` set to the provider's reset time and tell the caller when to retry; permanent ones end the row
 as ``failed`` with the provider's code, and suppress the address when the provider says so (Twilio 21610).
+Ambiguous ones (the request went out, the answer never came: a read timeout, a reset after sending) end the row
+``uncertain`` and are never retried: the provider's events reconcile it, or the sweep raises an alert.
 """
 
 from __future__ import annotations
@@ -26,7 +28,12 @@ from sqlalchemy.orm import Session, lazyload
 
 from outreach.autoreply import AUTO_REPLY, reply_by
 from outreach.campaigns import Category
-from outreach.errors import PermanentProviderError, TemplateError, TransientProviderError
+from outreach.errors import (
+    AmbiguousProviderError,
+    PermanentProviderError,
+    TemplateError,
+    TransientProviderError,
+)
 from outreach.links import track_email, track_sms
 from outreach.models import (
     Candidate,
@@ -278,6 +285,29 @@ def _deliver(runtime: Runtime, connection: Connection, outbox_id: str, now: date
             result = runtime.providers.email.send_email(payload)
         else:
             result = runtime.providers.sms.send_sms(payload)
+    except AmbiguousProviderError as exc:
+        # The request went out and no answer came back: the provider may have the message. Sending it again
+        # could reach the candidate twice, so the row waits, uncertain, for the provider's events (which name our
+        # id) to reconcile it; the scheduler's sweep alerts a person when none come.
+        with Session(connection) as session, session.begin():
+            _finish(
+                session,
+                outbox_id,
+                utcnow(),
+                status=MessageStatus.UNCERTAIN.value,
+                rule="ambiguous",
+                reason=f"{exc.provider} call failed after the request was sent ({str(exc)[:200]}); it may have "
+                "been accepted: reconcile from provider events, do not resend",
+                provider=exc.provider,
+                subject=payload.subject if isinstance(payload, EmailMessage) else None,
+                body=payload.text if isinstance(payload, EmailMessage) else payload.body,
+                locale=locale,
+                segments=segments,
+                error_code=exc.code or "ambiguous",
+                error_detail=str(exc)[:500],
+            )
+        log.warning("provider answer lost; message uncertain", extra={"outbox_id": outbox_id, "provider": exc.provider})
+        return Outcome(MessageStatus.UNCERTAIN.value)
     except TransientProviderError as exc:
         if attempt >= settings.max_retries:
             with Session(connection) as session, session.begin():

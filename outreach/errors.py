@@ -9,7 +9,8 @@
     ├── ValidationError           input from the API, CLI or CSV is invalid (names the field)
     ├── NotFoundError             a candidate, job or message does not exist
     └── ProviderError             a provider call failed (provider, status, code)
-        ├── TransientProviderError    safe to retry: 429, 5xx, timeouts, connection errors
+        ├── TransientProviderError    safe to retry: 429, 5xx, connect timeouts, connections never opened
+        │   └── AmbiguousProviderError    the request left and no answer came back: it may have been sent
         └── PermanentProviderError    retrying cannot help: invalid address, unsubscribed, bad request
 
 Messages never contain personal data: they name fields, ids and provider codes, not values.
@@ -97,6 +98,17 @@ class TransientProviderError(ProviderError):
     ) -> None:
         super().__init__(provider, message, status=status, code=code)
         self.retry_after = retry_after
+
+
+class AmbiguousProviderError(TransientProviderError):
+    """The request was (or may have been) sent and no answer came back: a read timeout while the provider was
+    still working, a connection reset or closed after the request went out. The provider may have accepted the
+    message, so it must not be sent again on our own: delivery ends the row ``uncertain`` and the provider's
+    events reconcile it (or a person decides, after an alert).
+
+    It stays a :class:`TransientProviderError` for code that only knows the two outcomes, which treats it as it
+    did before (a retry); code that sends must ask for this class first.
+    """
 
 
 class PermanentProviderError(ProviderError):

@@ -8,7 +8,8 @@ after it commits. Waits of days or months are ``next_run_at`` values in the data
 The sweeper closes the gaps a broker cannot: outbox rows that are due but were never picked up (a flushed
 broker, a process that died between commit and enqueue) are enqueued again, and rows left ``sending`` past
 their lease become ``uncertain``: the provider may have accepted them, so they are reconciled from provider
-events instead of being sent a second time.
+events instead of being sent a second time. Uncertain rows that no event reconciled within
+``OUTREACH_UNCERTAIN_ALERT_AFTER`` get one ``message_uncertain`` alert each (:mod:`outreach.uncertain`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from outreach.policy.base import Stage as PolicyStage
 from outreach.policy.bulk import PolicyReads
 from outreach.policy.config import PolicySpec
 from outreach.policy.engine import Outcome, PolicyEngine
+from outreach.uncertain import alert_uncertain_messages
 
 log = logging.getLogger(__name__)
 
@@ -553,6 +555,10 @@ class Scheduler:
             log.info("deferred messages released", extra={"count": len(requeued) - len(lost_wakeups)})
         result.requeued.extend(requeued)
         self.enqueue(requeued)
+        # Uncertain rows no provider event reconciled in time go to a person; they are never resent.
+        result.alerts += alert_uncertain_messages(
+            self.engine, now, timedelta(seconds=self.settings.uncertain_alert_after), self.settings.claim_batch
+        )
 
 
 def run_forever(scheduler: Scheduler, interval: float, stop: threading.Event | None = None) -> None:

@@ -9,6 +9,8 @@ every thread of the process: connections stay open between sends. Non-2xx answer
 Nothing is retried here: a POST that may have reached the provider must not be sent twice behind the caller's
 back. Only a connection that could not be opened at all is tried again (nothing was sent on it). Failures leave
 as ``urllib3.exceptions.HTTPError`` subclasses (timeouts as ``urllib3.exceptions.TimeoutError``).
+
+:func:`nothing_sent` tells the two kinds of network failure apart for both providers' error mapping.
 """
 
 from __future__ import annotations
@@ -19,11 +21,38 @@ import urllib.request
 from email.message import Message
 from typing import Any
 
+import requests
 import urllib3
 from python_http_client import Client
 from python_http_client.exceptions import handle_error
 
-__all__ = ["PooledClient", "pool_manager"]
+__all__ = ["PooledClient", "nothing_sent", "pool_manager"]
+
+#: urllib3's failures to open a connection (refused, DNS, connect timeout): the request never left.
+_NEVER_CONNECTED = (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError)
+
+
+def nothing_sent(exc: BaseException) -> bool:
+    """True when ``exc`` proves the request never reached the provider, so sending it again cannot duplicate it.
+
+    That is only a connection that could not be opened: refused, a name that did not resolve, a connect timeout
+    (urllib3's ``NewConnectionError`` / ``ConnectTimeoutError``, also as the reason of a ``MaxRetryError``, and
+    ``requests``' ``ConnectTimeout`` or a ``ConnectionError`` wrapping one of them), or ``urllib``'s ``URLError``,
+    which it raises only while connecting and writing the request. Everything else — a read timeout, a reset or
+    a closed connection while waiting for the answer, a broken TLS stream — happened after the request may have
+    been read by the provider: the send is ambiguous.
+    """
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    if isinstance(exc, requests.ConnectionError):
+        # requests wraps urllib3's error as its first argument.
+        inner = exc.args[0] if exc.args else None
+        return isinstance(inner, BaseException) and nothing_sent(inner)
+    if isinstance(exc, urllib3.exceptions.MaxRetryError):
+        return isinstance(exc.reason, _NEVER_CONNECTED)
+    if isinstance(exc, _NEVER_CONNECTED):
+        return True
+    return isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError)
 
 
 def pool_manager(maxsize: int, timeout: float | None) -> urllib3.PoolManager:

@@ -9,7 +9,9 @@ urllib send with a pool shared by the process's threads; the SDK still builds ev
 Error mapping: the SDK (its ``python_http_client``) raises an ``HTTPError`` subclass for every non-2xx answer
 but lets network failures through untouched (``urllib3`` errors from the pool; ``urllib.error.URLError``,
 ``TimeoutError``, ``ConnectionError``, ``http.client.RemoteDisconnected`` from the SDK's own client). 429, 408,
-5xx and network failures are transient; other 4xx are permanent.
+5xx and connections that never opened are transient; other 4xx are permanent. A failure after the request went
+out (a read timeout, a reset while waiting for the answer) is ambiguous
+(:class:`~outreach.errors.AmbiguousProviderError`): SendGrid may have accepted the mail, so it is not resent.
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ from sendgrid import SendGridAPIClient
 
 from outreach.config import Settings
 from outreach.errors import (
+    AmbiguousProviderError,
     ConfigurationError,
     PermanentProviderError,
     ProviderError,
     TransientProviderError,
 )
 from outreach.providers.base import EmailMessage, EmailProvider, ProviderPipeline, SendResult, redact
-from outreach.providers.http import PooledClient, pool_manager
+from outreach.providers.http import PooledClient, nothing_sent, pool_manager
 
 __all__ = ["SendGridProvider"]
 
@@ -169,22 +172,18 @@ class SendGridProvider(ProviderPipeline[EmailMessage, dict[str, Any], Any], Emai
             if status >= 500 or status == 408:
                 return TransientProviderError(_NAME, detail, status=status, code=str(status))
             return PermanentProviderError(_NAME, detail, status=status, code=str(status))
-        if isinstance(exc, urllib3.exceptions.HTTPError):
-            # MaxRetryError names the failure that used up the (connect-only) retries. A refused connection is
-            # a NewConnectionError, which urllib3 also files under its timeouts: ask for it first.
-            reason: object = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) else exc
-            if isinstance(reason, urllib3.exceptions.NewConnectionError):
-                return TransientProviderError(_NAME, f"connection failed ({type(reason).__name__})")
-            if isinstance(reason, urllib3.exceptions.TimeoutError):
-                return TransientProviderError(_NAME, "timed out waiting for the answer")
-            kind = type(reason if isinstance(reason, BaseException) else exc).__name__
+        if not isinstance(exc, (urllib3.exceptions.HTTPError, OSError, http.client.HTTPException)):
+            return None
+        # MaxRetryError names the failure that used up the (connect-only) retries.
+        reason: object = exc.reason if isinstance(exc, urllib3.exceptions.MaxRetryError) else exc
+        if isinstance(reason, urllib.error.URLError):
+            reason = reason.reason
+        if isinstance(reason, urllib3.exceptions.ProtocolError) and isinstance(reason.args[-1], BaseException):
+            reason = reason.args[-1]  # ("Connection aborted.", RemoteDisconnected(...))
+        kind = type(reason if isinstance(reason, BaseException) else exc).__name__
+        if nothing_sent(exc):
             return TransientProviderError(_NAME, f"connection failed ({kind})")
-        if isinstance(exc, urllib.error.URLError):
-            reason = exc.reason
-            kind = type(reason).__name__ if isinstance(reason, BaseException) else "URLError"
-            return TransientProviderError(_NAME, f"connection failed ({kind})")
-        if isinstance(exc, TimeoutError):
-            return TransientProviderError(_NAME, "timed out waiting for the answer")
-        if isinstance(exc, (OSError, http.client.HTTPException)):
-            return TransientProviderError(_NAME, f"connection failed ({type(exc).__name__})")
-        return None
+        # The request went out and no answer came back: SendGrid may have accepted the message.
+        if isinstance(reason, (urllib3.exceptions.TimeoutError, TimeoutError)):
+            return AmbiguousProviderError(_NAME, "timed out waiting for the answer")
+        return AmbiguousProviderError(_NAME, f"connection lost before the answer ({kind})")

@@ -3,7 +3,10 @@
 The client keeps one ``requests`` session, so connections to Twilio are pooled and reused across sends and
 threads. Error mapping: ``TwilioRestException`` carries the HTTP status and Twilio's error code; 429/20429 and
 5xx are transient, 21610 (the recipient replied STOP) is permanent and suppresses the number, other 4xx are
-permanent. Connection errors and timeouts (``requests`` exceptions the SDK lets through) are transient.
+permanent. Of the ``requests`` exceptions the SDK lets through, a connection that never opened (refused, DNS,
+``ConnectTimeout``) is transient; a failure after the request went out (``ReadTimeout``, a reset or
+``ChunkedEncodingError`` while reading the answer) is ambiguous (:class:`~outreach.errors.AmbiguousProviderError`):
+Twilio may have accepted the message, so it is not resent.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from twilio.rest import Client
 
 from outreach.config import Settings
 from outreach.errors import (
+    AmbiguousProviderError,
     ConfigurationError,
     PermanentProviderError,
     ProviderError,
     TransientProviderError,
 )
 from outreach.providers.base import ProviderPipeline, SendResult, SmsMessage, SmsProvider
+from outreach.providers.http import nothing_sent
 
 __all__ = ["TwilioProvider"]
 
@@ -142,12 +147,14 @@ class TwilioProvider(ProviderPipeline[SmsMessage, dict[str, Any], Any], SmsProvi
             if 400 <= status < 500:
                 return PermanentProviderError(_NAME, detail, status=status, code=code_text)
             return TransientProviderError(_NAME, detail, status=status, code=code_text)
-        if isinstance(exc, requests.Timeout):
-            return TransientProviderError(_NAME, "timed out waiting for the answer")
-        if isinstance(exc, requests.RequestException):
-            return TransientProviderError(_NAME, f"connection failed ({type(exc).__name__})")
         if isinstance(exc, TwilioException):
             return TransientProviderError(_NAME, f"client error ({type(exc).__name__})")
-        if isinstance(exc, (OSError, http.client.HTTPException)):
+        if not isinstance(exc, (requests.RequestException, OSError, http.client.HTTPException)):
+            return None
+        if nothing_sent(exc):
             return TransientProviderError(_NAME, f"connection failed ({type(exc).__name__})")
-        return None
+        # The request went out and no answer came back (ReadTimeout, a reset or ChunkedEncodingError while
+        # reading): Twilio may have accepted the message.
+        if isinstance(exc, (requests.Timeout, TimeoutError)):
+            return AmbiguousProviderError(_NAME, "timed out waiting for the answer")
+        return AmbiguousProviderError(_NAME, f"connection lost before the answer ({type(exc).__name__})")

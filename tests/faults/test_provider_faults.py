@@ -1,8 +1,10 @@
 """Issue 7, item 4: provider faults from the sandbox, through the real SDKs.
 
 429 with a reset time, 500, a 30-second hang (longer than the provider timeout), a connection reset before and
-after the provider accepted the message, and Twilio's permanent 21211 and 21610. Retries follow the declared
-policy: :func:`workers.actors.should_retry` on the actor, the provider's reset time or
+after the provider accepted the message, a refused connection, and Twilio's permanent 21211 and 21610. A failure
+after the request went out (a read timeout, a reset while waiting for the answer) is ambiguous: the row ends
+``uncertain``, is never resent, and is reconciled from the provider's events or alerted to a person. Retries
+follow the declared policy: :func:`workers.actors.should_retry` on the actor, the provider's reset time or
 :func:`outreach.delivery.backoff` for the delay, ``max_retries`` attempts at most; 21610 suppresses the number.
 
 Deliveries run in this process (``deliver`` and the actor's function, one attempt at a time, each retry at the
@@ -11,6 +13,7 @@ time the previous attempt asked for); the sandbox and the webhook app are real s
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -21,10 +24,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from outreach.broker import build_broker, install_broker, installed_broker
-from outreach.config import Settings
+from outreach.config import Secret, Settings
 from outreach.delivery import Outcome, deliver
-from outreach.models import MessageStatus, OutboundMessage, Suppression, utcnow
+from outreach.models import Alert, MessageStatus, OutboundMessage, Suppression, utcnow
+from outreach.providers.sendgrid import SendGridProvider
 from outreach.runtime import set_runtime
+from outreach.scheduler import TickResult
+from outreach.uncertain import ALERT_UNCERTAIN
 from tests.faults.conftest import MIXED_CAMPAIGN, Stack, count, seed_enrollments, wait_until
 
 # The actors' module wants a broker installed first (the workers package builds one from the environment).
@@ -134,69 +140,92 @@ def test_500_is_retried_with_backoff_until_max_retries(stack: Stack) -> None:
     assert stack.sandbox.stats()["sendgrid"]["faults_served"] == {"500": max_retries}
 
 
-def test_a_30_second_hang_times_out_and_is_retried_once(stack: Stack) -> None:
-    """The provider hangs for 30 s and drops the request (nothing accepted): the timeout ends the wait, the
-    message is retried after the backoff and sent exactly once."""
+def test_a_30_second_hang_times_out_and_ends_uncertain_not_resent(stack: Stack) -> None:
+    """The provider hangs for 30 s (and in the end drops the request). From our side that is a read timeout after
+    the request went out, which a provider still working on it looks like too: the timeout ends the wait, the row
+    ends ``uncertain`` (never resent) and, with no provider event, the sweep alerts a person once."""
     ids = rows(stack)
     outbox_id = first(ids, "sms")
     stack.sandbox.fail("twilio", "hang", delay=30.0)
     started = time.monotonic()
     outcome = deliver(stack.runtime, outbox_id)
     waited = time.monotonic() - started
-    assert outcome.status == MessageStatus.PENDING.value
+    assert outcome == Outcome(MessageStatus.UNCERTAIN.value)
     assert waited < stack.settings.provider_timeout + 3, "the provider timeout did not bound the call"
-    assert retry_when_asked(stack, outbox_id, outcome).status == MessageStatus.SENT.value
-    # Let the hung request finish its 30 s: the sandbox must still have exactly one message.
+    uncertain = row(stack, outbox_id)
+    assert (uncertain.rule, uncertain.attempts, uncertain.error_code) == ("ambiguous", 1, "ambiguous")
+    assert "timed out" in (uncertain.reason or "")
+    assert deliver(stack.runtime, outbox_id).status == "not-pending"
+    # Let the hung request finish its 30 s: the sandbox accepted nothing, and nothing was sent again.
     wait_until(lambda: time.monotonic() - started > 31, 40, "the hang to end", interval=0.5)
     counts = count(stack, [outbox_id], fault="hang 30 s", first_call_seconds=round(waited, 1))
     counts.show("30 s hang")
-    assert (counts.sent, counts.duplicated, counts.lost) == (1, 0, 0)
+    assert (counts.sent, counts.duplicated, counts.lost, counts.uncertain) == (0, 0, 0, 1)
 
 
-def test_reset_before_accepting_is_retried_and_sent_once(stack: Stack) -> None:
+def test_reset_after_the_request_was_sent_ends_uncertain_not_resent(stack: Stack) -> None:
+    """The sandbox reads the request and resets the connection without accepting it. The client cannot tell
+    that from a reset after accepting (the next test): both rows end ``uncertain``, never resent."""
     ids = rows(stack)
     email, sms = first(ids, "email"), first(ids, "sms")
     stack.sandbox.fail("sendgrid", "reset")
     stack.sandbox.fail("twilio", "reset")
     for outbox_id in (email, sms):
-        outcome = deliver(stack.runtime, outbox_id)
-        assert outcome.status == MessageStatus.PENDING.value
-        assert retry_when_asked(stack, outbox_id, outcome).status == MessageStatus.SENT.value
+        assert deliver(stack.runtime, outbox_id) == Outcome(MessageStatus.UNCERTAIN.value)
+        assert deliver(stack.runtime, outbox_id).status == "not-pending"
     counts = count(stack, fault="reset before accepting")
     counts.show("reset before accepting")
-    assert (counts.sent, counts.duplicated, counts.lost) == (2, 0, 0)
+    assert (counts.sent, counts.duplicated, counts.lost, counts.uncertain) == (0, 0, 0, 2)
+
+
+def test_refused_connection_is_retried_and_sent_once(stack: Stack) -> None:
+    """Nothing was sent when the connection could not be opened: that failure alone is retried."""
+    ids = rows(stack)
+    outbox_id = first(ids, "email")
+    reachable = stack.runtime.providers.email
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    stack.runtime.providers.email = SendGridProvider(
+        stack.settings.with_overrides(sendgrid_api_key=Secret("SG.faults"), sendgrid_host=f"http://127.0.0.1:{port}")
+    )
+    outcome = deliver(stack.runtime, outbox_id)
+    assert outcome.status == MessageStatus.PENDING.value and outcome.retry_in is not None
+    stack.runtime.providers.email = reachable
+    assert retry_when_asked(stack, outbox_id, outcome).status == MessageStatus.SENT.value
+    counts = count(stack, [outbox_id], fault="connection refused")
+    counts.show("connection refused")
+    assert (counts.sent, counts.duplicated, counts.lost) == (1, 0, 0)
 
 
 def test_reset_after_accepting_is_reconciled_from_events_not_resent(stack: Stack) -> None:
-    """The provider accepted the message and the connection broke before its answer. Its events name our id
-    (SendGrid custom args, the Twilio status callback URL) and arrive long before the retry is due: the row
-    is reconciled to sent and the retry finds nothing to send."""
+    """The provider accepted the message and the connection broke before its answer. The row ends ``uncertain``
+    without the provider's message id; the events name our id (SendGrid custom args, the Twilio status callback
+    URL) and reconcile it to sent, with the provider's id filled in. Nothing is sent again."""
     ids = rows(stack)
     email, sms = first(ids, "email"), first(ids, "sms")
     stack.sandbox.fail("sendgrid", "accept_reset")
     stack.sandbox.fail("twilio", "accept_reset")
     for outbox_id in (email, sms):
         outcome = deliver(stack.runtime, outbox_id)
-        assert outcome.retry_in is not None
+        assert outcome == Outcome(MessageStatus.UNCERTAIN.value)
         wait_until(
             lambda i=outbox_id: row(stack, i).status in {"sent", "delivered"},  # type: ignore[misc]
             10,
             "the provider's events",
             interval=0.05,
         )
-        assert retry_when_asked(stack, outbox_id, outcome).status == "not-pending"
+        assert deliver(stack.runtime, outbox_id).status == "not-pending"
     counts = count(stack, fault="reset after accepting")
     counts.show("reset after accepting (events on time)")
     assert (counts.sent, counts.duplicated, counts.lost, counts.unreconciled) == (2, 0, 0, 0)
     assert all(row(stack, i).provider_message_id for i in (email, sms))
+    # Reconciled before the alert window: no alert for a person.
+    stack.runtime.scheduler.sweep(utcnow() + timedelta(hours=1), TickResult())
+    with Session(stack.engine) as session:
+        assert session.scalars(select(Alert).where(Alert.kind == ALERT_UNCERTAIN)).all() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="delivery treats a failure after the request was sent (read timeout, connection reset after the "
-    "provider accepted) as transient and resends it; such a send is ambiguous and should end 'uncertain' "
-    "for reconciliation (outreach/delivery.py + providers' map_error)",
-)
 @pytest.mark.parametrize("fault", ["slow", "accept_reset"])
 def test_ambiguous_failure_is_not_resent_when_events_are_late(make_stack: Callable[..., Stack], fault: str) -> None:
     """As above, but the provider's events are late (or the webhook is down): the retry must still not send
@@ -210,9 +239,19 @@ def test_ambiguous_failure_is_not_resent_when_events_are_late(make_stack: Callab
     if outcome.retry_in is not None:
         retry_when_asked(stack, outbox_id, outcome)
     wait_until(lambda: time.monotonic() - started > 7, 10, "the slow call to end", interval=0.5)
+    assert outcome == Outcome(MessageStatus.UNCERTAIN.value)
+    assert deliver(stack.runtime, outbox_id).status == "not-pending"
     counts = count(stack, [outbox_id], fault=fault)
     counts.show(f"{fault}, events late")
-    assert counts.duplicated == 0
+    assert (counts.sent, counts.duplicated, counts.uncertain) == (1, 0, 1)
+    # No event ever comes (the webhook is down): past the window the sweep alerts a person, once.
+    later = utcnow() + timedelta(seconds=stack.settings.uncertain_alert_after + 1)
+    for _ in range(2):
+        stack.runtime.scheduler.sweep(later, TickResult())
+    with Session(stack.engine) as session:
+        (alert,) = session.scalars(select(Alert).where(Alert.kind == ALERT_UNCERTAIN)).all()
+    assert alert.campaign == row(stack, outbox_id).campaign and outbox_id in alert.message
+    assert row(stack, outbox_id).status == MessageStatus.UNCERTAIN.value
 
 
 def test_twilio_21610_fails_and_suppresses_the_number_21211_does_not(stack: Stack) -> None:
