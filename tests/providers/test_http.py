@@ -1,15 +1,25 @@
-"""Connection reuse through the real SDKs: the sandbox counts the TCP connections it accepts."""
+"""Connection reuse through the real SDKs (the sandbox counts the TCP connections it accepts), and which network
+failures prove that nothing was sent."""
 
 from __future__ import annotations
 
+import http.client
+import socket
+import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import requests
+import urllib3
 from python_http_client.exceptions import BadRequestsError, HTTPError
 
+from outreach.config import Settings
+from outreach.errors import AmbiguousProviderError, TransientProviderError
 from outreach.providers import Providers
 from outreach.providers.base import SmsMessage
-from outreach.providers.http import PooledClient, pool_manager
+from outreach.providers.http import PooledClient, nothing_sent, pool_manager
+from outreach.providers.sendgrid import SendGridProvider
+from outreach.providers.twilio import TwilioProvider
 from outreach.sandbox import SandboxServer
 from tests.providers.test_sendgrid import email
 
@@ -70,3 +80,102 @@ def email_payload() -> dict[str, object]:
         "subject": "Hello",
         "content": [{"type": "text/plain", "value": "Hi"}],
     }
+
+
+# -- which network failures prove nothing was sent (outreach.providers.http.nothing_sent) --------------------------
+# The exceptions are built the way urllib3, requests and urllib raise them; the SDK tests above produce the real
+# ones over the network (refused, slow, reset).
+
+_URL = "/v3/mail/send"
+
+
+def _max_retries(reason: Exception) -> urllib3.exceptions.MaxRetryError:
+    return urllib3.exceptions.MaxRetryError(None, _URL, reason)  # type: ignore[arg-type]
+
+
+_REFUSED = urllib3.exceptions.NewConnectionError(None, "refused")  # type: ignore[arg-type]
+_DNS = urllib3.exceptions.NameResolutionError("api.example", None, socket.gaierror())  # type: ignore[arg-type]
+_CONNECT_TIMEOUT = urllib3.exceptions.ConnectTimeoutError(None, "connect timed out")
+_READ_TIMEOUT = urllib3.exceptions.ReadTimeoutError(None, _URL, "read timed out")  # type: ignore[arg-type]
+_RESET = urllib3.exceptions.ProtocolError("Connection aborted.", ConnectionResetError(104, "reset"))
+_CLOSED = urllib3.exceptions.ProtocolError("Connection aborted.", http.client.RemoteDisconnected("closed"))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        _REFUSED,
+        _DNS,
+        _CONNECT_TIMEOUT,
+        _max_retries(_REFUSED),
+        _max_retries(_DNS),
+        _max_retries(_CONNECT_TIMEOUT),
+        requests.ConnectTimeout(_max_retries(_CONNECT_TIMEOUT)),
+        requests.ConnectionError(_max_retries(_REFUSED)),
+        urllib.error.URLError(ConnectionRefusedError(111, "refused")),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_a_connection_that_never_opened_sent_nothing(error: Exception) -> None:
+    assert nothing_sent(error)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        _READ_TIMEOUT,
+        _RESET,
+        _CLOSED,
+        _max_retries(urllib3.exceptions.SSLError("bad record mac")),
+        requests.ReadTimeout(_READ_TIMEOUT),
+        requests.ConnectionError(_RESET),
+        requests.exceptions.ChunkedEncodingError(_RESET),
+        requests.ConnectionError("no wrapped error"),
+        TimeoutError("timed out"),
+        ConnectionResetError(104, "reset"),
+        http.client.RemoteDisconnected("closed"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_a_failure_after_the_request_went_out_is_ambiguous(error: Exception) -> None:
+    assert not nothing_sent(error)
+
+
+@pytest.mark.parametrize(
+    ("error", "ambiguous"),
+    [
+        (_max_retries(_REFUSED), False),
+        (_max_retries(_CONNECT_TIMEOUT), False),
+        (urllib.error.URLError(ConnectionRefusedError(111, "refused")), False),
+        (_READ_TIMEOUT, True),
+        (_RESET, True),
+        (_CLOSED, True),
+        (TimeoutError("timed out"), True),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_sendgrid_maps_them_to_transient_or_ambiguous(
+    provider_settings: Settings, error: Exception, ambiguous: bool
+) -> None:
+    mapped = SendGridProvider(provider_settings).map_error(error)
+    assert isinstance(mapped, TransientProviderError)
+    assert isinstance(mapped, AmbiguousProviderError) is ambiguous
+
+
+@pytest.mark.parametrize(
+    ("error", "ambiguous"),
+    [
+        (requests.ConnectTimeout(_max_retries(_CONNECT_TIMEOUT)), False),
+        (requests.ConnectionError(_max_retries(_REFUSED)), False),
+        (requests.ReadTimeout(_READ_TIMEOUT), True),
+        (requests.ConnectionError(_RESET), True),
+        (requests.exceptions.ChunkedEncodingError(_RESET), True),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_twilio_maps_them_to_transient_or_ambiguous(
+    provider_settings: Settings, error: Exception, ambiguous: bool
+) -> None:
+    mapped = TwilioProvider(provider_settings).map_error(error)
+    assert isinstance(mapped, TransientProviderError)
+    assert isinstance(mapped, AmbiguousProviderError) is ambiguous

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import threading
 import time
 from pathlib import Path
@@ -13,7 +14,12 @@ import pytest
 from twilio.request_validator import RequestValidator
 
 from outreach.config import Secret, Settings
-from outreach.errors import ConfigurationError, PermanentProviderError, TransientProviderError
+from outreach.errors import (
+    AmbiguousProviderError,
+    ConfigurationError,
+    PermanentProviderError,
+    TransientProviderError,
+)
 from outreach.providers import Providers, build_providers
 from outreach.providers.base import SmsMessage
 from outreach.providers.twilio import TwilioProvider
@@ -106,22 +112,34 @@ def test_server_error_is_transient(providers: Providers, sandbox: SandboxServer)
     assert len(sandbox.wait_for(1, timeout=2)) == 1
 
 
-def test_answer_slower_than_the_timeout_is_transient(providers: Providers, sandbox: SandboxServer) -> None:
+def test_answer_slower_than_the_timeout_is_ambiguous(providers: Providers, sandbox: SandboxServer) -> None:
     sandbox.fail("twilio", "slow", delay=2.0)
     started = time.monotonic()
-    with pytest.raises(TransientProviderError) as caught:
+    with pytest.raises(AmbiguousProviderError) as caught:
         providers.sms.send_sms(sms())
     assert time.monotonic() - started < 1.5
     assert "timed out" in str(caught.value)
 
 
-def test_connection_reset_is_transient_and_the_pool_recovers(providers: Providers, sandbox: SandboxServer) -> None:
+def test_connection_reset_is_ambiguous_and_the_pool_recovers(providers: Providers, sandbox: SandboxServer) -> None:
     providers.sms.send_sms(sms())  # leaves a kept-alive connection in the pool
     sandbox.fail("twilio", "reset")
-    with pytest.raises(TransientProviderError):
+    with pytest.raises(AmbiguousProviderError) as caught:
         providers.sms.send_sms(sms())
+    assert "connection lost before the answer" in str(caught.value)
     providers.sms.send_sms(sms())
     assert len(sandbox.wait_for(2, timeout=2)) == 2
+
+
+def test_refused_connection_is_transient_not_ambiguous(provider_settings: Settings) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    provider = TwilioProvider(provider_settings.with_overrides(twilio_base_url=f"http://127.0.0.1:{port}"))
+    with pytest.raises(TransientProviderError) as caught:
+        provider.send_sms(sms())
+    assert "connection failed" in str(caught.value)
+    assert not isinstance(caught.value, AmbiguousProviderError)  # nothing was sent: safe to retry
 
 
 def test_status_callbacks_are_signed_and_in_order(
