@@ -409,7 +409,12 @@ class Scheduler:
                 stage=PolicyStage.SCHEDULE,
                 message_id=outbox_id,
             )
-            verdict = Outcome(reads.evaluate(session, subject, candidate, (enrollment.status, enrollment.exit_reason)))
+            if type(self.policy).evaluate is PolicyEngine.evaluate:
+                state = (enrollment.status, enrollment.exit_reason)
+                verdict = Outcome(reads.evaluate(session, subject, candidate, state))
+            else:
+                # An engine that wraps evaluate (the simulation records deferrals) is asked itself.
+                verdict = self.policy.evaluate(session, subject, enrollment.id)
             if not verdict.decision.allowed:
                 queueable = False
                 values.update(status=verdict.status.value, rule=verdict.decision.rule, reason=verdict.decision.reason)
