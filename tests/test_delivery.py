@@ -99,6 +99,19 @@ def test_server_error_is_retried_with_backoff(runtime: Runtime, sandbox: Sandbox
     assert status_of(runtime, email.id).error_code == "500"
 
 
+def test_answer_lost_after_sending_ends_uncertain_and_is_not_retried(runtime: Runtime, sandbox: SandboxServer) -> None:
+    # The sandbox read the SMS and reset the connection: Twilio may or may not have it.
+    _, sms = queue_jd_intro(runtime)
+    sandbox.fail("twilio", "accept_reset")
+    outcome = deliver(runtime, sms.id)
+    assert (outcome.status, outcome.retry_in) == ("uncertain", None)
+    row = status_of(runtime, sms.id)
+    assert (row.status, row.rule, row.provider, row.attempts) == ("uncertain", "ambiguous", "twilio", 1)
+    assert row.reason and "do not resend" in row.reason and "+86" not in row.reason
+    assert row.provider_message_id is None and row.lease_until is None
+    assert deliver(runtime, sms.id, now=utcnow() + timedelta(hours=1)).status == "not-pending"
+
+
 def test_retries_are_capped(runtime: Runtime, sandbox: SandboxServer) -> None:
     runtime.settings = runtime.settings.with_overrides(max_retries=2)
     email, _ = queue_jd_intro(runtime)
