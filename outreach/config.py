@@ -105,6 +105,10 @@ class Settings:
     # Guards on the public routes (outreach.web.ratelimit): per client IP; 0 turns the rate limit off.
     public_rate_limit: float = 20.0
     public_rate_burst: int = 200
+    #: Provider webhooks get their own, larger budget per IP: at volume SendGrid and Twilio post from few addresses,
+    #: and Twilio does not retry a status callback answered 429.
+    webhook_rate_limit: float = 500.0
+    webhook_rate_burst: int = 5000
     rate_limit_redis_url: str = ""
     max_request_bytes: int = 1024 * 1024
     max_webhook_bytes: int = 5 * 1024 * 1024
@@ -173,13 +177,15 @@ class Settings:
             public_rate_burst=max(
                 1, int(_number(text("OUTREACH_PUBLIC_RATE_BURST", "200"), "OUTREACH_PUBLIC_RATE_BURST"))
             ),
+            webhook_rate_limit=_number(
+                text("OUTREACH_WEBHOOK_RATE_LIMIT", str(defaults.webhook_rate_limit)), "OUTREACH_WEBHOOK_RATE_LIMIT"
+            ),
+            webhook_rate_burst=max(
+                1, int(_number(text("OUTREACH_WEBHOOK_RATE_BURST", "5000"), "OUTREACH_WEBHOOK_RATE_BURST"))
+            ),
             rate_limit_redis_url=text("OUTREACH_RATE_LIMIT_REDIS_URL", ""),
-            max_request_bytes=int(
-                _number(text("OUTREACH_MAX_REQUEST_BYTES", "1048576"), "OUTREACH_MAX_REQUEST_BYTES")
-            ),
-            max_webhook_bytes=int(
-                _number(text("OUTREACH_MAX_WEBHOOK_BYTES", "5242880"), "OUTREACH_MAX_WEBHOOK_BYTES")
-            ),
+            max_request_bytes=int(_number(text("OUTREACH_MAX_REQUEST_BYTES", "1048576"), "OUTREACH_MAX_REQUEST_BYTES")),
+            max_webhook_bytes=int(_number(text("OUTREACH_MAX_WEBHOOK_BYTES", "5242880"), "OUTREACH_MAX_WEBHOOK_BYTES")),
         )
         settings.validate()
         return settings

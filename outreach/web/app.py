@@ -107,6 +107,9 @@ def create_app(runtime: Runtime, webhook_settings: WebhookSettings | None = None
     settings = runtime.settings
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes, max_webhook_bytes=settings.max_webhook_bytes)
     limiter = make_limiter(settings.public_rate_limit, settings.public_rate_burst, settings.rate_limit_redis_url)
-    app.add_middleware(RateLimit, limiter=limiter)
+    webhook_limiter = make_limiter(
+        settings.webhook_rate_limit, settings.webhook_rate_burst, settings.rate_limit_redis_url
+    )
+    app.add_middleware(RateLimit, limiter=limiter, webhook_limiter=webhook_limiter)
     app.add_middleware(ErrorShield)
     return app

@@ -4,8 +4,10 @@
 (``/webhooks/…``, including Inbound Parse), the unsubscribe pages (``/unsubscribe/…``) and tracked links
 (``/r/…``) — are limited per client IP with a token bucket (the same GCRA as provider pacing,
 :mod:`outreach.policy.pacing`): ``OUTREACH_PUBLIC_RATE_LIMIT`` requests a second on average with bursts of
-``OUTREACH_PUBLIC_RATE_BURST``. Over the limit the answer is ``429`` with ``Retry-After`` (seconds), which
-SendGrid and Twilio honour by retrying. The bucket lives in this process, or in Redis when
+``OUTREACH_PUBLIC_RATE_BURST``; the webhooks have a bucket of their own, ``OUTREACH_WEBHOOK_RATE_LIMIT`` /
+``_BURST`` (500/s, 5000), because providers post a lot from few addresses and Twilio does not retry a status
+callback answered 429. Over the limit the answer is ``429`` with ``Retry-After`` (seconds), which SendGrid
+honours by retrying. The bucket lives in this process, or in Redis when
 ``OUTREACH_RATE_LIMIT_REDIS_URL`` is set, so that every API replica shares it. A Redis that cannot be reached
 lets requests through (a lost webhook is worse than an unmetered one) and logs a warning.
 
@@ -53,6 +55,8 @@ log = logging.getLogger(__name__)
 
 #: Routes without authentication other than a provider signature or a signed token.
 PUBLIC_PREFIXES = ("/webhooks/", "/unsubscribe/", "/r/", "/dashboard/login")
+#: Provider webhooks: a budget of their own (``OUTREACH_WEBHOOK_RATE_LIMIT``), larger than the other public routes'.
+WEBHOOK_PREFIX = "/webhooks/"
 #: Routes that enforce their own (larger, streaming) body limits.
 OWN_BODY_LIMIT = ("/webhooks/sendgrid/inbound",)
 
@@ -144,17 +148,20 @@ async def _send_json(send: Send, status: int, content: dict[str, Any], headers: 
 class RateLimit:
     """429 with ``Retry-After`` for a client IP over its budget on the public routes."""
 
-    def __init__(self, app: ASGIApp, limiter: Limiter | None) -> None:
+    def __init__(self, app: ASGIApp, limiter: Limiter | None, webhook_limiter: Limiter | None = None) -> None:
         self.app = app
         self.limiter = limiter
+        self.webhook_limiter = webhook_limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.limiter is None or scope["type"] != "http" or not _is_public(scope.get("path", "")):
+        path = scope.get("path", "")
+        limiter = self.webhook_limiter if path.startswith(WEBHOOK_PREFIX) else self.limiter
+        if limiter is None or scope["type"] != "http" or not _is_public(path):
             await self.app(scope, receive, send)
             return
         client = scope.get("client")
         ip = client[0] if client else "unknown"
-        decision = self.limiter.hit(ip)
+        decision = limiter.hit(ip)
         if decision.allowed:
             await self.app(scope, receive, send)
             return
@@ -285,4 +292,3 @@ def _route(scope: Scope) -> str:
     route = scope.get("route")
     path = getattr(route, "path", None)
     return path if isinstance(path, str) else "(unmatched)"
-
