@@ -241,8 +241,8 @@ def _failures(engine: Engine) -> str:
 
 
 def run(options: Options) -> list[Figure]:
-    """Both sides with ``e2e.messages`` messages each (20,000; smoke 200): the ratio e2e / bare is the figure."""
-    messages = options.size("e2e.messages", 20_000, 200)
+    """Both sides with ``e2e.messages`` messages each (3,000; smoke 200): the ratio e2e / bare is the figure."""
+    messages = options.size("e2e.messages", 3_000, 200)
     config = Config(
         messages=messages,
         warmup=options.size(

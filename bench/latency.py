@@ -67,7 +67,7 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 
 
 def run(options: Options) -> list[Figure]:
-    samples = options.size("latency.samples", 200, 10)
+    samples = options.size("latency.samples", 100, 10)
     with tempfile.TemporaryDirectory(prefix="outreach-bench-") as logs:
         progress(f"latency: bare Dramatiq enqueue → run, {samples} samples")
         bare = bare_latencies(options, samples, Path(logs))

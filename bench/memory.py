@@ -66,7 +66,7 @@ def worker_rss(service: Service) -> list[float]:
 
 
 def run(options: Options) -> list[Figure]:
-    sends = options.size("memory.sends", 100_000, 400)
+    sends = options.size("memory.sends", 4_000, 400)
     half = sends // 2
     config = Config(
         messages=sends,

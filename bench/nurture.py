@@ -286,7 +286,7 @@ def _answers(sandbox_url: str) -> Any:
 
 def run(options: Options) -> list[Figure]:
     recipients = options.size("nurture.recipients", 100_000, 2_000)
-    bare_messages = options.size("nurture.bare_messages", 20_000, 200)
+    bare_messages = options.size("nurture.bare_messages", 10_000, 200)
     config = Config(
         messages=bare_messages,
         warmup=options.processes * options.threads * 4,
