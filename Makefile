@@ -41,5 +41,11 @@ bench: install services
 bench-smoke: install services
 	$(BIN)/python -m bench --smoke
 
+## The fault tests at the issue's full sizes (10,000 enrollments, more kills, larger runs): tens of minutes.
+soak: install services
+	OUTREACH_FAULTS_ENROLLMENTS=10000 OUTREACH_FAULTS_KILLS=30 OUTREACH_FAULTS_REDIS_MESSAGES=2000 \
+	OUTREACH_FAULTS_OUTAGE_MESSAGES=1000 OUTREACH_FAULTS_EXAMPLES=50 \
+	$(BIN)/pytest tests/faults -q -s --timeout=3600
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache outreach.db*
