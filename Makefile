@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install up test lint typecheck bench bench-smoke services browser clean
+.PHONY: install up test lint typecheck bench bench-smoke services browser soak clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
