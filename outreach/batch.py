@@ -50,7 +50,13 @@ from sqlalchemy.orm import Session
 
 from outreach.campaigns import Category
 from outreach.delivery import backoff, build_context
-from outreach.errors import PermanentProviderError, ProviderError, TemplateError, TransientProviderError
+from outreach.errors import (
+    AmbiguousProviderError,
+    PermanentProviderError,
+    ProviderError,
+    TemplateError,
+    TransientProviderError,
+)
 from outreach.links import (
     Link,
     is_web_url,
@@ -677,6 +683,7 @@ def build_payload(runtime: Runtime, shared: SharedEmail, chunk: Sequence[_Recipi
 class _Sent:
     sent: int = 0
     failed: int = 0
+    uncertain: int = 0
     single: list[str] = field(default_factory=list)
     retry_in: float | None = None
 
@@ -718,6 +725,13 @@ def _send(
             return _Sent(failed=len(ids))
         _record_sent(runtime, shared, chunk, provider.name, provider_message_id, now)
         return _Sent(sent=len(ids))
+
+    if isinstance(error, AmbiguousProviderError):
+        # The request went out and its answer was lost: SendGrid may have every personalization. Resending the
+        # chunk could reach each recipient twice, so the rows wait, uncertain, for events naming their ids.
+        _mark_uncertain(runtime, ids, utcnow(), error)
+        log.warning("provider answer lost; batch uncertain", extra={"provider": error.provider, "count": len(ids)})
+        return _Sent(uncertain=len(ids))
 
     if isinstance(error, TransientProviderError):
         code = error.code or str(error.status or "network")
@@ -821,6 +835,26 @@ def _fail(
                 error_code=code[:32],
                 error_detail=detail[:500],
                 provider=provider,
+                lease_until=None,
+                updated_at=now,
+            )
+        )
+
+
+def _mark_uncertain(runtime: Runtime, ids: Sequence[str], now: datetime, error: AmbiguousProviderError) -> None:
+    om = OutboundMessage
+    with Session(runtime.engine) as session, session.begin():
+        session.execute(
+            update(om)
+            .where(om.id.in_(list(ids)), om.status == MessageStatus.SENDING.value)
+            .values(
+                status=MessageStatus.UNCERTAIN.value,
+                rule="ambiguous",
+                reason=f"{error.provider} batch call failed after the request was sent; it may have been accepted: "
+                "reconcile from provider events, do not resend",
+                error_code=(error.code or "ambiguous")[:32],
+                error_detail=str(error)[:500],
+                provider=error.provider,
                 lease_until=None,
                 updated_at=now,
             )

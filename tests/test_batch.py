@@ -295,6 +295,21 @@ def test_a_transient_failure_puts_the_batch_back_and_the_retry_sends_it_once(
     assert Counter(r.custom_args["outreach_id"] for r in sandbox.messages()) == dict.fromkeys(batch, 1)
 
 
+def test_a_batch_whose_answer_is_lost_ends_uncertain_and_is_never_resent(
+    pg_runtime: Runtime, sandbox: SandboxServer
+) -> None:
+    _pool(pg_runtime, 20, zh_every=1000)
+    [batch] = _schedule(pg_runtime)
+    sandbox.fail("sendgrid", "accept_reset")  # SendGrid takes the request, the connection breaks before the 202
+    first = deliver_batch(pg_runtime, batch)
+    assert first.sent == 0 and first.retry_in is None
+    rows = _rows(pg_runtime)
+    assert {(m.status, m.rule) for m in rows.values()} == {("uncertain", "ambiguous")}
+    later = utcnow() + timedelta(hours=1)
+    assert deliver_batch(pg_runtime, batch, now=later).claimed == 0  # nothing goes out twice
+    assert Counter(r.custom_args["outreach_id"] for r in sandbox.messages()) == dict.fromkeys(batch, 1)
+
+
 def test_a_refused_batch_is_sent_one_by_one(pg_runtime: Runtime, sandbox: SandboxServer) -> None:
     candidates = _pool(pg_runtime, 5, zh_every=1000)
     [batch] = _schedule(pg_runtime)
