@@ -42,7 +42,6 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from email.utils import parseaddr
 from typing import Any
 
 from sqlalchemy import bindparam, case, insert, or_, select, update
@@ -82,6 +81,7 @@ from outreach.policy.base import Stage
 from outreach.policy.bulk import PolicyReads, one_of
 from outreach.policy.engine import Outcome as Verdict
 from outreach.providers.base import ProviderPipeline
+from outreach.providers.sendgrid import address_field
 from outreach.runtime import Runtime
 from outreach.tokens import unsubscribe_url
 
@@ -639,14 +639,6 @@ def _headers(recipient: _Recipient) -> dict[str, str]:
 # -- the request ---------------------------------------------------------------------------------------------
 
 
-def _address(value: str) -> dict[str, str]:
-    name, email = parseaddr(value)
-    result = {"email": email or value.strip()}
-    if name:
-        result["name"] = name
-    return result
-
-
 def build_payload(runtime: Runtime, shared: SharedEmail, chunk: Sequence[_Recipient]) -> dict[str, Any]:
     """The SendGrid v3 mail/send body for one request: shared content, one personalization per recipient."""
     settings = runtime.settings
@@ -665,7 +657,7 @@ def build_payload(runtime: Runtime, shared: SharedEmail, chunk: Sequence[_Recipi
         personalizations.append(personalization)
     payload: dict[str, Any] = {
         "personalizations": personalizations,
-        "from": _address(settings.email_from),
+        "from": address_field(settings.email_from),
         "subject": shared.subject,
         "content": [
             {"type": kind, "value": value}
@@ -675,7 +667,7 @@ def build_payload(runtime: Runtime, shared: SharedEmail, chunk: Sequence[_Recipi
         "categories": list(dict.fromkeys((first.campaign, first.template))),
     }
     if settings.email_reply_to:
-        payload["reply_to"] = _address(settings.email_reply_to)
+        payload["reply_to"] = address_field(settings.email_reply_to)
     return payload
 
 

@@ -46,7 +46,8 @@ _NAME = "sendgrid"
 POOL_SIZE = 32
 
 
-def _address(value: str) -> dict[str, str]:
+def address_field(value: str) -> dict[str, str]:
+    """A v3 ``{"email", "name"}`` object from ``Name <email>`` or a bare address."""
     name, email = parseaddr(value)
     # Leave malformed addresses as they are: SendGrid's own validation gives the better error.
     result = {"email": email or value.strip()}
@@ -126,7 +127,7 @@ class SendGridProvider(ProviderPipeline[EmailMessage, dict[str, Any], Any], Emai
 
     def build_payload(self, message: EmailMessage) -> dict[str, Any]:
         personalization: dict[str, Any] = {
-            "to": [_address(message.to)],
+            "to": [address_field(message.to)],
             "custom_args": {**message.custom_args, "outreach_id": message.message_id},
         }
         # SendGrid requires text/plain before text/html and rejects empty blocks.
@@ -137,13 +138,13 @@ class SendGridProvider(ProviderPipeline[EmailMessage, dict[str, Any], Any], Emai
         ]
         payload: dict[str, Any] = {
             "personalizations": [personalization],
-            "from": _address(message.from_email),
+            "from": address_field(message.from_email),
             "subject": message.subject,
             "content": content,
         }
         reply_to = message.reply_to or self._default_reply_to
         if reply_to:
-            payload["reply_to"] = _address(reply_to)
+            payload["reply_to"] = address_field(reply_to)
         if message.categories:
             # SendGrid rejects duplicate categories; keep the first occurrence's order.
             payload["categories"] = list(dict.fromkeys(message.categories))
