@@ -22,10 +22,9 @@ from sqlalchemy.orm import Session
 
 from outreach.campaigns import Category
 from outreach.models import Candidate, EnrollmentStatus, OutboundMessage, Suppression
-from outreach.policy import consent
 from outreach.policy.base import Decision, Subject
 from outreach.policy.caps import COUNTED, FrequencyCaps, RecentSend
-from outreach.policy.consent import NurtureConsentRule, SuppressionRule, suppression_address
+from outreach.policy.consent import NurtureConsentRule, SuppressionRule
 from outreach.policy.engine import OUTREACH_CATEGORIES, PolicyEngine
 
 __all__ = ["PolicyReads", "one_of"]
@@ -41,16 +40,7 @@ def one_of(session: Session, column: Any, values: Collection[Any]) -> Any:
 
 def _lookup_keys(rule: SuppressionRule, channel: str, address: str) -> tuple[str, ...]:
     """The keys the suppression rule looks an address up under (in clear, and hashed where erasure hashes)."""
-    plain = suppression_address(channel, address)
-    hashed = getattr(consent, "address_hash", None)
-    if hashed is None:
-        return (plain,)
-    key = getattr(rule, "_key", None)
-    if key is None:
-        from outreach.config import get_settings
-
-        key = get_settings().signing_key
-    return plain, hashed(key, channel, plain)
+    return rule.lookup_keys(channel, address)
 
 
 @dataclass

@@ -40,18 +40,22 @@ class SuppressionRule:
     def __init__(self, key: bytes | None = None) -> None:
         self._key = key
 
+    def lookup_keys(self, channel: str, address: str) -> tuple[str, str]:
+        """The keys an address is suppressed under: in clear, and hashed (as erasure leaves it)."""
+        key = self._key if self._key is not None else get_settings().signing_key
+        plain = suppression_address(channel, address)
+        return plain, address_hash(key, channel, plain)
+
     def check(self, session: Session, subject: Subject) -> Decision:
         if not subject.address:
             return Decision.suppress(
                 "address", f"candidate has no {'email' if subject.channel == 'email' else 'phone'}"
             )
-        key = self._key if self._key is not None else get_settings().signing_key
-        plain = suppression_address(subject.channel, subject.address)
         reason = session.scalar(
             select(Suppression.reason)
             .where(
                 Suppression.channel == subject.channel,
-                Suppression.address.in_((plain, address_hash(key, subject.channel, plain))),
+                Suppression.address.in_(self.lookup_keys(subject.channel, subject.address)),
             )
             .limit(1)
         )
