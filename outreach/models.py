@@ -123,6 +123,13 @@ class MessageStatus(StrEnum):
     UNCERTAIN = "uncertain"
 
 
+#: The ``rule`` a ``sending`` row carries while a worker holds it in a group it has claimed but has not yet
+#: handed to the provider (:func:`outreach.delivery.deliver_group`). The hand-off clears it in the statement that
+#: makes the attempt durable (and counts it in ``attempts``), so a ``sending`` row whose lease ran out still marked
+#: ``claimed`` never reached a provider: the sweeper puts it back to ``pending`` instead of ``uncertain``.
+CLAIMED_RULE = "claimed"
+
+
 class Channel(StrEnum):
     EMAIL = "email"
     SMS = "sms"

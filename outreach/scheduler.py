@@ -36,6 +36,7 @@ from outreach.conversation import alert_unanswered_replies
 from outreach.db import is_sqlite, transaction
 from outreach.enrollment import audience_matches, enroll, exit_enrollments
 from outreach.models import (
+    CLAIMED_RULE,
     Alert,
     Base,
     CampaignRun,
@@ -539,6 +540,28 @@ class Scheduler:
                 .returning(OutboundMessage.id)
             )
             requeued += [row[0] for row in released]
+            # Claimed in a group but never handed to a provider (the worker stopped first): safe to send again.
+            unsent = session.execute(
+                update(OutboundMessage)
+                .where(
+                    OutboundMessage.status == MessageStatus.SENDING.value,
+                    OutboundMessage.lease_until < now,
+                    OutboundMessage.rule == CLAIMED_RULE,
+                )
+                .values(
+                    status=MessageStatus.PENDING.value,
+                    rule=None,
+                    reason=None,
+                    lease_until=None,
+                    sent_at=None,
+                    enqueued_at=now,
+                    updated_at=now,
+                )
+                .returning(OutboundMessage.id)
+            )
+            reclaimed = [row[0] for row in unsent]
+            requeued += reclaimed
+            lost_wakeups += reclaimed
             lost = session.execute(
                 update(OutboundMessage)
                 .where(

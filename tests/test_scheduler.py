@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from outreach.enrollment import record_reply
 from outreach.models import (
+    CLAIMED_RULE,
     Alert,
     CampaignRun,
     Candidate,
@@ -184,6 +185,32 @@ def test_sweeper_requeues_stale_pending_and_marks_lost_sends_uncertain(runtime: 
     assert runtime.scheduler.tick(T0 + timedelta(hours=1)).requeued == []  # freshly enqueued now
     statuses = {m.id: m.status for m in rows(runtime)}
     assert statuses[nudge.id] == "uncertain"
+
+
+def test_sweeper_returns_claimed_but_never_handed_off_rows_to_pending(runtime: Runtime) -> None:
+    add_candidate(runtime)
+    add_job(runtime)
+    fire(runtime, "c-1", "applied", at=T0, job="j-1")
+    runtime.scheduler.tick(T0 + timedelta(hours=1))
+    email, nudge = rows(runtime)
+    old = utcnow() - timedelta(minutes=10)
+    with Session(runtime.engine) as session, session.begin():
+        # A worker claimed both in a group and stopped after handing only the nudge to the provider.
+        session.execute(
+            update(OutboundMessage)
+            .where(OutboundMessage.id == email.id)
+            .values(status="sending", rule=CLAIMED_RULE, lease_until=old, sent_at=old)
+        )
+        session.execute(
+            update(OutboundMessage).where(OutboundMessage.id == nudge.id).values(status="sending", lease_until=old)
+        )
+    result = runtime.scheduler.tick(T0 + timedelta(hours=1))
+    assert result.requeued == [email.id]
+    assert result.uncertain == 1
+    after = {m.id: m for m in rows(runtime)}
+    assert (after[email.id].status, after[email.id].rule, after[email.id].sent_at) == ("pending", None, None)
+    assert after[email.id].attempts == email.attempts
+    assert after[nudge.id].status == "uncertain"
 
 
 def test_two_schedulers_at_once_write_each_step_once(runtime: Runtime) -> None:
