@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from outreach.candidates import CandidateIn, JobIn, upsert_candidate, upsert_job
 from outreach.enrollment import EventIn, record_event
-from outreach.models import Candidate, Enrollment, Job
+from outreach.models import Candidate, Enrollment, Job, MessageStatus, OutboundMessage
 from outreach.runtime import Runtime
 
 
@@ -31,6 +31,22 @@ def add_candidate(runtime: Runtime, external_id: str = "c-1", **fields: Any) -> 
         if stage is not None:
             candidate.stage = stage
         return candidate
+
+
+def past_nurture_send(
+    candidate_id: int, sent_at: datetime, status: str = MessageStatus.DELIVERED.value
+) -> OutboundMessage:
+    """An earlier nurture email to the candidate (what the nurture frequency caps count); add it to a session."""
+    return OutboundMessage(
+        candidate_id=candidate_id,
+        campaign="quarterly_nurture",
+        step=0,
+        channel="email",
+        template="quarterly_nurture",
+        category="nurture",
+        status=status,
+        sent_at=sent_at,
+    )
 
 
 def add_job(runtime: Runtime, external_id: str = "j-1", **fields: Any) -> Job:

@@ -41,7 +41,7 @@ from outreach.runtime import Runtime
 from outreach.sandbox import SandboxServer
 from outreach.validation import validate_all
 from tests.conftest import ROOT
-from tests.helpers import add_candidate, add_job, fire
+from tests.helpers import add_candidate, add_job, fire, past_nurture_send
 
 T0 = datetime(2026, 11, 25, 2, 0, tzinfo=UTC)  # a Wednesday, 10:00 in Shanghai
 SPEC = IntentSpec()
@@ -343,18 +343,7 @@ def test_reactivation_skips_capped_candidates_and_goes_high_intent_first(runtime
     set_intent(runtime, (5, 5, 5), "high")
     with Session(runtime.engine) as session, session.begin():
         capped = session.scalars(select(Candidate).where(Candidate.external_id == "capped")).one()
-        session.add(
-            OutboundMessage(
-                candidate_id=capped.id,
-                campaign="quarterly_nurture",
-                step=0,
-                channel="email",
-                template="quarterly_nurture",
-                category="nurture",
-                status=MessageStatus.DELIVERED.value,
-                sent_at=T0 - timedelta(days=10),
-            )
-        )
+        session.add(past_nurture_send(capped.id, T0 - timedelta(days=10)))
     policy = capped_policy(runtime)
     with Session(runtime.engine) as session, session.begin():
         result = reactivate(
@@ -376,18 +365,7 @@ def test_record_event_checks_caps_when_given_the_policy(runtime: Runtime) -> Non
     add_candidate(runtime, "capped", tags=["stack:java"], nurture_consent=True, stage="talent_pool")
     with Session(runtime.engine) as session, session.begin():
         capped = session.scalars(select(Candidate)).one()
-        session.add(
-            OutboundMessage(
-                candidate_id=capped.id,
-                campaign="quarterly_nurture",
-                step=0,
-                channel="email",
-                template="quarterly_nurture",
-                category="nurture",
-                status=MessageStatus.SENT.value,
-                sent_at=T0 - timedelta(days=1),
-            )
-        )
+        session.add(past_nurture_send(capped.id, T0 - timedelta(days=1), MessageStatus.SENT.value))
     with Session(runtime.engine) as session, session.begin():
         _, enrolled = record_event(
             session,

@@ -19,8 +19,6 @@ from outreach.models import (
     Candidate,
     Enrollment,
     IntentAssessment,
-    MessageStatus,
-    OutboundMessage,
     StageChange,
     Suppression,
     utcnow,
@@ -28,7 +26,7 @@ from outreach.models import (
 from outreach.policy.config import CapSpec
 from outreach.policy.engine import PolicyEngine
 from outreach.runtime import Runtime
-from tests.helpers import add_candidate, add_job, api_client
+from tests.helpers import add_candidate, add_job, api_client, past_nurture_send
 
 SCORES = {"career_goal_match": 5, "salary_fit": 4, "start_urgency": 4}
 
@@ -254,18 +252,7 @@ def plant_pool(runtime: Runtime) -> dict[str, str]:
             if name == "unsubscribed":
                 session.add(Suppression(channel="email", address="unsubscribed@example.org", reason="unsubscribe"))
             if name == "capped":
-                session.add(
-                    OutboundMessage(
-                        candidate_id=candidate.id,
-                        campaign="quarterly_nurture",
-                        step=0,
-                        channel="email",
-                        template="quarterly_nurture",
-                        category="nurture",
-                        status=MessageStatus.DELIVERED.value,
-                        sent_at=utcnow() - timedelta(days=20),
-                    )
-                )
+                session.add(past_nurture_send(candidate.id, utcnow() - timedelta(days=20)))
     return {name: outcome for name, (_, outcome) in kinds.items()}
 
 
