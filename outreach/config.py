@@ -63,6 +63,12 @@ def _number(raw: str, name: str) -> float:
     return value
 
 
+REAL_SENDGRID_HOST = "https://api.sendgrid.com"
+REAL_TWILIO_BASE_URL = "https://api.twilio.com"
+#: The shortest OUTREACH_SECRET_KEY accepted when the real providers are configured (a 256-bit key in hex is 64).
+MIN_SECRET_KEY_LENGTH = 32
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str = "sqlite:///outreach.db"
@@ -73,12 +79,12 @@ class Settings:
     secret_key: Secret = field(default_factory=lambda: Secret(""))
 
     sendgrid_api_key: Secret = field(default_factory=lambda: Secret(""))
-    sendgrid_host: str = "https://api.sendgrid.com"
+    sendgrid_host: str = REAL_SENDGRID_HOST
     sendgrid_webhook_public_key: str = ""
     inbound_token: Secret = field(default_factory=lambda: Secret(""))
     twilio_account_sid: str = ""
     twilio_auth_token: Secret = field(default_factory=lambda: Secret(""))
-    twilio_base_url: str = "https://api.twilio.com"
+    twilio_base_url: str = REAL_TWILIO_BASE_URL
     twilio_messaging_service_sid: str = ""
     email_from: str = "Talent Team <talent@example.com>"
     email_reply_to: str = ""
@@ -202,6 +208,20 @@ class Settings:
             raise ConfigurationError(f"OUTREACH_BROKER_URL: expected redis://… or amqp://…, got scheme {scheme!r}")
         if self.twilio_account_sid and not self.twilio_auth_token:
             raise ConfigurationError("TWILIO_AUTH_TOKEN is required when TWILIO_ACCOUNT_SID is set")
+        if self.talks_to_real_providers and len(self.secret_key.reveal()) < MIN_SECRET_KEY_LENGTH:
+            # Without it the link-signing key derives from the database URL: anyone who learns the URL could forge
+            # unsubscribe and tracked links for real candidates.
+            raise ConfigurationError(
+                f"OUTREACH_SECRET_KEY: required (at least {MIN_SECRET_KEY_LENGTH} characters) when sending through "
+                "the real SendGrid or Twilio; it signs the links candidates receive"
+            )
+
+    @property
+    def talks_to_real_providers(self) -> bool:
+        """Credentials for a provider whose API host is the real one (not a sandbox or a test double)."""
+        real_sendgrid = self.has_sendgrid_credentials and self.sendgrid_host == REAL_SENDGRID_HOST
+        real_twilio = self.has_twilio_credentials and self.twilio_base_url == REAL_TWILIO_BASE_URL
+        return real_sendgrid or real_twilio
 
     @property
     def signing_key(self) -> bytes:
