@@ -3,9 +3,11 @@
 The scheduler (a pass of up to 1000 due steps) and the nurture batch sender (up to 1000 recipients) run every
 rule of :class:`~outreach.policy.engine.PolicyEngine` for every message, in the engine's order and with the same
 decisions; only the reads are shared: enrollment states, suppressed addresses, consent and the recent sends the
-caps count are loaded once for the whole set, in the caller's transaction (after it locked what it must). Rules
-that read nothing (quiet hours) are the engine's own objects; a rule this module does not know is asked
-directly (``rule.check(session, subject)``), so a new rule is never skipped.
+caps count are loaded once for the whole set, in the caller's transaction (after it locked what it must). The
+decisions themselves (and their texts) are the rules' own ``decide`` methods, which their single-message
+``check`` uses too; quiet hours are worked out once per (time, zone, channel, category) rather than per message.
+A rule this module does not know is asked directly (``rule.check(session, subject)``), so a new rule is never
+skipped.
 """
 
 from __future__ import annotations
@@ -14,33 +16,58 @@ from collections import defaultdict
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import any_, bindparam, select
+from sqlalchemy import any_, bindparam, not_, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
-from outreach.campaigns import Category
-from outreach.models import Candidate, EnrollmentStatus, OutboundMessage, Suppression
+from outreach.models import OutboundMessage, Suppression
 from outreach.policy.base import Decision, Subject
 from outreach.policy.caps import COUNTED, FrequencyCaps, RecentSend
-from outreach.policy.consent import NurtureConsentRule, SuppressionRule
+from outreach.policy.consent import EnrollmentActiveRule, NurtureConsentRule, SuppressionRule
 from outreach.policy.engine import OUTREACH_CATEGORIES, PolicyEngine
+from outreach.policy.quiet_hours import QuietHoursRule
 
-__all__ = ["PolicyReads", "one_of"]
+__all__ = ["CandidateFacts", "PolicyReads", "none_of", "one_of"]
+
+#: Ids per statement on databases without arrays (SQLite's limit on bound parameters is far above it).
+CHUNK = 1000
+
+
+class CandidateFacts(Protocol):
+    """What the bulk reader needs of a candidate: an ORM :class:`~outreach.models.Candidate` or a plain row."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def email(self) -> str | None: ...
+
+    @property
+    def phone(self) -> str | None: ...
+
+    @property
+    def nurture_consent(self) -> bool: ...
+
+
+def _postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
 
 
 def one_of(session: Session, column: Any, values: Collection[Any]) -> Any:
     """``column IN values``; on PostgreSQL ``column = ANY(:array)``: one parameter instead of a thousand, so the
     statement stays small and cheap to build (the batch and scheduler paths filter on up to 1000 ids)."""
-    if session.get_bind().dialect.name == "postgresql":
+    if _postgres(session):
         return column == any_(bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
     return column.in_(list(values))
 
 
-def _lookup_keys(rule: SuppressionRule, channel: str, address: str) -> tuple[str, ...]:
-    """The keys the suppression rule looks an address up under (in clear, and hashed where erasure hashes)."""
-    return rule.lookup_keys(channel, address)
+def none_of(session: Session, column: Any, values: Collection[Any]) -> Any:
+    """``column NOT IN values`` (``NOT (column = ANY(:array))`` on PostgreSQL); always true for no values."""
+    if not values:
+        return column.is_not(None) | column.is_(None)
+    return not_(one_of(session, column, values))
 
 
 @dataclass
@@ -51,13 +78,16 @@ class PolicyReads:
     now: datetime
     suppressed: dict[tuple[str, str], str] = field(default_factory=dict)
     sends: dict[int, list[RecentSend]] = field(default_factory=lambda: defaultdict(list))
+    #: The suppression keys of each (channel, address) met in :meth:`load`, so :meth:`evaluate` hashes nothing.
+    keys: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
+    _opens: dict[tuple[object, ...], datetime] = field(default_factory=dict)
 
     @classmethod
     def load(
         cls,
         session: Session,
         engine: PolicyEngine,
-        candidates: Iterable[Candidate],
+        candidates: Iterable[CandidateFacts],
         channels: Collection[str],
         now: datetime,
         exclude: Collection[str] = (),
@@ -73,32 +103,38 @@ class PolicyReads:
                 for channel in channels:
                     address = candidate.email if channel == "email" else candidate.phone
                     if address:
-                        wanted[channel].update(_lookup_keys(rule, channel, address))
-            for channel, keys in wanted.items():
-                listed = sorted(keys)
-                for start in range(0, len(listed), 1000):
+                        keys = reads.keys.get((channel, address))
+                        if keys is None:
+                            keys = reads.keys[(channel, address)] = rule.lookup_keys(channel, address)
+                        wanted[channel].update(keys)
+            for channel, found in wanted.items():
+                listed = sorted(found)
+                for start in range(0, len(listed), CHUNK):
                     for address, reason in session.execute(
                         select(Suppression.address, Suppression.reason).where(
                             Suppression.channel == channel,
-                            one_of(session, Suppression.address, listed[start : start + 1000]),
+                            one_of(session, Suppression.address, listed[start : start + CHUNK]),
                         )
                     ):
                         reads.suppressed[(channel, address)] = reason
         caps = next((r for r in engine._outreach_rules if isinstance(r, FrequencyCaps)), None)
         if caps is not None and caps.rules and people:
             ids = sorted({c.id for c in people})
-            excluded = set(exclude)
+            # The caller's own rows are left out by the database: a batch claims (and so marks counted) them all.
+            excluded = none_of(session, OutboundMessage.id, list(exclude)) if _postgres(session) else None
             om = OutboundMessage
-            for start in range(0, len(ids), 1000):
-                for message_id, candidate_id, at, channel, category in session.execute(
-                    select(om.id, om.candidate_id, om.sent_at, om.channel, om.category).where(
-                        one_of(session, om.candidate_id, ids[start : start + 1000]),
-                        om.status.in_(COUNTED),
-                        om.sent_at.is_not(None),
-                        om.sent_at > now - caps.longest,
-                    )
-                ):
-                    if message_id not in excluded and at is not None:
+            for start in range(0, len(ids), CHUNK):
+                query = select(om.id, om.candidate_id, om.sent_at, om.channel, om.category).where(
+                    one_of(session, om.candidate_id, ids[start : start + CHUNK]),
+                    om.status.in_(COUNTED),
+                    om.sent_at.is_not(None),
+                    om.sent_at > now - caps.longest,
+                )
+                if excluded is not None:
+                    query = query.where(excluded)
+                skip = set(exclude) if excluded is None else ()
+                for message_id, candidate_id, at, channel, category in session.execute(query):
+                    if message_id not in skip and at is not None:
                         reads.sends[candidate_id].append(RecentSend(at, channel, category))
         return reads
 
@@ -110,42 +146,49 @@ class PolicyReads:
         self,
         session: Session,
         subject: Subject,
-        candidate: Candidate,
+        candidate: CandidateFacts,
         enrollment_state: tuple[str, str | None] | None,
     ) -> Decision:
         """The engine's decision for ``subject``; ``enrollment_state`` is (status, exit_reason) or None."""
-        if enrollment_state is not None and enrollment_state[0] == EnrollmentStatus.EXITED.value:
-            return Decision.suppress("exit", f"enrollment exited: {enrollment_state[1]}")
-        rules: list[Any] = list(self.engine._consent_rules)
-        if subject.category in OUTREACH_CATEGORIES:
-            rules += self.engine._outreach_rules
-        for rule in rules:
+        if enrollment_state is not None:
+            decision = EnrollmentActiveRule.decide(enrollment_state)
+            if not decision.allowed:
+                return decision
+        for rule in self.engine._consent_rules:
             decision = self._decide(session, rule, subject, candidate)
             if not decision.allowed:
                 return decision
+        if subject.category in OUTREACH_CATEGORIES:
+            for rule in self.engine._outreach_rules:
+                decision = self._decide(session, rule, subject, candidate)
+                if not decision.allowed:
+                    return decision
         return Decision.allow()
 
-    def _decide(self, session: Session, rule: Any, subject: Subject, candidate: Candidate) -> Decision:
+    def _decide(self, session: Session, rule: Any, subject: Subject, candidate: CandidateFacts) -> Decision:
         if isinstance(rule, SuppressionRule):
-            if not subject.address:
-                kind = "email" if subject.channel == "email" else "phone"
-                return Decision.suppress("address", f"candidate has no {kind}")
-            for key in _lookup_keys(rule, subject.channel, subject.address):
-                reason = self.suppressed.get((subject.channel, key))
-                if reason is not None:
-                    return Decision.suppress(rule.name, f"address suppressed: {reason}")
-            return Decision.allow()
+            return rule.decide(subject, self._suppression(rule, subject))
         if isinstance(rule, NurtureConsentRule):
-            if subject.category == Category.NURTURE.value and not candidate.nurture_consent:
-                return Decision.suppress(rule.name, "no consent to nurture messages")
-            return Decision.allow()
+            return rule.decide(subject, bool(candidate.nurture_consent))
+        if isinstance(rule, QuietHoursRule):
+            key = rule.opens_key(subject)
+            opens = self._opens.get(key)
+            if opens is None:
+                opens = self._opens[key] = rule.opens(subject)
+            return rule.decide(subject, opens)
         if isinstance(rule, FrequencyCaps):
-            sends = self.sends.get(subject.candidate_id, [])
-            for cap in rule.rules:
-                if cap.applies(subject):
-                    decision = cap.decide(sends, subject)
-                    if not decision.allowed:
-                        return decision
-            return Decision.allow()
+            return rule.decide(self.sends.get(subject.candidate_id, ()), subject)
         checked: Decision = rule.check(session, subject)
         return checked
+
+    def _suppression(self, rule: SuppressionRule, subject: Subject) -> str | None:
+        if not subject.address:
+            return None
+        keys = self.keys.get((subject.channel, subject.address))
+        if keys is None:
+            keys = rule.lookup_keys(subject.channel, subject.address)
+        for key in keys:
+            reason = self.suppressed.get((subject.channel, key))
+            if reason is not None:
+                return reason
+        return None

@@ -47,7 +47,7 @@ class FrequencyCapRule:
     def check(self, session: Session, subject: Subject) -> Decision:
         return self.decide(recent_sends(session, subject, self.cap.per), subject)
 
-    def decide(self, sends: list[RecentSend], subject: Subject) -> Decision:
+    def decide(self, sends: Sequence[RecentSend], subject: Subject) -> Decision:
         if not self.applies(subject):
             return Decision.allow()
         cap = self.cap
@@ -79,16 +79,22 @@ class FrequencyCaps:
     def __init__(self, caps: Sequence[CapSpec]) -> None:
         self.rules = [FrequencyCapRule(cap) for cap in caps]
         self.longest = max((cap.per for cap in caps), default=timedelta(0))
+        self._none_zero = all(cap.max > 0 for cap in caps)
 
     def check(self, session: Session, subject: Subject) -> Decision:
-        applicable = [rule for rule in self.rules if rule.applies(subject)]
-        if not applicable:
+        if not any(rule.applies(subject) for rule in self.rules):
             return Decision.allow()
-        sends = recent_sends(session, subject, self.longest)
-        for rule in applicable:
-            decision = rule.decide(sends, subject)
-            if not decision.allowed:
-                return decision
+        return self.decide(recent_sends(session, subject, self.longest), subject)
+
+    def decide(self, sends: Sequence[RecentSend], subject: Subject) -> Decision:
+        """Every cap against ``sends`` (the candidate's counted sends within :attr:`longest`); the first hit."""
+        if not sends and self._none_zero:
+            return Decision.allow()  # nothing sent lately: no cap of at least one message can be reached
+        for rule in self.rules:
+            if rule.applies(subject):
+                decision = rule.decide(sends, subject)
+                if not decision.allowed:
+                    return decision
         return Decision.allow()
 
 

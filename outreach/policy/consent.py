@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from functools import lru_cache
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -25,8 +26,19 @@ HASH_PREFIX = "hmac:"
 
 def address_hash(key: bytes, channel: str, address: str) -> str:
     """The keyed hash an erased address stays suppressed under (stable for one secret key, useless without it)."""
-    normalised = suppression_address(channel, address)
-    return HASH_PREFIX + hmac.new(key, f"suppression\n{channel}\n{normalised}".encode(), hashlib.sha256).hexdigest()
+    return _hashed(_keyed(key), channel, suppression_address(channel, address))
+
+
+@lru_cache(maxsize=8)
+def _keyed(key: bytes) -> hmac.HMAC:
+    """The HMAC state after the key, kept per key: each address then only copies it (the key schedule once)."""
+    return hmac.new(key, digestmod=hashlib.sha256)
+
+
+def _hashed(keyed: hmac.HMAC, channel: str, normalised: str) -> str:
+    mac = keyed.copy()
+    mac.update(f"suppression\n{channel}\n{normalised}".encode())
+    return HASH_PREFIX + mac.hexdigest()
 
 
 class SuppressionRule:
@@ -44,13 +56,11 @@ class SuppressionRule:
         """The keys an address is suppressed under: in clear, and hashed (as erasure leaves it)."""
         key = self._key if self._key is not None else get_settings().signing_key
         plain = suppression_address(channel, address)
-        return plain, address_hash(key, channel, plain)
+        return plain, _hashed(_keyed(key), channel, plain)
 
     def check(self, session: Session, subject: Subject) -> Decision:
         if not subject.address:
-            return Decision.suppress(
-                "address", f"candidate has no {'email' if subject.channel == 'email' else 'phone'}"
-            )
+            return self.decide(subject, None)
         reason = session.scalar(
             select(Suppression.reason)
             .where(
@@ -59,6 +69,15 @@ class SuppressionRule:
             )
             .limit(1)
         )
+        return self.decide(subject, reason)
+
+    def decide(self, subject: Subject, reason: str | None) -> Decision:
+        """The decision once the address's suppression ``reason`` (None: not suppressed) is known; the bulk reader
+        (:class:`outreach.policy.bulk.PolicyReads`) asks this too, with its own reads."""
+        if not subject.address:
+            return Decision.suppress(
+                "address", f"candidate has no {'email' if subject.channel == 'email' else 'phone'}"
+            )
         if reason is not None:
             return Decision.suppress(self.name, f"address suppressed: {reason}")
         return Decision.allow()
@@ -75,9 +94,13 @@ class NurtureConsentRule:
         consent = subject.nurture_consent
         if consent is None:
             consent = session.scalar(select(Candidate.nurture_consent).where(Candidate.id == subject.candidate_id))
-        if not consent:
-            return Decision.suppress(self.name, "no consent to nurture messages")
-        return Decision.allow()
+        return self.decide(subject, bool(consent))
+
+    def decide(self, subject: Subject, consent: bool) -> Decision:
+        """The decision once the candidate's current consent is known."""
+        if subject.category != Category.NURTURE.value or consent:
+            return Decision.allow()
+        return Decision.suppress(self.name, "no consent to nurture messages")
 
 
 class EnrollmentActiveRule:
@@ -97,8 +120,13 @@ class EnrollmentActiveRule:
                 select(Enrollment.status, Enrollment.exit_reason).where(Enrollment.id == self.enrollment_id)
             ).first()
             row = None if found is None else (found[0], found[1])
-        if row is not None and row[0] == EnrollmentStatus.EXITED.value:
-            return Decision.suppress(self.name, f"enrollment exited: {row[1]}")
+        return self.decide(row)
+
+    @classmethod
+    def decide(cls, state: tuple[str, str | None] | None) -> Decision:
+        """The decision for an enrollment in ``state`` ((status, exit_reason); None: no enrollment)."""
+        if state is not None and state[0] == EnrollmentStatus.EXITED.value:
+            return Decision.suppress(cls.name, f"enrollment exited: {state[1]}")
         return Decision.allow()
 
 

@@ -113,12 +113,27 @@ class QuietHoursRule:
         self.calendar = calendar
 
     def check(self, session: Session, subject: Subject) -> Decision:
+        return self.decide(subject, self.opens(subject))
+
+    def opens(self, subject: Subject) -> datetime:
+        """When the subject's window is next open (``subject.now`` if it is now). The same for every subject with
+        the same time, zone, channel, category and country, which is what :meth:`opens_key` names, so a caller
+        deciding many messages asks once per key (:class:`outreach.policy.bulk.PolicyReads` does)."""
         window, working_days_only = window_for(self.spec, subject.channel, subject.category, subject.country)
         if window is None and not working_days_only:
-            return Decision.allow()
-        opens = next_allowed(subject.now, subject.zone, window, working_days_only, self.calendar)
+            return subject.now
+        return next_allowed(subject.now, subject.zone, window, working_days_only, self.calendar)
+
+    @staticmethod
+    def opens_key(subject: Subject) -> tuple[object, ...]:
+        country = subject.country if subject.channel == Channel.SMS else None
+        return (subject.now, subject.zone, subject.channel, subject.category, country)
+
+    def decide(self, subject: Subject, opens: datetime) -> Decision:
+        """The decision once :meth:`opens` is known: allowed now, or deferred to then plus the message's offset."""
         if opens == subject.now:
             return Decision.allow()
+        window, working_days_only = window_for(self.spec, subject.channel, subject.category, subject.country)
         until = opens + self._offset(subject, opens, window or ALL_DAY)
         return Decision.defer(self.name, self._reason(subject, window, working_days_only, opens), until)
 
