@@ -42,9 +42,9 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import bindparam, case, insert, or_, select, update
+from sqlalchemy import JSON, Text, bindparam, case, cast, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from outreach.campaigns import Category
@@ -78,7 +78,7 @@ from outreach.models import (
     utcnow,
 )
 from outreach.policy.base import Stage
-from outreach.policy.bulk import PolicyReads, one_of
+from outreach.policy.bulk import CHUNK, PolicyReads, one_of
 from outreach.policy.engine import Outcome as Verdict
 from outreach.providers.base import ProviderPipeline
 from outreach.providers.sendgrid import address_field
@@ -99,6 +99,8 @@ SUBSTITUTED = frozenset({"name", "first_name"})
 _TAG = re.compile(r"%%o:[^%\s]{0,40}%%", re.IGNORECASE)
 _OUTBOX = Base.metadata.tables["outbound_messages"]
 _LINKS = Base.metadata.tables["tracked_links"]
+_ENROLLMENTS = Base.metadata.tables["enrollments"]
+_CANDIDATES = Base.metadata.tables["candidates"]
 _FINISHED_FROM = (MessageStatus.SENDING.value, MessageStatus.UNCERTAIN.value)
 
 
@@ -198,10 +200,22 @@ class NotShareable(Exception):
 # -- the recipients ------------------------------------------------------------------------------------------
 
 
-@dataclass
+class _Person(NamedTuple):
+    """The candidate facts a batch needs (the rules' and the substitutions'), read as a plain row."""
+
+    id: int
+    name: str | None
+    email: str | None
+    phone: str | None
+    locale: str | None
+    timezone: str | None
+    nurture_consent: bool
+
+
+@dataclass(slots=True)
 class _Recipient:
     id: str
-    candidate: Candidate
+    candidate: _Person
     enrollment_id: int | None
     campaign: str
     step: int
@@ -212,8 +226,29 @@ class _Recipient:
     created_at: datetime
     not_before: datetime
     context: dict[str, Any] = field(default_factory=dict)
+    #: The enrollment context as stored: recipients with the same one share a rendering.
+    context_key: str = ""
     job: Job | None = None
     substitutions: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+#: What the claim returns of each outbox row, in this order, followed by its enrollment's status, exit reason,
+#: job and context (the positions below).
+_CLAIMED = (
+    "id",
+    "candidate_id",
+    "enrollment_id",
+    "campaign",
+    "step",
+    "template",
+    "category",
+    "channel",
+    "attempts",
+    "created_at",
+    "not_before",
+)
+_CREATED_AT, _NOT_BEFORE, _STATUS, _JOB, _CONTEXT = 9, 10, 11, 13, 14
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -307,124 +342,150 @@ def _prepare(
 
 
 def _claim_and_check(runtime: Runtime, ids: Sequence[str], now: datetime) -> tuple[list[_Recipient], int]:
-    """Claim the rows still pending, lock their candidates, run every rule; returns those allowed to go."""
+    """Claim the rows still pending, lock their candidates, run every rule; returns those allowed to go.
+
+    Plain rows throughout (no ORM objects): one statement claims the rows and reads their enrollments (on
+    PostgreSQL an ``UPDATE … RETURNING`` in a CTE joined to ``enrollments``), one locks and reads the candidates,
+    :class:`PolicyReads` reads suppressions and recent sends in one statement each, and the stopped rows are
+    recorded in one more: a constant number of statements whatever the size of the batch."""
     settings = runtime.settings
     policy = runtime.policy
-    om = OutboundMessage
+    table = _OUTBOX
+    enrollments = _ENROLLMENTS
     with Session(runtime.engine, expire_on_commit=False) as session, session.begin():
-        postgres = session.get_bind().dialect.name == "postgresql"
+        connection = session.connection()
+        postgres = connection.dialect.name == "postgresql"
         pick = (
-            select(om.id)
+            select(table.c.id)
             .where(
-                one_of(session, om.id, ids),
-                om.status == MessageStatus.PENDING.value,
-                om.not_before <= now,
-                om.channel == Channel.EMAIL.value,
+                one_of(session, table.c.id, ids),
+                table.c.status == MessageStatus.PENDING.value,
+                table.c.not_before <= now,
+                table.c.channel == Channel.EMAIL.value,
             )
-            .order_by(om.id)
+            .order_by(table.c.id)
         )
         if postgres:
             # Rows a retried copy of this batch (or a single send) is claiming right now are theirs.
             pick = pick.with_for_update(skip_locked=True)
-        claimed = session.execute(
-            update(om)
-            .where(om.id.in_(pick.scalar_subquery()))
+        claim = (
+            update(table)
+            .where(table.c.id.in_(pick.scalar_subquery()))
             .values(
                 status=MessageStatus.SENDING.value,
                 lease_until=now + timedelta(seconds=settings.lease_seconds),
-                attempts=om.attempts + 1,
+                attempts=table.c.attempts + 1,
                 # Provisional, as in the single path: caps count rows being sent by this time.
                 sent_at=now,
                 updated_at=now,
             )
-            .returning(
-                om.id,
-                om.candidate_id,
-                om.enrollment_id,
-                om.campaign,
-                om.step,
-                om.template,
-                om.category,
-                om.channel,
-                om.attempts,
-                om.created_at,
-                om.not_before,
+            .returning(*(table.c[name] for name in _CLAIMED))
+        )
+        # The enrollment's context as its stored text: recipients are grouped by it, and only the group's
+        # exemplar needs it parsed.
+        facts = (
+            enrollments.c.status,
+            enrollments.c.exit_reason,
+            enrollments.c.job_id,
+            cast(enrollments.c.context, Text),
+        )
+        rows: list[Any]
+        if postgres:
+            claimed = claim.cte("claimed")
+            rows = list(
+                connection.execute(
+                    select(*(claimed.c[name] for name in _CLAIMED), *facts).select_from(
+                        claimed.outerjoin(enrollments, enrollments.c.id == claimed.c.enrollment_id)
+                    )
+                )
             )
-        ).all()
-        if not claimed:
+        else:
+            plain = connection.execute(claim).all()
+            found: dict[Any, Any] = {}
+            wanted = sorted({row.enrollment_id for row in plain if row.enrollment_id is not None})
+            for chunk in _chunks(wanted, CHUNK):
+                for row in connection.execute(
+                    select(enrollments.c.id, *facts).where(enrollments.c.id.in_(list(chunk)))
+                ):
+                    found[row[0]] = tuple(row[1:])
+            rows = [(*row, *found.get(row.enrollment_id, (None, None, None, None))) for row in plain]
+        if not rows:
             return [], 0
-        claimed_ids = {row.id for row in claimed}
-        candidate_ids = sorted({row.candidate_id for row in claimed})
+        claimed_ids = [row[0] for row in rows]
         # Locked in id order, so batches and single sends queue up behind each other instead of deadlocking.
-        query = select(Candidate).where(one_of(session, Candidate.id, candidate_ids)).order_by(Candidate.id)
+        people = _CANDIDATES
+        query = (
+            select(*(people.c[name] for name in _Person._fields))
+            .where(one_of(session, people.c.id, sorted({row[1] for row in rows})))
+            .order_by(people.c.id)
+        )
         if postgres:
             query = query.with_for_update(key_share=True)
-        candidates = {c.id: c for c in session.scalars(query)}
+        candidates = {row[0]: _Person(*row) for row in connection.execute(query)}
 
-        enrollment_ids = {row.enrollment_id for row in claimed if row.enrollment_id is not None}
-        enrollments = {
-            e.id: e
-            for e in session.execute(
-                select(
-                    Enrollment.id, Enrollment.status, Enrollment.exit_reason, Enrollment.job_id, Enrollment.context
-                ).where(one_of(session, Enrollment.id, enrollment_ids))
-            )
-        }
-        job_ids = {e.job_id for e in enrollments.values() if e.job_id is not None}
+        job_ids = {row[_JOB] for row in rows if row[_JOB] is not None}
         jobs = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(job_ids)))} if job_ids else {}
         reads = PolicyReads.load(session, policy, candidates.values(), {Channel.EMAIL.value}, now, exclude=claimed_ids)
 
         allowed: list[_Recipient] = []
         stopped: list[dict[str, Any]] = []
-        for row in sorted(claimed, key=lambda r: (r.candidate_id, r.id)):
-            candidate = candidates[row.candidate_id]
-            enrollment = enrollments.get(row.enrollment_id) if row.enrollment_id is not None else None
+        stage = Stage.SEND
+        contexts: dict[str | None, dict[str, Any]] = {}
+        for row in sorted(rows, key=lambda r: (r[1], r[0])):
+            (message_id, candidate_id, enrollment_id, campaign, step, template, category, channel, attempts) = row[:9]
+            candidate = candidates[candidate_id]
             subject = policy.subject(
                 candidate,
-                channel=row.channel,
-                category=row.category,
-                campaign=row.campaign,
+                channel=channel,
+                category=category,
+                campaign=campaign,
                 now=now,
-                stage=Stage.SEND,
-                message_id=row.id,
+                stage=stage,
+                message_id=message_id,
             )
-            state = None if enrollment is None else (enrollment.status, enrollment.exit_reason)
-            decision = reads.evaluate(session, subject, candidate, state)
+            enrolled = enrollment_id is not None and row[_STATUS] is not None
+            decision = reads.evaluate(
+                session, subject, candidate, (row[_STATUS], row[_STATUS + 1]) if enrolled else None
+            )
             if not decision.allowed:
                 verdict = Verdict(decision)
                 held = verdict.status is MessageStatus.HELD
                 stopped.append(
                     {
-                        "b_id": row.id,
+                        "b_id": message_id,
                         "b_status": verdict.status.value,
                         "b_rule": decision.rule,
                         "b_reason": decision.reason,
-                        "b_not_before": decision.until if held and decision.until else row.not_before,
+                        "b_not_before": decision.until if held and decision.until else row[_NOT_BEFORE],
                     }
                 )
                 continue
             reads.count(subject)
-            job = jobs.get(enrollment.job_id) if enrollment is not None and enrollment.job_id else None
+            text = row[_CONTEXT] if enrolled else None
+            context = contexts.get(text)
+            if context is None:
+                context = contexts[text] = dict(json.loads(text) or {}) if text else {}
+            job_id = row[_JOB] if enrolled else None
             allowed.append(
                 _Recipient(
-                    id=row.id,
+                    id=message_id,
                     candidate=candidate,
-                    enrollment_id=row.enrollment_id,
-                    campaign=row.campaign,
-                    step=row.step,
-                    template=row.template,
-                    category=row.category,
-                    channel=row.channel,
-                    attempts=row.attempts,
-                    created_at=row.created_at,
-                    not_before=row.not_before,
-                    context=dict(enrollment.context or {}) if enrollment is not None else {},
-                    job=job,
+                    enrollment_id=enrollment_id,
+                    campaign=campaign,
+                    step=step,
+                    template=template,
+                    category=category,
+                    channel=channel,
+                    attempts=attempts,
+                    created_at=row[_CREATED_AT],
+                    not_before=row[_NOT_BEFORE],
+                    context=context,
+                    context_key=text or "",
+                    job=jobs.get(job_id) if job_id else None,
                 )
             )
         if stopped:
-            table = _OUTBOX
-            session.connection().execute(
+            connection.execute(
                 update(table)
                 .where(table.c.id == bindparam("b_id"))
                 .values(
@@ -448,18 +509,23 @@ def _claim_and_check(runtime: Runtime, ids: Sequence[str], now: datetime) -> tup
 def _groups(runtime: Runtime, recipients: Iterable[_Recipient]) -> list[list[_Recipient]]:
     """Recipients that one rendering serves: same campaign, template, locale, job and enrollment context."""
     groups: dict[tuple[Any, ...], list[_Recipient]] = {}
+    locales: dict[tuple[str, str | None], str] = {}
     for recipient in recipients:
-        try:
-            locale = runtime.renderer.resolve_locale("email", recipient.template, recipient.candidate.locale)
-        except TemplateError:
-            locale = recipient.candidate.locale or ""
+        wanted = (recipient.template, recipient.candidate.locale)
+        locale = locales.get(wanted)
+        if locale is None:
+            try:
+                locale = runtime.renderer.resolve_locale("email", recipient.template, recipient.candidate.locale)
+            except TemplateError:
+                locale = recipient.candidate.locale or ""
+            locales[wanted] = locale
         key = (
             recipient.campaign,
             recipient.category,
             recipient.template,
             locale,
             recipient.job.id if recipient.job is not None else None,
-            json.dumps(recipient.context, sort_keys=True, default=str),
+            recipient.context_key,
         )
         groups.setdefault(key, []).append(recipient)
     return list(groups.values())
@@ -482,7 +548,13 @@ def _transient_message(recipient: _Recipient) -> OutboundMessage:
 def render_shared(runtime: Runtime, exemplar: _Recipient) -> SharedEmail:
     """Render ``exemplar``'s template once, with substitution tags for every per-recipient value."""
     enrollment = Enrollment(context=exemplar.context) if exemplar.enrollment_id is not None else None
-    context = build_context(runtime, _transient_message(exemplar), exemplar.candidate, enrollment, exemplar.job)
+    with Session(runtime.engine) as session:
+        # The exemplar's whole candidate (the rest of the batch is plain rows): whatever else of it the template
+        # reads is noticed by the probe and makes the rendering unshareable.
+        candidate = session.get(Candidate, exemplar.candidate.id)
+    if candidate is None:
+        raise NotShareable("candidate gone")
+    context = build_context(runtime, _transient_message(exemplar), candidate, enrollment, exemplar.job)
     probe = _Probe({**context["candidate"], **{key: _Slot(key) for key in SUBSTITUTED}})
     concerns = _ProbeList(context.get("concerns") or [])
     context.update(
@@ -491,7 +563,7 @@ def render_shared(runtime: Runtime, exemplar: _Recipient) -> SharedEmail:
         links={**context["links"], "unsubscribe": _Slot("unsubscribe")},
         message={**context["message"], "id": _Slot("message_id")},
     )
-    email = runtime.renderer.render_email(exemplar.template, exemplar.candidate.locale, context)
+    email = runtime.renderer.render_email(exemplar.template, candidate.locale, context)
     unshared = sorted(probe.read - SUBSTITUTED)
     if unshared or concerns.used:
         raise NotShareable(f"reads candidate fields {unshared or ['concerns']}")
@@ -550,6 +622,14 @@ def _personalize(runtime: Runtime, shared: SharedEmail, group: Sequence[_Recipie
     """Fill each recipient's substitutions (storing tracked links first); returns those that fit a batch."""
     settings = runtime.settings
     link_urls = _store_links(runtime, shared, group) if shared.links else {}
+    keys = ("name", "first_name", "unsubscribe", "message_id", *(f"link{i}" for i in range(len(shared.links))))
+    # Which tags this rendering has, worked out once: (key, text tag or None, HTML tag or None).
+    wanted = [
+        (key, text if text in shared.tags else None, tagged if tagged in shared.tags else None)
+        for key, text, tagged in ((key, text_tag(key), html_tag(key)) for key in keys)
+        if text in shared.tags or tagged in shared.tags
+    ]
+    shared_unsubscribe = text_tag("unsubscribe") in shared.tags
     fitting: list[_Recipient] = []
     for recipient in group:
         name = recipient.candidate.name or ""
@@ -563,13 +643,20 @@ def _personalize(runtime: Runtime, shared: SharedEmail, group: Sequence[_Recipie
         for index, url in enumerate(link_urls.get(recipient.id, ())):
             values[f"link{index}"] = url
         substitutions: dict[str, str] = {}
-        for key, value in values.items():
-            if text_tag(key) in shared.tags:
-                substitutions[text_tag(key)] = value
-            if html_tag(key) in shared.tags:
-                substitutions[html_tag(key)] = html.escape(value)
+        for key, text, tagged in wanted:
+            value = values[key]
+            if text is not None:
+                substitutions[text] = value
+            if tagged is not None:
+                substitutions[tagged] = html.escape(value)
         recipient.substitutions = substitutions
-        if _personalization_bytes(recipient, shared) <= MAX_PERSONALIZATION_BYTES:
+        unsubscribe_listed = shared_unsubscribe and recipient.category == Category.NURTURE.value
+        recipient.headers = (
+            {"List-Unsubscribe": f"<{values['unsubscribe']}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+            if unsubscribe_listed
+            else {}
+        )
+        if _personalization_bytes(recipient) <= MAX_PERSONALIZATION_BYTES:
             fitting.append(recipient)
     return fitting
 
@@ -617,23 +704,26 @@ def _store_links(runtime: Runtime, shared: SharedEmail, group: Sequence[_Recipie
     return urls
 
 
-def _personalization_bytes(recipient: _Recipient, shared: SharedEmail) -> int:
-    # SendGrid counts substitutions, custom args and headers of a personalization against its limit.
+#: JSON text per character at most (``\u001f``: six ASCII bytes), and UTF-8 bytes per character at most.
+_WORST_PER_CHAR = 6
+
+
+def _personalization_bytes(recipient: _Recipient) -> int:
+    # SendGrid counts substitutions, custom args and headers of a personalization against its limit. A bound from
+    # the lengths first (each character is at most six bytes of JSON, each string adds its quotes, colon and
+    # comma); the exact JSON only for the few that might be near the limit.
+    strings = (recipient.substitutions, recipient.headers)
+    bound = 100 + _WORST_PER_CHAR * (
+        len(recipient.id) + sum(len(key) + len(value) + 6 for mapping in strings for key, value in mapping.items())
+    )
+    if bound <= MAX_PERSONALIZATION_BYTES:
+        return bound
     extra = {
         "substitutions": recipient.substitutions,
         "custom_args": {"outreach_id": recipient.id},
-        "headers": _headers(recipient),
+        "headers": recipient.headers,
     }
     return len(json.dumps(extra, ensure_ascii=False).encode("utf-8"))
-
-
-def _headers(recipient: _Recipient) -> dict[str, str]:
-    if recipient.category != Category.NURTURE.value:
-        return {}
-    link = recipient.substitutions.get(text_tag("unsubscribe"))
-    if link is None:
-        return {}
-    return {"List-Unsubscribe": f"<{link}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
 
 
 # -- the request ---------------------------------------------------------------------------------------------
@@ -651,9 +741,8 @@ def build_payload(runtime: Runtime, shared: SharedEmail, chunk: Sequence[_Recipi
         }
         if recipient.substitutions:
             personalization["substitutions"] = recipient.substitutions
-        headers = _headers(recipient)
-        if headers:
-            personalization["headers"] = headers
+        if recipient.headers:
+            personalization["headers"] = recipient.headers
         personalizations.append(personalization)
     payload: dict[str, Any] = {
         "personalizations": personalizations,
@@ -769,41 +858,73 @@ def _record_sent(
     sent_at: datetime,
 ) -> None:
     """Every row of the request ``sent`` (or, where a provider event got there first, the send's facts added)."""
-    rows = [
-        {
-            "b_id": r.id,
-            "b_subject": _substitute(shared.subject, r.substitutions),
-            "b_body": _substitute(shared.text, r.substitutions),
-        }
-        for r in chunk
-    ]
     table = _OUTBOX
-    facts: dict[str, Any] = {
-        "provider": provider,
-        "provider_message_id": provider_message_id,
-        "locale": shared.locale,
-        "subject": bindparam("b_subject"),
-        "body": bindparam("b_body"),
-        "lease_until": None,
-        "updated_at": sent_at,
-    }
     # One statement for both cases of the single path's finish: a row still in flight becomes ``sent`` (the claim
     # time stands as the send time: caps counted it from then on); a row a provider event already moved on keeps
     # its status and only gains the send's facts.
     in_flight = or_(*(table.c.status == s for s in _FINISHED_FROM))
-    statement = (
-        update(table)
-        .where(table.c.id == bindparam("b_id"))
-        .values(
-            status=case((in_flight, MessageStatus.SENT.value), else_=table.c.status),
-            sent_at=case((in_flight, sent_at), else_=table.c.sent_at),
-            error_code=case((in_flight, None), else_=table.c.error_code),
-            error_detail=case((in_flight, None), else_=table.c.error_detail),
-            **facts,
-        )
-    )
+    facts: dict[str, Any] = {
+        "status": case((in_flight, MessageStatus.SENT.value), else_=table.c.status),
+        "sent_at": case((in_flight, sent_at), else_=table.c.sent_at),
+        "error_code": case((in_flight, None), else_=table.c.error_code),
+        "error_detail": case((in_flight, None), else_=table.c.error_detail),
+        "provider": provider,
+        "provider_message_id": provider_message_id,
+        "locale": shared.locale,
+        "lease_until": None,
+        "updated_at": sent_at,
+    }
     with Session(runtime.engine) as session, session.begin():
-        session.connection().execute(statement, rows)
+        connection = session.connection()
+        if connection.dialect.name == "postgresql":
+            connection.execute(_record_sent_postgres(shared, chunk, facts))
+            return
+        rows = [
+            {
+                "b_id": r.id,
+                "b_subject": _substitute(shared.subject, r.substitutions),
+                "b_body": _substitute(shared.text, r.substitutions),
+            }
+            for r in chunk
+        ]
+        statement = (
+            update(table)
+            .where(table.c.id == bindparam("b_id"))
+            .values(subject=bindparam("b_subject"), body=bindparam("b_body"), **facts)
+        )
+        connection.execute(statement, rows)
+
+
+def _record_sent_postgres(shared: SharedEmail, chunk: Sequence[_Recipient], facts: dict[str, Any]) -> Any:
+    """The PostgreSQL form of :func:`_record_sent`: the shared subject and text go once, each row's substitution
+    values in one JSON document, and the database fills them in (``replace`` in the order :func:`_substitute`
+    follows, so the stored text is what the recipient got) instead of a thousand bodies crossing the wire."""
+    tags = list(chunk[0].substitutions)
+    if any(list(r.substitutions) != tags for r in chunk):
+        # Substitutions are filled for a whole rendering at once, so their keys agree; if not, each row's text.
+        texts = [
+            [r.id, _substitute(shared.subject, r.substitutions), _substitute(shared.text, r.substitutions)]
+            for r in chunk
+        ]
+        rows = _json_rows(texts, 3)
+        return update(_OUTBOX).where(_OUTBOX.c.id == rows.c.v0).values(subject=rows.c.v1, body=rows.c.v2, **facts)
+    rows = _json_rows([[r.id, *r.substitutions.values()] for r in chunk], len(tags) + 1)
+    subject: Any = bindparam("sent_subject", shared.subject, type_=Text)
+    body: Any = bindparam("sent_text", shared.text, type_=Text)
+    for position, tag in enumerate(tags, start=1):
+        subject = func.replace(subject, tag, rows.c[f"v{position}"])
+        body = func.replace(body, tag, rows.c[f"v{position}"])
+    return update(_OUTBOX).where(_OUTBOX.c.id == rows.c.v0).values(subject=subject, body=body, **facts)
+
+
+def _json_rows(rows: list[list[str]], width: int) -> Any:
+    """``rows`` (lists of strings) as a subquery with columns ``v0`` … from one JSON parameter (PostgreSQL)."""
+    document = json.dumps(rows, ensure_ascii=False)
+    element = func.json_array_elements(cast(bindparam("sent_rows", document, type_=Text), JSON)).table_valued(
+        "value", name="sent_row"
+    )
+    values = (element.c.value.op("->>")(position).label(f"v{position}") for position in range(width))
+    return select(*values).select_from(element).subquery("sent")
 
 
 def _fail(

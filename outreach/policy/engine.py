@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property, lru_cache
+from typing import Protocol
+from zoneinfo import ZoneInfo
 
 import phonenumbers
 from sqlalchemy.orm import Session
@@ -55,6 +57,32 @@ def _country(phone: str) -> str | None:
         return None
 
 
+class SubjectFacts(Protocol):
+    """What :meth:`PolicyEngine.subject` reads of a candidate: an ORM :class:`Candidate` or a plain row."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def email(self) -> str | None: ...
+
+    @property
+    def phone(self) -> str | None: ...
+
+    @property
+    def timezone(self) -> str | None: ...
+
+    @property
+    def nurture_consent(self) -> bool: ...
+
+
+@lru_cache(maxsize=4096)
+def _zone(timezone: str | None, phone: str | None, company_timezone: str) -> ZoneInfo:
+    """:func:`candidate_timezone` for these facts, worked out once per (timezone, phone) per process."""
+    settings = Settings(company_timezone=company_timezone)
+    return candidate_timezone(Candidate(timezone=timezone, phone=phone), settings)
+
+
 class PolicyEngine:
     def __init__(self, spec: PolicySpec, settings: Settings) -> None:
         self.spec = spec
@@ -76,7 +104,7 @@ class PolicyEngine:
 
     def subject(
         self,
-        candidate: Candidate,
+        candidate: SubjectFacts,
         *,
         channel: str,
         category: str,
@@ -98,7 +126,11 @@ class PolicyEngine:
             category=category,
             campaign=campaign,
             address=address,
-            zone=candidate_timezone(candidate, self.settings),
+            zone=_zone(
+                candidate.timezone or None,
+                None if candidate.timezone else candidate.phone,
+                self.settings.company_timezone,
+            ),
             country=country,
             now=now,
             stage=stage,
