@@ -17,16 +17,16 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo
 
 from croniter import croniter
-from sqlalchemy import Engine, and_, or_, select, update
+from sqlalchemy import Engine, Integer, String, and_, bindparam, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session, object_session
+from sqlalchemy.orm import Session, load_only
 
 from outreach.calendar import BusinessCalendar
 from outreach.campaigns import Campaign, CampaignSet, Category, ExitCondition, Step
@@ -49,11 +49,12 @@ from outreach.models import (
     MessageStatus,
     OutboundMessage,
     TrackedLink,
+    UTCDateTime,
     new_id,
     utcnow,
 )
 from outreach.policy.base import Stage as PolicyStage
-from outreach.policy.bulk import PolicyReads
+from outreach.policy.bulk import PolicyReads, one_of
 from outreach.policy.config import PolicySpec
 from outreach.policy.engine import Outcome, PolicyEngine
 from outreach.uncertain import alert_uncertain_messages
@@ -66,6 +67,124 @@ MAX_PASSES = 20
 MAX_BATCH = 1000
 
 OUTBOX = Base.metadata.tables["outbound_messages"]
+
+PENDING = MessageStatus.PENDING.value
+SKIPPED = MessageStatus.SKIPPED.value
+COMPLETED = EnrollmentStatus.COMPLETED.value
+
+#: (campaign, step, template, locale): the due nurture email rows one batch message carries.
+BatchKey = tuple[str, int, str, str]
+#: An outbox id to enqueue after the commit, with its batch key (None: enqueued on its own).
+Queued = tuple[str, BatchKey | None]
+
+#: What a pass reads of each due step's candidate: the step conditions, the rules' subject, the next step's time.
+CANDIDATE_COLUMNS = (
+    Candidate.id,
+    Candidate.email,
+    Candidate.phone,
+    Candidate.locale,
+    Candidate.timezone,
+    Candidate.stage,
+    Candidate.nurture_consent,
+    Candidate.intent_level,
+    Candidate.last_reply_at,
+    Candidate.last_click_at,
+)
+
+
+@dataclass(slots=True)
+class _Due:
+    """A claimed enrollment as a pass reads it (one row of :meth:`Scheduler._read`)."""
+
+    enrollment_id: int
+    campaign: str
+    stage_at_start: str
+    index: int
+    status: str
+    next_run_at: datetime | None
+    anchor_at: datetime
+    last_step_at: datetime | None
+    exit_reason: str | None
+    #: The job's external id (named in alerts), if the enrollment has a job.
+    job: str | None
+    candidate: Candidate
+
+
+class _Move(NamedTuple):
+    """Where a pass leaves one enrollment (a row of the pass's one UPDATE)."""
+
+    id: int
+    current_step: int
+    status: str
+    next_run_at: datetime | None
+    last_step_at: datetime | None
+    updated_at: datetime
+
+
+#: The outbox columns a pass writes, in the order of its row tuples.
+OUTBOX_COLUMNS = (
+    "id",
+    "enrollment_id",
+    "candidate_id",
+    "campaign",
+    "step",
+    "channel",
+    "template",
+    "category",
+    "status",
+    "not_before",
+    "enqueued_at",
+    "attempts",
+    "created_at",
+    "updated_at",
+    "rule",
+    "reason",
+)
+OUTBOX_TIMES = [i for i, name in enumerate(OUTBOX_COLUMNS) if isinstance(OUTBOX.c[name].type, UTCDateTime)]
+MOVE_TIMES = [i for i, name in enumerate(_Move._fields) if name in ("next_run_at", "last_step_at", "updated_at")]
+
+
+def _array_type(column: Any) -> str:
+    if isinstance(column.type, UTCDateTime):
+        return "timestamp[]"
+    if isinstance(column.type, Integer):
+        return "integer[]"
+    if isinstance(column.type, String):
+        return "text[]"
+    raise TypeError(f"no array type for {column}")
+
+
+def _unnest(table: Any, names: Sequence[str]) -> str:
+    """``unnest(CAST(:a AS text[]), …) AS v(a, …)``: one array parameter per column, whatever the row count."""
+    arrays = ", ".join(f"CAST(:{name} AS {_array_type(table.c[name])})" for name in names)
+    return f"unnest({arrays}) AS v({', '.join(names)})"
+
+
+_PG_INSERT_OUTBOX = text(
+    f"INSERT INTO outbound_messages ({', '.join(OUTBOX_COLUMNS)}) "
+    f"SELECT {', '.join(OUTBOX_COLUMNS)} FROM {_unnest(OUTBOX, OUTBOX_COLUMNS)} "
+    "ON CONFLICT DO NOTHING RETURNING id"
+)
+_ENROLLMENTS = Base.metadata.tables["enrollments"]
+_PG_MOVE = text(
+    "UPDATE enrollments AS e SET "
+    + ", ".join(f"{name} = v.{name}" for name in _Move._fields[1:])
+    + f" FROM {_unnest(_ENROLLMENTS, _Move._fields)} WHERE e.id = v.id"
+)
+_SQLITE_MOVE = (
+    update(_ENROLLMENTS)
+    .where(_ENROLLMENTS.c.id == bindparam("b_id"))
+    .values({name: bindparam(f"b_{name}") for name in _Move._fields[1:]})
+)
+
+
+def _naive_utc(value: datetime | None) -> datetime | None:
+    """How the database keeps a time (naive UTC, as :class:`~outreach.models.UTCDateTime` binds it)."""
+    if value is None:
+        return None
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.replace(tzinfo=None)
 
 
 def step_due(
@@ -135,6 +254,18 @@ def insert_ignore(session: Session, model: type[Any], values: dict[str, Any]) ->
     # RETURNING rather than rowcount: drivers disagree on rowcount after ON CONFLICT DO NOTHING.
     primary_key = model.__table__.primary_key.columns.values()[0]
     return session.execute(statement.returning(primary_key)).first() is not None
+
+
+def insert_ignore_many(session: Session, model: type[Any], rows: Sequence[dict[str, Any]]) -> list[Any]:
+    """Many rows in one INSERT … ON CONFLICT DO NOTHING (an executemany, sent as multi-row statements); returns the
+    primary keys of the rows written."""
+    if not rows:
+        return []
+    dialect = session.get_bind().dialect.name
+    statement: Any = postgresql.insert(model) if dialect == "postgresql" else sqlite.insert(model)
+    primary_key = model.__table__.primary_key.columns.values()[0]
+    statement = statement.on_conflict_do_nothing().returning(primary_key)
+    return [row[0] for row in session.execute(statement, list(rows))]
 
 
 class Scheduler:
@@ -261,31 +392,21 @@ class Scheduler:
         return list(session.scalars(query))
 
     def run_due(self, now: datetime, result: TickResult, only: Sequence[int] | None = None) -> int:
+        """One pass: claim up to ``claim_batch`` due enrollments and turn each due step into an outbox row.
+
+        A constant number of statements whatever the number of steps: the claim, one read of the enrollments with
+        their candidates and jobs, one read of the clicks ``unless_clicked`` steps look at, the rules' reads
+        (:class:`~outreach.policy.bulk.PolicyReads`), one insert of the outbox rows, one of the alerts, one update of
+        the enrollments, and two statements per distinct exit reason. The rows are enqueued after the commit.
+        """
         queued: list[str] = []
-        batches: dict[tuple[str, int, str, str], list[str]] = {}
+        batches: dict[BatchKey, list[str]] = {}
         with transaction(self.engine) as session:
             ids = self._claim(session, now, only)
             if not ids:
                 return 0
-            enrollments = session.scalars(
-                select(Enrollment).where(Enrollment.id.in_(ids)).order_by(Enrollment.next_run_at)
-            ).all()
-            jobs = self._jobs(session, enrollments)
-            # What the rules read, for every claimed step at once (the rules themselves run per step).
-            reads = PolicyReads.load(
-                session, self.policy, [e.candidate for e in enrollments], (Channel.EMAIL.value, Channel.SMS.value), now
-            )
-            rows: list[dict[str, Any]] = []
-            wanted: list[tuple[str, tuple[str, int, str, str] | None]] = []
-            for enrollment in enrollments:
-                key = self._batch_key(enrollment)
-                outbox_id = self._advance(session, enrollment, jobs, now, result, reads, rows)
-                if outbox_id:
-                    wanted.append((outbox_id, key))
-            written = self._insert_outbox(session, rows)
+            wanted = self._advance(session, self._read(session, ids), now, result)
             for outbox_id, key in wanted:
-                if outbox_id not in written:
-                    continue  # the step's row already existed: another scheduler got there first
                 if key is None:
                     queued.append(outbox_id)
                 else:
@@ -297,36 +418,205 @@ class Scheduler:
         return len(ids)
 
     @staticmethod
-    def _insert_outbox(session: Session, rows: list[dict[str, Any]]) -> set[str]:
-        """All the pass's outbox rows in one INSERT … ON CONFLICT DO NOTHING (executemany, which SQLAlchemy sends
-        as a few multi-row statements); returns the ids written."""
+    def _read(session: Session, ids: Sequence[int]) -> list[_Due]:
+        """The claimed enrollments as plain values, each with its candidate (only the columns a pass reads) and its
+        job's external id, in the order they fell due; one statement."""
+        e = Enrollment
+        query = (
+            select(
+                e.id,
+                e.campaign,
+                e.stage_at_start,
+                e.current_step,
+                e.status,
+                e.next_run_at,
+                e.anchor_at,
+                e.last_step_at,
+                e.exit_reason,
+                Job.external_id,
+                Candidate,
+            )
+            .join(Candidate, Candidate.id == e.candidate_id)
+            .outerjoin(Job, Job.id == e.job_id)
+            .where(one_of(session, e.id, ids))
+            .order_by(e.next_run_at, e.id)
+            .options(load_only(*CANDIDATE_COLUMNS))
+        )
+        return [_Due(*row) for row in session.execute(query)]
+
+    def _advance(self, session: Session, due: Sequence[_Due], now: datetime, result: TickResult) -> list[Queued]:
+        """Decide every claimed step, write the pass's rows and move the enrollments on; returns the outbox ids to
+        enqueue once the transaction commits (with their batch key), in the order the steps fell due."""
+        exits: dict[str, list[int]] = {}
+        moves: list[_Move] = []
+        steps: list[tuple[_Due, Campaign, Step]] = []
+        for item in due:
+            campaign = self.campaigns.get(item.campaign)
+            if campaign is None or not campaign.enabled:
+                reason: str | None = "campaign removed or disabled"
+            else:
+                reason = self._exit_reason(campaign, item.stage_at_start, item.anchor_at, item.candidate)
+            if reason:
+                exits.setdefault(reason, []).append(item.enrollment_id)
+                result.exited += 1
+                continue
+            assert campaign is not None
+            if item.index >= len(campaign.steps):
+                moves.append(_Move(item.enrollment_id, item.index, COMPLETED, None, item.last_step_at, utcnow()))
+                result.completed += 1
+                continue
+            steps.append((item, campaign, campaign.steps[item.index]))
+
+        clicks = self._clicks(session, [(item, step) for item, _, step in steps if step.unless_clicked])
+        skips = [
+            self._skip_reason(
+                step, item.candidate, item.last_step_at or item.anchor_at, clicks.get(item.enrollment_id, ())
+            )
+            for item, _, step in steps
+        ]
+        # What the rules read, for every step they decide, at once (the rules themselves run per step). An engine
+        # that wraps evaluate (the simulation records deferrals) is asked itself, step by step.
+        reads: PolicyReads | None = None
+        if type(self.policy).evaluate is PolicyEngine.evaluate:
+            checked = [item.candidate for (item, _, _), skip in zip(steps, skips, strict=True) if skip is None]
+            if checked:
+                channels = {step.channel.value for (_, _, step), skip in zip(steps, skips, strict=True) if not skip}
+                reads = PolicyReads.load(session, self.policy, checked, channels, now)
+
+        # The wall clock, not ``now``: ``tick --now`` simulates when steps are due, but the row is ready to go the
+        # moment it is written, and the sweeper's lease runs on real time.
+        wall = utcnow()
+        rows: list[tuple[Any, ...]] = []
+        alerts: list[dict[str, Any]] = []
+        wanted: list[Queued] = []
+        for (item, campaign, step), skip in zip(steps, skips, strict=True):
+            candidate = item.candidate
+            index = item.index
+            outbox_id = new_id()
+            status = PENDING
+            rule: str | None = None
+            reason = None
+            not_before = wall
+            enqueued_at: datetime | None = wall
+            if skip:
+                status = SKIPPED
+                rule, reason = skip
+                result.skipped += 1
+            else:
+                subject = self.policy.subject(
+                    candidate,
+                    channel=step.channel.value,
+                    category=campaign.category.value,
+                    campaign=campaign.name,
+                    now=now,
+                    stage=PolicyStage.SCHEDULE,
+                    message_id=outbox_id,
+                )
+                if reads is not None:
+                    verdict = Outcome(reads.evaluate(session, subject, candidate, (item.status, item.exit_reason)))
+                else:
+                    verdict = self.policy.evaluate(session, subject, item.enrollment_id)
+                decision = verdict.decision
+                if decision.allowed:
+                    wanted.append((outbox_id, self._batch_key(campaign, index, step, candidate.locale)))
+                else:
+                    status = verdict.status.value
+                    rule, reason = decision.rule, decision.reason
+                    if decision.until is not None:
+                        not_before = max(decision.until, wall)
+                        enqueued_at = None
+                    result.held += 1
+            rows.append(
+                (
+                    outbox_id,
+                    item.enrollment_id,
+                    candidate.id,
+                    campaign.name,
+                    index,
+                    step.channel.value,
+                    step.template,
+                    campaign.category.value,
+                    status,
+                    not_before,
+                    enqueued_at,
+                    0,
+                    wall,
+                    wall,
+                    rule,
+                    reason,
+                )
+            )
+            if step.alert and not skip:
+                message = f"{campaign.name} step {index + 1}: {step.alert.replace('_', ' ')}"
+                if item.job is not None:
+                    message += f" (job {item.job})"
+                alerts.append(
+                    {
+                        "kind": step.alert,
+                        "candidate_id": candidate.id,
+                        "enrollment_id": item.enrollment_id,
+                        "campaign": campaign.name,
+                        "message": message,
+                        "created_at": now,
+                    }
+                )
+            at = item.next_run_at or now
+            if index + 1 < len(campaign.steps):
+                following = step_due(
+                    campaign.steps[index + 1], at, candidate, self.settings.company_timezone, self.policy.calendar
+                )
+                moves.append(_Move(item.enrollment_id, index + 1, item.status, following, at, now))
+            else:
+                moves.append(_Move(item.enrollment_id, index + 1, COMPLETED, None, at, now))
+                result.completed += 1
+
+        for reason_text, exited in exits.items():
+            exit_enrollments(session, exited, reason_text)
+        written = self._insert_outbox(session, rows)
+        if alerts:
+            result.alerts += len(insert_ignore_many(session, Alert, alerts))
+        self._move(session, moves)
+        # A step whose row already existed (another scheduler got there first) is not enqueued again.
+        return [(outbox_id, key) for outbox_id, key in wanted if outbox_id in written]
+
+    def _insert_outbox(self, session: Session, rows: list[tuple[Any, ...]]) -> set[str]:
+        """The pass's outbox rows (tuples in :data:`OUTBOX_COLUMNS` order) in one INSERT … ON CONFLICT DO NOTHING;
+        returns the ids written. PostgreSQL: one statement over arrays (``unnest``), a few parameters however many
+        rows; elsewhere an executemany (SQLAlchemy sends it as a few multi-row statements)."""
         if not rows:
             return set()
-        table = OUTBOX
-        # executemany needs the same keys in every row: a skipped or held row carries rule and reason, a plain one
-        # does not (None is what the plain row would get anyway).
-        keys = {key for row in rows for key in row}
-        rows = [row if len(row) == len(keys) else {key: row.get(key) for key in keys} for row in rows]
-        dialect = session.get_bind().dialect.name
-        statement: Any = postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
-        statement = statement.on_conflict_do_nothing().returning(table.c.id)
-        return {row[0] for row in session.connection().execute(statement, rows)}
+        if self.sqlite:
+            statement = sqlite.insert(OUTBOX).on_conflict_do_nothing().returning(OUTBOX.c.id)
+            values = [dict(zip(OUTBOX_COLUMNS, row, strict=True)) for row in rows]
+            return {row[0] for row in session.connection().execute(statement, values)}
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        for position in OUTBOX_TIMES:
+            columns[position] = [_naive_utc(value) for value in columns[position]]
+        found = session.connection().execute(_PG_INSERT_OUTBOX, dict(zip(OUTBOX_COLUMNS, columns, strict=True)))
+        return {row[0] for row in found}
 
-    def _batch_key(self, enrollment: Enrollment) -> tuple[str, int, str, str] | None:
-        """(campaign, step, template, locale) when the enrollment's due step is a nurture email that may go out
-        in a SendGrid batch (:mod:`outreach.batch`); None for everything sent one by one."""
-        if self.enqueue_batch is None:
-            return None
-        campaign = self.campaigns.get(enrollment.campaign)
-        index = enrollment.current_step
-        if campaign is None or campaign.category is not Category.NURTURE or index >= len(campaign.steps):
-            return None
-        step = campaign.steps[index]
-        if step.channel is not Channel.EMAIL:
-            return None
-        return campaign.name, index, step.template, enrollment.candidate.locale
+    def _move(self, session: Session, moves: list[_Move]) -> None:
+        """Every enrollment's next step, status and times in one UPDATE (PostgreSQL: ``UPDATE … FROM unnest``;
+        elsewhere an executemany)."""
+        if not moves:
+            return
+        if self.sqlite:
+            names = [f"b_{name}" for name in _Move._fields]
+            session.connection().execute(_SQLITE_MOVE, [dict(zip(names, move, strict=True)) for move in moves])
+            return
+        columns = [list(column) for column in zip(*moves, strict=True)]
+        for position in MOVE_TIMES:
+            columns[position] = [_naive_utc(value) for value in columns[position]]
+        session.connection().execute(_PG_MOVE, dict(zip(_Move._fields, columns, strict=True)))
 
-    def _enqueue_batches(self, batches: dict[tuple[str, int, str, str], list[str]], result: TickResult) -> None:
+    def _batch_key(self, campaign: Campaign, index: int, step: Step, locale: str) -> BatchKey | None:
+        """(campaign, step, template, locale) when the step is a nurture email that may go out in a SendGrid batch
+        (:mod:`outreach.batch`); None for everything sent one by one."""
+        if self.enqueue_batch is None or campaign.category is not Category.NURTURE or step.channel is not Channel.EMAIL:
+            return None
+        return campaign.name, index, step.template, locale
+
+    def _enqueue_batches(self, batches: dict[BatchKey, list[str]], result: TickResult) -> None:
         if not batches:
             return
         assert self.enqueue_batch is not None
@@ -336,146 +626,49 @@ class Scheduler:
             for start in range(0, len(ids), size):
                 self.enqueue_batch(ids[start : start + size])
 
-    def _jobs(self, session: Session, enrollments: Iterable[Enrollment]) -> dict[int, Job]:
-        job_ids = {e.job_id for e in enrollments if e.job_id is not None}
-        if not job_ids:
+    @staticmethod
+    def _clicks(session: Session, due: Sequence[tuple[_Due, Step]]) -> dict[int, list[tuple[int, str]]]:
+        """For steps with ``unless_clicked``: the clicks on named links in messages of their own enrollment, as
+        (candidate id, link name) per enrollment, earliest first; one query for the pass."""
+        names = {name for item, step in due for name in step.unless_clicked}
+        if not names:
             return {}
-        return {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(job_ids)))}
-
-    def _advance(
-        self,
-        session: Session,
-        enrollment: Enrollment,
-        jobs: dict[int, Job],
-        now: datetime,
-        result: TickResult,
-        reads: PolicyReads,
-        rows: list[dict[str, Any]],
-    ) -> str | None:
-        """Turn one due step into an outbox row (appended to ``rows``, written by the caller) and move the
-        enrollment on. Returns the id to enqueue once the row is written."""
-        campaign = self.campaigns.get(enrollment.campaign)
-        candidate = enrollment.candidate
-        if campaign is None or not campaign.enabled:
-            exit_enrollments(session, [enrollment.id], "campaign removed or disabled")
-            result.exited += 1
-            return None
-        exit_reason = self._exit_reason(campaign, enrollment, candidate)
-        if exit_reason:
-            exit_enrollments(session, [enrollment.id], exit_reason)
-            result.exited += 1
-            return None
-        index = enrollment.current_step
-        if index >= len(campaign.steps):
-            enrollment.status = EnrollmentStatus.COMPLETED.value
-            enrollment.next_run_at = None
-            result.completed += 1
-            return None
-
-        step = campaign.steps[index]
-        due = enrollment.next_run_at or now
-        since = enrollment.last_step_at or enrollment.anchor_at
-        skip_rule, skip_reason = self._skip_reason(step, candidate, since, enrollment.id) or (None, None)
-        outbox_id = new_id()
-        # The wall clock, not ``now``: ``tick --now`` simulates when steps are due, but the row is ready to go
-        # the moment it is written, and the sweeper's lease runs on real time.
-        wall = utcnow()
-        values: dict[str, Any] = {
-            "id": outbox_id,
-            "enrollment_id": enrollment.id,
-            "candidate_id": candidate.id,
-            "campaign": campaign.name,
-            "step": index,
-            "channel": step.channel.value,
-            "template": step.template,
-            "category": campaign.category.value,
-            "status": MessageStatus.PENDING.value,
-            "not_before": wall,
-            "enqueued_at": wall,
-            "attempts": 0,
-            "created_at": wall,
-            "updated_at": wall,
-        }
-        queueable = True
-        if skip_reason:
-            values.update(status=MessageStatus.SKIPPED.value, rule=skip_rule, reason=skip_reason)
-            queueable = False
-        else:
-            subject = self.policy.subject(
-                candidate,
-                channel=step.channel.value,
-                category=campaign.category.value,
-                campaign=campaign.name,
-                now=now,
-                stage=PolicyStage.SCHEDULE,
-                message_id=outbox_id,
+        om = OutboundMessage
+        query = (
+            select(om.enrollment_id, LinkClick.candidate_id, LinkClick.name)
+            .join(TrackedLink, TrackedLink.id == LinkClick.link_id)
+            .join(om, om.id == TrackedLink.message_id)
+            .where(
+                one_of(session, LinkClick.candidate_id, {item.candidate.id for item, _ in due}),
+                one_of(session, om.enrollment_id, [item.enrollment_id for item, _ in due]),
+                LinkClick.name.in_(sorted(names)),
             )
-            if type(self.policy).evaluate is PolicyEngine.evaluate:
-                state = (enrollment.status, enrollment.exit_reason)
-                verdict = Outcome(reads.evaluate(session, subject, candidate, state))
-            else:
-                # An engine that wraps evaluate (the simulation records deferrals) is asked itself.
-                verdict = self.policy.evaluate(session, subject, enrollment.id)
-            if not verdict.decision.allowed:
-                queueable = False
-                values.update(status=verdict.status.value, rule=verdict.decision.rule, reason=verdict.decision.reason)
-                if verdict.decision.until is not None:
-                    values.update(not_before=max(verdict.decision.until, wall), enqueued_at=None)
-                result.held += 1
-        rows.append(values)
-
-        if step.alert and not skip_reason:
-            job = jobs.get(enrollment.job_id) if enrollment.job_id else None
-            message = f"{campaign.name} step {index + 1}: {step.alert.replace('_', ' ')}"
-            if job is not None:
-                message += f" (job {job.external_id})"
-            if insert_ignore(
-                session,
-                Alert,
-                {
-                    "kind": step.alert,
-                    "candidate_id": candidate.id,
-                    "enrollment_id": enrollment.id,
-                    "campaign": campaign.name,
-                    "message": message,
-                    "created_at": now,
-                },
-            ):
-                result.alerts += 1
-
-        enrollment.current_step = index + 1
-        enrollment.last_step_at = due
-        enrollment.updated_at = now
-        if index + 1 < len(campaign.steps):
-            enrollment.next_run_at = step_due(
-                campaign.steps[index + 1], due, candidate, self.settings.company_timezone, self.policy.calendar
-            )
-        else:
-            enrollment.status = EnrollmentStatus.COMPLETED.value
-            enrollment.next_run_at = None
-            result.completed += 1
-        if skip_reason:
-            result.skipped += 1
-            return None
-        return outbox_id if queueable else None
+            .order_by(LinkClick.clicked_at, LinkClick.id)
+        )
+        clicks: dict[int, list[tuple[int, str]]] = {}
+        for enrollment_id, candidate_id, name in session.execute(query):
+            if enrollment_id is not None and name is not None:
+                clicks.setdefault(enrollment_id, []).append((candidate_id, name))
+        return clicks
 
     @staticmethod
-    def _exit_reason(campaign: Campaign, enrollment: Enrollment, candidate: Candidate) -> str | None:
-        if ExitCondition.STAGE_CHANGED in campaign.exit_on and candidate.stage != enrollment.stage_at_start:
+    def _exit_reason(campaign: Campaign, stage_at_start: str, anchor_at: datetime, candidate: Candidate) -> str | None:
+        if ExitCondition.STAGE_CHANGED in campaign.exit_on and candidate.stage != stage_at_start:
             return f"stage changed to {candidate.stage}"
         if (
             ExitCondition.REPLIED in campaign.exit_on
             and candidate.last_reply_at is not None
-            and candidate.last_reply_at >= enrollment.anchor_at
+            and candidate.last_reply_at >= anchor_at
         ):
             return "replied"
         return None
 
     @staticmethod
     def _skip_reason(
-        step: Step, candidate: Candidate, since: datetime, enrollment_id: int | None = None
+        step: Step, candidate: Candidate, since: datetime, clicks: Sequence[tuple[int, str]] = ()
     ) -> tuple[str, str] | None:
-        """Why the step is skipped, as (rule, reason), or None when it goes ahead."""
+        """Why the step is skipped, as (rule, reason), or None when it goes ahead. ``clicks``: (candidate id, link
+        name) of the clicks on links in this enrollment's own messages, earliest first (:meth:`_clicks`)."""
         # The intent condition reads the candidate's level now, when the step is due: a reassessment counts.
         if step.intent and (candidate.intent_level or "unassessed") not in step.intent:
             level = candidate.intent_level or "unassessed"
@@ -484,24 +677,11 @@ class Scheduler:
             return f"only_if:{step.only_if}", "candidate replied since the previous step"
         if step.only_if == "no_click" and candidate.last_click_at and candidate.last_click_at > since:
             return f"only_if:{step.only_if}", "candidate clicked since the previous step"
-        session = object_session(candidate)
-        if step.unless_clicked and enrollment_id is not None and session is not None:
-            # Clicks on links in this enrollment's own messages, whenever they came: a candidate who booked
-            # from the first email minutes after it arrived needs no reminder either.
-            clicked = session.scalar(
-                select(LinkClick.name)
-                .join(TrackedLink, TrackedLink.id == LinkClick.link_id)
-                .join(OutboundMessage, OutboundMessage.id == TrackedLink.message_id)
-                .where(
-                    LinkClick.candidate_id == candidate.id,
-                    LinkClick.name.in_(step.unless_clicked),
-                    OutboundMessage.enrollment_id == enrollment_id,
-                )
-                .order_by(LinkClick.clicked_at)
-                .limit(1)
-            )
-            if clicked is not None:
-                return f"unless_clicked:{clicked}", f"candidate clicked the {clicked} link of this campaign"
+        # Clicks on links in this enrollment's own messages, whenever they came: a candidate who booked from the
+        # first email minutes after it arrived needs no reminder either.
+        for candidate_id, name in clicks if step.unless_clicked else ():
+            if candidate_id == candidate.id and name in step.unless_clicked:
+                return f"unless_clicked:{name}", f"candidate clicked the {name} link of this campaign"
         return None
 
     # -- the sweeper ------------------------------------------------------------------------------------
