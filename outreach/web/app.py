@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,12 +31,38 @@ def _field(loc: tuple[object, ...] | list[object]) -> str:
     return ".".join(parts) or "(body)"
 
 
+_frozen = threading.Event()
+
+
+def freeze_startup_heap() -> None:
+    """Move what start-up left on the heap (modules, classes, the app, caches: about 120,000 objects) out of
+    the cyclic garbage collector's sight, once per process.
+
+    Without it every full collection walks all of them again: about 80 ms, and a webhook batch (thousands of
+    parsed events alive at once) triggers one every batch or two. In the webhook benchmark that was a third
+    of the service's CPU per event and its slowest acknowledgements. Garbage is collected first, so nothing
+    unreachable is kept; objects made later are collected as usual.
+    """
+    if _frozen.is_set():
+        return
+    _frozen.set()
+    gc.collect()
+    gc.freeze()
+
+
+@asynccontextmanager
+async def _lifespan(_: FastAPI) -> AsyncIterator[None]:
+    freeze_startup_heap()
+    yield
+
+
 def create_app(runtime: Runtime, webhook_settings: WebhookSettings | None = None) -> FastAPI:
     set_settings(runtime.settings)
     app = FastAPI(
         title="outreach",
         version="0.1.0",
         description="Timed, personal email and SMS for recruiting teams.",
+        lifespan=_lifespan,
     )
     app.state.runtime = runtime
     app.state.webhook_settings = webhook_settings or WebhookSettings.from_settings(runtime.settings)

@@ -195,27 +195,45 @@ def verify_sendgrid(hooks: WebhookSettings, body: bytes, headers: Mapping[str, s
         raise _forbidden("invalid signature")
 
 
+def _sendgrid_batch(
+    hooks: WebhookSettings, body: bytes, headers: Mapping[str, str], now: float
+) -> list[NormalizedEvent]:
+    """The events of a signed batch: the signature checked over the raw body first, then the JSON parsed."""
+    verify_sendgrid(hooks, body, headers, now)
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        raise Rejected(400, "invalid", "body is not JSON") from None
+    if not isinstance(payload, list):
+        raise Rejected(400, "invalid", "expected a JSON array of events")
+    try:
+        return parse_sendgrid_batch(payload)
+    except ValueError as exc:
+        raise Rejected(400, "invalid", str(exc)) from None
+
+
+def _ingest_sendgrid(
+    runtime: Runtime, hooks: WebhookSettings, body: bytes, headers: Mapping[str, str], now: float
+) -> IngestResult:
+    events = _sendgrid_batch(hooks, body, headers, now)
+    return _in_one_transaction(runtime, events)
+
+
 @router.post("/sendgrid/events")
 async def sendgrid_events(request: Request, runtime: RuntimeDep, hooks: HooksDep) -> JSONResponse:
-    """SendGrid Event Webhook: a signed JSON array of events, stored once each and applied to the outbox."""
+    """SendGrid Event Webhook: a signed JSON array of events, stored once each and applied to the outbox.
+
+    Everything after reading the body — the signature check, parsing (tens of milliseconds for a 1 MiB batch)
+    and the transaction — runs in the thread pool, so the event loop keeps reading the next batch and writing
+    the answers of others meanwhile.
+    """
     try:
         body = await _read_body(request, hooks.max_body_bytes)
-        verify_sendgrid(hooks, body, request.headers, time.time())
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            raise Rejected(400, "invalid", "body is not JSON") from None
-        if not isinstance(payload, list):
-            raise Rejected(400, "invalid", "expected a JSON array of events")
-        try:
-            events = parse_sendgrid_batch(payload)
-        except ValueError as exc:
-            raise Rejected(400, "invalid", str(exc)) from None
+        result = await run_in_threadpool(_ingest_sendgrid, runtime, hooks, body, request.headers, time.time())
     except Rejected as rejected:
         if rejected.status == 403:
             log.warning("sendgrid event webhook rejected", extra={"reason": rejected.message})
         return rejected.response()
-    result = await run_in_threadpool(_in_one_transaction, runtime, events)
     log.info("sendgrid events ingested", extra=result.summary())
     return JSONResponse(result.summary())
 
