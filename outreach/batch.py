@@ -42,9 +42,10 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any, NamedTuple
 
-from sqlalchemy import JSON, Text, bindparam, case, cast, func, insert, or_, select, update
+from sqlalchemy import JSON, Text, bindparam, case, cast, func, insert, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from outreach.campaigns import Category
@@ -78,7 +79,7 @@ from outreach.models import (
     utcnow,
 )
 from outreach.policy.base import Stage
-from outreach.policy.bulk import CHUNK, PolicyReads, one_of
+from outreach.policy.bulk import CHUNK, PolicyReads, any_of, one_of
 from outreach.policy.engine import Outcome as Verdict
 from outreach.providers.base import ProviderPipeline
 from outreach.providers.sendgrid import address_field
@@ -341,6 +342,75 @@ def _prepare(
 # -- claim and rules -----------------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=2)
+def _claim_statement(postgres: bool) -> Any:
+    """Pending, due email rows among ``claim_ids`` become ``sending``; on PostgreSQL the claimed rows come back
+    joined to their enrollments (status, exit reason, job and context as text), in one statement. Built once, so
+    SQLAlchemy's statement cache finds it without walking it again."""
+    table = _OUTBOX
+    now = bindparam("claim_now", type_=table.c.not_before.type)
+    pick = (
+        select(table.c.id)
+        .where(
+            any_of(postgres, table.c.id, "claim_ids"),
+            table.c.status == MessageStatus.PENDING.value,
+            table.c.not_before <= now,
+            table.c.channel == Channel.EMAIL.value,
+        )
+        .order_by(table.c.id)
+    )
+    if postgres:
+        # Rows a retried copy of this batch (or a single send) is claiming right now are theirs.
+        pick = pick.with_for_update(skip_locked=True)
+    claim = (
+        update(table)
+        .where(table.c.id.in_(pick.scalar_subquery()))
+        .values(
+            status=MessageStatus.SENDING.value,
+            lease_until=bindparam("claim_lease", type_=table.c.lease_until.type),
+            attempts=table.c.attempts + 1,
+            # Provisional, as in the single path: caps count rows being sent by this time.
+            sent_at=now,
+            updated_at=now,
+        )
+        .returning(*(table.c[name] for name in _CLAIMED))
+    )
+    if not postgres:
+        return claim
+    claimed = claim.cte("claimed")
+    enrollments = _ENROLLMENTS
+    return select(*(claimed.c[name] for name in _CLAIMED), *_enrollment_facts()).select_from(
+        claimed.outerjoin(enrollments, enrollments.c.id == claimed.c.enrollment_id)
+    )
+
+
+def _enrollment_facts() -> tuple[Any, ...]:
+    # The context as its stored text: recipients are grouped by it, and only a group's exemplar needs it parsed.
+    enrollments = _ENROLLMENTS
+    return (enrollments.c.status, enrollments.c.exit_reason, enrollments.c.job_id, cast(enrollments.c.context, Text))
+
+
+@lru_cache(maxsize=1)
+def _enrollments_statement() -> Any:
+    enrollments = _ENROLLMENTS
+    return select(enrollments.c.id, *_enrollment_facts()).where(
+        enrollments.c.id.in_(bindparam("enrollments", expanding=True))
+    )
+
+
+@lru_cache(maxsize=2)
+def _candidates_statement(postgres: bool) -> Any:
+    """The candidates' facts, their rows locked in id order (``FOR NO KEY UPDATE``, as the single path locks),
+    so batches and single sends queue up behind each other instead of deadlocking."""
+    people = _CANDIDATES
+    query = (
+        select(*(people.c[name] for name in _Person._fields))
+        .where(any_of(postgres, people.c.id, "people"))
+        .order_by(people.c.id)
+    )
+    return query.with_for_update(key_share=True) if postgres else query
+
+
 def _claim_and_check(runtime: Runtime, ids: Sequence[str], now: datetime) -> tuple[list[_Recipient], int]:
     """Claim the rows still pending, lock their candidates, run every rule; returns those allowed to go.
 
@@ -350,78 +420,30 @@ def _claim_and_check(runtime: Runtime, ids: Sequence[str], now: datetime) -> tup
     recorded in one more: a constant number of statements whatever the size of the batch."""
     settings = runtime.settings
     policy = runtime.policy
-    table = _OUTBOX
-    enrollments = _ENROLLMENTS
     with Session(runtime.engine, expire_on_commit=False) as session, session.begin():
         connection = session.connection()
         postgres = connection.dialect.name == "postgresql"
-        pick = (
-            select(table.c.id)
-            .where(
-                one_of(session, table.c.id, ids),
-                table.c.status == MessageStatus.PENDING.value,
-                table.c.not_before <= now,
-                table.c.channel == Channel.EMAIL.value,
-            )
-            .order_by(table.c.id)
-        )
-        if postgres:
-            # Rows a retried copy of this batch (or a single send) is claiming right now are theirs.
-            pick = pick.with_for_update(skip_locked=True)
-        claim = (
-            update(table)
-            .where(table.c.id.in_(pick.scalar_subquery()))
-            .values(
-                status=MessageStatus.SENDING.value,
-                lease_until=now + timedelta(seconds=settings.lease_seconds),
-                attempts=table.c.attempts + 1,
-                # Provisional, as in the single path: caps count rows being sent by this time.
-                sent_at=now,
-                updated_at=now,
-            )
-            .returning(*(table.c[name] for name in _CLAIMED))
-        )
-        # The enrollment's context as its stored text: recipients are grouped by it, and only the group's
-        # exemplar needs it parsed.
-        facts = (
-            enrollments.c.status,
-            enrollments.c.exit_reason,
-            enrollments.c.job_id,
-            cast(enrollments.c.context, Text),
-        )
+        claiming = {
+            "claim_ids": list(ids),
+            "claim_now": now,
+            "claim_lease": now + timedelta(seconds=settings.lease_seconds),
+        }
         rows: list[Any]
         if postgres:
-            claimed = claim.cte("claimed")
-            rows = list(
-                connection.execute(
-                    select(*(claimed.c[name] for name in _CLAIMED), *facts).select_from(
-                        claimed.outerjoin(enrollments, enrollments.c.id == claimed.c.enrollment_id)
-                    )
-                )
-            )
+            rows = list(connection.execute(_claim_statement(True), claiming))
         else:
-            plain = connection.execute(claim).all()
+            plain = connection.execute(_claim_statement(False), claiming).all()
             found: dict[Any, Any] = {}
             wanted = sorted({row.enrollment_id for row in plain if row.enrollment_id is not None})
             for chunk in _chunks(wanted, CHUNK):
-                for row in connection.execute(
-                    select(enrollments.c.id, *facts).where(enrollments.c.id.in_(list(chunk)))
-                ):
+                for row in connection.execute(_enrollments_statement(), {"enrollments": list(chunk)}):
                     found[row[0]] = tuple(row[1:])
             rows = [(*row, *found.get(row.enrollment_id, (None, None, None, None))) for row in plain]
         if not rows:
             return [], 0
         claimed_ids = [row[0] for row in rows]
-        # Locked in id order, so batches and single sends queue up behind each other instead of deadlocking.
-        people = _CANDIDATES
-        query = (
-            select(*(people.c[name] for name in _Person._fields))
-            .where(one_of(session, people.c.id, sorted({row[1] for row in rows})))
-            .order_by(people.c.id)
-        )
-        if postgres:
-            query = query.with_for_update(key_share=True)
-        candidates = {row[0]: _Person(*row) for row in connection.execute(query)}
+        people = {"people": sorted({row[1] for row in rows})}
+        candidates = {row[0]: _Person(*row) for row in connection.execute(_candidates_statement(postgres), people)}
 
         job_ids = {row[_JOB] for row in rows if row[_JOB] is not None}
         jobs = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(job_ids)))} if job_ids else {}
@@ -485,6 +507,7 @@ def _claim_and_check(runtime: Runtime, ids: Sequence[str], now: datetime) -> tup
                 )
             )
         if stopped:
+            table = _OUTBOX
             connection.execute(
                 update(table)
                 .where(table.c.id == bindparam("b_id"))
@@ -858,73 +881,100 @@ def _record_sent(
     sent_at: datetime,
 ) -> None:
     """Every row of the request ``sent`` (or, where a provider event got there first, the send's facts added)."""
-    table = _OUTBOX
-    # One statement for both cases of the single path's finish: a row still in flight becomes ``sent`` (the claim
-    # time stands as the send time: caps counted it from then on); a row a provider event already moved on keeps
-    # its status and only gains the send's facts.
-    in_flight = or_(*(table.c.status == s for s in _FINISHED_FROM))
-    facts: dict[str, Any] = {
-        "status": case((in_flight, MessageStatus.SENT.value), else_=table.c.status),
-        "sent_at": case((in_flight, sent_at), else_=table.c.sent_at),
-        "error_code": case((in_flight, None), else_=table.c.error_code),
-        "error_detail": case((in_flight, None), else_=table.c.error_detail),
-        "provider": provider,
-        "provider_message_id": provider_message_id,
-        "locale": shared.locale,
-        "lease_until": None,
-        "updated_at": sent_at,
+    facts = {
+        "sent_time": sent_at,
+        "sent_provider": provider,
+        "sent_provider_id": provider_message_id,
+        "sent_locale": shared.locale,
     }
     with Session(runtime.engine) as session, session.begin():
         connection = session.connection()
-        if connection.dialect.name == "postgresql":
-            connection.execute(_record_sent_postgres(shared, chunk, facts))
+        if connection.dialect.name != "postgresql":
+            rows = [
+                {
+                    **facts,
+                    "b_id": r.id,
+                    "b_subject": _substitute(shared.subject, r.substitutions),
+                    "b_body": _substitute(shared.text, r.substitutions),
+                }
+                for r in chunk
+            ]
+            connection.execute(_record_sent_statement(), rows)
             return
-        rows = [
-            {
-                "b_id": r.id,
-                "b_subject": _substitute(shared.subject, r.substitutions),
-                "b_body": _substitute(shared.text, r.substitutions),
-            }
-            for r in chunk
-        ]
-        statement = (
-            update(table)
-            .where(table.c.id == bindparam("b_id"))
-            .values(subject=bindparam("b_subject"), body=bindparam("b_body"), **facts)
-        )
-        connection.execute(statement, rows)
+        # PostgreSQL: the shared subject and text go once, each row's substitution values in one JSON document,
+        # and the database fills them in (``replace`` in the order :func:`_substitute` follows, so the stored text
+        # is what the recipient got) instead of a thousand bodies crossing the wire.
+        tags = tuple(chunk[0].substitutions)
+        if all(tuple(r.substitutions) == tags for r in chunk):
+            values = [[r.id, *r.substitutions.values()] for r in chunk]
+            statement = _record_sent_filled(tags)
+            texts = {"sent_subject": shared.subject, "sent_text": shared.text}
+        else:  # substitutions are filled for a whole rendering at once, so their keys agree; if not, each text
+            values = [
+                [r.id, _substitute(shared.subject, r.substitutions), _substitute(shared.text, r.substitutions)]
+                for r in chunk
+            ]
+            statement = _record_sent_texts()
+            texts = {}
+        document = json.dumps(values, ensure_ascii=False)
+        connection.execute(statement, {**facts, **texts, "sent_rows": document})
 
 
-def _record_sent_postgres(shared: SharedEmail, chunk: Sequence[_Recipient], facts: dict[str, Any]) -> Any:
-    """The PostgreSQL form of :func:`_record_sent`: the shared subject and text go once, each row's substitution
-    values in one JSON document, and the database fills them in (``replace`` in the order :func:`_substitute`
-    follows, so the stored text is what the recipient got) instead of a thousand bodies crossing the wire."""
-    tags = list(chunk[0].substitutions)
-    if any(list(r.substitutions) != tags for r in chunk):
-        # Substitutions are filled for a whole rendering at once, so their keys agree; if not, each row's text.
-        texts = [
-            [r.id, _substitute(shared.subject, r.substitutions), _substitute(shared.text, r.substitutions)]
-            for r in chunk
-        ]
-        rows = _json_rows(texts, 3)
-        return update(_OUTBOX).where(_OUTBOX.c.id == rows.c.v0).values(subject=rows.c.v1, body=rows.c.v2, **facts)
-    rows = _json_rows([[r.id, *r.substitutions.values()] for r in chunk], len(tags) + 1)
-    subject: Any = bindparam("sent_subject", shared.subject, type_=Text)
-    body: Any = bindparam("sent_text", shared.text, type_=Text)
-    for position, tag in enumerate(tags, start=1):
-        subject = func.replace(subject, tag, rows.c[f"v{position}"])
-        body = func.replace(body, tag, rows.c[f"v{position}"])
-    return update(_OUTBOX).where(_OUTBOX.c.id == rows.c.v0).values(subject=subject, body=body, **facts)
+def _sent_facts() -> dict[str, Any]:
+    """The values every row of a request gets. One statement for both cases of the single path's finish: a row
+    still in flight becomes ``sent`` (the claim time stands as the send time: caps counted it from then on); a row
+    a provider event already moved on keeps its status and only gains the send's facts."""
+    table = _OUTBOX
+    in_flight = or_(*(table.c.status == s for s in _FINISHED_FROM))
+    return {
+        "status": case((in_flight, MessageStatus.SENT.value), else_=table.c.status),
+        "sent_at": case((in_flight, bindparam("sent_time", type_=table.c.sent_at.type)), else_=table.c.sent_at),
+        "error_code": case((in_flight, None), else_=table.c.error_code),
+        "error_detail": case((in_flight, None), else_=table.c.error_detail),
+        "provider": bindparam("sent_provider", type_=table.c.provider.type),
+        "provider_message_id": bindparam("sent_provider_id", type_=table.c.provider_message_id.type),
+        "locale": bindparam("sent_locale", type_=table.c.locale.type),
+        "lease_until": None,
+        "updated_at": bindparam("sent_time", type_=table.c.updated_at.type),
+    }
 
 
-def _json_rows(rows: list[list[str]], width: int) -> Any:
-    """``rows`` (lists of strings) as a subquery with columns ``v0`` … from one JSON parameter (PostgreSQL)."""
-    document = json.dumps(rows, ensure_ascii=False)
-    element = func.json_array_elements(cast(bindparam("sent_rows", document, type_=Text), JSON)).table_valued(
+@lru_cache(maxsize=1)
+def _record_sent_statement() -> Any:
+    table = _OUTBOX
+    return (
+        update(table)
+        .where(table.c.id == bindparam("b_id"))
+        .values(subject=bindparam("b_subject"), body=bindparam("b_body"), **_sent_facts())
+    )
+
+
+def _json_rows(width: int) -> Any:
+    """The rows of the JSON parameter ``sent_rows`` (an array of arrays of strings) as columns ``v0`` …"""
+    element = func.json_array_elements(cast(bindparam("sent_rows", type_=Text), JSON)).table_valued(
         "value", name="sent_row"
     )
-    values = (element.c.value.op("->>")(position).label(f"v{position}") for position in range(width))
+    values = (element.c.value.op("->>")(literal(position)).label(f"v{position}") for position in range(width))
     return select(*values).select_from(element).subquery("sent")
+
+
+@lru_cache(maxsize=32)
+def _record_sent_filled(tags: tuple[str, ...]) -> Any:
+    """PostgreSQL: subject and body filled in from ``sent_subject``/``sent_text`` and each row's values of
+    ``tags``, in that order."""
+    rows = _json_rows(len(tags) + 1)
+    subject: Any = bindparam("sent_subject", type_=Text)
+    body: Any = bindparam("sent_text", type_=Text)
+    for position, tag in enumerate(tags, start=1):
+        subject = func.replace(subject, literal(tag, Text), rows.c[f"v{position}"])
+        body = func.replace(body, literal(tag, Text), rows.c[f"v{position}"])
+    return update(_OUTBOX).where(_OUTBOX.c.id == rows.c.v0).values(subject=subject, body=body, **_sent_facts())
+
+
+@lru_cache(maxsize=1)
+def _record_sent_texts() -> Any:
+    rows = _json_rows(3)
+    return update(_OUTBOX).where(_OUTBOX.c.id == rows.c.v0).values(subject=rows.c.v1, body=rows.c.v2, **_sent_facts())
 
 
 def _fail(

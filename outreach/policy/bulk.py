@@ -16,11 +16,13 @@ from collections import defaultdict
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from typing import Any, Protocol
 
-from sqlalchemy import any_, bindparam, not_, select
+from sqlalchemy import Select, all_, any_, bindparam, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
+from sqlalchemy.types import TypeEngine
 
 from outreach.models import OutboundMessage, Suppression
 from outreach.policy.base import Decision, Subject
@@ -29,7 +31,7 @@ from outreach.policy.consent import EnrollmentActiveRule, NurtureConsentRule, Su
 from outreach.policy.engine import OUTREACH_CATEGORIES, PolicyEngine
 from outreach.policy.quiet_hours import QuietHoursRule
 
-__all__ = ["CandidateFacts", "PolicyReads", "none_of", "one_of"]
+__all__ = ["CandidateFacts", "PolicyReads", "any_of", "array_of", "one_of"]
 
 #: Ids per statement on databases without arrays (SQLite's limit on bound parameters is far above it).
 CHUNK = 1000
@@ -55,19 +57,54 @@ def _postgres(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
+def array_of(column_type: TypeEngine[Any]) -> TypeEngine[Any]:
+    """PostgreSQL's array of ``column_type``, one instance per column type: a fresh type object per statement
+    would make SQLAlchemy work out its cache key (inspecting the type's constructor) on every execution."""
+    found = _ARRAYS.get(id(column_type))
+    if found is None or found[0] is not column_type:
+        found = _ARRAYS[id(column_type)] = (column_type, postgresql.ARRAY(column_type))
+    return found[1]
+
+
+_ARRAYS: dict[int, tuple[TypeEngine[Any], TypeEngine[Any]]] = {}
+
+
 def one_of(session: Session, column: Any, values: Collection[Any]) -> Any:
     """``column IN values``; on PostgreSQL ``column = ANY(:array)``: one parameter instead of a thousand, so the
     statement stays small and cheap to build (the batch and scheduler paths filter on up to 1000 ids)."""
     if _postgres(session):
-        return column == any_(bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
+        return column == any_(bindparam(None, list(values), type_=array_of(column.type)))
     return column.in_(list(values))
 
 
-def none_of(session: Session, column: Any, values: Collection[Any]) -> Any:
-    """``column NOT IN values`` (``NOT (column = ANY(:array))`` on PostgreSQL); always true for no values."""
-    if not values:
-        return column.is_not(None) | column.is_(None)
-    return not_(one_of(session, column, values))
+def any_of(postgres: bool, column: Any, name: str) -> Any:
+    """``column IN :name`` with the values given at execution (a list): ``= ANY(:name)`` on PostgreSQL, an
+    expanding ``IN`` elsewhere. For statements built once and executed many times."""
+    if postgres:
+        return column == any_(bindparam(name, type_=array_of(column.type)))
+    return column.in_(bindparam(name, expanding=True))
+
+
+@lru_cache(maxsize=4)
+def _suppressions_query(postgres: bool) -> Select[str, str]:
+    return select(Suppression.address, Suppression.reason).where(
+        Suppression.channel == bindparam("channel"), any_of(postgres, Suppression.address, "keys")
+    )
+
+
+@lru_cache(maxsize=4)
+def _sends_query(postgres: bool) -> Select[str, int, datetime | None, str, str]:
+    om = OutboundMessage
+    query = select(om.id, om.candidate_id, om.sent_at, om.channel, om.category).where(
+        any_of(postgres, om.candidate_id, "candidates"),
+        om.status.in_(COUNTED),
+        om.sent_at.is_not(None),
+        om.sent_at > bindparam("since", type_=om.sent_at.type),
+    )
+    if postgres:
+        # The caller's own rows are left out by the database (a batch claims, and so marks counted, them all).
+        query = query.where(om.id != all_(bindparam("exclude", type_=array_of(om.id.type))))
+    return query
 
 
 @dataclass
@@ -107,33 +144,23 @@ class PolicyReads:
                         if keys is None:
                             keys = reads.keys[(channel, address)] = rule.lookup_keys(channel, address)
                         wanted[channel].update(keys)
+            postgres = _postgres(session)
             for channel, found in wanted.items():
                 listed = sorted(found)
                 for start in range(0, len(listed), CHUNK):
-                    for address, reason in session.execute(
-                        select(Suppression.address, Suppression.reason).where(
-                            Suppression.channel == channel,
-                            one_of(session, Suppression.address, listed[start : start + CHUNK]),
-                        )
-                    ):
-                        reads.suppressed[(channel, address)] = reason
+                    keyed = {"channel": channel, "keys": listed[start : start + CHUNK]}
+                    for key, reason in session.execute(_suppressions_query(postgres), keyed):
+                        reads.suppressed[(channel, key)] = reason
         caps = next((r for r in engine._outreach_rules if isinstance(r, FrequencyCaps)), None)
         if caps is not None and caps.rules and people:
+            postgres = _postgres(session)
             ids = sorted({c.id for c in people})
-            # The caller's own rows are left out by the database: a batch claims (and so marks counted) them all.
-            excluded = none_of(session, OutboundMessage.id, list(exclude)) if _postgres(session) else None
-            om = OutboundMessage
+            skip = set(exclude) if not postgres else set()
             for start in range(0, len(ids), CHUNK):
-                query = select(om.id, om.candidate_id, om.sent_at, om.channel, om.category).where(
-                    one_of(session, om.candidate_id, ids[start : start + CHUNK]),
-                    om.status.in_(COUNTED),
-                    om.sent_at.is_not(None),
-                    om.sent_at > now - caps.longest,
-                )
-                if excluded is not None:
-                    query = query.where(excluded)
-                skip = set(exclude) if excluded is None else ()
-                for message_id, candidate_id, at, channel, category in session.execute(query):
+                among: dict[str, Any] = {"candidates": ids[start : start + CHUNK], "since": now - caps.longest}
+                if postgres:
+                    among["exclude"] = list(exclude)
+                for message_id, candidate_id, at, channel, category in session.execute(_sends_query(postgres), among):
                     if message_id not in skip and at is not None:
                         reads.sends[candidate_id].append(RecentSend(at, channel, category))
         return reads
