@@ -1,7 +1,14 @@
 """The Dramatiq broker and the one way the rest of the service puts work on it.
 
-The broker only wakes workers: every message carries an outbox id and nothing else, so a flushed broker loses
+The broker only wakes workers: every message carries outbox ids and nothing else, so a flushed broker loses
 nothing the sweeper cannot re-enqueue from the database.
+
+Ids enqueued together (a scheduler pass, the sweeper) travel in groups: one ``deliver_messages`` message per up
+to :data:`GROUP_SIZE` ids, which one worker claims, checks and renders in one transaction and then sends one by one
+(:func:`outreach.delivery.deliver_group`). A group is only ever formed from one call's ids, so a lone message is
+not held back waiting for company; a call with few ids spreads them over several messages (at most
+:data:`GROUP_SIZE` each, at least :data:`SPREAD` messages when there are that many ids) so idle workers share
+them. The single-id ``deliver_message`` actor stays declared for messages already on a queue.
 """
 
 from __future__ import annotations
@@ -17,7 +24,14 @@ from dramatiq.brokers.stub import StubBroker
 from outreach.config import Settings
 
 DELIVER_ACTOR = "deliver_message"
+GROUP_ACTOR = "deliver_messages"
 BATCH_ACTOR = "deliver_batch"
+
+#: Most outbox ids in one group message.
+GROUP_SIZE = 25
+#: A call with fewer than ``SPREAD * GROUP_SIZE`` ids still makes up to this many messages, so several workers
+#: share a small pass instead of one sending it all.
+SPREAD = 16
 
 
 def build_broker(settings: Settings) -> Broker:
@@ -60,9 +74,38 @@ def current_broker() -> Broker:
     return _installed
 
 
-def enqueue_deliveries(outbox_ids: Sequence[str], *, broker: Broker | None = None, queue_name: str) -> None:
-    """Wake workers for these outbox rows. Called only after the rows are committed."""
-    enqueue_calls(DELIVER_ACTOR, [(outbox_id,) for outbox_id in outbox_ids], broker=broker, queue_name=queue_name)
+def groups(outbox_ids: Sequence[str], size: int = GROUP_SIZE, spread: int = SPREAD) -> list[list[str]]:
+    """``outbox_ids`` cut into groups of at most ``size``, and into at least ``min(spread, len)`` groups, in order."""
+    ids = list(outbox_ids)
+    if not ids:
+        return []
+    count = max(-(-len(ids) // size), min(spread, len(ids)))
+    base, extra = divmod(len(ids), count)
+    out: list[list[str]] = []
+    start = 0
+    for index in range(count):
+        end = start + base + (1 if index < extra else 0)
+        out.append(ids[start:end])
+        start = end
+    return out
+
+
+def enqueue_deliveries(
+    outbox_ids: Sequence[str], *, broker: Broker | None = None, queue_name: str, delay: float | None = None
+) -> None:
+    """Wake workers for these outbox rows, in groups (see the module docstring). Called only after the rows are
+    committed. ``delay`` (seconds) makes the messages visible only then (a retry at the provider's reset time)."""
+    calls = [(group,) for group in groups(outbox_ids)]
+    if delay:
+        target = broker or current_broker()
+        milliseconds = max(1, int(delay * 1000))
+        for args in calls:
+            message: Message[Any] = Message(
+                queue_name=queue_name, actor_name=GROUP_ACTOR, args=args, kwargs={}, options={}
+            )
+            target.enqueue(message, delay=milliseconds)
+        return
+    enqueue_calls(GROUP_ACTOR, calls, broker=broker, queue_name=queue_name)
 
 
 def enqueue_batch(outbox_ids: Sequence[str], *, broker: Broker | None = None, queue_name: str) -> None:

@@ -1,30 +1,52 @@
-"""Deliver one outbox row: the one function the worker actor calls.
+"""Deliver outbox rows: the function the worker actors call, for a group of ids or for one.
 
-The order is fixed: claim the row (``pending`` → ``sending``, a conditional update, so one outbox id delivered
-five times at once makes one provider call) → re-check that it may still go out → render → call the provider
-→ record the provider's message id.
+A group is the ids enqueued together (a scheduler pass, the sweeper), up to ``outreach.broker.GROUP_SIZE`` in one
+broker message. Per group, on one pooled connection:
 
-The hot path is two short transactions on one pooled connection: (1) claim (the update returns the row), lock
-the candidate (one select that also reads the enrollment and job), run the rules, render and store tracked
-links, commit — the ``sending`` row is durable before (2) the provider call, after which one update records
-the outcome. Transient provider failures put the row back to ``pending`` with
-``not_before`` set to the provider's reset time and tell the caller when to retry; permanent ones end the row
-as ``failed`` with the provider's code, and suppress the address when the provider says so (Twilio 21610).
-Ambiguous ones (the request went out, the answer never came: a read timeout, a reset after sending) end the row
-``uncertain`` and are never retried: the provider's events reconcile it, or the sweep raises an alert.
+1. **Claim, check, render: one transaction.** One statement claims every row of the group that is still
+   ``pending`` and due (``pending`` → ``sending``, a provisional ``sent_at`` so caps count it, a lease, and the
+   claim marker ``rule = 'claimed'``; rows another worker is claiming are skipped), one locks their candidates in
+   id order (``FOR NO KEY UPDATE``, read with the enrollments and jobs), and the rules' reads (suppressions, recent
+   sends) are loaded once (:class:`outreach.policy.bulk.PolicyReads`). Every rule runs for every row; two rows of
+   one candidate are counted by the caps one after the other. Refused rows get their status, rule and reason;
+   allowed ones are rendered and their tracked links stored (one insert for the group); a template error ends its
+   row ``failed``. Commit.
+2. **Hand-off, then the call, per row.** One short autocommit update clears the marker and counts the attempt
+   (``attempts + 1``, the lease renewed) — only then is the provider called, one request per message. A row
+   whose hand-off finds it no longer claimed (the sweeper took it back after its lease ran out) is skipped. The
+   sweeper puts a ``sending`` row whose lease expired while still marked ``claimed`` back to ``pending`` (it
+   never reached a provider); one without the marker becomes ``uncertain`` (it may have).
+3. **Record.** Accepted rows are written ``sent`` (provider id, what went out) in one statement every few sends
+   and at the group's end; a provider event that already moved a row on keeps its status and the row only gains
+   the send's facts. A worker killed between a send and its record leaves the row ``sending`` without the
+   marker: ``uncertain``, reconciled from provider events, never resent.
+
+Provider outcomes per row: transient (429, 5xx, a connection that never opened) puts the row back to ``pending``
+with ``not_before`` at the provider's reset time (or a backoff) and asks the caller to wake that row again then
+(a 429 also gives back the group's rows not yet handed off: the account is rate limited); ambiguous (the request
+went out, the answer never came: a read timeout, a reset after sending) ends it ``uncertain``, never resent;
+permanent ends it ``failed`` with the provider's code and suppresses the address when the provider says so
+(Twilio 21610). A sender booked out by the pacer gives back the rest of the group the same way. Anything
+unexpected (the database gone) gives back the rows not yet handed off before it propagates.
+
+:func:`deliver` is the same path for one id.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, select, update
-from sqlalchemy.orm import Session, lazyload
+from sqlalchemy import JSON, Connection, String, Text, any_, bindparam, case, column, func, or_, select, update
+from sqlalchemy import cast as sql_cast
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.orm import Session
 
 from outreach.autoreply import AUTO_REPLY, reply_by
 from outreach.campaigns import Category
@@ -34,8 +56,10 @@ from outreach.errors import (
     TemplateError,
     TransientProviderError,
 )
-from outreach.links import track_email, track_sms
+from outreach.links import LinkSet
 from outreach.models import (
+    CLAIMED_RULE,
+    Base,
     Candidate,
     Channel,
     Enrollment,
@@ -43,10 +67,14 @@ from outreach.models import (
     MessageStatus,
     OutboundMessage,
     Suppression,
+    UTCDateTime,
     utcnow,
 )
 from outreach.policy.base import Stage as PolicyStage
+from outreach.policy.bulk import PolicyReads
 from outreach.policy.consent import with_opt_out_hint
+from outreach.policy.engine import Outcome as Verdict
+from outreach.policy.engine import PolicyEngine
 from outreach.providers.base import EmailMessage, SendResult, SmsMessage
 from outreach.render import sms_segments
 from outreach.replies import reply_address
@@ -66,9 +94,9 @@ class Outcome:
 
 
 def claim(session: Session, outbox_id: str, now: datetime, lease: timedelta) -> OutboundMessage | None:
-    """``pending`` → ``sending`` if still pending and due; returns the claimed row, or None if not ours.
-
-    ``attempts`` on the returned row is this attempt's number."""
+    """One row ``pending`` → ``sending`` and handed off at once (counted in ``attempts``, no claim marker):
+    what a worker leaves behind when it stops right before the provider call. Returns the row, or None if it was
+    not pending and due. :func:`deliver_group` claims and hands off in two steps instead."""
     return session.scalars(
         update(OutboundMessage)
         .where(
@@ -87,33 +115,6 @@ def claim(session: Session, outbox_id: str, now: datetime, lease: timedelta) -> 
         .returning(OutboundMessage)
         .execution_options(synchronize_session=False, populate_existing=True)
     ).first()
-
-
-def lock_candidate(
-    session: Session, candidate_id: int, enrollment_id: int | None = None
-) -> tuple[Candidate, Enrollment | None, Job | None]:
-    """Serialise sends to one candidate so caps hold under concurrency (SQLite has one writer anyway).
-
-    The same statement reads the message's enrollment and its job (neither locked), so the rules and the
-    template context need no further reads."""
-    postgres = session.get_bind().dialect.name == "postgresql"
-    if enrollment_id is None:
-        query = select(Candidate).where(Candidate.id == candidate_id)
-        if postgres:
-            query = query.with_for_update(key_share=True)
-        return session.scalars(query).one(), None, None
-    joined = (
-        select(Candidate, Enrollment, Job)
-        .select_from(Candidate)
-        .outerjoin(Enrollment, Enrollment.id == enrollment_id)
-        .outerjoin(Job, Job.id == Enrollment.job_id)
-        .options(lazyload(Enrollment.candidate))
-        .where(Candidate.id == candidate_id)
-    )
-    if postgres:
-        joined = joined.with_for_update(key_share=True, of=Candidate)
-    candidate, enrollment, job = session.execute(joined).one()
-    return candidate, enrollment, job
 
 
 def build_context(
@@ -193,6 +194,15 @@ def _finish(session: Session, outbox_id: str, now: datetime, **values: Any) -> N
             )
 
 
+_OUTBOX = Base.metadata.tables["outbound_messages"]
+_IN_FLIGHT = (MessageStatus.SENDING.value, MessageStatus.UNCERTAIN.value)
+NOT_PENDING = Outcome("not-pending")
+
+#: Accepted sends wait for their ``sent`` record in memory at most this many at a time (and never past the group's
+#: end): a worker killed in between leaves at most this many rows ``uncertain`` instead of ``sent``.
+RECORD_EVERY = 8
+
+
 def backoff(attempt: int) -> float:
     """Exponential with jitter, 2 s … 5 min, when the provider gave no reset time of its own."""
     base = min(2.0**attempt, 300.0)
@@ -200,209 +210,257 @@ def backoff(attempt: int) -> float:
 
 
 def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Outcome:
-    # One pooled connection for the whole attempt: one checkout (and liveness check) instead of one per step.
+    """Deliver one outbox row (a group of one); ``not-pending`` when it was not pending and due."""
+    return deliver_group(runtime, [outbox_id], now)[outbox_id]
+
+
+def deliver_group(runtime: Runtime, outbox_ids: Sequence[str], now: datetime | None = None) -> dict[str, Outcome]:
+    """Deliver a group of outbox rows (module docstring); the outcome of each id, ``not-pending`` for rows that
+    were not pending and due (sent already, another worker's, deferred)."""
+    ids = list(dict.fromkeys(outbox_ids))
+    outcomes = dict.fromkeys(ids, NOT_PENDING)
+    if not ids:
+        return outcomes
+    now = now or utcnow()
+    if len(ids) > 1 and type(runtime.policy).evaluate is not PolicyEngine.evaluate:
+        # An engine that wraps evaluate (the simulation records deferrals) is asked itself, one row at a time.
+        for outbox_id in ids:
+            outcomes.update(deliver_group(runtime, [outbox_id], now))
+        return outcomes
+    # One pooled connection for the whole group: one checkout instead of one per step.
     with runtime.engine.connect() as connection:
-        return _deliver(runtime, connection, outbox_id, now or utcnow())
+        sends = _claim_and_prepare(runtime, connection, ids, now, outcomes)
+        if sends:
+            # Each hand-off and each record is one statement that must be durable on its own: no BEGIN/COMMIT
+            # round trips around them.
+            connection.execution_options(isolation_level="AUTOCOMMIT")
+            _send_all(runtime, connection, sends, now, outcomes)
+    return outcomes
 
 
-def _deliver(runtime: Runtime, connection: Connection, outbox_id: str, now: datetime) -> Outcome:
+# -- 1. claim, check, render ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Send:
+    """One allowed, rendered row of the group, waiting for its hand-off and provider call."""
+
+    id: str
+    attempts: int  # attempts before this one
+    payload: EmailMessage | SmsMessage
+    locale: str
+    segments: int | None
+    handed_off: bool = False
+
+
+def _one_of(postgres: bool, column_: Any, values: Sequence[Any]) -> Any:
+    """``column IN values``; on PostgreSQL ``column = ANY(:array)`` (one parameter, one cached statement)."""
+    if postgres:
+        return column_ == any_(bindparam(None, list(values), type_=postgresql.ARRAY(column_.type)))
+    return column_.in_(list(values))
+
+
+def _claim(connection: Connection, postgres: bool, ids: Sequence[str], now: datetime, lease: timedelta) -> list[Any]:
+    """Every row of ``ids`` still pending and due: ``sending``, marked claimed, not yet counted as an attempt."""
+    om = OutboundMessage
+    due = [_one_of(postgres, om.id, ids), om.status == MessageStatus.PENDING.value, om.not_before <= now]
+    condition: Any
+    if postgres:
+        # Rows another worker is claiming right now (an overlapping group, a retried message) are theirs; taken
+        # in id order, so groups queue up behind each other instead of deadlocking.
+        pick = select(om.id).where(*due).order_by(om.id).with_for_update(skip_locked=True)
+        condition = om.id.in_(pick.scalar_subquery())
+    else:
+        condition = due  # one writer at a time: the update is the claim
+    statement = (
+        update(om)
+        .where(*(condition if isinstance(condition, list) else [condition]))
+        .values(
+            status=MessageStatus.SENDING.value,
+            rule=CLAIMED_RULE,
+            lease_until=now + lease,
+            # Provisional: caps count rows being sent by this time, so a racing worker sees these.
+            sent_at=now,
+            updated_at=now,
+        )
+        .returning(
+            om.id,
+            om.candidate_id,
+            om.enrollment_id,
+            om.campaign,
+            om.step,
+            om.channel,
+            om.template,
+            om.category,
+            om.attempts,
+            om.created_at,
+            om.not_before,
+        )
+    )
+    return list(connection.execute(statement).all())
+
+
+def _lock_people(
+    session: Session, postgres: bool, ids: Sequence[str]
+) -> dict[str, tuple[Candidate, Enrollment | None, Job | None]]:
+    """Lock the claimed rows' candidates (in id order, so caps hold under concurrency and groups do not deadlock)
+    and read each row's enrollment and job in the same statement; by outbox id."""
+    om = OutboundMessage
+    query = (
+        select(
+            om.id,
+            Candidate,
+            Enrollment.id,
+            Enrollment.status,
+            Enrollment.exit_reason,
+            Enrollment.context,
+            Job,
+        )
+        .select_from(om)
+        .join(Candidate, Candidate.id == om.candidate_id)
+        .outerjoin(Enrollment, Enrollment.id == om.enrollment_id)
+        .outerjoin(Job, Job.id == Enrollment.job_id)
+        .where(_one_of(postgres, om.id, ids))
+        .order_by(Candidate.id)
+    )
+    if postgres:
+        query = query.with_for_update(key_share=True, of=Candidate)
+    people: dict[str, tuple[Candidate, Enrollment | None, Job | None]] = {}
+    for outbox_id, candidate, enrollment_id, status, exit_reason, context, job in session.execute(query):
+        enrollment = (
+            None
+            if enrollment_id is None
+            else Enrollment(id=enrollment_id, status=status, exit_reason=exit_reason, context=context or {})
+        )
+        people[outbox_id] = (candidate, enrollment, job)
+    return people
+
+
+def _message(row: Any) -> OutboundMessage:
+    """The claimed row as the template context and link tracking see it (not attached to any session)."""
+    return OutboundMessage(
+        id=row.id,
+        candidate_id=row.candidate_id,
+        enrollment_id=row.enrollment_id,
+        campaign=row.campaign,
+        step=row.step,
+        channel=row.channel,
+        template=row.template,
+        category=row.category,
+        created_at=row.created_at,
+    )
+
+
+_STOP = (
+    update(_OUTBOX)
+    .where(_OUTBOX.c.id == bindparam("s_id"))
+    .values(
+        status=bindparam("s_status"),
+        rule=bindparam("s_rule"),
+        reason=bindparam("s_reason"),
+        not_before=bindparam("s_not_before"),
+        enqueued_at=None,
+        sent_at=None,
+        lease_until=None,
+        updated_at=bindparam("s_now"),
+    )
+)
+
+
+def _claim_and_prepare(
+    runtime: Runtime, connection: Connection, ids: Sequence[str], now: datetime, outcomes: dict[str, Outcome]
+) -> list[_Send]:
+    """Transaction 1: claim, lock, rules, render, tracked links. Returns what may go out, in sending order."""
     settings = runtime.settings
-    # One transaction: claim, lock the candidate, run the rules, render, store tracked links. An unexpected error
-    # rolls it all back to pending; a template error ends the row as failed in the same transaction.
-    with Session(connection, expire_on_commit=False) as session, session.begin():
-        message = claim(session, outbox_id, now, timedelta(seconds=settings.lease_seconds))
-        if message is None:
-            return Outcome("not-pending")
-        attempt = message.attempts
-        candidate, enrollment, job = lock_candidate(session, message.candidate_id, message.enrollment_id)
-        # The rules again, right before the provider call: state may have changed since scheduling.
-        subject = runtime.policy.subject(
-            candidate,
-            channel=message.channel,
-            category=message.category,
-            campaign=message.campaign,
-            now=now,
-            stage=PolicyStage.SEND,
-            message_id=outbox_id,
-            locked=True,
-            enrollment_state=None if enrollment is None else (enrollment.status, enrollment.exit_reason),
-        )
-        verdict = runtime.policy.evaluate(session, subject, message.enrollment_id)
-        if not verdict.decision.allowed:
-            held = verdict.status is MessageStatus.HELD
-            session.execute(
-                update(OutboundMessage)
-                .where(OutboundMessage.id == outbox_id)
-                .values(
-                    status=verdict.status.value,
-                    rule=verdict.decision.rule,
-                    reason=verdict.decision.reason,
-                    not_before=verdict.decision.until if held else OutboundMessage.not_before,
-                    enqueued_at=None,
-                    sent_at=None,
-                    lease_until=None,
-                    updated_at=now,
+    policy = runtime.policy
+    postgres = connection.dialect.name == "postgresql"
+    ready: list[tuple[Any, Any]] = []
+    with connection.begin():
+        claimed = _claim(connection, postgres, ids, now, timedelta(seconds=settings.lease_seconds))
+        if not claimed:
+            return []
+        claimed_ids = [row.id for row in claimed]
+        with Session(bind=connection, autoflush=False, expire_on_commit=False) as session:
+            people = _lock_people(session, postgres, claimed_ids)
+            candidates = {candidate.id: candidate for candidate, _, _ in people.values()}
+            channels = {row.channel for row in claimed}
+            reads = PolicyReads.load(session, policy, candidates.values(), channels, now, exclude=claimed_ids)
+            links = LinkSet(runtime)
+            stopped: list[dict[str, Any]] = []
+            # Rows of one candidate one after the other, so the caps count the earlier ones that go out.
+            for row in sorted(claimed, key=lambda r: (r.candidate_id, r.id)):
+                candidate, enrollment, job = people[row.id]
+                state = None if enrollment is None else (enrollment.status, enrollment.exit_reason)
+                subject = policy.subject(
+                    candidate,
+                    channel=row.channel,
+                    category=row.category,
+                    campaign=row.campaign,
+                    now=now,
+                    stage=PolicyStage.SEND,
+                    message_id=row.id,
+                    locked=True,
+                    enrollment_state=state,
                 )
-                .execution_options(synchronize_session=False)
-            )
-            return Outcome(verdict.status.value)
-        context = build_context(runtime, message, candidate, enrollment, job)
-        validity = runtime.policy.sms_validity(subject) if message.channel == Channel.SMS.value else None
-        try:
-            payload, locale, segments = _compose(runtime, session, message, candidate, context, validity)
-        except TemplateError as exc:
-            _finish(
-                session,
-                outbox_id,
-                now,
-                status=MessageStatus.FAILED.value,
-                rule="template",
-                error_code="template",
-                error_detail=str(exc)[:500],
-            )
-            log.error("template failed", extra={"outbox_id": outbox_id, "template": message.template})
-            return Outcome(MessageStatus.FAILED.value)
-
-    provider_name = runtime.providers.email.name if isinstance(payload, EmailMessage) else runtime.providers.sms.name
-    rate = runtime.policy.spec.rate_limits.get(provider_name)
-    if rate is not None:
-        sender = (
-            settings.email_from
-            if isinstance(payload, EmailMessage)
-            else (settings.sms_from or settings.twilio_messaging_service_sid)
-        )
-        booking = runtime.pacer.book(f"{provider_name}:{sender}", rate, cost=float(segments or 1))
-        if not booking.granted:
-            # The sender is booked out for a while: give the slot back and come back when it frees.
-            _release(connection, outbox_id, utcnow(), booking.wait, attempts=OutboundMessage.attempts - 1)
-            return Outcome(MessageStatus.PENDING.value, retry_in=booking.wait)
-        if booking.wait > 0:
-            time.sleep(booking.wait)
-
-    try:
-        result: SendResult
-        if isinstance(payload, EmailMessage):
-            result = runtime.providers.email.send_email(payload)
-        else:
-            result = runtime.providers.sms.send_sms(payload)
-    except AmbiguousProviderError as exc:
-        # The request went out and no answer came back: the provider may have the message. Sending it again
-        # could reach the candidate twice, so the row waits, uncertain, for the provider's events (which name our
-        # id) to reconcile it; the scheduler's sweep alerts a person when none come.
-        with Session(connection) as session, session.begin():
-            _finish(
-                session,
-                outbox_id,
-                utcnow(),
-                status=MessageStatus.UNCERTAIN.value,
-                rule="ambiguous",
-                reason=f"{exc.provider} call failed after the request was sent ({str(exc)[:200]}); it may have "
-                "been accepted: reconcile from provider events, do not resend",
-                provider=exc.provider,
-                subject=payload.subject if isinstance(payload, EmailMessage) else None,
-                body=payload.text if isinstance(payload, EmailMessage) else payload.body,
-                locale=locale,
-                segments=segments,
-                error_code=exc.code or "ambiguous",
-                error_detail=str(exc)[:500],
-            )
-        log.warning("provider answer lost; message uncertain", extra={"outbox_id": outbox_id, "provider": exc.provider})
-        return Outcome(MessageStatus.UNCERTAIN.value)
-    except TransientProviderError as exc:
-        if attempt >= settings.max_retries:
-            with Session(connection) as session, session.begin():
-                _finish(
-                    session,
-                    outbox_id,
-                    utcnow(),
-                    status=MessageStatus.FAILED.value,
-                    rule="retries",
-                    error_code=exc.code or str(exc.status or "transient"),
-                    error_detail=str(exc)[:500],
-                )
-            return Outcome(MessageStatus.FAILED.value)
-        delay = exc.retry_after if exc.retry_after is not None else backoff(attempt)
-        _release(
-            connection,
-            outbox_id,
-            utcnow(),
-            delay,
-            error_code=exc.code or str(exc.status or "network"),
-            error_detail=str(exc)[:500],
-        )
-        log.warning(
-            "provider busy; retrying",
-            extra={"outbox_id": outbox_id, "provider": exc.provider, "status": exc.status, "delay": delay},
-        )
-        return Outcome(MessageStatus.PENDING.value, retry_in=delay)
-    except PermanentProviderError as exc:
-        with Session(connection) as session, session.begin():
-            _finish(
-                session,
-                outbox_id,
-                utcnow(),
-                status=MessageStatus.FAILED.value,
-                rule="provider",
-                provider=exc.provider,
-                error_code=exc.code or str(exc.status),
-                error_detail=str(exc)[:500],
-            )
-            if exc.suppress:
-                from outreach.scheduler import insert_ignore
-
-                insert_ignore(
-                    session,
-                    Suppression,
-                    {
-                        "channel": message.channel,
-                        "address": payload.to,
-                        "reason": f"{exc.provider} {exc.code}",
-                        "source": "provider",
-                        "created_at": utcnow(),
-                    },
-                )
-        log.warning(
-            "provider refused message",
-            extra={"outbox_id": outbox_id, "provider": exc.provider, "code": exc.code},
-        )
-        return Outcome(MessageStatus.FAILED.value)
-
-    # The claim time stands as the send time: caps counted the row from then on, and they must keep agreeing.
-    sent_at = now
-    with Session(connection) as session, session.begin():
-        _finish(
-            session,
-            outbox_id,
-            sent_at,
-            status=MessageStatus.SENT.value,
-            subject=payload.subject if isinstance(payload, EmailMessage) else None,
-            body=payload.text if isinstance(payload, EmailMessage) else payload.body,
-            provider=result.provider,
-            provider_message_id=result.provider_message_id,
-            sent_at=sent_at,
-            locale=locale,
-            segments=segments,
-            error_code=None,
-            error_detail=None,
-        )
-    return Outcome(MessageStatus.SENT.value, provider_message_id=result.provider_message_id)
+                decision = reads.evaluate(session, subject, candidate, state)
+                if not decision.allowed:
+                    verdict = Verdict(decision)
+                    held = verdict.status is MessageStatus.HELD
+                    stopped.append(
+                        {
+                            "s_id": row.id,
+                            "s_status": verdict.status.value,
+                            "s_rule": decision.rule,
+                            "s_reason": decision.reason,
+                            "s_not_before": decision.until if held and decision.until else row.not_before,
+                            "s_now": now,
+                        }
+                    )
+                    outcomes[row.id] = Outcome(verdict.status.value)
+                    continue
+                message = _message(row)
+                context = build_context(runtime, message, candidate, enrollment, job)
+                validity = policy.sms_validity(subject) if row.channel == Channel.SMS.value else None
+                try:
+                    draft = _compose(runtime, links, message, candidate, context, validity)
+                except TemplateError as exc:
+                    _finish(
+                        session,
+                        row.id,
+                        now,
+                        status=MessageStatus.FAILED.value,
+                        rule="template",
+                        sent_at=None,
+                        error_code="template",
+                        error_detail=str(exc)[:500],
+                    )
+                    log.error("template failed", extra={"outbox_id": row.id, "template": row.template})
+                    outcomes[row.id] = Outcome(MessageStatus.FAILED.value)
+                    continue
+                reads.count(subject)
+                ready.append((row, draft))
+            links.store(session)
+            if stopped:
+                connection.execute(_STOP, stopped)
+    return [_Send(row.id, row.attempts, *draft()) for row, draft in ready]
 
 
 def _compose(
     runtime: Runtime,
-    session: Session,
+    links: LinkSet,
     message: OutboundMessage,
     candidate: Candidate,
     context: dict[str, Any],
     validity: int | None,
-) -> tuple[EmailMessage | SmsMessage, str, int | None]:
-    """Render the message for its provider: (payload, locale, SMS segments). Tracked links go into ``session``."""
+) -> Any:
+    """Render the message for its provider; returns a function giving (payload, locale, SMS segments) once
+    ``links`` are stored."""
     settings = runtime.settings
     outbox_id = message.id
     if message.channel == Channel.EMAIL.value:
-        email = runtime.renderer.render_email(message.template, candidate.locale, context)
+        rendered = runtime.renderer.render_email(message.template, candidate.locale, context)
         # Click tracking (outreach.links): links become signed /r/ redirects if the campaign tracks clicks.
-        email = track_email(runtime, message, email, context, session)
+        tracked = links.email(message, rendered, context)
         headers: dict[str, str] = {}
         if message.category == AUTO_REPLY:
             # RFC 3834: so the other side's auto-responder does not answer our auto-reply.
@@ -413,46 +471,336 @@ def _compose(
                 "List-Unsubscribe": f"<{link}>",
                 "List-Unsubscribe-Post": "List-Unsubscribe=One-Click",
             }
-        payload = EmailMessage(
-            message_id=outbox_id,
-            to=candidate.email or "",
-            subject=email.subject,
-            text=email.text,
-            html=email.html,
-            from_email=settings.email_from,
-            reply_to=reply_address(settings, outbox_id) or settings.email_reply_to or None,
-            categories=(message.campaign, message.template),
-            custom_args={"outreach_id": outbox_id},
-            headers=headers,
-        )
-        return payload, email.locale, None
-    sms = runtime.renderer.render_sms(message.template, candidate.locale, context)
-    body = track_sms(runtime, message, sms.text, context, session)  # click tracking (outreach.links)
-    if message.category == Category.NURTURE.value:
-        body = with_opt_out_hint(body, sms.locale)
-    sms_payload = SmsMessage(
-        message_id=outbox_id,
-        to=candidate.phone or "",
-        body=body,
-        status_callback=f"{settings.public_url}/webhooks/twilio/status?outreach_id={outbox_id}",
-        validity_period=validity,
-    )
-    return sms_payload, sms.locale, sms_segments(body)[1]
+        reply_to = reply_address(settings, outbox_id) or settings.email_reply_to or None
 
-
-def _release(connection: Connection, outbox_id: str, now: datetime, delay: float, **values: Any) -> None:
-    retry_at = now + timedelta(seconds=delay)
-    with Session(connection) as session, session.begin():
-        session.execute(
-            update(OutboundMessage)
-            .where(OutboundMessage.id == outbox_id, OutboundMessage.status == MessageStatus.SENDING.value)
-            .values(
-                status=MessageStatus.PENDING.value,
-                not_before=retry_at,
-                enqueued_at=retry_at,
-                lease_until=None,
-                sent_at=None,
-                updated_at=now,
-                **values,
+        def email() -> tuple[EmailMessage, str, int | None]:
+            out = tracked()
+            payload = EmailMessage(
+                message_id=outbox_id,
+                to=candidate.email or "",
+                subject=out.subject,
+                text=out.text,
+                html=out.html,
+                from_email=settings.email_from,
+                reply_to=reply_to,
+                categories=(message.campaign, message.template),
+                custom_args={"outreach_id": outbox_id},
+                headers=headers,
             )
+            return payload, out.locale, None
+
+        return email
+    sms = runtime.renderer.render_sms(message.template, candidate.locale, context)
+    tracked_body = links.sms(message, sms.text, context)  # click tracking (outreach.links)
+    nurture = message.category == Category.NURTURE.value
+    callback = f"{settings.public_url}/webhooks/twilio/status?outreach_id={outbox_id}"
+
+    def text() -> tuple[SmsMessage, str, int | None]:
+        body = tracked_body()
+        if nurture:
+            body = with_opt_out_hint(body, sms.locale)
+        payload = SmsMessage(
+            message_id=outbox_id,
+            to=candidate.phone or "",
+            body=body,
+            status_callback=callback,
+            validity_period=validity,
         )
+        return payload, sms.locale, sms_segments(body)[1]
+
+    return text
+
+
+# -- 2. hand-off and provider call, 3. record ----------------------------------------------------------------
+
+
+_HAND_OFF = (
+    update(_OUTBOX)
+    .where(
+        _OUTBOX.c.id == bindparam("h_id"),
+        _OUTBOX.c.status == MessageStatus.SENDING.value,
+        _OUTBOX.c.rule == CLAIMED_RULE,
+    )
+    .values(
+        rule=None,
+        attempts=_OUTBOX.c.attempts + 1,
+        lease_until=bindparam("h_lease", type_=UTCDateTime()),
+        updated_at=bindparam("h_now", type_=UTCDateTime()),
+    )
+    .returning(_OUTBOX.c.id)
+)
+
+
+@dataclass
+class _Recorder:
+    """Accepted sends waiting for their ``sent`` record (one statement for all of them)."""
+
+    connection: Connection
+    sent_at: datetime
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, send: _Send, result: SendResult) -> None:
+        payload = send.payload
+        self.rows.append(
+            {
+                "id": send.id,
+                "provider": result.provider,
+                "provider_message_id": result.provider_message_id,
+                "locale": send.locale,
+                "segments": send.segments,
+                "subject": payload.subject if isinstance(payload, EmailMessage) else None,
+                "body": payload.text if isinstance(payload, EmailMessage) else payload.body,
+            }
+        )
+        if len(self.rows) >= RECORD_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        rows, self.rows = sorted(self.rows, key=lambda r: str(r["id"])), []
+        _record_sent(self.connection, rows, self.sent_at, utcnow())
+
+
+def _record_sent(connection: Connection, rows: Sequence[dict[str, Any]], sent_at: datetime, now: datetime) -> None:
+    """Rows the provider accepted: ``sent`` with what went out, in one statement. A row a provider event already
+    moved on (it may, the moment the provider accepts) keeps its status and only gains the send's facts."""
+    table = _OUTBOX
+    c = table.c
+    source: Any
+    if connection.dialect.name == "postgresql":
+        # One UPDATE … FROM json_to_recordset: one short statement and one commit for the whole lot.
+        document = json.dumps(list(rows), separators=(",", ":"))
+        source = (
+            func.json_to_recordset(sql_cast(bindparam("records", document, type_=Text), JSON))
+            .table_valued(
+                column("id", String),
+                column("provider", String),
+                column("provider_message_id", String),
+                column("locale", String),
+                column("segments", postgresql.INTEGER),
+                column("subject", Text),
+                column("body", Text),
+            )
+            .render_derived(name="records", with_types=True)
+        )
+
+        def given(name: str) -> Any:
+            return source.c[name]
+
+    else:
+
+        def given(name: str) -> Any:
+            return bindparam(f"r_{name}", type_=c[name].type)
+
+    in_flight = or_(*(c.status == status for status in _IN_FLIGHT))  # no IN list: it runs as an executemany
+    statement = update(table).values(
+        status=case((in_flight, MessageStatus.SENT.value), else_=c.status),
+        # The claim time stands as the send time: caps counted the row from then on, and they must keep agreeing.
+        sent_at=case((in_flight, sent_at), else_=c.sent_at),
+        error_code=case((in_flight, None), else_=c.error_code),
+        error_detail=case((in_flight, None), else_=c.error_detail),
+        provider=given("provider"),
+        provider_message_id=given("provider_message_id"),
+        locale=given("locale"),
+        segments=func.coalesce(given("segments"), c.segments),
+        subject=func.coalesce(given("subject"), c.subject),
+        body=func.coalesce(given("body"), c.body),
+        lease_until=None,
+        updated_at=now,
+    )
+    if connection.dialect.name == "postgresql":
+        connection.execute(statement.where(c.id == given("id")))
+    else:
+        # SQLite: the same update as an executemany (one writer, no round trips to save).
+        params = [{f"r_{key}": value for key, value in row.items()} for row in rows]
+        connection.execute(statement.where(c.id == given("id")), params)
+
+
+def _send_all(
+    runtime: Runtime, connection: Connection, sends: Sequence[_Send], now: datetime, outcomes: dict[str, Outcome]
+) -> None:
+    """Hand off and send each row in turn, recording the accepted ones every few sends and at the end."""
+    recorder = _Recorder(connection, now)
+    queue: Iterator[_Send] = iter(sends)
+    try:
+        for send in queue:
+            answer = _send_one(runtime, connection, send, recorder)
+            if answer is None:
+                continue  # no longer ours: the sweeper took it back
+            outcome, group_waits = answer
+            outcomes[send.id] = outcome
+            if group_waits and outcome.retry_in is not None:
+                # The sender is booked out or the provider rate limits us: the rest of the group waits as well.
+                rest = [later.id for later in queue]
+                _give_back(connection, rest, utcnow(), outcome.retry_in)
+                outcomes.update(dict.fromkeys(rest, Outcome(MessageStatus.PENDING.value, retry_in=outcome.retry_in)))
+                break
+    except BaseException:
+        # Rows not yet handed off were never offered to a provider: give them back rather than leave them to the
+        # sweeper. Those already sent keep their record if it can still be written.
+        untouched = [send.id for send in sends if not send.handed_off]
+        try:
+            _give_back(connection, untouched, utcnow(), 0.0)
+            recorder.flush()
+        except Exception:  # the database is gone: the sweeper and provider events settle these rows
+            log.warning("could not settle a group after an error", exc_info=True)
+        raise
+    recorder.flush()
+
+
+def _send_one(
+    runtime: Runtime, connection: Connection, send: _Send, recorder: _Recorder
+) -> tuple[Outcome, bool] | None:
+    """Hand off and send one row: (its outcome, whether the rest of the group must wait as well), or None when the
+    row is no longer ours to send."""
+    settings = runtime.settings
+    payload = send.payload
+    email = isinstance(payload, EmailMessage)
+    provider_name = runtime.providers.email.name if email else runtime.providers.sms.name
+    rate = runtime.policy.spec.rate_limits.get(provider_name)
+    if rate is not None:
+        sender = settings.email_from if email else (settings.sms_from or settings.twilio_messaging_service_sid)
+        booking = runtime.pacer.book(f"{provider_name}:{sender}", rate, cost=float(send.segments or 1))
+        if not booking.granted:
+            # The sender is booked out for a while: give the slot back and come back when it frees.
+            _give_back(connection, [send.id], utcnow(), booking.wait)
+            return Outcome(MessageStatus.PENDING.value, retry_in=booking.wait), True
+        if booking.wait > 0:
+            time.sleep(booking.wait)
+
+    started = utcnow()
+    handed = connection.execute(
+        _HAND_OFF,
+        {"h_id": send.id, "h_lease": started + timedelta(seconds=settings.lease_seconds), "h_now": started},
+    ).first()
+    if handed is None:
+        return None
+    send.handed_off = True
+    attempt = send.attempts + 1
+    try:
+        result: SendResult
+        if isinstance(payload, EmailMessage):
+            result = runtime.providers.email.send_email(payload)
+        else:
+            result = runtime.providers.sms.send_sms(payload)
+    except AmbiguousProviderError as exc:
+        # The request went out and no answer came back: the provider may have the message. Sending it again
+        # could reach the candidate twice, so the row waits, uncertain, for the provider's events (which name our
+        # id) to reconcile it; the scheduler's sweep alerts a person when none come.
+        _settle(
+            connection,
+            send.id,
+            status=MessageStatus.UNCERTAIN.value,
+            rule="ambiguous",
+            reason=f"{exc.provider} call failed after the request was sent ({str(exc)[:200]}); it may have "
+            "been accepted: reconcile from provider events, do not resend",
+            provider=exc.provider,
+            subject=payload.subject if isinstance(payload, EmailMessage) else None,
+            body=payload.text if isinstance(payload, EmailMessage) else payload.body,
+            locale=send.locale,
+            segments=send.segments,
+            error_code=exc.code or "ambiguous",
+            error_detail=str(exc)[:500],
+        )
+        log.warning("provider answer lost; message uncertain", extra={"outbox_id": send.id, "provider": exc.provider})
+        return Outcome(MessageStatus.UNCERTAIN.value), False
+    except TransientProviderError as exc:
+        code = exc.code or str(exc.status or "network")
+        if attempt >= settings.max_retries:
+            _settle(
+                connection,
+                send.id,
+                status=MessageStatus.FAILED.value,
+                rule="retries",
+                error_code=code,
+                error_detail=str(exc)[:500],
+            )
+            return Outcome(MessageStatus.FAILED.value), False
+        delay = exc.retry_after if exc.retry_after is not None else backoff(attempt)
+        _retry_later(connection, send.id, utcnow(), delay, error_code=code, error_detail=str(exc)[:500])
+        log.warning(
+            "provider busy; retrying",
+            extra={"outbox_id": send.id, "provider": exc.provider, "status": exc.status, "delay": delay},
+        )
+        # Rate limited: the provider refuses this account's sends until its reset, so the group waits too.
+        waits = exc.status == 429 or exc.retry_after is not None
+        return Outcome(MessageStatus.PENDING.value, retry_in=delay), waits
+    except PermanentProviderError as exc:
+        _settle(
+            connection,
+            send.id,
+            status=MessageStatus.FAILED.value,
+            rule="provider",
+            provider=exc.provider,
+            error_code=exc.code or str(exc.status),
+            error_detail=str(exc)[:500],
+        )
+        if exc.suppress:
+            from outreach.scheduler import insert_ignore
+
+            with Session(bind=connection) as session:
+                insert_ignore(
+                    session,
+                    Suppression,
+                    {
+                        "channel": Channel.EMAIL.value if email else Channel.SMS.value,
+                        "address": payload.to,
+                        "reason": f"{exc.provider} {exc.code}",
+                        "source": "provider",
+                        "created_at": utcnow(),
+                    },
+                )
+        log.warning(
+            "provider refused message", extra={"outbox_id": send.id, "provider": exc.provider, "code": exc.code}
+        )
+        return Outcome(MessageStatus.FAILED.value), False
+    recorder.add(send, result)
+    return Outcome(MessageStatus.SENT.value, provider_message_id=result.provider_message_id), False
+
+
+def _settle(connection: Connection, outbox_id: str, **values: Any) -> None:
+    """One row's final outcome other than ``sent`` (see :func:`_finish`)."""
+    with Session(bind=connection) as session:
+        _finish(session, outbox_id, utcnow(), **values)
+        session.commit()
+
+
+def _retry_later(connection: Connection, outbox_id: str, now: datetime, delay: float, **values: Any) -> None:
+    """A handed-off row the provider did not take: back to ``pending``, due after ``delay`` (attempt counted)."""
+    retry_at = now + timedelta(seconds=delay)
+    connection.execute(
+        update(OutboundMessage)
+        .where(OutboundMessage.id == outbox_id, OutboundMessage.status == MessageStatus.SENDING.value)
+        .values(
+            status=MessageStatus.PENDING.value,
+            not_before=retry_at,
+            enqueued_at=retry_at,
+            lease_until=None,
+            sent_at=None,
+            updated_at=now,
+            **values,
+        )
+    )
+
+
+def _give_back(connection: Connection, ids: Sequence[str], now: datetime, delay: float) -> None:
+    """Claimed rows never handed off: back to ``pending`` (no attempt was counted), due after ``delay``."""
+    if not ids:
+        return
+    retry_at = now + timedelta(seconds=delay)
+    postgres = connection.dialect.name == "postgresql"
+    om = OutboundMessage
+    connection.execute(
+        update(om)
+        .where(_one_of(postgres, om.id, ids), om.status == MessageStatus.SENDING.value, om.rule == CLAIMED_RULE)
+        .values(
+            status=MessageStatus.PENDING.value,
+            rule=None,
+            not_before=retry_at,
+            enqueued_at=retry_at,
+            lease_until=None,
+            sent_at=None,
+            updated_at=now,
+        )
+    )

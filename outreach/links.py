@@ -35,18 +35,20 @@ from __future__ import annotations
 import html
 import logging
 import re
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import String, any_, bindparam, func, insert, select
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from outreach.campaigns import Campaign
 from outreach.candidates import add_tags
 from outreach.config import Settings
-from outreach.models import Candidate, LinkClick, OutboundMessage, TrackedLink, utcnow
+from outreach.models import Base, Candidate, LinkClick, OutboundMessage, TrackedLink, utcnow
 from outreach.policy.config import BehaviourSpec
 from outreach.render import RenderedEmail
 from outreach.runtime import Runtime
@@ -56,6 +58,7 @@ __all__ = [
     "CONTEXT_LINK_NAMES",
     "Followed",
     "Link",
+    "LinkSet",
     "apply_behaviours",
     "follow",
     "known_names",
@@ -63,6 +66,7 @@ __all__ = [
     "redirect_url",
     "rewrite_html",
     "rewrite_text",
+    "store_links",
     "strip_names",
     "track_email",
     "track_sms",
@@ -78,6 +82,7 @@ TOKEN_PURPOSE = "r"
 MAX_URL_LENGTH = 2000  # TrackedLink.url
 MAX_LINK_ID = 2**31 - 1  # TrackedLink.id is an INTEGER
 _NAME = re.compile(r"^[a-z0-9_]{1,64}$")
+_LINKS = Base.metadata.tables["tracked_links"]
 
 # An <a> or <area> start tag; quoted attribute values may hold ">".
 _TAG = re.compile(r"""<(?:a|area)(?=[\s/>])((?:[^>"']|"[^"]*"|'[^']*')*)>""", re.IGNORECASE)
@@ -228,26 +233,119 @@ class _Tracker:
     def substitute(self, link: Link) -> str | None:
         return self.redirects.get(link) if self.trackable(link) else None
 
-    def store(self, session: Session, message_id: str) -> None:
-        """One row per distinct link, reusing those of an earlier attempt at the same message."""
-        existing = session.execute(
-            select(TrackedLink.id, TrackedLink.position, TrackedLink.url, TrackedLink.name).where(
-                TrackedLink.message_id == message_id
-            )
-        ).all()
-        ids = {Link(url, name): link_id for link_id, _, url, name in existing}
-        position = max((row.position for row in existing), default=-1) + 1
-        added: list[tuple[Link, TrackedLink]] = []
-        for link in self.found:
-            if link in ids:
-                continue
-            row = TrackedLink(message_id=message_id, position=position, name=link.name, url=link.url)
-            session.add(row)
-            added.append((link, row))
-            position += 1
-        session.flush()
-        ids.update((link, row.id) for link, row in added)
+    def resolve(self, ids: Mapping[Link, int]) -> None:
+        """The redirects, once every found link has its row id."""
         self.redirects = {link: redirect_url(self.settings, ids[link]) for link in self.found}
+
+
+def store_links(session: Session, trackers: Sequence[tuple[str, _Tracker]]) -> None:
+    """The links of several messages in one read and one insert: one row per distinct link of a message, reusing
+    those of an earlier attempt at the same message (a resent message carries the same links)."""
+    wanted = [(message_id, tracker) for message_id, tracker in trackers if tracker.found]
+    if not wanted:
+        return
+    message_ids = sorted({message_id for message_id, _ in wanted})
+    postgres = session.get_bind().dialect.name == "postgresql"
+    found = (
+        TrackedLink.message_id == any_(bindparam("message_ids", message_ids, type_=postgresql.ARRAY(String)))
+        if postgres
+        else TrackedLink.message_id.in_(message_ids)
+    )
+    ids: dict[str, dict[Link, int]] = defaultdict(dict)
+    positions: dict[str, int] = defaultdict(lambda: -1)
+    for link_id, message_id, position, url, name in session.execute(
+        select(TrackedLink.id, TrackedLink.message_id, TrackedLink.position, TrackedLink.url, TrackedLink.name).where(
+            found
+        )
+    ):
+        ids[message_id][Link(url, name)] = link_id
+        positions[message_id] = max(positions[message_id], position)
+    missing: list[dict[str, Any]] = []
+    placed: dict[tuple[str, int], Link] = {}
+    for message_id, tracker in wanted:
+        known = ids[message_id]
+        for link in tracker.found:
+            if link in known:
+                continue
+            known[link] = 0  # a placeholder until the insert answers
+            positions[message_id] += 1
+            placed[(message_id, positions[message_id])] = link
+            missing.append(
+                {"message_id": message_id, "position": positions[message_id], "url": link.url, "name": link.name}
+            )
+    if missing:
+        # One multi-row INSERT … RETURNING for the whole set; rows are matched back by (message, position).
+        statement = insert(_LINKS).returning(_LINKS.c.id, _LINKS.c.message_id, _LINKS.c.position)
+        for link_id, message_id, position in session.connection().execute(statement, missing):
+            ids[message_id][placed[(message_id, position)]] = link_id
+    for message_id, tracker in wanted:
+        tracker.resolve(ids[message_id])
+
+
+class LinkSet:
+    """Click tracking for several messages at once: :meth:`email` and :meth:`sms` find each message's links,
+    :meth:`store` writes the new rows of all of them in one read and one insert, and the function each of the
+    first two returned then gives that message as it goes out (links replaced by their redirects)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self._trackers: list[tuple[str, _Tracker]] = []
+
+    def email(
+        self, message: OutboundMessage, email: RenderedEmail, context: Mapping[str, Any]
+    ) -> Callable[[], RenderedEmail]:
+        """The email's links found; call the result after :meth:`store` for the email as it goes out (the
+        ``data-link`` names removed either way; the subject is left alone)."""
+        if not tracks_clicks(self.runtime.campaigns.get(message.campaign)):
+            stripped = replace(email, html=strip_names(email.html))
+            return lambda: stripped
+        finish = self._collect(message.id, context, email.html, [email.text])
+
+        def tracked() -> RenderedEmail:
+            new_html, (new_text,) = finish()
+            return replace(email, html=new_html or "", text=new_text)
+
+        return tracked
+
+    def sms(self, message: OutboundMessage, body: str, context: Mapping[str, Any]) -> Callable[[], str]:
+        """The SMS body's links found; call the result after :meth:`store` for the body as it goes out."""
+        if not tracks_clicks(self.runtime.campaigns.get(message.campaign)):
+            return lambda: body
+        finish = self._collect(message.id, context, None, [body])
+        return lambda: finish()[1][0]
+
+    def store(self, session: Session) -> None:
+        """Write the links found so far (in ``session``'s transaction)."""
+        store_links(session, self._trackers)
+        self._trackers = []
+
+    def _collect(
+        self, message_id: str, context: Mapping[str, Any], html_part: str | None, texts: Sequence[str]
+    ) -> Callable[[], tuple[str | None, list[str]]]:
+        tracker = _Tracker(self.runtime.settings, context)
+        html_names = dict(tracker.known)
+        if html_part is not None:
+
+            def collect_html(link: Link) -> str | None:
+                if link.name is not None:
+                    html_names.setdefault(link.url, link.name)
+                return tracker.collect(link)
+
+            rewrite_html(html_part, tracker.known, collect_html)
+        for text in texts:
+            rewrite_text(text, html_names, tracker.collect)
+        if tracker.found:
+            self._trackers.append((message_id, tracker))
+
+        def finish() -> tuple[str | None, list[str]]:
+            # Even with nothing to track the HTML goes through once more, to drop the data-link attributes.
+            new_html = None if html_part is None else rewrite_html(html_part, tracker.known, tracker.substitute)
+            new_texts = [
+                rewrite_text(text, html_names, tracker.substitute) if tracker.found else text for text in texts
+            ]
+            return new_html, new_texts
+
+        return finish
 
 
 def _track(
@@ -258,28 +356,15 @@ def _track(
     texts: Sequence[str],
     session: Session | None = None,
 ) -> tuple[str | None, list[str]]:
-    tracker = _Tracker(runtime.settings, context)
-    html_names = dict(tracker.known)
-    if html_part is not None:
-
-        def collect_html(link: Link) -> str | None:
-            if link.name is not None:
-                html_names.setdefault(link.url, link.name)
-            return tracker.collect(link)
-
-        rewrite_html(html_part, tracker.known, collect_html)
-    for text in texts:
-        rewrite_text(text, html_names, tracker.collect)
-    if tracker.found:
+    links = LinkSet(runtime)
+    finish = links._collect(message_id, context, html_part, texts)
+    if links._trackers:
         if session is not None:
-            tracker.store(session, message_id)
+            links.store(session)
         else:
             with Session(runtime.engine) as own, own.begin():
-                tracker.store(own, message_id)
-    # Even with nothing to track the HTML goes through once more, to drop the data-link attributes.
-    new_html = None if html_part is None else rewrite_html(html_part, tracker.known, tracker.substitute)
-    new_texts = [rewrite_text(text, html_names, tracker.substitute) if tracker.found else text for text in texts]
-    return new_html, new_texts
+                links.store(own)
+    return finish()
 
 
 def track_email(

@@ -181,9 +181,12 @@ def test_chinese_candidate_gets_chinese_messages(runtime: Runtime, sandbox: Sand
     assert status_of(runtime, sms.id).segments is not None
 
 
-def test_one_send_is_two_transactions_on_one_connection(runtime: Runtime, sandbox: SandboxServer) -> None:
-    """The hot path's shape: one pooled connection, the claiming transaction (claim, candidate lock with its
-    enrollment and job, rules, tracked links) committed before the provider call, one update after it."""
+def test_one_send_is_one_transaction_and_two_statements_on_one_connection(
+    runtime: Runtime, sandbox: SandboxServer
+) -> None:
+    """The hot path's shape for a group of one: one pooled connection, the claiming transaction (claim, candidate
+    lock with its enrollment and job, rules, tracked links) committed before the provider call, then the hand-off
+    and the record, one autocommit update each."""
     from sqlalchemy import event
 
     email, _ = queue_jd_intro(runtime)
@@ -211,9 +214,10 @@ def test_one_send_is_two_transactions_on_one_connection(runtime: Runtime, sandbo
         for target, name, function in listeners:
             event.remove(target, name, function)
     assert len(checkouts) == 1
-    assert len(commits) == 2
-    # claim, lock (+ enrollment, job), enrollment rule answered from the lock, suppression, caps, tracked links
-    # (read + insert), the outcome.
-    assert statements.count("UPDATE") == 2
+    assert len(commits) == 1
+    # claim, lock (+ enrollment, job), suppression, caps, tracked links (read + insert), hand-off, the outcome.
+    assert statements.count("UPDATE") == 3
     assert len(statements) <= 8, statements
+    row = status_of(runtime, email.id)
+    assert (row.status, row.rule, row.attempts, row.lease_until) == ("sent", None, 1, None)
     assert sandbox.wait_for(1, timeout=5)[0].custom_args == {"outreach_id": email.id}

@@ -1,18 +1,23 @@
-"""Dramatiq actors. Each takes an id, never a payload: the database holds the message.
+"""Dramatiq actors. Each takes ids, never a payload: the database holds the message.
 
-Retry policy lives on the actor: a transient provider failure (429, 5xx, timeout) raises ``Retry`` with the
-provider's own reset time; anything else unexpected is retried with backoff a few times. Permanent failures
-are recorded by :func:`outreach.delivery.deliver` and end there.
+``deliver_messages`` takes a group of outbox ids (:func:`outreach.delivery.deliver_group`); ``deliver_message``
+one id (messages enqueued before groups existed). Retry policy: a row the provider turned away for now (429,
+5xx, a connection that never opened) is back to ``pending`` with its reset time, and the group actor enqueues a
+new group message for those ids alone, delayed until then, so the rows already sent are never part of a retry;
+the single-id actor raises ``Retry`` with that delay. Anything else unexpected is retried with backoff a few
+times (a group's claimed rows were given back first). Permanent failures are recorded by delivery and end there.
 """
 
 from __future__ import annotations
+
+from collections import defaultdict
 
 import dramatiq
 from dramatiq import Broker
 from sqlalchemy.exc import OperationalError
 
-from outreach.broker import DELIVER_ACTOR
-from outreach.delivery import deliver
+from outreach.broker import DELIVER_ACTOR, GROUP_ACTOR, enqueue_deliveries
+from outreach.delivery import deliver, deliver_group
 from outreach.runtime import get_runtime
 from workers.batch import declare_batch_actor
 
@@ -35,6 +40,18 @@ def deliver_message(outbox_id: str) -> None:
         raise dramatiq.Retry("provider asked us to wait", delay=max(1, int(outcome.retry_in * 1000)))
 
 
+def deliver_messages(outbox_ids: list[str]) -> None:
+    runtime = get_runtime()
+    outcomes = deliver_group(runtime, outbox_ids)
+    later: dict[int, list[str]] = defaultdict(list)
+    for outbox_id, outcome in outcomes.items():
+        if outcome.retry_in is not None:
+            # Whole seconds, a second past the row's own not_before, so the retry finds it due.
+            later[int(outcome.retry_in) + 1].append(outbox_id)
+    for delay, ids in sorted(later.items()):
+        enqueue_deliveries(ids, queue_name=runtime.settings.queue_name, delay=float(delay))
+
+
 def declare_actors(broker: Broker) -> dict[str, dramatiq.Actor[..., None]]:
     """Declare our actors on ``broker`` (replacing earlier declarations, so tests can switch brokers)."""
     queue = get_runtime().settings.queue_name
@@ -52,4 +69,13 @@ def declare_actors(broker: Broker) -> dict[str, dramatiq.Actor[..., None]]:
             "time_limit": 120_000,
         },
     )
-    return {DELIVER_ACTOR: actor, **declare_batch_actor(broker, queue, actor.options)}
+    broker.actors.pop(GROUP_ACTOR, None)
+    group: dramatiq.Actor[..., None] = dramatiq.Actor(
+        deliver_messages,
+        broker=broker,
+        actor_name=GROUP_ACTOR,
+        queue_name=queue,
+        priority=0,
+        options=dict(actor.options),
+    )
+    return {DELIVER_ACTOR: actor, GROUP_ACTOR: group, **declare_batch_actor(broker, queue, actor.options)}
