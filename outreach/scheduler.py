@@ -19,14 +19,15 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple
+from datetime import datetime, timedelta
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
+import orjson
 from croniter import croniter
 from sqlalchemy import Engine, Integer, String, and_, bindparam, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session, load_only
+from sqlalchemy.orm import Session
 
 from outreach.calendar import BusinessCalendar
 from outreach.campaigns import Campaign, CampaignSet, Category, ExitCondition, Step
@@ -93,6 +94,22 @@ CANDIDATE_COLUMNS = (
 
 
 @dataclass(slots=True)
+class _Person:
+    """What a pass reads of a due step's candidate: the step conditions, the rules' subject, the next step's time."""
+
+    id: int
+    email: str | None
+    phone: str | None
+    locale: str
+    timezone: str | None
+    stage: str
+    nurture_consent: bool
+    intent_level: str | None
+    last_reply_at: datetime | None
+    last_click_at: datetime | None
+
+
+@dataclass(slots=True)
 class _Due:
     """A claimed enrollment as a pass reads it (one row of :meth:`Scheduler._read`)."""
 
@@ -107,21 +124,10 @@ class _Due:
     exit_reason: str | None
     #: The job's external id (named in alerts), if the enrollment has a job.
     job: str | None
-    candidate: Candidate
+    candidate: _Person
 
 
-class _Move(NamedTuple):
-    """Where a pass leaves one enrollment (a row of the pass's one UPDATE)."""
-
-    id: int
-    current_step: int
-    status: str
-    next_run_at: datetime | None
-    last_step_at: datetime | None
-    updated_at: datetime
-
-
-#: The outbox columns a pass writes, in the order of its row tuples.
+#: The outbox columns a pass writes (the keys of its row dicts).
 OUTBOX_COLUMNS = (
     "id",
     "enrollment_id",
@@ -140,55 +146,77 @@ OUTBOX_COLUMNS = (
     "rule",
     "reason",
 )
-OUTBOX_TIMES = [i for i, name in enumerate(OUTBOX_COLUMNS) if isinstance(OUTBOX.c[name].type, UTCDateTime)]
-MOVE_TIMES = [i for i, name in enumerate(_Move._fields) if name in ("next_run_at", "last_step_at", "updated_at")]
+#: The enrollment columns a pass moves (the keys of its move dicts, with ``id``).
+MOVE_COLUMNS = ("current_step", "status", "next_run_at", "last_step_at", "updated_at")
 
-
-def _array_type(column: Any) -> str:
-    if isinstance(column.type, UTCDateTime):
-        return "timestamp[]"
-    if isinstance(column.type, Integer):
-        return "integer[]"
-    if isinstance(column.type, String):
-        return "text[]"
-    raise TypeError(f"no array type for {column}")
-
-
-def _unnest(table: Any, names: Sequence[str]) -> str:
-    """``unnest(CAST(:a AS text[]), …) AS v(a, …)``: one array parameter per column, whatever the row count."""
-    arrays = ", ".join(f"CAST(:{name} AS {_array_type(table.c[name])})" for name in names)
-    return f"unnest({arrays}) AS v({', '.join(names)})"
-
-
-_PG_INSERT_OUTBOX = text(
-    f"INSERT INTO outbound_messages ({', '.join(OUTBOX_COLUMNS)}) "
-    f"SELECT {', '.join(OUTBOX_COLUMNS)} FROM {_unnest(OUTBOX, OUTBOX_COLUMNS)} "
-    "ON CONFLICT DO NOTHING RETURNING id"
-)
 _ENROLLMENTS = Base.metadata.tables["enrollments"]
-_PG_MOVE = text(
-    "UPDATE enrollments AS e SET "
-    + ", ".join(f"{name} = v.{name}" for name in _Move._fields[1:])
-    + f" FROM {_unnest(_ENROLLMENTS, _Move._fields)} WHERE e.id = v.id"
-)
+
+
+def _recordset(table: Any, names: Sequence[str]) -> tuple[str, str]:
+    """``json_to_recordset(:rows) AS v(a integer, …)`` over ``names`` of ``table``, and the select list that turns
+    its values into the columns' own (times come as ISO texts with their offset and are stored as naive UTC)."""
+    definitions, values = [], []
+    for name in names:
+        kind = table.c[name].type
+        if isinstance(kind, UTCDateTime):
+            definitions.append(f"{name} timestamptz")
+            values.append(f"v.{name} AT TIME ZONE 'UTC'")
+        elif isinstance(kind, Integer):
+            definitions.append(f"{name} integer")
+            values.append(f"v.{name}")
+        elif isinstance(kind, String):
+            definitions.append(f"{name} text")
+            values.append(f"v.{name}")
+        else:  # pragma: no cover - a column type the pass does not write
+            raise TypeError(f"no JSON type for {table.name}.{name}")
+    return f"json_to_recordset(CAST(:rows AS json)) AS v({', '.join(definitions)})", ", ".join(values)
+
+
+def _pg_insert_outbox() -> Any:
+    source, values = _recordset(OUTBOX, OUTBOX_COLUMNS)
+    return text(
+        f"INSERT INTO outbound_messages ({', '.join(OUTBOX_COLUMNS)}) SELECT {values} FROM {source} "
+        "ON CONFLICT DO NOTHING RETURNING id"
+    )
+
+
+def _pg_move() -> Any:
+    source, values = _recordset(_ENROLLMENTS, ("id", *MOVE_COLUMNS))
+    assignments = ", ".join(
+        f"{name} = {value}" for name, value in zip(MOVE_COLUMNS, values.split(", ")[1:], strict=True)
+    )
+    return text(f"UPDATE enrollments AS e SET {assignments} FROM {source} WHERE e.id = v.id")
+
+
+#: PostgreSQL: the pass's outbox rows, and its enrollment moves, each as one JSON document in one statement
+#: (a few bytes of SQL and one parameter whatever the number of rows: nothing for the driver to re-parse).
+_PG_INSERT_OUTBOX = _pg_insert_outbox()
+_PG_MOVE = _pg_move()
 _SQLITE_MOVE = (
     update(_ENROLLMENTS)
     .where(_ENROLLMENTS.c.id == bindparam("b_id"))
-    .values({name: bindparam(f"b_{name}") for name in _Move._fields[1:]})
+    .values({name: bindparam(f"b_{name}") for name in MOVE_COLUMNS})
 )
 
 
-def _naive_utc(value: datetime | None) -> datetime | None:
-    """How the database keeps a time (naive UTC, as :class:`~outreach.models.UTCDateTime` binds it)."""
-    if value is None:
-        return None
-    if value.tzinfo is not UTC:
-        value = value.astimezone(UTC)
-    return value.replace(tzinfo=None)
+class ZoneFacts(Protocol):
+    """What :func:`step_due` reads of a candidate: an ORM :class:`~outreach.models.Candidate` or a plain row."""
+
+    @property
+    def timezone(self) -> str | None: ...
+
+    @property
+    def phone(self) -> str | None: ...
+
+
+@functools.lru_cache(maxsize=4096)
+def _zone(timezone: str | None, phone: str | None, company_tz: str) -> ZoneInfo:
+    """:func:`~outreach.candidates.candidate_timezone` for these facts, worked out once per process."""
+    return candidate_timezone(Candidate(timezone=timezone, phone=phone), Settings(company_timezone=company_tz))
 
 
 def step_due(
-    step: Step, base: datetime, candidate: Candidate, company_tz: str, calendar: BusinessCalendar | None = None
+    step: Step, base: datetime, candidate: ZoneFacts, company_tz: str, calendar: BusinessCalendar | None = None
 ) -> datetime:
     """When ``step`` is due: ``base`` plus the delay (or business days), then the next ``at`` (candidate's zone)."""
     if step.business_days:
@@ -197,7 +225,7 @@ def step_due(
         due = base + step.delay
     if step.at is None:
         return due
-    zone = candidate_timezone(candidate, Settings(company_timezone=company_tz))
+    zone = _zone(candidate.timezone or None, None if candidate.timezone else candidate.phone, company_tz)
     local = due.astimezone(zone)
     hour, minute = (int(part) for part in step.at.split(":"))
     target = local.replace(hour=hour, minute=minute, second=0, microsecond=0)
@@ -241,6 +269,25 @@ class TickResult:
             "requeued": len(self.requeued),
             "uncertain": self.uncertain,
         }
+
+
+def _move(
+    enrollment_id: int,
+    current_step: int,
+    status: str,
+    next_run_at: datetime | None,
+    last_step_at: datetime | None,
+    updated_at: datetime,
+) -> dict[str, Any]:
+    """Where a pass leaves one enrollment (a row of the pass's one UPDATE)."""
+    return {
+        "id": enrollment_id,
+        "current_step": current_step,
+        "status": status,
+        "next_run_at": next_run_at,
+        "last_step_at": last_step_at,
+        "updated_at": updated_at,
+    }
 
 
 def insert_ignore(session: Session, model: type[Any], values: dict[str, Any]) -> bool:
@@ -419,8 +466,8 @@ class Scheduler:
 
     @staticmethod
     def _read(session: Session, ids: Sequence[int]) -> list[_Due]:
-        """The claimed enrollments as plain values, each with its candidate (only the columns a pass reads) and its
-        job's external id, in the order they fell due; one statement."""
+        """The claimed enrollments as plain values, each with its candidate (the columns a pass reads) and its job's
+        external id, in the order they fell due; one statement."""
         e = Enrollment
         query = (
             select(
@@ -434,21 +481,24 @@ class Scheduler:
                 e.last_step_at,
                 e.exit_reason,
                 Job.external_id,
-                Candidate,
+                *CANDIDATE_COLUMNS,
             )
             .join(Candidate, Candidate.id == e.candidate_id)
             .outerjoin(Job, Job.id == e.job_id)
             .where(one_of(session, e.id, ids))
             .order_by(e.next_run_at, e.id)
-            .options(load_only(*CANDIDATE_COLUMNS))
         )
-        return [_Due(*row) for row in session.execute(query)]
+        rows: Any = session.connection().execute(query)
+        return [
+            _Due(enrollment, campaign, stage, index, status, next_run, anchor, last, exit_reason, job, _Person(*person))
+            for enrollment, campaign, stage, index, status, next_run, anchor, last, exit_reason, job, *person in rows
+        ]
 
     def _advance(self, session: Session, due: Sequence[_Due], now: datetime, result: TickResult) -> list[Queued]:
         """Decide every claimed step, write the pass's rows and move the enrollments on; returns the outbox ids to
         enqueue once the transaction commits (with their batch key), in the order the steps fell due."""
         exits: dict[str, list[int]] = {}
-        moves: list[_Move] = []
+        moves: list[dict[str, Any]] = []
         steps: list[tuple[_Due, Campaign, Step]] = []
         for item in due:
             campaign = self.campaigns.get(item.campaign)
@@ -462,7 +512,7 @@ class Scheduler:
                 continue
             assert campaign is not None
             if item.index >= len(campaign.steps):
-                moves.append(_Move(item.enrollment_id, item.index, COMPLETED, None, item.last_step_at, utcnow()))
+                moves.append(_move(item.enrollment_id, item.index, COMPLETED, None, item.last_step_at, utcnow()))
                 result.completed += 1
                 continue
             steps.append((item, campaign, campaign.steps[item.index]))
@@ -486,7 +536,7 @@ class Scheduler:
         # The wall clock, not ``now``: ``tick --now`` simulates when steps are due, but the row is ready to go the
         # moment it is written, and the sweeper's lease runs on real time.
         wall = utcnow()
-        rows: list[tuple[Any, ...]] = []
+        rows: list[dict[str, Any]] = []
         alerts: list[dict[str, Any]] = []
         wanted: list[Queued] = []
         for (item, campaign, step), skip in zip(steps, skips, strict=True):
@@ -527,24 +577,24 @@ class Scheduler:
                         enqueued_at = None
                     result.held += 1
             rows.append(
-                (
-                    outbox_id,
-                    item.enrollment_id,
-                    candidate.id,
-                    campaign.name,
-                    index,
-                    step.channel.value,
-                    step.template,
-                    campaign.category.value,
-                    status,
-                    not_before,
-                    enqueued_at,
-                    0,
-                    wall,
-                    wall,
-                    rule,
-                    reason,
-                )
+                {
+                    "id": outbox_id,
+                    "enrollment_id": item.enrollment_id,
+                    "candidate_id": candidate.id,
+                    "campaign": campaign.name,
+                    "step": index,
+                    "channel": step.channel.value,
+                    "template": step.template,
+                    "category": campaign.category.value,
+                    "status": status,
+                    "not_before": not_before,
+                    "enqueued_at": enqueued_at,
+                    "attempts": 0,
+                    "created_at": wall,
+                    "updated_at": wall,
+                    "rule": rule,
+                    "reason": reason,
+                }
             )
             if step.alert and not skip:
                 message = f"{campaign.name} step {index + 1}: {step.alert.replace('_', ' ')}"
@@ -565,9 +615,9 @@ class Scheduler:
                 following = step_due(
                     campaign.steps[index + 1], at, candidate, self.settings.company_timezone, self.policy.calendar
                 )
-                moves.append(_Move(item.enrollment_id, index + 1, item.status, following, at, now))
+                moves.append(_move(item.enrollment_id, index + 1, item.status, following, at, now))
             else:
-                moves.append(_Move(item.enrollment_id, index + 1, COMPLETED, None, at, now))
+                moves.append(_move(item.enrollment_id, index + 1, COMPLETED, None, at, now))
                 result.completed += 1
 
         for reason_text, exited in exits.items():
@@ -575,39 +625,30 @@ class Scheduler:
         written = self._insert_outbox(session, rows)
         if alerts:
             result.alerts += len(insert_ignore_many(session, Alert, alerts))
-        self._move(session, moves)
+        self._move_all(session, moves)
         # A step whose row already existed (another scheduler got there first) is not enqueued again.
         return [(outbox_id, key) for outbox_id, key in wanted if outbox_id in written]
 
-    def _insert_outbox(self, session: Session, rows: list[tuple[Any, ...]]) -> set[str]:
-        """The pass's outbox rows (tuples in :data:`OUTBOX_COLUMNS` order) in one INSERT … ON CONFLICT DO NOTHING;
-        returns the ids written. PostgreSQL: one statement over arrays (``unnest``), a few parameters however many
-        rows; elsewhere an executemany (SQLAlchemy sends it as a few multi-row statements)."""
+    def _insert_outbox(self, session: Session, rows: list[dict[str, Any]]) -> set[str]:
+        """The pass's outbox rows in one INSERT … ON CONFLICT DO NOTHING; returns the ids written. PostgreSQL: one
+        statement over one JSON document; elsewhere an executemany (sent as a few multi-row statements)."""
         if not rows:
             return set()
         if self.sqlite:
             statement = sqlite.insert(OUTBOX).on_conflict_do_nothing().returning(OUTBOX.c.id)
-            values = [dict(zip(OUTBOX_COLUMNS, row, strict=True)) for row in rows]
-            return {row[0] for row in session.connection().execute(statement, values)}
-        columns = [list(column) for column in zip(*rows, strict=True)]
-        for position in OUTBOX_TIMES:
-            columns[position] = [_naive_utc(value) for value in columns[position]]
-        found = session.connection().execute(_PG_INSERT_OUTBOX, dict(zip(OUTBOX_COLUMNS, columns, strict=True)))
+            return {row[0] for row in session.connection().execute(statement, rows)}
+        found = session.connection().execute(_PG_INSERT_OUTBOX, {"rows": orjson.dumps(rows).decode()})
         return {row[0] for row in found}
 
-    def _move(self, session: Session, moves: list[_Move]) -> None:
-        """Every enrollment's next step, status and times in one UPDATE (PostgreSQL: ``UPDATE … FROM unnest``;
-        elsewhere an executemany)."""
+    def _move_all(self, session: Session, moves: list[dict[str, Any]]) -> None:
+        """Every enrollment's next step, status and times in one UPDATE (PostgreSQL: ``UPDATE … FROM
+        json_to_recordset``; elsewhere an executemany)."""
         if not moves:
             return
         if self.sqlite:
-            names = [f"b_{name}" for name in _Move._fields]
-            session.connection().execute(_SQLITE_MOVE, [dict(zip(names, move, strict=True)) for move in moves])
+            session.connection().execute(_SQLITE_MOVE, [{f"b_{k}": v for k, v in move.items()} for move in moves])
             return
-        columns = [list(column) for column in zip(*moves, strict=True)]
-        for position in MOVE_TIMES:
-            columns[position] = [_naive_utc(value) for value in columns[position]]
-        session.connection().execute(_PG_MOVE, dict(zip(_Move._fields, columns, strict=True)))
+        session.connection().execute(_PG_MOVE, {"rows": orjson.dumps(moves).decode()})
 
     def _batch_key(self, campaign: Campaign, index: int, step: Step, locale: str) -> BatchKey | None:
         """(campaign, step, template, locale) when the step is a nurture email that may go out in a SendGrid batch
@@ -652,7 +693,7 @@ class Scheduler:
         return clicks
 
     @staticmethod
-    def _exit_reason(campaign: Campaign, stage_at_start: str, anchor_at: datetime, candidate: Candidate) -> str | None:
+    def _exit_reason(campaign: Campaign, stage_at_start: str, anchor_at: datetime, candidate: _Person) -> str | None:
         if ExitCondition.STAGE_CHANGED in campaign.exit_on and candidate.stage != stage_at_start:
             return f"stage changed to {candidate.stage}"
         if (
@@ -665,7 +706,7 @@ class Scheduler:
 
     @staticmethod
     def _skip_reason(
-        step: Step, candidate: Candidate, since: datetime, clicks: Sequence[tuple[int, str]] = ()
+        step: Step, candidate: _Person, since: datetime, clicks: Sequence[tuple[int, str]] = ()
     ) -> tuple[str, str] | None:
         """Why the step is skipped, as (rule, reason), or None when it goes ahead. ``clicks``: (candidate id, link
         name) of the clicks on links in this enrollment's own messages, earliest first (:meth:`_clicks`)."""
