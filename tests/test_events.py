@@ -12,7 +12,8 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event as sa_event
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from outreach.events import (
@@ -627,3 +628,187 @@ def test_the_same_batch_arriving_in_parallel_is_applied_once(runtime: Runtime) -
     assert errors == []
     assert sum(r.stored for r in results) == 19 and sum(r.suppressed for r in results) == 5
     assert status(runtime, ANA) == "delivered" and status(runtime, BO) == "bounced"
+
+
+# -- how a batch is stored: statements, locks, concurrency ---------------------------------------------
+
+
+def add_messages(runtime: Runtime, first: int, count: int, candidates: list[Candidate]) -> list[str]:
+    """``count`` sent email rows spread over ``candidates``, with ids and provider ids numbered from ``first``."""
+    ids = [f"{n:032x}" for n in range(first, first + count)]
+    with Session(runtime.engine) as session, session.begin():
+        for n, outbox_id in enumerate(ids, start=first):
+            session.add(
+                OutboundMessage(
+                    id=outbox_id,
+                    candidate_id=candidates[n % len(candidates)].id,
+                    campaign="bulk",
+                    step=n,
+                    channel="email",
+                    template="t",
+                    category="nurture",
+                    status="sent",
+                    provider="sendgrid",
+                    provider_message_id=f"M{n}",
+                )
+            )
+    return ids
+
+
+def item(kind: str, outbox_id: str, seconds: int, event_id: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "event": kind,
+        "timestamp": seconds,
+        "sg_event_id": event_id,
+        "email": f"{outbox_id}@example.org",
+        "outreach_id": outbox_id,
+        **extra,
+    }
+
+
+def full_history(ids: list[str], tag: str) -> list[dict[str, Any]]:
+    """processed, then delivered (a hard bounce for every tenth message), open and click for each message."""
+    payload = []
+    for n, outbox_id in enumerate(ids):
+        payload.append(item("processed", outbox_id, 1764108000 + n, f"{tag}-p-{n}"))
+        if n % 10 == 9:
+            payload.append(item("bounce", outbox_id, 1764108060 + n, f"{tag}-b-{n}", type="bounce", status="5.1.1"))
+        else:
+            payload.append(item("delivered", outbox_id, 1764108060 + n, f"{tag}-d-{n}"))
+            payload.append(item("open", outbox_id, 1764111600 + n, f"{tag}-o-{n}"))
+            payload.append(item("click", outbox_id, 1764111660 + n, f"{tag}-c-{n}"))
+    return payload
+
+
+def statements_while(runtime: Runtime, events: list[NormalizedEvent]) -> tuple[IngestResult, list[str]]:
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        seen.append(" ".join(statement.split()[:3]))
+
+    sa_event.listen(runtime.engine, "before_cursor_execute", record)
+    try:
+        result = run(runtime, events)
+    finally:
+        sa_event.remove(runtime.engine, "before_cursor_execute", record)
+    return result, seen
+
+
+def test_a_batch_costs_the_same_few_statements_whatever_its_size(runtime: Runtime) -> None:
+    candidates = [add_candidate(runtime, f"c-{n}") for n in range(3)]
+    small_ids = add_messages(runtime, 0, 20, candidates)
+    large_ids = add_messages(runtime, 20, 400, candidates)
+    small, small_statements = statements_while(runtime, parse_sendgrid_batch(full_history(small_ids, "s")))
+    large, large_statements = statements_while(runtime, parse_sendgrid_batch(full_history(large_ids, "l")))
+    assert (small.stored, small.updated) == (76, 20)
+    assert (large.stored, large.updated) == (1520, 400)
+    assert small.suppressed == 2 and large.suppressed == 40
+    # Rows found, events inserted, rows locked and moved, suppressions, queued mail ended, clicks recorded.
+    assert len(large_statements) <= 10, large_statements
+    if runtime.engine.dialect.name == "postgresql":
+        assert small_statements == large_statements
+    else:  # SQLAlchemy sends an executemany with RETURNING as multi-row INSERTs of up to 1,000 rows
+        assert len(large_statements) <= len(small_statements) + 1, (small_statements, large_statements)
+
+
+def test_payload_values_orjson_cannot_write_are_stored_as_received(runtime: Runtime) -> None:
+    # An integer beyond 64 bits is valid JSON that the fast encoder refuses: such a batch goes through the
+    # standard library's encoder instead, and the value is stored exactly.
+    outbox_id = add_message(runtime, add_candidate(runtime), provider="sendgrid", provider_message_id="XMSG")
+    odd = {"useragent": "Zoë ☃", "attempt": 2**70, "negative": -(2**70)}
+    result = run(runtime, parse_sendgrid_batch([item("open", outbox_id, 1764108060, "o-1", **odd)]))
+    assert (result.stored, result.updated) == (1, 1)
+    with Session(runtime.engine) as session:
+        stored = session.scalars(select(DeliveryEvent)).one()
+        assert {key: stored.raw[key] for key in odd} == odd
+        assert isinstance(stored.raw["attempt"], int)
+    assert status(runtime, outbox_id) == "delivered"
+
+
+def test_overlapping_batches_in_parallel_are_all_applied_without_deadlocks(pg_runtime: Runtime) -> None:
+    # Four batches at once, each with new events for every one of the same 40 messages (to 4 candidates): the
+    # rows (and candidates) each one moves overlap with every other's, in every order.
+    runtime = pg_runtime
+    candidates = [add_candidate(runtime, f"c-{n}") for n in range(4)]
+    ids = add_messages(runtime, 0, 40, candidates)
+    kinds = [("processed", 0), ("delivered", 60), ("open", 3600), ("click", 3660)]
+    batches = []
+    for k, (kind, offset) in enumerate(kinds):
+        payload = [item(kind, outbox_id, 1764108000 + n + offset, f"{kind}-{n}") for n, outbox_id in enumerate(ids)]
+        payload += [
+            item("bounce", outbox_id, 1764108100 + n, f"bounce-{n}", type="bounce")
+            for n, outbox_id in enumerate(ids)
+            if n % 10 == 3 and k == 2
+        ]
+        random.Random(k).shuffle(payload)
+        batches.append(parse_sendgrid_batch(payload))
+    barrier = threading.Barrier(len(batches))
+    results: list[IngestResult] = []
+    errors: list[BaseException] = []
+
+    def post(events: list[NormalizedEvent]) -> None:
+        barrier.wait()
+        try:
+            results.append(run(runtime, events))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=post, args=(batch,)) for batch in batches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sum(r.stored for r in results) == 4 * 40 + 4
+    with Session(runtime.engine) as session:
+        statuses = dict(session.execute(select(OutboundMessage.id, OutboundMessage.status)).all())
+        clicks = {c.id: c.last_click_at for c in session.scalars(select(Candidate))}
+    assert statuses == {outbox_id: "bounced" if n % 10 == 3 else "delivered" for n, outbox_id in enumerate(ids)}
+    assert clicks == {c.id: at(1764108000 + 36 + c_index + 3660) for c_index, c in enumerate(candidates)}
+
+
+def test_a_batch_naming_a_row_being_moved_stores_its_events_and_waits_only_for_the_move(
+    pg_runtime: Runtime,
+) -> None:
+    runtime = pg_runtime
+    outbox_id = add_message(runtime, add_candidate(runtime), provider="sendgrid", provider_message_id="XMSG")
+    results: list[IngestResult] = []
+    with Session(runtime.engine) as other, other.begin():
+        # What another batch holds while it moves this row (the lock an UPDATE takes anyway).
+        other.execute(
+            select(OutboundMessage.id).where(OutboundMessage.id == outbox_id).with_for_update(key_share=True)
+        ).all()
+        holder = other.execute(text("SELECT txid_current()::text")).scalar_one()
+        thread = threading.Thread(
+            target=lambda: results.append(run(runtime, [sendgrid("delivered", outbox_id, 1764108060, "d")]))
+        )
+        thread.start()
+        with runtime.engine.connect() as watcher:
+            deadline = time.monotonic() + 10
+            while not (
+                waiting := watcher.execute(
+                    text(
+                        "SELECT l.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                        "WHERE a.datname = current_database() AND l.locktype = 'transactionid' "
+                        "AND NOT l.granted AND l.transactionid::text = :holder"
+                    ),
+                    {"holder": holder},
+                )
+                .scalars()
+                .all()
+            ):
+                assert time.monotonic() < deadline, "the batch never waited for the row"
+                time.sleep(0.02)
+            # Its events are already in (the foreign-key check's FOR KEY SHARE does not conflict with the
+            # move's lock): it waits only to move the row.
+            inserted = watcher.execute(
+                text(
+                    "SELECT count(*) FROM pg_locks WHERE pid = :pid AND granted AND mode = 'RowExclusiveLock' "
+                    "AND relation = 'delivery_events'::regclass"
+                ),
+                {"pid": waiting[0]},
+            ).scalar_one()
+        assert (len(waiting), inserted, results) == (1, 1, [])
+    thread.join(timeout=10)
+    assert results and (results[0].stored, results[0].updated) == (1, 1)
+    assert status(runtime, outbox_id) == "delivered"
