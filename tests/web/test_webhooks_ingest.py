@@ -1,0 +1,99 @@
+"""The SendGrid event webhook under load and failure: what a request leaves behind, and what it holds up."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import event as sa_event
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from outreach.models import DeliveryEvent, OutboundMessage
+from outreach.runtime import Runtime
+from outreach.web.webhooks import WebhookSettings
+from tests.helpers import add_candidate
+from tests.web.test_webhooks import EVENTS_PATH, LiveServer, Signer, add_message, batch_for, count, make_app, row
+
+
+@pytest.fixture(scope="module")
+def signer() -> Signer:
+    return Signer()
+
+
+def fail_when(runtime: Runtime, prefix: str) -> Any:
+    """A listener that breaks the connection when a statement starting with ``prefix`` is about to run."""
+
+    def breaks(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().startswith(prefix):
+            raise OperationalError(statement[:40], {}, ConnectionError("server closed the connection"))
+
+    sa_event.listen(runtime.engine, "before_cursor_execute", breaks)
+    return breaks
+
+
+def test_a_batch_failing_half_way_stores_nothing_and_its_retry_stores_it_once(runtime: Runtime, signer: Signer) -> None:
+    client = TestClient(make_app(runtime, WebhookSettings(sendgrid_public_key=signer.public_key)))
+    outbox_id = add_message(runtime, add_candidate(runtime))
+    body = batch_for(outbox_id)
+    # The events are inserted, then the connection goes while the outbox row is being moved.
+    breaks = fail_when(runtime, "UPDATE outbound_messages")
+    try:
+        answer = client.post(EVENTS_PATH, content=body, headers=signer.headers(body))
+    finally:
+        sa_event.remove(runtime.engine, "before_cursor_execute", breaks)
+    assert answer.status_code == 503  # SendGrid keeps the batch and posts it again
+    assert count(runtime, DeliveryEvent) == 0
+    assert row(runtime, outbox_id).status == "sent"
+
+    retry = client.post(EVENTS_PATH, content=body, headers=signer.headers(body))
+    assert (retry.status_code, retry.json()["stored"], retry.json()["duplicates"]) == (200, 2, 0)
+    assert (count(runtime, DeliveryEvent), row(runtime, outbox_id).status) == (2, "delivered")
+
+
+def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    parsed = urlparse(url)
+    connection = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port, timeout=30)
+    try:
+        connection.request("POST", EVENTS_PATH, body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_a_batch_waiting_for_a_row_does_not_hold_up_other_batches(pg_runtime: Runtime, signer: Signer) -> None:
+    runtime = pg_runtime
+    blocked_id = add_message(runtime, add_candidate(runtime, "c-1"))
+    free_id = add_message(runtime, add_candidate(runtime, "c-2"))
+    app = make_app(runtime, WebhookSettings(sendgrid_public_key=signer.public_key))
+    answers: list[tuple[int, dict[str, Any]]] = []
+    with LiveServer(app) as server, Session(runtime.engine) as other, other.begin():
+        # Another transaction is moving the first batch's row: that batch must wait for it …
+        other.execute(
+            select(OutboundMessage.id).where(OutboundMessage.id == blocked_id).with_for_update(key_share=True)
+        ).all()
+        first = batch_for(blocked_id)
+        waiting = threading.Thread(target=lambda: answers.append(post(server.url, first, signer.headers(first))))
+        waiting.start()
+        time.sleep(0.3)
+        # … while a batch for other messages is verified, parsed, stored and answered meanwhile.
+        second = batch_for(free_id, email="c-2@example.org").replace(b"cHJvY2Vzc2Vk", b"b3RoZXIgcHJvY2Vzc2Vk")
+        second = second.replace(b"ZGVsaXZlcmVk", b"b3RoZXIgZGVsaXZlcmVk")
+        began = time.monotonic()
+        status, summary = post(server.url, second, signer.headers(second))
+        assert (status, summary["stored"], summary["updated"]) == (200, 2, 1)
+        assert time.monotonic() - began < 10
+        assert answers == [] and waiting.is_alive()
+        assert row(runtime, free_id).status == "delivered"
+        other.commit()
+        waiting.join(timeout=30)
+    assert answers and answers[0][0] == 200 and answers[0][1]["stored"] == 2
+    assert row(runtime, blocked_id).status == "delivered"
