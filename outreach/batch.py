@@ -905,9 +905,13 @@ def _record_sent(
         # and the database fills them in (``replace`` in the order :func:`_substitute` follows, so the stored text
         # is what the recipient got) instead of a thousand bodies crossing the wire.
         tags = tuple(chunk[0].substitutions)
-        if all(tuple(r.substitutions) == tags for r in chunk):
-            values = [[r.id, *r.substitutions.values()] for r in chunk]
-            statement = _record_sent_filled(tags)
+        if all(tuple(r.substitutions) == tags and not any("%" in v for v in r.substitutions.values()) for r in chunk):
+            # No value can make a tag (they all have a ``%``), so only the tags the texts hold need replacing.
+            in_subject = tuple(tag for tag in tags if tag in shared.subject)
+            in_text = tuple(tag for tag in tags if tag in shared.text)
+            used = tuple(tag for tag in tags if tag in in_subject or tag in in_text)
+            values = [[r.id, *(r.substitutions[tag] for tag in used)] for r in chunk]
+            statement = _record_sent_filled(used, in_subject, in_text)
             texts = {"sent_subject": shared.subject, "sent_text": shared.text}
         else:  # substitutions are filled for a whole rendering at once, so their keys agree; if not, each text
             values = [
@@ -959,15 +963,17 @@ def _json_rows(width: int) -> Any:
 
 
 @lru_cache(maxsize=32)
-def _record_sent_filled(tags: tuple[str, ...]) -> Any:
-    """PostgreSQL: subject and body filled in from ``sent_subject``/``sent_text`` and each row's values of
-    ``tags``, in that order."""
-    rows = _json_rows(len(tags) + 1)
+def _record_sent_filled(used: tuple[str, ...], in_subject: tuple[str, ...], in_text: tuple[str, ...]) -> Any:
+    """PostgreSQL: subject and body filled in from ``sent_subject``/``sent_text``, replacing the tags each holds
+    (in the order :func:`_substitute` follows) by the row's values, which come in the order of ``used``."""
+    rows = _json_rows(len(used) + 1)
+    value = {tag: rows.c[f"v{position}"] for position, tag in enumerate(used, start=1)}
     subject: Any = bindparam("sent_subject", type_=Text)
     body: Any = bindparam("sent_text", type_=Text)
-    for position, tag in enumerate(tags, start=1):
-        subject = func.replace(subject, literal(tag, Text), rows.c[f"v{position}"])
-        body = func.replace(body, literal(tag, Text), rows.c[f"v{position}"])
+    for tag in in_subject:
+        subject = func.replace(subject, literal(tag, Text), value[tag])
+    for tag in in_text:
+        body = func.replace(body, literal(tag, Text), value[tag])
     return update(_OUTBOX).where(_OUTBOX.c.id == rows.c.v0).values(subject=subject, body=body, **_sent_facts())
 
 
