@@ -4,10 +4,12 @@ Set-up (not timed): a scratch PostgreSQL database per size, filled with ``genera
 ``final_thanks`` enrollments, all active; a few thousand due, the rest due in the weeks ahead) and analysed.
 
 Timed, on each size: one scheduler pass (:meth:`outreach.scheduler.Scheduler.run_due`): claim 1,000 due
-enrollments (``FOR UPDATE SKIP LOCKED`` over the ``(status, next_run_at)`` index), check the policies, write
-their outbox rows, commit, and enqueue the ids on Redis, pipelined. The median of a few passes is the figure;
-the goal is at most 100 ms at 1M and at most twice the 10k figure (the cost grows with the due work, not with the
-table). The claim query's plan is checked to use the index and not scan the table.
+enrollments (``FOR UPDATE SKIP LOCKED`` over the ``(status, next_run_at)`` index) and read them with their
+candidates, check every policy rule, write their outbox rows and move the enrollments on, commit, and enqueue the
+ids on Redis, pipelined. The median of a few passes is the figure (the JSON details also give this process's CPU
+per pass); the goal is at most 100 ms at 1M and at most twice the 10k figure (the cost grows with the due work, not
+with the table). The statements of the first (untimed) pass are recorded and EXPLAINed afterwards with their own
+parameters: the claim must use the index, and at 1M no statement may scan the enrollments table.
 
 Also timed: putting 10,000 outbox ids on the Redis queue pipelined (:func:`outreach.broker.enqueue_deliveries`)
 against Dramatiq's own ``actor.send()`` loop (one round trip per message), on the same broker in the same run.
@@ -114,19 +116,6 @@ def seed(engine: Engine, enrollments: int, due: int) -> None:
         connection.execute(text("VACUUM ANALYZE enrollments"))
 
 
-def claim_plan(engine: Engine, batch: int) -> str:
-    """EXPLAIN of the claim query as the scheduler issues it."""
-    with engine.connect() as connection:
-        rows = connection.execute(
-            text(
-                "EXPLAIN SELECT id FROM enrollments WHERE status = 'active' AND next_run_at IS NOT NULL "
-                "AND next_run_at <= :now ORDER BY next_run_at LIMIT :batch FOR UPDATE SKIP LOCKED"
-            ),
-            {"now": utcnow().replace(tzinfo=None), "batch": batch},
-        )
-        return "\n".join(row[0] for row in rows)
-
-
 def capture(engine: Engine) -> tuple[list[tuple[str, Any]], Any]:
     """Start recording the statements ``engine`` runs: (the list they go to, the listener to remove)."""
     seen: list[tuple[str, Any]] = []
@@ -162,9 +151,6 @@ def measure_size(
             began = time.perf_counter()
             seed(engine, size, batch * (passes + 1))
             progress(f"scheduler: {size:,} enrollments loaded in {time.perf_counter() - began:.1f} s")
-            plan = claim_plan(engine, batch)
-            if "Seq Scan on enrollments" in plan or "ix_enrollments_due" not in plan:
-                raise BenchmarkError(f"the claim query does not use the due index:\n{plan}")
             settings = Settings(
                 database_url=url, campaigns_dir=ROOT / "campaigns", templates_dir=ROOT / "templates"
             ).with_overrides(claim_batch=batch, queue_name=queue)
@@ -198,6 +184,10 @@ def measure_size(
                     timings.append(elapsed)
                     cpu_timings.append(cpu)
             plans = pass_plans(engine, statements)
+            claim = plans[0] if plans else ""
+            if "Seq Scan on enrollments" in claim or "ix_enrollments_due" not in claim:
+                raise BenchmarkError(f"the claim does not use the due index:\n{claim}")
+            # At 10,000 rows PostgreSQL may rightly prefer reading the table to a thousand index probes.
             scans = [p for p in plans if "Seq Scan on enrollments" in p]
             if scans and size > CANDIDATES:
                 raise BenchmarkError(f"a statement of the pass scans the enrollments table:\n{scans[0]}")
@@ -212,7 +202,7 @@ def measure_size(
                 "scheduler_cpu_ms": round(statistics.median(cpu_timings) * 1000, 1),
                 "lost": max(0, expected - int(written)) + max(0, expected - sum(enqueued)),
                 "duplicated": max(0, int(written) - expected) + max(0, sum(enqueued) - expected),
-                "plan": plan.splitlines()[:4],
+                "plan": claim.splitlines()[:12],
                 "statements_per_pass": len(statements),
                 "pass_plans": [p.splitlines() for p in plans],
             }

@@ -78,6 +78,22 @@ BatchKey = tuple[str, int, str, str]
 #: An outbox id to enqueue after the commit, with its batch key (None: enqueued on its own).
 Queued = tuple[str, BatchKey | None]
 
+#: What a pass reads of each claimed enrollment (in :class:`_Due`'s order; the last two only to join the candidate
+#: and the job).
+ENROLLMENT_COLUMNS = (
+    Enrollment.id,
+    Enrollment.campaign,
+    Enrollment.stage_at_start,
+    Enrollment.current_step,
+    Enrollment.status,
+    Enrollment.next_run_at,
+    Enrollment.anchor_at,
+    Enrollment.last_step_at,
+    Enrollment.exit_reason,
+    Enrollment.candidate_id,
+    Enrollment.job_id,
+)
+
 #: What a pass reads of each due step's candidate: the step conditions, the rules' subject, the next step's time.
 CANDIDATE_COLUMNS = (
     Candidate.id,
@@ -411,7 +427,12 @@ class Scheduler:
 
     # -- due steps --------------------------------------------------------------------------------------
 
-    def _claim(self, session: Session, now: datetime, only: Sequence[int] | None) -> list[int]:
+    def _claim(self, session: Session, now: datetime, only: Sequence[int] | None) -> list[_Due]:
+        """Claim up to ``claim_batch`` due enrollments, earliest first, and read them (:meth:`_read`).
+
+        PostgreSQL: one statement, the claim (``FOR UPDATE SKIP LOCKED`` over the ``(status, next_run_at)`` index)
+        as a CTE the candidates and jobs are joined to. SQLite: one ``UPDATE … RETURNING`` takes the write lock at
+        once, then the read."""
         due = and_(
             Enrollment.status == EnrollmentStatus.ACTIVE.value,
             Enrollment.next_run_at.is_not(None),
@@ -428,20 +449,25 @@ class Scheduler:
                 .values(updated_at=now)
                 .returning(Enrollment.id)
             )
-            return [row[0] for row in rows]
-        query = (
-            select(Enrollment.id)
+            ids = [row[0] for row in rows]
+            if not ids:
+                return []
+            return self._read(session, select(*ENROLLMENT_COLUMNS).where(Enrollment.id.in_(ids)).subquery())
+        claimed = (
+            select(*ENROLLMENT_COLUMNS)
             .where(due)
             .order_by(Enrollment.next_run_at)
             .limit(batch)
             .with_for_update(skip_locked=True)
+            .cte("claimed")
+            .prefix_with("MATERIALIZED")
         )
-        return list(session.scalars(query))
+        return self._read(session, claimed)
 
     def run_due(self, now: datetime, result: TickResult, only: Sequence[int] | None = None) -> int:
         """One pass: claim up to ``claim_batch`` due enrollments and turn each due step into an outbox row.
 
-        A constant number of statements whatever the number of steps: the claim, one read of the enrollments with
+        A constant number of statements whatever the number of steps: the claim with one read of the enrollments,
         their candidates and jobs, one read of the clicks ``unless_clicked`` steps look at, the rules' reads
         (:class:`~outreach.policy.bulk.PolicyReads`), one insert of the outbox rows, one of the alerts, one update of
         the enrollments, and two statements per distinct exit reason. The rows are enqueued after the commit.
@@ -449,46 +475,35 @@ class Scheduler:
         queued: list[str] = []
         batches: dict[BatchKey, list[str]] = {}
         with transaction(self.engine) as session:
-            ids = self._claim(session, now, only)
-            if not ids:
+            due = self._claim(session, now, only)
+            if not due:
                 return 0
-            wanted = self._advance(session, self._read(session, ids), now, result)
+            wanted = self._advance(session, due, now, result)
             for outbox_id, key in wanted:
                 if key is None:
                     queued.append(outbox_id)
                 else:
                     batches.setdefault(key, []).append(outbox_id)
-        result.claimed += len(ids)
+        result.claimed += len(due)
         result.queued.extend(queued)
         self.enqueue(queued)
         self._enqueue_batches(batches, result)
-        return len(ids)
+        return len(due)
 
     @staticmethod
-    def _read(session: Session, ids: Sequence[int]) -> list[_Due]:
-        """The claimed enrollments as plain values, each with its candidate (the columns a pass reads) and its job's
-        external id, in the order they fell due; one statement."""
-        e = Enrollment
+    def _read(session: Session, claimed: Any) -> list[_Due]:
+        """The claimed enrollments (``claimed``: a subquery or CTE of :data:`ENROLLMENT_COLUMNS`) as plain values,
+        each with its candidate (the columns a pass reads) and its job's external id, in the order they fell
+        due."""
+        c = claimed.c
         query = (
-            select(
-                e.id,
-                e.campaign,
-                e.stage_at_start,
-                e.current_step,
-                e.status,
-                e.next_run_at,
-                e.anchor_at,
-                e.last_step_at,
-                e.exit_reason,
-                Job.external_id,
-                *CANDIDATE_COLUMNS,
-            )
-            .join(Candidate, Candidate.id == e.candidate_id)
-            .outerjoin(Job, Job.id == e.job_id)
-            .where(one_of(session, e.id, ids))
-            .order_by(e.next_run_at, e.id)
+            select(*(c[column.key] for column in ENROLLMENT_COLUMNS[:-2]), Job.external_id, *CANDIDATE_COLUMNS)
+            .select_from(claimed)
+            .join(Candidate, Candidate.id == c.candidate_id)
+            .outerjoin(Job, Job.id == c.job_id)
+            .order_by(c.next_run_at, c.id)
         )
-        rows: Any = session.connection().execute(query)
+        rows: Any = session.connection().execute(query).all()
         return [
             _Due(enrollment, campaign, stage, index, status, next_run, anchor, last, exit_reason, job, _Person(*person))
             for enrollment, campaign, stage, index, status, next_run, anchor, last, exit_reason, job, *person in rows
