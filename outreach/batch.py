@@ -39,7 +39,7 @@ import logging
 import re
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -130,18 +130,21 @@ class BatchOutcome:
 
 
 class _Slot(str):
-    """A per-recipient value in the shared rendering: prints as its text tag, autoescapes to its HTML tag."""
+    """A per-recipient value in the shared rendering: prints as its text tag, autoescapes to its HTML tag (or to
+    the text tag, for a value that HTML escaping leaves as it is: one substitution fewer per recipient)."""
 
-    __slots__ = ("key",)
+    __slots__ = ("key", "plain")
     key: str
+    plain: bool
 
-    def __new__(cls, key: str) -> _Slot:
+    def __new__(cls, key: str, plain: bool = False) -> _Slot:
         slot = super().__new__(cls, text_tag(key))
         slot.key = key
+        slot.plain = plain
         return slot
 
     def __html__(self) -> str:
-        return html_tag(self.key)
+        return text_tag(self.key) if self.plain else html_tag(self.key)
 
 
 class _Probe(dict[str, Any]):
@@ -319,7 +322,7 @@ def _prepare(
     requests: list[tuple[SharedEmail, list[_Recipient]]] = []
     for group in _groups(runtime, recipients):
         try:
-            shared = render_shared(runtime, group[0])
+            shared = render_shared(runtime, group[0], _plain_in_html(runtime, group))
         except NotShareable as exc:
             log.info(
                 "template not shareable; sending one by one", extra={"template": group[0].template, "why": str(exc)}
@@ -337,6 +340,17 @@ def _prepare(
         for chunk in _chunks(fitting, MAX_PERSONALIZATIONS):
             requests.append((shared, list(chunk)))
     return requests, single, failed
+
+
+def _plain_in_html(runtime: Runtime, group: Sequence[_Recipient]) -> set[str]:
+    """Per-recipient values HTML escaping leaves unchanged for this whole group: the unsubscribe link (our public
+    URL and a token of URL-safe base64) unless the URL itself has something to escape, and the outbox ids."""
+    plain = set()
+    if html.escape(runtime.settings.public_url) == runtime.settings.public_url:
+        plain.add("unsubscribe")
+    if all(html.escape(r.id) == r.id for r in group):
+        plain.add("message_id")
+    return plain
 
 
 # -- claim and rules -----------------------------------------------------------------------------------------
@@ -568,8 +582,9 @@ def _transient_message(recipient: _Recipient) -> OutboundMessage:
     )
 
 
-def render_shared(runtime: Runtime, exemplar: _Recipient) -> SharedEmail:
-    """Render ``exemplar``'s template once, with substitution tags for every per-recipient value."""
+def render_shared(runtime: Runtime, exemplar: _Recipient, plain: Collection[str] = ()) -> SharedEmail:
+    """Render ``exemplar``'s template once, with substitution tags for every per-recipient value; the values named
+    in ``plain`` print the same in HTML for every recipient, so the HTML part uses their text tags."""
     enrollment = Enrollment(context=exemplar.context) if exemplar.enrollment_id is not None else None
     with Session(runtime.engine) as session:
         # The exemplar's whole candidate (the rest of the batch is plain rows): whatever else of it the template
@@ -583,8 +598,8 @@ def render_shared(runtime: Runtime, exemplar: _Recipient) -> SharedEmail:
     context.update(
         candidate=probe,
         concerns=concerns,
-        links={**context["links"], "unsubscribe": _Slot("unsubscribe")},
-        message={**context["message"], "id": _Slot("message_id")},
+        links={**context["links"], "unsubscribe": _Slot("unsubscribe", "unsubscribe" in plain)},
+        message={**context["message"], "id": _Slot("message_id", "message_id" in plain)},
     )
     email = runtime.renderer.render_email(exemplar.template, candidate.locale, context)
     unshared = sorted(probe.read - SUBSTITUTED)
