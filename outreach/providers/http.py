@@ -15,7 +15,9 @@ as ``urllib3.exceptions.HTTPError`` subclasses (timeouts as ``urllib3.exceptions
 
 from __future__ import annotations
 
+import functools
 import io
+import json
 import urllib.error
 import urllib.request
 from email.message import Message
@@ -24,6 +26,7 @@ from typing import Any
 import requests
 import urllib3
 from python_http_client import Client
+from python_http_client.client import Response
 from python_http_client.exceptions import handle_error
 
 __all__ = ["PooledClient", "nothing_sent", "pool_manager"]
@@ -124,6 +127,38 @@ class PooledClient(Client):  # type: ignore[misc]
             timeout=self.timeout,
             pool=self._pool,
         )
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self.methods:  # a class attribute: looking it up never comes back here
+            return functools.partial(self._http_request, name.upper())
+        return super().__getattr__(name)
+
+    def _http_request(
+        self,
+        method: str,
+        request_body: Any = None,
+        query_params: Any = None,
+        request_headers: Any = None,
+        timeout: float | None = None,
+        **_: Any,
+    ) -> Response:
+        """The SDK's own ``http_request`` (``Client.__getattr__``): the same headers, JSON body, URL and
+        ``Response``, minus the ``urllib`` opener it builds on every call (default handlers, proxy settings read
+        from the environment) only to hand it to :meth:`_make_request`, which sends through the pool instead."""
+        if request_headers:
+            self._update_headers(request_headers)
+        data: bytes | None
+        if request_body is None:
+            data = None
+        elif "Content-Type" in self.request_headers and self.request_headers["Content-Type"] != "application/json":
+            data = request_body.encode("utf-8")
+        else:
+            self.request_headers.setdefault("Content-Type", "application/json")
+            data = json.dumps(request_body).encode("utf-8")
+        request = urllib.request.Request(
+            self._build_url(query_params), headers=self.request_headers, data=data, method=method
+        )
+        return Response(self._make_request(None, request, timeout=timeout))
 
     def _make_request(self, opener: Any, request: urllib.request.Request, timeout: float | None = None) -> _Answer:
         timeout = timeout or self.timeout

@@ -54,6 +54,22 @@ def test_connection_is_reused_after_a_rejected_request(providers: Providers, san
     assert sandbox.stats()["connections"] == 1
 
 
+def test_sendgrid_builds_no_urllib_opener_per_send(
+    providers: Providers, sandbox: SandboxServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDK's request building is kept (URL, headers, JSON body, its Response), but not the urllib opener it
+    would build per call (default handlers, proxies read from the environment) and never use with the pool."""
+    import urllib.request
+
+    built: list[object] = []
+    original = urllib.request.build_opener
+    monkeypatch.setattr(urllib.request, "build_opener", lambda *a: built.append(a) or original(*a))
+    result = providers.email.send_email(email(message_id="f" * 32))
+    assert built == []
+    record = sandbox.wait_for(1, timeout=5)[0]
+    assert record.id == result.provider_message_id and record.custom_args == {"outreach_id": "f" * 32}
+
+
 def test_error_answers_raise_the_sdk_error_classes_with_status_body_and_headers(sandbox: SandboxServer) -> None:
     client = PooledClient(
         host=sandbox.url,
