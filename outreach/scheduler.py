@@ -5,6 +5,12 @@ One tick is safe to run in several processes at once. On PostgreSQL due enrollme
 at once. The outbox rows are written in the claiming transaction and their ids are put on the broker only
 after it commits. Waits of days or months are ``next_run_at`` values in the database, never broker delays.
 
+A pass of up to ``claim_batch`` due steps costs a constant number of statements: the claim joined to the
+candidates and jobs, the clicks ``unless_clicked`` steps need, the policy rules' reads
+(:class:`~outreach.policy.bulk.PolicyReads`), then one INSERT of every outbox row and one UPDATE of every
+enrollment (on PostgreSQL each carries its rows as one JSON document). The step conditions and every rule are
+still decided step by step, in the order the steps fell due, exactly as for a single message.
+
 The sweeper closes the gaps a broker cannot: outbox rows that are due but were never picked up (a flushed
 broker, a process that died between commit and enqueue) are enqueued again, and rows left ``sending`` past
 their lease become ``uncertain``: the provider may have accepted them, so they are reconciled from provider
@@ -557,6 +563,7 @@ class Scheduler:
         for (item, campaign, step), skip in zip(steps, skips, strict=True):
             candidate = item.candidate
             index = item.index
+            channel, category = step.channel.value, campaign.category.value
             outbox_id = new_id()
             status = PENDING
             rule: str | None = None
@@ -570,8 +577,8 @@ class Scheduler:
             else:
                 subject = self.policy.subject(
                     candidate,
-                    channel=step.channel.value,
-                    category=campaign.category.value,
+                    channel=channel,
+                    category=category,
                     campaign=campaign.name,
                     now=now,
                     stage=PolicyStage.SCHEDULE,
@@ -598,9 +605,9 @@ class Scheduler:
                     "candidate_id": candidate.id,
                     "campaign": campaign.name,
                     "step": index,
-                    "channel": step.channel.value,
+                    "channel": channel,
                     "template": step.template,
-                    "category": campaign.category.value,
+                    "category": category,
                     "status": status,
                     "not_before": not_before,
                     "enqueued_at": enqueued_at,
@@ -653,7 +660,7 @@ class Scheduler:
             statement = sqlite.insert(OUTBOX).on_conflict_do_nothing().returning(OUTBOX.c.id)
             return {row[0] for row in session.connection().execute(statement, rows)}
         found = session.connection().execute(_PG_INSERT_OUTBOX, {"rows": orjson.dumps(rows).decode()})
-        return {row[0] for row in found}
+        return set(found.scalars().all())
 
     def _move_all(self, session: Session, moves: list[dict[str, Any]]) -> None:
         """Every enrollment's next step, status and times in one UPDATE (PostgreSQL: ``UPDATE … FROM

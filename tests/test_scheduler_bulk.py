@@ -27,12 +27,13 @@ from outreach.models import (
     Suppression,
     TrackedLink,
 )
+from outreach.policy.base import Subject
 from outreach.policy.config import load_policies
 from outreach.policy.consent import address_hash
-from outreach.policy.engine import PolicyEngine
+from outreach.policy.engine import Outcome, PolicyEngine
 from outreach.scheduler import Scheduler, TickResult, default_calendar
 from outreach.validation import validate_all
-from tests.conftest import ROOT
+from tests.conftest import ROOT, empty_tables
 
 T0 = datetime(2026, 11, 25, 2, 0, tzinfo=UTC)  # Wednesday 10:00 in Shanghai, Tuesday 21:00 in New York
 DUE = T0 - timedelta(minutes=1)
@@ -547,6 +548,41 @@ def test_a_mixed_pass_decides_every_step_as_the_rules_say(world: World) -> None:
 
     # Nothing is due any more: the next pass claims nothing.
     assert world.scheduler.run_due(T0, TickResult()) == 0
+
+
+class OneAtATime(PolicyEngine):
+    """The engine asked for every message on its own (its own reads, rule by rule), not through the bulk reads."""
+
+    def evaluate(self, session: Session, subject: Subject, enrollment_id: int | None = None) -> Outcome:
+        return super().evaluate(session, subject, enrollment_id)
+
+
+def decisions(world: World) -> dict[str, tuple[str | None, str | None, str | None, str, int]]:
+    """case -> (row status, rule, reason, enrollment status, current step) after one pass at T0."""
+    populate(world)
+    world.scheduler.run_due(T0, TickResult())
+    enrollments, messages, _ = outcome(world)
+    found = {}
+    for case, (enrollment_id, step) in world.cases.items():
+        row = messages.get((enrollment_id, step))
+        enrollment = enrollments[enrollment_id]
+        found[case] = (
+            None if row is None else row.status,
+            None if row is None else row.rule,
+            None if row is None else row.reason,
+            enrollment.status,
+            enrollment.current_step,
+        )
+    return found
+
+
+def test_the_pass_decides_as_the_engine_does_one_message_at_a_time(world: World, database_url: str) -> None:
+    bulk = decisions(world)
+    empty_tables(database_url)
+    world.cases.clear()
+    single = OneAtATime(world.scheduler.policy.spec, world.settings)
+    world.scheduler = Scheduler(world.engine, world.campaigns, world.settings, world.queued.extend, policy=single)
+    assert decisions(world) == bulk
 
 
 @pytest.fixture
