@@ -562,59 +562,67 @@ class _Recorder:
         _record_sent(self.connection, rows, self.sent_at, utcnow())
 
 
-def _record_sent(connection: Connection, rows: Sequence[dict[str, Any]], sent_at: datetime, now: datetime) -> None:
-    """Rows the provider accepted: ``sent`` with what went out, in one statement. A row a provider event already
-    moved on (it may, the moment the provider accepts) keeps its status and only gains the send's facts."""
-    table = _OUTBOX
-    c = table.c
-    source: Any
-    if connection.dialect.name == "postgresql":
-        # One UPDATE … FROM json_to_recordset: one short statement and one commit for the whole lot.
-        document = json.dumps(list(rows), separators=(",", ":"))
+_RECORD_COLUMNS: dict[str, Any] = {
+    "id": String(),
+    "provider": String(),
+    "provider_message_id": String(),
+    "locale": String(),
+    "segments": postgresql.INTEGER(),
+    "subject": Text(),
+    "body": Text(),
+}
+
+
+def _record_statement(postgres: bool) -> Any:
+    """The ``sent`` update for many rows: on PostgreSQL one ``UPDATE … FROM json_to_recordset(:records)`` (one
+    short statement and one commit for the lot), elsewhere an executemany of the same update. Built once."""
+    c = _OUTBOX.c
+    source: Any = None
+    if postgres:
         source = (
-            func.json_to_recordset(sql_cast(bindparam("records", document, type_=Text), JSON))
-            .table_valued(
-                column("id", String),
-                column("provider", String),
-                column("provider_message_id", String),
-                column("locale", String),
-                column("segments", postgresql.INTEGER),
-                column("subject", Text),
-                column("body", Text),
-            )
+            func.json_to_recordset(sql_cast(bindparam("records", type_=Text), JSON))
+            .table_valued(*(column(name, kind) for name, kind in _RECORD_COLUMNS.items()))
             .render_derived(name="records", with_types=True)
         )
 
-        def given(name: str) -> Any:
-            return source.c[name]
-
-    else:
-
-        def given(name: str) -> Any:
-            return bindparam(f"r_{name}", type_=c[name].type)
+    def given(name: str) -> Any:
+        return source.c[name] if source is not None else bindparam(f"r_{name}", type_=c[name].type)
 
     in_flight = or_(*(c.status == status for status in _IN_FLIGHT))  # no IN list: it runs as an executemany
-    statement = update(table).values(
-        status=case((in_flight, MessageStatus.SENT.value), else_=c.status),
-        # The claim time stands as the send time: caps counted the row from then on, and they must keep agreeing.
-        sent_at=case((in_flight, sent_at), else_=c.sent_at),
-        error_code=case((in_flight, None), else_=c.error_code),
-        error_detail=case((in_flight, None), else_=c.error_detail),
-        provider=given("provider"),
-        provider_message_id=given("provider_message_id"),
-        locale=given("locale"),
-        segments=func.coalesce(given("segments"), c.segments),
-        subject=func.coalesce(given("subject"), c.subject),
-        body=func.coalesce(given("body"), c.body),
-        lease_until=None,
-        updated_at=now,
+    sent_at = bindparam("r_sent_at", type_=UTCDateTime())
+    return (
+        update(_OUTBOX)
+        .where(c.id == given("id"))
+        .values(
+            status=case((in_flight, MessageStatus.SENT.value), else_=c.status),
+            # The claim time stands as the send time: caps counted the row from then on, and must keep agreeing.
+            sent_at=case((in_flight, sent_at), else_=c.sent_at),
+            error_code=case((in_flight, None), else_=c.error_code),
+            error_detail=case((in_flight, None), else_=c.error_detail),
+            provider=given("provider"),
+            provider_message_id=given("provider_message_id"),
+            locale=given("locale"),
+            segments=func.coalesce(given("segments"), c.segments),
+            subject=func.coalesce(given("subject"), c.subject),
+            body=func.coalesce(given("body"), c.body),
+            lease_until=None,
+            updated_at=bindparam("r_now", type_=UTCDateTime()),
+        )
     )
+
+
+_RECORD = {postgres: _record_statement(postgres) for postgres in (True, False)}
+
+
+def _record_sent(connection: Connection, rows: Sequence[dict[str, Any]], sent_at: datetime, now: datetime) -> None:
+    """Rows the provider accepted: ``sent`` with what went out. A row a provider event already moved on (it may,
+    the moment the provider accepts) keeps its status and only gains the send's facts."""
     if connection.dialect.name == "postgresql":
-        connection.execute(statement.where(c.id == given("id")))
+        document = json.dumps(list(rows), separators=(",", ":"))
+        connection.execute(_RECORD[True], {"records": document, "r_sent_at": sent_at, "r_now": now})
     else:
-        # SQLite: the same update as an executemany (one writer, no round trips to save).
-        params = [{f"r_{key}": value for key, value in row.items()} for row in rows]
-        connection.execute(statement.where(c.id == given("id")), params)
+        fixed = {"r_sent_at": sent_at, "r_now": now}
+        connection.execute(_RECORD[False], [{**fixed, **{f"r_{k}": v for k, v in row.items()}} for row in rows])
 
 
 def _send_all(
