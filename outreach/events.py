@@ -60,7 +60,7 @@ from enum import StrEnum
 from typing import Any, TypeVar, cast
 
 import orjson
-from sqlalchemy import JSON, Integer, Table, Text, any_, bindparam, case, column, func, or_, select, update
+from sqlalchemy import JSON, Integer, String, Table, Text, bindparam, case, column, func, or_, select, update
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
@@ -185,6 +185,12 @@ STATUS_RANK: Mapping[str, int] = {
 }
 
 _PROVIDER_CHANNEL: Mapping[str, str] = {SENDGRID: Channel.EMAIL.value, TWILIO: Channel.SMS.value}
+_EMAIL = Channel.EMAIL.value
+
+#: Per event type, the rank of the status it implies and the text stored for it (looked up for every event of
+#: a batch: an enum's ``.value`` is a descriptor call, a dict lookup is not).
+_TYPE_RANK: Mapping[EventType, int] = {t: STATUS_RANK[_IMPLIED_STATUS[t].value] for t in EventType}
+_TYPE_TEXT: Mapping[EventType, str] = {t: t.value for t in EventType}
 
 # Rows per multi-row INSERT and ids per IN list: well under PostgreSQL's and SQLite's bind-parameter limits.
 _CHUNK = 500
@@ -197,7 +203,7 @@ class UnsupportedEventError(ValueError):
     """A well-formed notification that is not an outbound delivery event (acknowledge it, store nothing)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class NormalizedEvent:
     """One provider event in our vocabulary. ``raw`` is the provider's payload, kept as received."""
 
@@ -218,7 +224,7 @@ class NormalizedEvent:
 
     @property
     def channel(self) -> str:
-        return _PROVIDER_CHANNEL.get(self.provider, Channel.EMAIL.value)
+        return _PROVIDER_CHANNEL.get(self.provider, _EMAIL)
 
 
 @dataclass
@@ -305,7 +311,7 @@ def _categories(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)
     if isinstance(value, list):
-        return tuple(item for item in value if isinstance(item, str))
+        return tuple([item for item in value if isinstance(item, str)])
     return ()
 
 
@@ -321,40 +327,41 @@ def parse_sendgrid_batch(payload: list[dict[str, Any]]) -> list[NormalizedEvent]
     for index, item in enumerate(payload):
         if not isinstance(item, dict):
             raise ValueError(f"event {index}: expected an object")
-        name = item.get("event")
+        get = item.get
+        name = get("event")
         if not isinstance(name, str) or not name:
             raise ValueError(f"event {index}: missing 'event'")
-        occurred_at = _timestamp(item.get("timestamp"), index)
+        occurred_at = _timestamp(get("timestamp"), index)
         event_type = SENDGRID_EVENTS.get(name)
         if event_type is None:
             continue
         # Enum members are looked up once, at import (_BOUNCED, …): this loop runs for every event of a batch.
         if event_type is _BOUNCED:
-            bounce_type = _text(item.get("type"))
+            bounce_type = _text(get("type"))
             if bounce_type is not None and bounce_type.lower() == "blocked":
                 event_type = _FAILED
         failure = event_type in _FAILURE_TYPES
-        reason = _text(item.get("reason")) if failure or event_type is _DROPPED else None
+        reason = _text(get("reason")) if failure or event_type is _DROPPED else None
         suppress = _SUPPRESSING_TYPES.get(event_type)
         if event_type is _DROPPED and reason is not None:
             lowered = reason.lower()
             suppress = next((why for key, why in _SENDGRID_DROP_SUPPRESSIONS.items() if key in lowered), None)
-        sg_message_id = _text(item.get("sg_message_id"))
-        error_code = _text(item.get("status")) if failure else None
+        sg_message_id = _text(get("sg_message_id"))
+        error_code = _text(get("status")) if failure else None
         events.append(
             NormalizedEvent(
                 provider=SENDGRID,
-                provider_event_id=_event_id(_text(item.get("sg_event_id")), item),
+                provider_event_id=_event_id(_text(get("sg_event_id")), item),
                 type=event_type,
                 occurred_at=occurred_at,
-                outbox_id=_text(item.get("outreach_id")),
+                outbox_id=_text(get("outreach_id")),
                 provider_message_id=sg_message_id.split(".", 1)[0] if sg_message_id else None,
-                recipient=_text(item.get("email")),
+                recipient=_text(get("email")),
                 error_code=error_code[:_MAX_CODE] if error_code else None,
-                raw=dict(item),
+                raw=item,  # the parsed payload's own object: a batch is thousands of them
                 detail=redact(reason, _MAX_DETAIL) if failure and reason else None,
                 suppress_reason=suppress,
-                categories=_categories(item.get("category")),
+                categories=_categories(get("category")),
             )
         )
     return events
@@ -470,11 +477,18 @@ def _pg_records(session: Session, types: Mapping[str, TypeEngine[Any]], rows: Se
         raise ValueError("every row of one statement must have the same columns")
     records: list[Mapping[str, Any]] = list(rows)
     if processors:
+        # A batch repeats values (one ``created_at`` for all its rows, events of the same second): each distinct
+        # value is processed once.
+        done: dict[tuple[str, Any], Any] = {}
         records = []
         for row in rows:
             record = dict(row)
             for name, processor in processors.items():
-                record[name] = processor(record[name])
+                key = (name, record[name])
+                if key in done:
+                    record[name] = done[key]
+                else:
+                    record[name] = done[key] = processor(record[name])
             records.append(record)
     document = _json_document(records)
     return (
@@ -484,7 +498,7 @@ def _pg_records(session: Session, types: Mapping[str, TypeEngine[Any]], rows: Se
     )
 
 
-@dataclass
+@dataclass(slots=True)
 class _Row:
     id: str
     candidate_id: int
@@ -498,12 +512,18 @@ def _key(event: NormalizedEvent) -> tuple[str, str]:
 
 
 def _one_of(session: Session, column: Any, values: Sequence[Any]) -> Iterator[Any]:
-    """``column IN values`` as few conditions with short SQL: on PostgreSQL one ``column = ANY(:array)`` (one
-    cached statement, one round trip), elsewhere IN lists of at most ``_CHUNK`` values."""
+    """``column IN values`` as few conditions with short SQL: on PostgreSQL one ``column IN (SELECT … FROM
+    json_array_elements_text(:values))`` (one cached statement, one round trip, the values written by the JSON
+    encoder rather than escaped one by one by the driver's array adapter), elsewhere IN lists of at most
+    ``_CHUNK`` values."""
     if not values:
         return
     if session.get_bind().dialect.name == "postgresql":
-        yield column == any_(bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
+        document = bindparam(None, _json_document(list(values)), type_=Text)
+        elements = func.json_array_elements_text(sql_cast(document, JSON)).table_valued("value")
+        # Text compares with a VARCHAR column as it is (a cast to VARCHAR(n) would cut longer values short).
+        value = elements.c.value if isinstance(column.type, String) else sql_cast(elements.c.value, column.type)
+        yield column.in_(select(value))
         return
     for chunk in _chunks(values):
         yield column.in_(chunk)
@@ -575,16 +595,18 @@ def _plan_moves(new_events: Iterable[tuple[NormalizedEvent, _Row]]) -> dict[str,
         by_row.setdefault(row.id, []).append(event)
         rows[row.id] = row
     moves: dict[str, tuple[_Move, _Row]] = {}
+    rank_of, delivered_rank = _TYPE_RANK, STATUS_RANK[MessageStatus.DELIVERED.value]
     for row_id, events in by_row.items():
-        events.sort(key=_sort_key)
         # Highest rank wins; among equals the earliest (so the first terminal outcome is the one kept).
-        deciding = min(events, key=lambda e: (-STATUS_RANK[implied_status(e.type).value], *_sort_key(e)))
-        target = implied_status(deciding.type)
-        delivered = [
-            e.occurred_at for e in events if STATUS_RANK[implied_status(e.type).value] == STATUS_RANK["delivered"]
-        ]
+        deciding = min(events, key=lambda e: (-rank_of[e.type], e.occurred_at, e.provider_event_id))
+        delivered = [e.occurred_at for e in events if rank_of[e.type] == delivered_rank]
         moves[row_id] = (
-            _Move(target, deciding, events[0].occurred_at, min(delivered) if delivered else None),
+            _Move(
+                _IMPLIED_STATUS[deciding.type],
+                deciding,
+                min(e.occurred_at for e in events),
+                min(delivered) if delivered else None,
+            ),
             rows[row_id],
         )
     return moves
@@ -785,7 +807,7 @@ def ingest(session: Session, events: Sequence[NormalizedEvent], now: datetime | 
                 "message_id": row.id if row is not None else None,
                 "provider": event.provider,
                 "provider_event_id": event.provider_event_id,
-                "type": event.type.value,
+                "type": _TYPE_TEXT[event.type],
                 "occurred_at": event.occurred_at,
                 "raw": event.raw,
                 "created_at": now,
