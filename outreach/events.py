@@ -448,10 +448,10 @@ def _json_document(records: Sequence[Mapping[str, Any]]) -> str:
     """``records`` as one JSON text. orjson writes a webhook batch (1 MiB of payloads, a few datetimes per row)
     about 15 times faster than the standard library, which called ``_json_scalar`` for every datetime.
 
-    What orjson refuses — a lone surrogate in a payload, an integer beyond 64 bits, a key that is not a string —
-    goes through the standard library instead, with ASCII escapes as SQLAlchemy's JSON type writes them, so
-    such a payload stays storable exactly as before. Naive datetimes (what the column types' bind processing
-    produces) come out as ISO 8601 without an offset from either encoder.
+    What orjson refuses — a lone surrogate, an integer beyond 64 bits, a key that is not a string — goes through
+    the standard library's encoder instead (ASCII escapes, as SQLAlchemy's JSON type writes them), as every batch
+    did before: nothing that was storable stops being so. Naive datetimes (what the column types' bind
+    processing produces) come out as ISO 8601 without an offset from either encoder.
     """
     try:
         return orjson.dumps(records, default=_json_scalar).decode("utf-8")
@@ -617,10 +617,11 @@ _NEVER_MOVED = _TERMINAL_RANK + 1
 
 
 def _lock_in_order(session: Session, key: Any, ids: Sequence[Any]) -> None:
-    """PostgreSQL: lock the rows ``key = ANY(ids)`` in key order, ``FOR NO KEY UPDATE`` (what an UPDATE that
-    changes no key column takes anyway), so that two transactions touching some of the same rows queue up
-    instead of deadlocking. It does not conflict with the ``FOR KEY SHARE`` locks that foreign-key checks take,
-    so a batch inserting events of these messages is not held up by it. SQLite has one writer: nothing to do.
+    """PostgreSQL: lock the rows whose ``key`` is one of ``ids``, in key order, ``FOR NO KEY UPDATE`` (what an
+    UPDATE that changes no key column takes anyway), so that two transactions touching some of the same rows
+    queue up instead of deadlocking. It does not conflict with the ``FOR KEY SHARE`` locks that foreign-key
+    checks take, so a batch inserting events of these messages is not held up by it. SQLite has one writer:
+    nothing to do.
     """
     if not ids or session.get_bind().dialect.name != "postgresql":
         return
