@@ -44,7 +44,7 @@ from bench.harness import (
     progress,
     wait_until,
 )
-from outreach.broker import DELIVER_ACTOR
+from outreach.broker import enqueue_deliveries
 from outreach.candidates import CandidateIn, JobIn, upsert_candidate, upsert_job
 from outreach.config import Settings, set_settings
 from outreach.enrollment import EventIn, record_event
@@ -171,10 +171,8 @@ def e2e_latencies(options: Options, samples: int, logs: Path) -> tuple[list[floa
         stack.callback(set_settings, None)
 
         def enqueue(outbox_ids: Sequence[str]) -> None:
-            for outbox_id in outbox_ids:
-                broker.enqueue(
-                    Message(queue_name=queue.name, actor_name=DELIVER_ACTOR, args=(outbox_id,), kwargs={}, options={})
-                )
+            # As the service enqueues: the scheduler pass's ids in group messages (outreach.broker).
+            enqueue_deliveries(outbox_ids, broker=broker, queue_name=queue.name)
 
         runtime = Runtime(settings, enqueue_override=enqueue)
         external_ids = _candidates(runtime, settings, total)

@@ -21,7 +21,15 @@ from sqlalchemy import func, select
 
 from bench import NOOP_ACTOR
 from bench.bare import WORKER_SETTINGS
-from bench.e2e import _failures, scratch_database, seed, start_sandbox, unfinished, worker_environment
+from bench.e2e import (
+    _failures,
+    scratch_database,
+    seed,
+    staged_groups,
+    start_sandbox,
+    unfinished,
+    worker_environment,
+)
 from bench.harness import (
     ROOT,
     BenchmarkError,
@@ -37,7 +45,7 @@ from bench.harness import (
     progress,
     wait_until,
 )
-from outreach.broker import DELIVER_ACTOR
+from outreach.broker import GROUP_ACTOR
 from outreach.config import Settings, set_settings
 from outreach.models import MessageStatus, OutboundMessage
 from outreach.runtime import Runtime
@@ -66,7 +74,7 @@ def worker_rss(service: Service) -> list[float]:
 
 
 def run(options: Options) -> list[Figure]:
-    sends = options.size("memory.sends", 4_000, 400)
+    sends = options.size("memory.sends", 30_000, 400)
     half = sends // 2
     config = Config(
         messages=sends,
@@ -163,7 +171,10 @@ def _e2e(config: Config, half: int, logs: Path) -> tuple[list[float], list[float
         ids = seed(settings, config.messages)
         progress(f"memory: {len(ids)} pending rows created in {time.perf_counter() - started:.0f} s")
         engine = Runtime(settings).engine
-        staged = queue.stage(DELIVER_ACTOR, ((outbox_id,) for outbox_id in ids))
+        # Staged as production enqueues them (bench.e2e.staged_groups): each half's ids in group messages.
+        halves = [
+            queue.stage(GROUP_ACTOR, ((group,) for group in staged_groups(part))) for part in (ids[:half], ids[half:])
+        ]
         env = worker_environment(database_url, config.redis_url, queue.name, sandbox_url)
         workers = stack.enter_context(dramatiq_workers("memory-e2e-workers", "workers", queue.name, config, env, logs))
 
@@ -178,7 +189,7 @@ def _e2e(config: Config, half: int, logs: Path) -> tuple[list[float], list[float
             return done
 
         readings = []
-        for part, target in ((staged[:half], len(staged) - half), (staged[half:], 0)):
+        for part, target in ((halves[0], len(ids) - half), (halves[1], 0)):
             queue.release(part)
             wait_until(left(target), timeout=config.timeout, interval=POLL, what="the sends", check=check)
             if failures := _failures(engine):
