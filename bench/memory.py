@@ -137,9 +137,13 @@ def _bare(config: Config, half: int, logs: Path) -> tuple[list[float], list[floa
             readings = []
             for part, unreleased in ((ids[:half], len(ids) - half), (ids[half:], 0)):
                 queue.release(part)
-                # Drained: nothing waiting or delayed, and only the bodies not yet released left in the hash.
+
+                def drained(unreleased: int = unreleased) -> bool:
+                    # Nothing waiting or delayed, and only the bodies not yet released left in the hash.
+                    return queue.counts() == (0, unreleased, 0)
+
                 wait_until(
-                    lambda unreleased=unreleased: queue.counts() == (0, unreleased, 0),
+                    drained,
                     timeout=config.timeout,
                     interval=POLL,
                     what="the no-op queue to drain",
