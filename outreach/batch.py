@@ -103,6 +103,7 @@ _LINKS = Base.metadata.tables["tracked_links"]
 _ENROLLMENTS = Base.metadata.tables["enrollments"]
 _CANDIDATES = Base.metadata.tables["candidates"]
 _FINISHED_FROM = (MessageStatus.SENDING.value, MessageStatus.UNCERTAIN.value)
+_NURTURE = Category.NURTURE.value
 
 
 def text_tag(key: str) -> str:
@@ -442,9 +443,9 @@ def _claim_and_check(runtime: Runtime, ids: Sequence[str], now: datetime) -> tup
             "claim_now": now,
             "claim_lease": now + timedelta(seconds=settings.lease_seconds),
         }
-        rows: list[Any]
+        rows: Sequence[Any]
         if postgres:
-            rows = list(connection.execute(_claim_statement(True), claiming))
+            rows = connection.execute(_claim_statement(True), claiming).all()
         else:
             plain = connection.execute(_claim_statement(False), claiming).all()
             found: dict[Any, Any] = {}
@@ -457,7 +458,9 @@ def _claim_and_check(runtime: Runtime, ids: Sequence[str], now: datetime) -> tup
             return [], 0
         claimed_ids = [row[0] for row in rows]
         people = {"people": sorted({row[1] for row in rows})}
-        candidates = {row[0]: _Person(*row) for row in connection.execute(_candidates_statement(postgres), people)}
+        candidates = {
+            row[0]: _Person(*row) for row in connection.execute(_candidates_statement(postgres), people).all()
+        }
 
         job_ids = {row[_JOB] for row in rows if row[_JOB] is not None}
         jobs = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(job_ids)))} if job_ids else {}
@@ -688,7 +691,7 @@ def _personalize(runtime: Runtime, shared: SharedEmail, group: Sequence[_Recipie
             if tagged is not None:
                 substitutions[tagged] = html.escape(value)
         recipient.substitutions = substitutions
-        unsubscribe_listed = shared_unsubscribe and recipient.category == Category.NURTURE.value
+        unsubscribe_listed = shared_unsubscribe and recipient.category == _NURTURE
         recipient.headers = (
             {"List-Unsubscribe": f"<{values['unsubscribe']}>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
             if unsubscribe_listed
@@ -750,10 +753,10 @@ def _personalization_bytes(recipient: _Recipient) -> int:
     # SendGrid counts substitutions, custom args and headers of a personalization against its limit. A bound from
     # the lengths first (each character is at most six bytes of JSON, each string adds its quotes, colon and
     # comma); the exact JSON only for the few that might be near the limit.
-    strings = (recipient.substitutions, recipient.headers)
-    bound = 100 + _WORST_PER_CHAR * (
-        len(recipient.id) + sum(len(key) + len(value) + 6 for mapping in strings for key, value in mapping.items())
-    )
+    substitutions, headers = recipient.substitutions, recipient.headers
+    characters = sum(map(len, substitutions)) + sum(map(len, substitutions.values()))
+    characters += sum(map(len, headers)) + sum(map(len, headers.values())) + len(recipient.id)
+    bound = 100 + _WORST_PER_CHAR * (characters + 6 * (len(substitutions) + len(headers)))
     if bound <= MAX_PERSONALIZATION_BYTES:
         return bound
     extra = {

@@ -3,6 +3,8 @@ message at a time, a batch costs a constant number of statements, and each row s
 
 from __future__ import annotations
 
+import html
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -12,7 +14,7 @@ import pytest
 from sqlalchemy import event, insert, select
 from sqlalchemy.orm import Session
 
-from outreach.batch import deliver_batch
+from outreach.batch import _Person, _personalization_bytes, _Recipient, deliver_batch
 from outreach.models import (
     Candidate,
     Enrollment,
@@ -242,3 +244,29 @@ def test_each_row_keeps_the_text_its_recipient_got(runtime: Runtime, sandbox: Sa
             assert row.status == MessageStatus.SENT.value
             assert (row.subject, row.body) == (got[row.id].subject, got[row.id].text)
         assert all(row.body and "%%o:" not in row.body for row in rows if row.candidate_id in {p.id for p in plain})
+
+
+@pytest.mark.parametrize(
+    "name", ["Ana", 'Quote " and \\ backslash', "控制\x01\x1f字符", "林小明 " * 200, "\u2028 emoji \U0001f600 " * 300]
+)
+def test_the_personalization_size_is_never_under_counted(name: str) -> None:
+    # The cheap bound decides whether a recipient fits in a batch; it may only over-count SendGrid's figure.
+    substitutions = {"%%o:name%%": name, "%%o:name:h%%": html.escape(name), "%%o:unsubscribe%%": "https://x/u/a.b"}
+    headers = {"List-Unsubscribe": "<https://x/u/a.b>", "List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+    recipient = _Recipient(
+        id="0" * 32,
+        candidate=_Person(1, name, "a@example.org", None, "en", None, True),
+        enrollment_id=None,
+        campaign="quarterly_nurture",
+        step=0,
+        template="quarterly_nurture",
+        category="nurture",
+        channel="email",
+        attempts=1,
+        created_at=utcnow(),
+        not_before=utcnow(),
+        substitutions=substitutions,
+        headers=headers,
+    )
+    exact = {"substitutions": substitutions, "custom_args": {"outreach_id": recipient.id}, "headers": headers}
+    assert _personalization_bytes(recipient) >= len(json.dumps(exact, ensure_ascii=False).encode("utf-8"))

@@ -13,7 +13,7 @@ skipped.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeEngine
 
 from outreach.models import OutboundMessage, Suppression
-from outreach.policy.base import Decision, Subject
+from outreach.policy.base import ALLOW, Decision, Subject
 from outreach.policy.caps import COUNTED, FrequencyCaps, RecentSend
 from outreach.policy.consent import EnrollmentActiveRule, NurtureConsentRule, SuppressionRule
 from outreach.policy.engine import OUTREACH_CATEGORIES, PolicyEngine
@@ -51,6 +51,9 @@ class CandidateFacts(Protocol):
 
     @property
     def nurture_consent(self) -> bool: ...
+
+
+_Step = Callable[[Session, Subject, CandidateFacts], Decision]
 
 
 def _postgres(session: Session) -> bool:
@@ -118,6 +121,7 @@ class PolicyReads:
     #: The suppression keys of each (channel, address) met in :meth:`load`, so :meth:`evaluate` hashes nothing.
     keys: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
     _opens: dict[tuple[object, ...], datetime] = field(default_factory=dict)
+    _steps: tuple[tuple[_Step, ...], tuple[_Step, ...]] | None = None
 
     @classmethod
     def load(
@@ -181,32 +185,69 @@ class PolicyReads:
             decision = EnrollmentActiveRule.decide(enrollment_state)
             if not decision.allowed:
                 return decision
-        for rule in self.engine._consent_rules:
-            decision = self._decide(session, rule, subject, candidate)
+        steps = self._steps
+        if steps is None:
+            rules = self.engine._consent_rules, self.engine._outreach_rules
+            steps = self._steps = (self._steps_for(rules[0]), self._steps_for(rules[1]))
+        for step in steps[0]:
+            decision = step(session, subject, candidate)
             if not decision.allowed:
                 return decision
         if subject.category in OUTREACH_CATEGORIES:
-            for rule in self.engine._outreach_rules:
-                decision = self._decide(session, rule, subject, candidate)
+            for step in steps[1]:
+                decision = step(session, subject, candidate)
                 if not decision.allowed:
                     return decision
-        return Decision.allow()
+        return ALLOW
 
     def _decide(self, session: Session, rule: Any, subject: Subject, candidate: CandidateFacts) -> Decision:
+        """One rule's decision from the shared reads (the audience selection asks single rules this way)."""
+        return self._step(rule)(session, subject, candidate)
+
+    def _steps_for(self, rules: Iterable[Any]) -> tuple[_Step, ...]:
+        """How each rule decides from the shared reads, worked out once rather than per message."""
+        return tuple(self._step(rule) for rule in rules)
+
+    def _step(self, rule: Any) -> _Step:
         if isinstance(rule, SuppressionRule):
-            return rule.decide(subject, self._suppression(rule, subject))
+            suppression = rule
+
+            def suppressed(session: Session, subject: Subject, candidate: CandidateFacts) -> Decision:
+                return suppression.decide(subject, self._suppression(suppression, subject))
+
+            return suppressed
         if isinstance(rule, NurtureConsentRule):
-            return rule.decide(subject, bool(candidate.nurture_consent))
+            consent = rule
+
+            def consented(session: Session, subject: Subject, candidate: CandidateFacts) -> Decision:
+                return consent.decide(subject, bool(candidate.nurture_consent))
+
+            return consented
         if isinstance(rule, QuietHoursRule):
-            key = rule.opens_key(subject)
-            opens = self._opens.get(key)
-            if opens is None:
-                opens = self._opens[key] = rule.opens(subject)
-            return rule.decide(subject, opens)
+            quiet = rule
+
+            def quiet_hours(session: Session, subject: Subject, candidate: CandidateFacts) -> Decision:
+                key = quiet.opens_key(subject)
+                opens = self._opens.get(key)
+                if opens is None:
+                    opens = self._opens[key] = quiet.opens(subject)
+                return quiet.decide(subject, opens)
+
+            return quiet_hours
         if isinstance(rule, FrequencyCaps):
-            return rule.decide(self.sends.get(subject.candidate_id, ()), subject)
-        checked: Decision = rule.check(session, subject)
-        return checked
+            caps = rule
+
+            def capped(session: Session, subject: Subject, candidate: CandidateFacts) -> Decision:
+                return caps.decide(self.sends.get(subject.candidate_id, ()), subject)
+
+            return capped
+        other = rule
+
+        def asked(session: Session, subject: Subject, candidate: CandidateFacts) -> Decision:
+            checked: Decision = other.check(session, subject)
+            return checked
+
+        return asked
 
     def _suppression(self, rule: SuppressionRule, subject: Subject) -> str | None:
         if not subject.address:

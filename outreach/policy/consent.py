@@ -20,6 +20,9 @@ def suppression_address(channel: str, address: str) -> str:
     return address.strip().lower() if channel == "email" else address.strip()
 
 
+_NURTURE = Category.NURTURE.value
+_EXITED = EnrollmentStatus.EXITED.value
+
 #: Suppressions kept after an erasure are stored under a keyed hash of the address, with this prefix.
 HASH_PREFIX = "hmac:"
 
@@ -89,7 +92,7 @@ class NurtureConsentRule:
     name = "consent"
 
     def check(self, session: Session, subject: Subject) -> Decision:
-        if subject.category != Category.NURTURE.value:
+        if subject.category != _NURTURE:
             return Decision.allow()
         consent = subject.nurture_consent
         if consent is None:
@@ -98,7 +101,7 @@ class NurtureConsentRule:
 
     def decide(self, subject: Subject, consent: bool) -> Decision:
         """The decision once the candidate's current consent is known."""
-        if subject.category != Category.NURTURE.value or consent:
+        if subject.category != _NURTURE or consent:
             return Decision.allow()
         return Decision.suppress(self.name, "no consent to nurture messages")
 
@@ -125,7 +128,7 @@ class EnrollmentActiveRule:
     @classmethod
     def decide(cls, state: tuple[str, str | None] | None) -> Decision:
         """The decision for an enrollment in ``state`` ((status, exit_reason); None: no enrollment)."""
-        if state is not None and state[0] == EnrollmentStatus.EXITED.value:
+        if state is not None and state[0] == _EXITED:
             return Decision.suppress(cls.name, f"enrollment exited: {state[1]}")
         return Decision.allow()
 

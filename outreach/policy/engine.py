@@ -29,6 +29,8 @@ from outreach.policy.quiet_hours import QuietHoursRule, validity_period, window_
 #: Categories that are outreach (campaign messages); anything else (``auto_reply``) answers the candidate.
 OUTREACH_CATEGORIES = frozenset(c.value for c in Category)
 
+_EMAIL = Channel.EMAIL.value
+
 #: Suppressions by these rules end the row with a status of their own rather than ``suppressed``.
 STATUS_FOR_RULE = {"exit": MessageStatus.CANCELLED, "address": MessageStatus.SKIPPED}
 
@@ -118,7 +120,7 @@ class PolicyEngine:
         """What the rules look at. ``locked``: ``candidate`` was just read under its row lock in the transaction the
         rules will run in, so its consent is current and the consent rule need not read it again; likewise
         ``enrollment_state`` (``(status, exit_reason)`` of the message's enrollment, read in that transaction)."""
-        address = candidate.email if channel == Channel.EMAIL.value else candidate.phone
+        address = candidate.email if channel == _EMAIL else candidate.phone
         country = _country(candidate.phone) if candidate.phone else None
         return Subject(
             candidate_id=candidate.id,
