@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import time
 import urllib.error
 from collections.abc import Mapping
@@ -46,8 +47,14 @@ _NAME = "sendgrid"
 POOL_SIZE = 32
 
 
+#: Characters that make an address more than a bare ``local@domain`` (a display name, a comment, a list ...).
+_NOT_BARE = re.compile(r"""[\s<>"(),;:\[\]\\]""")
+
+
 def address_field(value: str) -> dict[str, str]:
     """A v3 ``{"email", "name"}`` object from ``Name <email>`` or a bare address."""
+    if not _NOT_BARE.search(value):
+        return {"email": value}  # what parseaddr answers for a bare address, without its tokenizer
     name, email = parseaddr(value)
     # Leave malformed addresses as they are: SendGrid's own validation gives the better error.
     result = {"email": email or value.strip()}

@@ -228,3 +228,28 @@ def test_host_with_version_suffix_is_accepted(provider_settings: Settings, sandb
     settings = provider_settings.with_overrides(sendgrid_host=sandbox.url + "/v3/", sendgrid_api_key=Secret("SG.x"))
     SendGridProvider(settings).send_email(email())
     assert len(sandbox.wait_for(1, timeout=2)) == 1
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "x@example.org",
+        " x@example.org ",
+        "Recruiting <jobs@example.com>",
+        '"Doe, Jane" <jane@example.org>',
+        "jobs@example.com (Jobs)",
+        "x@@y",
+        "a..b@c",
+        "ü@example.org",
+        "a@[1.2.3.4]",
+        "not an address",
+    ],
+)
+def test_address_field_answers_as_the_parser_does_for_bare_and_named_addresses(value: str) -> None:
+    from email.utils import parseaddr
+
+    from outreach.providers.sendgrid import address_field
+
+    name, address = parseaddr(value)
+    expected = {"email": address or value.strip(), **({"name": name} if name else {})}
+    assert address_field(value) == expected
