@@ -16,9 +16,10 @@ broker message. Per group, on one pooled connection:
    whose hand-off finds it no longer claimed (the sweeper took it back after its lease ran out) is skipped. The
    sweeper puts a ``sending`` row whose lease expired while still marked ``claimed`` back to ``pending`` (it
    never reached a provider); one without the marker becomes ``uncertain`` (it may have).
-3. **Record.** Accepted rows are written ``sent`` (provider id, what went out) in one statement every few sends
-   and at the group's end; a provider event that already moved a row on keeps its status and the row only gains
-   the send's facts. A worker killed between a send and its record leaves the row ``sending`` without the
+3. **Record.** Accepted rows are written ``sent`` (provider id, what went out) in bulk: on PostgreSQL in the
+   next row's hand-off statement (a data-modifying CTE, so one commit per message) and at the group's end,
+   elsewhere every few sends; a provider event that already moved a row on keeps its status and the row only
+   gains the send's facts. A worker killed between a send and its record leaves the row ``sending`` without the
    marker: ``uncertain``, reconciled from provider events, never resent.
 
 Provider outcomes per row: transient (429, 5xx, a connection that never opened) puts the row back to ``pending``
@@ -199,7 +200,8 @@ _IN_FLIGHT = (MessageStatus.SENDING.value, MessageStatus.UNCERTAIN.value)
 NOT_PENDING = Outcome("not-pending")
 
 #: Accepted sends wait for their ``sent`` record in memory at most this many at a time (and never past the group's
-#: end): a worker killed in between leaves at most this many rows ``uncertain`` instead of ``sent``.
+#: end; on PostgreSQL only until the next hand-off): a worker killed in between leaves at most this many rows
+#: ``uncertain`` instead of ``sent``.
 RECORD_EVERY = 8
 
 
@@ -561,6 +563,23 @@ class _Recorder:
         rows, self.rows = sorted(self.rows, key=lambda r: str(r["id"])), []
         _record_sent(self.connection, rows, self.sent_at, utcnow())
 
+    def hand_off(self, outbox_id: str, lease_until: datetime, now: datetime) -> Any:
+        """The hand-off of ``outbox_id`` (its row, or None when it is no longer claimed). On PostgreSQL the sends
+        accepted since the last one are recorded in the same statement (a data-modifying CTE): one commit per
+        message, and a worker killed after a send leaves at most that one row unrecorded."""
+        params = {"h_id": outbox_id, "h_lease": lease_until, "h_now": now}
+        if not self.rows or self.connection.dialect.name != "postgresql":
+            return self.connection.execute(_HAND_OFF, params).first()
+        rows, self.rows = sorted(self.rows, key=lambda r: str(r["id"])), []
+        document = json.dumps(rows, separators=(",", ":"))
+        try:
+            return self.connection.execute(
+                _HAND_OFF_RECORDING, {**params, "records": document, "r_sent_at": self.sent_at, "r_now": now}
+            ).first()
+        except BaseException:
+            self.rows = rows + self.rows  # not recorded: the caller's error handling tries again
+            raise
+
 
 _RECORD_COLUMNS: dict[str, Any] = {
     "id": String(),
@@ -612,6 +631,8 @@ def _record_statement(postgres: bool) -> Any:
 
 
 _RECORD = {postgres: _record_statement(postgres) for postgres in (True, False)}
+#: PostgreSQL: the hand-off of the next row with the record of the rows sent before it, in one statement.
+_HAND_OFF_RECORDING = _HAND_OFF.add_cte(_RECORD[True].returning(_OUTBOX.c.id).cte("recorded"))
 
 
 def _record_sent(connection: Connection, rows: Sequence[dict[str, Any]], sent_at: datetime, now: datetime) -> None:
@@ -678,10 +699,7 @@ def _send_one(
             time.sleep(booking.wait)
 
     started = utcnow()
-    handed = connection.execute(
-        _HAND_OFF,
-        {"h_id": send.id, "h_lease": started + timedelta(seconds=settings.lease_seconds), "h_now": started},
-    ).first()
+    handed = recorder.hand_off(send.id, started + timedelta(seconds=settings.lease_seconds), started)
     if handed is None:
         return None
     send.handed_off = True
