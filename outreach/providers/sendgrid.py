@@ -16,6 +16,7 @@ out (a read timeout, a reset while waiting for the answer) is ambiguous
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import re
@@ -55,12 +56,18 @@ def address_field(value: str) -> dict[str, str]:
     """A v3 ``{"email", "name"}`` object from ``Name <email>`` or a bare address."""
     if not _NOT_BARE.search(value):
         return {"email": value}  # what parseaddr answers for a bare address, without its tokenizer
+    return dict(_parsed(value))  # a copy: the caller may change it
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed(value: str) -> tuple[tuple[str, str], ...]:
+    """``Name <email>`` parsed once per process (the sender and reply-to addresses of every message)."""
     name, email = parseaddr(value)
     # Leave malformed addresses as they are: SendGrid's own validation gives the better error.
     result = {"email": email or value.strip()}
     if name:
         result["name"] = name
-    return result
+    return tuple(result.items())
 
 
 def _error_detail(body: Any) -> str:
