@@ -386,7 +386,14 @@ def _claim_and_prepare(
             people = _lock_people(session, postgres, claimed_ids)
             candidates = {candidate.id: candidate for candidate, _, _ in people.values()}
             channels = {row.channel for row in claimed}
-            reads = PolicyReads.load(session, policy, candidates.values(), channels, now, exclude=claimed_ids)
+            # An engine that wraps evaluate (the simulation records deferrals) is asked itself (groups of one only,
+            # see deliver_group); the engine's own rules run on reads shared by the group.
+            custom = type(policy).evaluate is not PolicyEngine.evaluate
+            reads = (
+                None
+                if custom
+                else PolicyReads.load(session, policy, candidates.values(), channels, now, exclude=claimed_ids)
+            )
             links = LinkSet(runtime)
             stopped: list[dict[str, Any]] = []
             # Rows of one candidate one after the other, so the caps count the earlier ones that go out.
@@ -404,9 +411,12 @@ def _claim_and_prepare(
                     locked=True,
                     enrollment_state=state,
                 )
-                decision = reads.evaluate(session, subject, candidate, state)
+                if reads is None:
+                    verdict = policy.evaluate(session, subject, row.enrollment_id)
+                else:
+                    verdict = Verdict(reads.evaluate(session, subject, candidate, state))
+                decision = verdict.decision
                 if not decision.allowed:
-                    verdict = Verdict(decision)
                     held = verdict.status is MessageStatus.HELD
                     stopped.append(
                         {
@@ -439,7 +449,8 @@ def _claim_and_prepare(
                     log.error("template failed", extra={"outbox_id": row.id, "template": row.template})
                     outcomes[row.id] = Outcome(MessageStatus.FAILED.value)
                     continue
-                reads.count(subject)
+                if reads is not None:
+                    reads.count(subject)
                 ready.append((row, draft))
             links.store(session)
             if stopped:

@@ -419,3 +419,23 @@ def test_a_row_a_provider_event_moved_on_keeps_its_status_and_gains_the_send_fac
         "Body",
     )
     assert (second.status, second.rule, second.attempts) == ("sending", None, 1)
+
+
+def test_an_engine_that_wraps_evaluate_is_asked_for_every_row(runtime: Runtime, sandbox: SandboxServer) -> None:
+    """The simulation records deferrals by wrapping the engine's evaluate: delivery asks it, row by row, instead
+    of deciding from the group's shared reads."""
+    from outreach.policy.engine import Outcome as Verdict
+
+    asked: list[str] = []
+
+    class Recording(PolicyEngine):
+        def evaluate(self, session: Session, subject: Any, enrollment_id: int | None = None) -> Verdict:
+            asked.append(subject.message_id)
+            return super().evaluate(session, subject, enrollment_id)
+
+    runtime.policy = Recording(runtime.policy.spec, runtime.settings)
+    ids = emails(queue(runtime, 3))
+    asked.clear()
+    assert {o.status for o in deliver_group(runtime, ids).values()} == {"sent"}
+    assert sorted(asked) == sorted(ids)
+    assert received(sandbox) == Counter(dict.fromkeys(ids, 1))
