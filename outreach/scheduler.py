@@ -692,24 +692,35 @@ class Scheduler:
     @staticmethod
     def _clicks(session: Session, due: Sequence[tuple[_Due, Step]]) -> dict[int, list[tuple[int, str]]]:
         """For steps with ``unless_clicked``: the clicks on named links in messages of their own enrollment, as
-        (candidate id, link name) per enrollment, earliest first; one query for the pass."""
-        names = {name for item, step in due for name in step.unless_clicked}
+        (candidate id, link name) per enrollment, earliest first. Two statements for the pass, each on an index
+        whatever the tables' sizes: the candidates' clicks on those names (``(candidate_id, name, clicked_at)``),
+        then which of the clicked links are in these enrollments' messages (by primary keys)."""
+        names = {name for _, step in due for name in step.unless_clicked}
         if not names:
             return {}
-        om = OutboundMessage
-        query = (
-            select(om.enrollment_id, LinkClick.candidate_id, LinkClick.name)
-            .join(TrackedLink, TrackedLink.id == LinkClick.link_id)
-            .join(om, om.id == TrackedLink.message_id)
+        clicked = session.execute(
+            select(LinkClick.link_id, LinkClick.candidate_id, LinkClick.name)
             .where(
                 one_of(session, LinkClick.candidate_id, {item.candidate.id for item, _ in due}),
-                one_of(session, om.enrollment_id, [item.enrollment_id for item, _ in due]),
                 LinkClick.name.in_(sorted(names)),
             )
             .order_by(LinkClick.clicked_at, LinkClick.id)
+        ).all()
+        if not clicked:
+            return {}
+        om = OutboundMessage
+        links = session.execute(
+            select(TrackedLink.id, om.enrollment_id)
+            .join(om, om.id == TrackedLink.message_id)
+            .where(
+                one_of(session, TrackedLink.id, {link_id for link_id, _, _ in clicked}),
+                one_of(session, om.enrollment_id, [item.enrollment_id for item, _ in due]),
+            )
         )
+        enrollment_of = {link_id: enrollment_id for link_id, enrollment_id in links}
         clicks: dict[int, list[tuple[int, str]]] = {}
-        for enrollment_id, candidate_id, name in session.execute(query):
+        for link_id, candidate_id, name in clicked:
+            enrollment_id = enrollment_of.get(link_id)
             if enrollment_id is not None and name is not None:
                 clicks.setdefault(enrollment_id, []).append((candidate_id, name))
         return clicks

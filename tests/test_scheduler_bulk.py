@@ -621,7 +621,7 @@ def many(world: World, n: int, prefix: str) -> None:
             enrollment = enrol(world, session, key, who, campaign, step)
             if i % 19 == 0:
                 who.stage = "interviewing"
-            if i % 23 == 0:
+            if i % 23 == 2:  # among them jd_intro reminders (i % 5 == 2), skipped unless_clicked
                 message = OutboundMessage(
                     enrollment_id=enrollment.id,
                     candidate_id=who.id,
