@@ -28,7 +28,7 @@ GROUP_ACTOR = "deliver_messages"
 BATCH_ACTOR = "deliver_batch"
 
 #: Most outbox ids in one group message.
-GROUP_SIZE = 25
+GROUP_SIZE = 50
 #: A call with fewer than ``SPREAD * GROUP_SIZE`` ids still makes up to this many messages, so several workers
 #: share a small pass instead of one sending it all.
 SPREAD = 16
