@@ -45,7 +45,7 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any, NamedTuple
 
-from sqlalchemy import JSON, Text, bindparam, case, cast, func, insert, literal, or_, select, update
+from sqlalchemy import JSON, Text, any_, bindparam, case, cast, func, insert, literal, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from outreach.campaigns import Category
@@ -79,7 +79,7 @@ from outreach.models import (
     utcnow,
 )
 from outreach.policy.base import Stage
-from outreach.policy.bulk import CHUNK, PolicyReads, any_of, one_of
+from outreach.policy.bulk import CHUNK, PolicyReads, any_of, array_of, one_of
 from outreach.policy.engine import Outcome as Verdict
 from outreach.providers.base import ProviderPipeline
 from outreach.providers.sendgrid import address_field
@@ -364,34 +364,52 @@ def _claim_statement(postgres: bool) -> Any:
     SQLAlchemy's statement cache finds it without walking it again."""
     table = _OUTBOX
     now = bindparam("claim_now", type_=table.c.not_before.type)
-    pick = (
-        select(table.c.id)
-        .where(
-            any_of(postgres, table.c.id, "claim_ids"),
+    values = {
+        "status": MessageStatus.SENDING.value,
+        "lease_until": bindparam("claim_lease", type_=table.c.lease_until.type),
+        "attempts": table.c.attempts + 1,
+        # Provisional, as in the single path: caps count rows being sent by this time.
+        "sent_at": now,
+        "updated_at": now,
+    }
+    if not postgres:
+        pick = select(table.c.id).where(
+            table.c.id.in_(bindparam("claim_ids", expanding=True)),
             table.c.status == MessageStatus.PENDING.value,
             table.c.not_before <= now,
             table.c.channel == Channel.EMAIL.value,
         )
-        .order_by(table.c.id)
+        return (
+            update(table)
+            .where(table.c.id.in_(pick.scalar_subquery()))
+            .values(**values)
+            .returning(*(table.c[name] for name in _CLAIMED))
+        )
+    # Each id looked up on the primary key and locked in the order given (sorted: batches and single sends queue
+    # up behind each other instead of deadlocking); rows a retried copy of this batch (or a single send) is
+    # claiming right now are theirs and skipped. A lateral lookup per id rather than ``id = ANY(:ids)``, which
+    # the planner may answer with a scan of the whole table once it holds some 100,000 rows.
+    given = func.unnest(bindparam("claim_ids", type_=array_of(table.c.id.type))).table_valued("id")
+    given = given.render_derived(name="given")
+    row = table.alias("pending_row")
+    due = (
+        select(row.c.id)
+        .where(
+            row.c.id == given.c.id,
+            row.c.status == MessageStatus.PENDING.value,
+            row.c.not_before <= now,
+            row.c.channel == Channel.EMAIL.value,
+        )
+        .with_for_update(skip_locked=True)
+        .lateral("due")
     )
-    if postgres:
-        # Rows a retried copy of this batch (or a single send) is claiming right now are theirs.
-        pick = pick.with_for_update(skip_locked=True)
+    picked = select(due.c.id).select_from(given).join(due, true())
     claim = (
         update(table)
-        .where(table.c.id.in_(pick.scalar_subquery()))
-        .values(
-            status=MessageStatus.SENDING.value,
-            lease_until=bindparam("claim_lease", type_=table.c.lease_until.type),
-            attempts=table.c.attempts + 1,
-            # Provisional, as in the single path: caps count rows being sent by this time.
-            sent_at=now,
-            updated_at=now,
-        )
+        .where(table.c.id == any_(func.array(picked.scalar_subquery())))
+        .values(**values)
         .returning(*(table.c[name] for name in _CLAIMED))
     )
-    if not postgres:
-        return claim
     claimed = claim.cte("claimed")
     enrollments = _ENROLLMENTS
     return select(*(claimed.c[name] for name in _CLAIMED), *_enrollment_facts()).select_from(
