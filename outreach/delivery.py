@@ -682,9 +682,12 @@ def _send_all(
         untouched = [send.id for send in sends if not send.handed_off]
         try:
             _give_back(connection, untouched, utcnow(), 0.0)
+        except Exception:  # the database is gone: the sweeper returns them after their lease
+            log.warning("could not give back a group's unsent rows after an error", exc_info=True)
+        try:
             recorder.flush()
-        except Exception:  # the database is gone: the sweeper and provider events settle these rows
-            log.warning("could not settle a group after an error", exc_info=True)
+        except Exception:  # the database is gone: provider events reconcile them once they are uncertain
+            log.warning("could not record a group's sent rows after an error", exc_info=True)
         raise
     recorder.flush()
 
