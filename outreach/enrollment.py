@@ -496,16 +496,20 @@ def record_reply(session: Session, campaigns: CampaignSet, candidate: Candidate,
 
 
 def exit_enrollments(session: Session, enrollment_ids: list[int], reason: str) -> None:
+    """Stop these enrollments and cancel their messages not sent yet (two statements however many: a scheduler
+    pass exits up to a thousand at once)."""
+    from outreach.policy.bulk import one_of
+
     now = utcnow()
     session.execute(
         update(Enrollment)
-        .where(Enrollment.id.in_(enrollment_ids))
+        .where(one_of(session, Enrollment.id, enrollment_ids))
         .values(status=EnrollmentStatus.EXITED.value, exit_reason=reason, next_run_at=None, updated_at=now)
     )
     session.execute(
         update(OutboundMessage)
         .where(
-            OutboundMessage.enrollment_id.in_(enrollment_ids),
+            one_of(session, OutboundMessage.enrollment_id, enrollment_ids),
             OutboundMessage.status.in_([MessageStatus.PENDING.value, MessageStatus.HELD.value]),
         )
         .values(
