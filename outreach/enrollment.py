@@ -18,13 +18,13 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import false, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from outreach.calendar import BusinessCalendar
 from outreach.campaigns import Audience, Campaign, CampaignSet, EventType, ExitCondition
-from outreach.candidates import add_tags, as_utc
+from outreach.candidates import add_tags, as_utc, no_nul
 from outreach.config import get_settings
 from outreach.errors import NotFoundError, ValidationError
 from outreach.intent import (
@@ -78,6 +78,11 @@ class EventIn(BaseModel):
     reason: str | None = Field(default=None, max_length=500)
     occurred_at: datetime | None = None
     data: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("job_id", "reason", "data", mode="after")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        return no_nul(value)
 
 
 def audience_matches(audience: Audience, candidate: Candidate, job: Job | None) -> bool:

@@ -122,6 +122,10 @@ def test_event_enrolls_and_queues_the_first_step(client: TestClient, runtime: Ru
         ({"type": "applied", "job_id": "nope"}, "job_id", 422),
         ({"type": "job_opened"}, "job_id", 422),
         ({"type": "applied", "occurred_at": "yesterday"}, "occurred_at", 422),
+        # PostgreSQL stores no NUL in text or JSONB: refused up front, not as a failed write.
+        ({"type": "offer_declined", "reason": "salary\u0000"}, "reason", 422),
+        ({"type": "applied", "data": {"note": ["ok", "a\u0000b"]}}, "data", 422),
+        ({"type": "applied", "data": {"k\u0000": 1}}, "data", 422),
     ],
 )
 def test_bad_event_is_refused_and_nothing_written(
