@@ -155,8 +155,22 @@ def test_every_rule_refuses_its_own_row_and_the_others_go(runtime: Runtime, sand
             .where(Enrollment.candidate_id == rows["c-3"][0].candidate_id)
             .values(status="exited", exit_reason="stage changed to offer")
         )
-    group = [*emails(rows), rows["c-4"][1].id]
+        # A nurture email to a candidate who never agreed to nurture messages (or took it back).
+        nurture = OutboundMessage(
+            candidate_id=rows["c-0"][0].candidate_id,
+            campaign="quarterly_nurture",
+            step=0,
+            channel="email",
+            template="quarterly_nurture",
+            category="nurture",
+            not_before=T0,
+        )
+        session.add(nurture)
+        session.flush()
+        nurture_id = nurture.id
+    group = [*emails(rows), rows["c-4"][1].id, nurture_id]
     outcomes = deliver_group(runtime, group, now=NOON)
+    assert outcomes[nurture_id].status == "suppressed"
     assert outcomes[rows["c-0"][0].id].status == "sent"
     assert outcomes[rows["c-4"][0].id].status == "sent"
     assert outcomes[rows["c-1"][0].id].status == "suppressed"
@@ -169,6 +183,7 @@ def test_every_rule_refuses_its_own_row_and_the_others_go(runtime: Runtime, sand
         "address suppressed: unsubscribed",
     )
     assert after[rows["c-3"][0].id].rule == "exit"
+    assert after[nurture_id].rule == "consent"
     assert after[rows["c-4"][1].id].rule == "quiet_hours"
     for row in after.values():
         assert row.status != "sending" and row.rule != CLAIMED_RULE
