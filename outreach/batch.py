@@ -13,7 +13,8 @@ which keeps every promise of the single path (:func:`outreach.delivery.deliver`)
   candidate in one batch are counted by the caps one after the other, as two single sends would be.
 - **Render once.** The template is rendered once per (template, locale, job, enrollment context) with SendGrid
   substitution tags standing for what differs between recipients: the name, the unsubscribe link, the outbox id
-  and the tracked links. The HTML part gets HTML-escaped values of its own tags. A template that reads anything
+  and the tracked links. The HTML part gets HTML-escaped values of its own tags (or the text tag, for a value
+  escaping leaves unchanged in the whole group: the unsubscribe link, the outbox id). A template that reads anything
   else about the candidate (tags, concerns, stage …), or transforms a per-recipient value instead of printing it,
   cannot be shared: its rows go back to ``pending`` and are sent one by one.
 - **One request per 1000.** Each personalization carries the recipient's substitutions, ``List-Unsubscribe``
@@ -25,6 +26,13 @@ which keeps every promise of the single path (:func:`outreach.delivery.deliver`)
   batch message claims only rows still ``pending``. A transient failure puts the request's rows back to
   ``pending`` with the provider's reset time and asks for a retry; a permanent one for a request of several
   recipients sends them one by one (so one bad address fails alone), and fails the row of a single recipient.
+
+**Cost.** A batch is a constant number of statements whatever its size (claim with the enrollments; candidates;
+suppressions; recent sends; the stopped rows, if any; the exemplar's candidate per rendering; the sent rows) over
+plain rows, not ORM objects: statements are built once with named parameters, the rules decide from the shared
+reads (:class:`outreach.policy.bulk.PolicyReads`), and on PostgreSQL the sent rows' subjects and bodies are
+filled in by the database from the shared text and one JSON document of substitution values. SQLite runs the
+same steps with portable statements.
 
 SendGrid cannot carry a different ``Reply-To`` per personalization (it is a reserved header), so batched mail uses
 the plain ``OUTREACH_EMAIL_REPLY_TO`` address and replies are matched by the sender's address. Twilio has no
