@@ -32,6 +32,7 @@ scheduler once a link of that name in a message of the same enrollment was click
 
 from __future__ import annotations
 
+import functools
 import html
 import logging
 import re
@@ -136,6 +137,29 @@ def _value(match: re.Match[str]) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1024)
+def _parse_tag(attributes: str) -> tuple[str | None, str | None, tuple[tuple[str, str, str], ...], str]:
+    """A tag's attributes: (first href, unescaped; its valid ``data-link`` name; every attribute as (whitespace
+    before it, lowercased name, its text); what follows the last). Parsed once per distinct tag per process: the
+    messages of one template repeat the same tags."""
+    href: str | None = None
+    name: str | None = None
+    parts: list[tuple[str, str, str]] = []
+    last = 0
+    for attribute in _ATTRIBUTE.finditer(attributes):
+        key = attribute.group(1).lower()
+        if key == "href" and href is None:
+            href = html.unescape(_value(attribute) or "")
+        elif key == "data-link" and name is None:
+            name = (_value(attribute) or "").strip()
+        parts.append((attributes[last : attribute.start()], key, attribute.group(0)))
+        last = attribute.end()
+    if name is not None and not _NAME.match(name):
+        log.warning("link name ignored: use lowercase letters, digits and _ (at most 64)")
+        name = None
+    return href, name, tuple(parts), attributes[last:]
+
+
 def rewrite_html(document: str, known: Mapping[str, str], replace_link: Replace) -> str:
     """Each ``<a>``/``<area>`` href through ``replace_link``; ``data-link`` names the link and is removed.
 
@@ -143,35 +167,20 @@ def rewrite_html(document: str, known: Mapping[str, str], replace_link: Replace)
     """
 
     def tag(match: re.Match[str]) -> str:
-        attributes = match.group(1)
-        href: str | None = None
-        name: str | None = None
-        for attribute in _ATTRIBUTE.finditer(attributes):
-            key = attribute.group(1).lower()
-            if key == "href" and href is None:
-                href = html.unescape(_value(attribute) or "")
-            elif key == "data-link" and name is None:
-                name = (_value(attribute) or "").strip()
-        if name is not None and not _NAME.match(name):
-            log.warning("link name ignored: use lowercase letters, digits and _ (at most 64)")
-            name = None
+        href, name, parts, tail = _parse_tag(match.group(1))
         target = None
         if href is not None:
             target = replace_link(Link(href, name or known.get(href)))
         out: list[str] = []
-        last = 0
-        for attribute in _ATTRIBUTE.finditer(attributes):
-            key = attribute.group(1).lower()
-            gap = attributes[last : attribute.start()]
-            last = attribute.end()
+        for gap, key, text in parts:
             if key == "data-link":
                 continue  # with the whitespace before it
             if key == "href" and target is not None:
                 out.append(f'{gap}href="{html.escape(target)}"')
                 target = None  # only the first href counts, as in browsers
                 continue
-            out.append(gap + attribute.group(0))
-        out.append(attributes[last:])
+            out.append(gap + text)
+        out.append(tail)
         head = match.group(0)[: match.start(1) - match.start(0)]
         return head + "".join(out) + ">"
 
