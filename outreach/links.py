@@ -18,9 +18,10 @@ templates, with no helper to call:
 
 A link without a name is still tracked (``last_click_at``, ``only_if: no_click``); it just feeds no rule.
 
-**Tokens.** Each distinct (URL, name) of a message is one :class:`~outreach.models.TrackedLink` row, written in
-a small transaction of its own before the provider call (a send that then fails leaves harmless unused rows; a
-retry reuses them, so a resent message carries the same links). The token is ``sign(settings, "r", link_id)``:
+**Tokens.** Each distinct (URL, name) of a message is one :class:`~outreach.models.TrackedLink` row, written
+before the provider call — by delivery in the transaction that claims the message, for a whole group of messages
+in one insert (:class:`LinkSet`) — (a send that then fails leaves harmless unused rows; a retry reuses them, so
+a resent message carries the same links). The token is ``sign(settings, "r", link_id)``:
 HMAC-signed, holding our row id only. ``/r/{token}`` redirects only to a URL stored for a message we sent, so it
 is no open redirect: a forged token, a token minted with another key, or a made-up id leads nowhere.
 
