@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+from functools import lru_cache
 
 from outreach.config import Settings
 
@@ -17,9 +18,20 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+@lru_cache(maxsize=8)
+def _keyed(key: bytes) -> hmac.HMAC:
+    """The HMAC state after the key, kept per key (a nurture batch signs a link per recipient)."""
+    return hmac.new(key, digestmod=hashlib.sha256)
+
+
+def _mac(settings: Settings, purpose: str, payload: str) -> bytes:
+    mac = _keyed(settings.signing_key).copy()
+    mac.update(f"{purpose}\n{payload}".encode())
+    return mac.digest()[:16]
+
+
 def sign(settings: Settings, purpose: str, payload: str) -> str:
-    mac = hmac.new(settings.signing_key, f"{purpose}\n{payload}".encode(), hashlib.sha256).digest()[:16]
-    return f"{_b64(payload.encode())}.{_b64(mac)}"
+    return f"{_b64(payload.encode())}.{_b64(_mac(settings, purpose, payload))}"
 
 
 def verify(settings: Settings, purpose: str, token: str) -> str | None:
@@ -33,8 +45,7 @@ def verify(settings: Settings, purpose: str, token: str) -> str | None:
     # Only the canonical spelling: base64's unused trailing bits would otherwise give one MAC several spellings.
     if _b64(given) != mac or _b64(payload.encode()) != body:
         return None
-    expected = hmac.new(settings.signing_key, f"{purpose}\n{payload}".encode(), hashlib.sha256).digest()[:16]
-    return payload if hmac.compare_digest(given, expected) else None
+    return payload if hmac.compare_digest(given, _mac(settings, purpose, payload)) else None
 
 
 def unsubscribe_url(settings: Settings, channel: str, candidate_id: int) -> str:
