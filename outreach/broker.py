@@ -27,7 +27,10 @@ DELIVER_ACTOR = "deliver_message"
 GROUP_ACTOR = "deliver_messages"
 BATCH_ACTOR = "deliver_batch"
 
-#: Most outbox ids in one group message.
+#: Most outbox ids in one group message. Larger groups share more per-group work (50 used about 12% less worker
+#: CPU per message than 25); the last row of a group waits for the sends before it (50 provider calls, well under
+#: a second normally), and a group must fit the lease and the actor's time limit even when the provider is slow
+#: (rows not yet handed off when their lease runs out go back to ``pending`` and are sent by another worker).
 GROUP_SIZE = 50
 #: A call with fewer than ``SPREAD * GROUP_SIZE`` ids still makes up to this many messages, so several workers
 #: share a small pass instead of one sending it all.
