@@ -114,9 +114,7 @@ def _resolve_reconciled(session: Session, now: datetime) -> int:
     )
     done = [alert_id for outbox_id, alert_id in by_outbox.items() if outbox_id not in still_uncertain]
     if done:
-        session.execute(
-            update(Alert).where(Alert.id.in_(done), Alert.resolved_at.is_(None)).values(resolved_at=now)
-        )
+        session.execute(update(Alert).where(Alert.id.in_(done), Alert.resolved_at.is_(None)).values(resolved_at=now))
     return len(done)
 
 

@@ -336,7 +336,7 @@ def line_chart(
         f'<li><svg width="28" height="10" aria-hidden="true"><line x1="0" x2="28" y1="5" y2="5" '
         f'stroke="{_COLOURS[n % len(_COLOURS)]}" stroke-width="2"'
         + (f' stroke-dasharray="{_DASHES[n % len(_DASHES)]}"' if _DASHES[n % len(_DASHES)] else "")
-        + f' /></svg> {_e(s.name)}</li>'
+        + f" /></svg> {_e(s.name)}</li>"
         for n, s in enumerate(series)
     )
     return Markup(f'<figure>{"".join(out)}<figcaption><ul class="legend">{legend}</ul></figcaption></figure>')
@@ -712,9 +712,7 @@ EXTRA_BREAKDOWNS = (Dimension.STEP, Dimension.TEMPLATE, Dimension.LOCALE)
 
 
 @router.get("", response_class=HTMLResponse)
-def overview(
-    request: Request, principal: ViewerDep, bucket: str = "day", days: str = "", by: str = ""
-) -> HTMLResponse:
+def overview(request: Request, principal: ViewerDep, bucket: str = "day", days: str = "", by: str = "") -> HTMLResponse:
     engine = _runtime(request).engine
     now = utcnow()
     errors: dict[str, str] = {}
@@ -746,9 +744,7 @@ def overview(
         dimensions.append(extra[by])
     elif by and by not in {d.value for d in BREAKDOWNS}:
         errors["by"] = f"by: use one of {', '.join(extra)}"
-    breakdowns = [
-        (d.value, d.value.capitalize(), rates(engine, by=d, since=window.since)) for d in dimensions
-    ]
+    breakdowns = [(d.value, d.value.capitalize(), rates(engine, by=d, since=window.since)) for d in dimensions]
     return _page(
         request,
         "overview.html",

@@ -220,8 +220,24 @@ def hook_client(runtime: Runtime, signer: Signer) -> TestClient:
     return TestClient(make_app(runtime, hooks), raise_server_exceptions=False)
 
 
-EVENT_KEYS = ["email", "timestamp", "event", "category", "sg_event_id", "sg_message_id", "outreach_id", "reason",
-              "status", "type", "response", "url", "useragent", "ip", "asm_group_id", "bounce_classification"]
+EVENT_KEYS = [
+    "email",
+    "timestamp",
+    "event",
+    "category",
+    "sg_event_id",
+    "sg_message_id",
+    "outreach_id",
+    "reason",
+    "status",
+    "type",
+    "response",
+    "url",
+    "useragent",
+    "ip",
+    "asm_group_id",
+    "bounce_classification",
+]
 EVENT_NAMES = ["processed", "delivered", "deferred", "bounce", "dropped", "open", "click", "spamreport",
                "unsubscribe", "group_unsubscribe", "group_resubscribe", "blocked", "whatever"]  # fmt: skip
 
@@ -309,8 +325,9 @@ CHARSETS = st.sampled_from(["utf-8", "gb2312", "x-bogus", "", "utf-7"])
 @given(
     parts=st.lists(st.tuples(st.sampled_from(INBOUND_FIELDS), FIELD_BYTES), max_size=8),
     envelope=st.one_of(st.none(), JSONISH.map(json.dumps)),
-    charsets=st.one_of(st.none(), st.dictionaries(st.sampled_from(["text", "html", "subject", "from"]), CHARSETS).map(
-        json.dumps)),
+    charsets=st.one_of(
+        st.none(), st.dictionaries(st.sampled_from(["text", "html", "subject", "from"]), CHARSETS).map(json.dumps)
+    ),
 )
 def test_inbound_parse_parser(
     runtime: Runtime, hook_client: TestClient, parts: list[tuple[str, bytes]], envelope: str | None,

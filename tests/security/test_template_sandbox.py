@@ -166,7 +166,7 @@ def test_html_variables_are_escaped_in_every_seed_email(tmp_path: Path) -> None:
     context["job"]["title"] = context["job"]["description"] = payload
     context["campaign"]["name"] = "jd_intro"
     email = renderer.render_email("jd_intro", "en", context)
-    assert "<script>" not in email.html and "onerror=\"" not in email.html
+    assert "<script>" not in email.html and 'onerror="' not in email.html
     assert "&lt;script&gt;" in email.html
     assert payload in email.text  # plain text is not HTML: no escaping there
 

@@ -183,8 +183,12 @@ def seed(runtime: Runtime, now: datetime, *, pipeline: bool = True) -> Expected:
                 expected.open_alerts += 0 if i == 0 else 1
     if pipeline:
         add_candidate(
-            runtime, PIPELINE_ID, name=f"{CANARY_NAME} Pipeline", email=f"pipeline@{CANARY_DOMAIN}",
-            phone=CANARY_PHONE, source="careers_site",
+            runtime,
+            PIPELINE_ID,
+            name=f"{CANARY_NAME} Pipeline",
+            email=f"pipeline@{CANARY_DOMAIN}",
+            phone=CANARY_PHONE,
+            source="careers_site",
         )
         add_job(runtime)
         fire(runtime, PIPELINE_ID, "applied", at=now - timedelta(hours=2), job="j-1")

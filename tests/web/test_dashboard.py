@@ -18,8 +18,14 @@ from outreach.web.dashboard import Series, line_chart
 from tests.helpers import api_key
 from tests.web.dashboard_data import CANARIES, CANARY_ERROR, CANARY_NAME, Expected, seed
 
-PAGES = ("/dashboard", "/dashboard/funnel", "/dashboard/sla", "/dashboard/messages", "/dashboard/queue",
-         "/dashboard/inbox")
+PAGES = (
+    "/dashboard",
+    "/dashboard/funnel",
+    "/dashboard/sla",
+    "/dashboard/messages",
+    "/dashboard/queue",
+    "/dashboard/inbox",
+)
 SITE = "http://testserver"
 
 
@@ -49,9 +55,7 @@ def test_login_sets_a_strict_httponly_cookie_and_returns_to_the_page_asked_for(
     client: TestClient, runtime: Runtime
 ) -> None:
     key = api_key(runtime, "ops", name="night-shift")
-    answer = client.post(
-        "/dashboard/login", data={"key": key, "next": "/dashboard/queue"}, headers={"Origin": SITE}
-    )
+    answer = client.post("/dashboard/login", data={"key": key, "next": "/dashboard/queue"}, headers={"Origin": SITE})
     assert answer.status_code == 303
     assert answer.headers["location"] == "/dashboard/queue"
     cookie = answer.headers["set-cookie"]
@@ -82,8 +86,9 @@ def test_login_from_another_site_is_refused(client: TestClient, runtime: Runtime
     assert client.post("/dashboard/logout", headers={"Origin": "https://evil.example"}).status_code == 403
 
 
-@pytest.mark.parametrize("target", ["https://evil.example/", "//evil.example/dashboard", "/api/v1/messages",
-                                    "/\\evil.example"])
+@pytest.mark.parametrize(
+    "target", ["https://evil.example/", "//evil.example/dashboard", "/api/v1/messages", "/\\evil.example"]
+)
 def test_next_never_leaves_the_dashboard(client: TestClient, runtime: Runtime, target: str) -> None:
     answer = client.post(
         "/dashboard/login", data={"key": api_key(runtime, "hr"), "next": target}, headers={"Origin": SITE}
@@ -203,8 +208,15 @@ def test_search_filters_and_names_a_bad_field(client: TestClient, runtime: Runti
 
 
 def test_line_chart_is_labelled_and_leaves_gaps() -> None:
-    svg = str(line_chart("Rates per day", ["11-01", "11-02", "11-03"], [Series("delivery", [0.5, None, 1.0])],
-                         x_label="day", y_label="rate"))
+    svg = str(
+        line_chart(
+            "Rates per day",
+            ["11-01", "11-02", "11-03"],
+            [Series("delivery", [0.5, None, 1.0])],
+            x_label="day",
+            y_label="rate",
+        )
+    )
     assert "<title" in svg and 'role="img"' in svg and ">rate<" in svg and ">day<" in svg
     assert "delivery, 11-03: 100.0%" in svg
     assert "<polyline" not in svg  # two points separated by a gap: no line drawn between them
