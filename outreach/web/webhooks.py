@@ -22,10 +22,11 @@ import hmac
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import parse_qsl
 from xml.sax.saxutils import escape
 
@@ -195,6 +196,26 @@ def verify_sendgrid(hooks: WebhookSettings, body: bytes, headers: Mapping[str, s
         raise _forbidden("invalid signature")
 
 
+#: A JSON escape of a UTF-16 surrogate. Paired ones decode to one character; a lone one stays a surrogate in the
+#: parsed text, which no UTF-8 database text (PostgreSQL's json included) can hold.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    """``value`` with every lone surrogate replaced by U+FFFD, keys included.
+
+    The batch is signed and genuine, so refusing it would only make SendGrid post it again for days; storing it
+    with the replacement character keeps every event (the broken text is a user agent or a bounce reason)."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_without_lone_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
+    return value
+
+
 def _sendgrid_batch(
     hooks: WebhookSettings, body: bytes, headers: Mapping[str, str], now: float
 ) -> list[NormalizedEvent]:
@@ -204,6 +225,8 @@ def _sendgrid_batch(
         payload = json.loads(body)
     except ValueError:
         raise Rejected(400, "invalid", "body is not JSON") from None
+    if _SURROGATE_ESCAPE.search(body):
+        payload = _without_lone_surrogates(payload)
     if not isinstance(payload, list):
         raise Rejected(400, "invalid", "expected a JSON array of events")
     try:

@@ -97,3 +97,26 @@ def test_a_batch_waiting_for_a_row_does_not_hold_up_other_batches(pg_runtime: Ru
         waiting.join(timeout=30)
     assert answers and answers[0][0] == 200 and answers[0][1]["stored"] == 2
     assert row(runtime, blocked_id).status == "delivered"
+
+
+def test_a_lone_surrogate_in_a_genuine_batch_is_stored_as_a_replacement_character(
+    pg_runtime: Runtime, signer: Signer
+) -> None:
+    """PostgreSQL cannot hold a lone surrogate; refusing the batch would only make SendGrid post it for days."""
+    runtime = pg_runtime
+    client = TestClient(make_app(runtime, WebhookSettings(sendgrid_public_key=signer.public_key)))
+    outbox_id = add_message(runtime, add_candidate(runtime))
+    events = json.loads(batch_for(outbox_id))
+    events[1]["response"] = "250 OK \ud800 queued"
+    events[1]["\udfff"] = "odd key"
+    body = json.dumps(events).encode()  # ASCII escapes: \ud800, as SendGrid's JSON would carry it
+    assert b"\\ud800" in body
+    answer = client.post(EVENTS_PATH, content=body, headers=signer.headers(body))
+    assert (answer.status_code, answer.json()["stored"]) == (200, 2), answer.text
+    assert row(runtime, outbox_id).status == "delivered"
+    with Session(runtime.engine) as session:
+        stored = session.scalars(select(DeliveryEvent).where(DeliveryEvent.type == "delivered")).one()
+    assert stored.raw["response"] == "250 OK \ufffd queued"
+    assert stored.raw["\ufffd"] == "odd key"
+    # A paired surrogate (an emoji written as two escapes) is one character and stays as it is.
+    assert json.loads('"\\ud83d\\ude00"') == "\U0001f600"
