@@ -57,7 +57,7 @@ from sqlalchemy import JSON, Text, any_, bindparam, case, cast, func, insert, li
 from sqlalchemy.orm import Session
 
 from outreach.campaigns import Category
-from outreach.delivery import backoff, build_context
+from outreach.delivery import STOP_REFUSED, backoff, build_context, refused
 from outreach.errors import (
     AmbiguousProviderError,
     PermanentProviderError,
@@ -513,17 +513,7 @@ def _claim_and_check(runtime: Runtime, ids: Sequence[str], now: datetime) -> tup
                 session, subject, candidate, (row[_STATUS], row[_STATUS + 1]) if enrolled else None
             )
             if not decision.allowed:
-                verdict = Verdict(decision)
-                held = verdict.status is MessageStatus.HELD
-                stopped.append(
-                    {
-                        "b_id": message_id,
-                        "b_status": verdict.status.value,
-                        "b_rule": decision.rule,
-                        "b_reason": decision.reason,
-                        "b_not_before": decision.until if held and decision.until else row[_NOT_BEFORE],
-                    }
-                )
+                stopped.append(refused(message_id, Verdict(decision), row[_NOT_BEFORE], now))
                 continue
             reads.count(subject)
             text = row[_CONTEXT] if enrolled else None
@@ -550,22 +540,7 @@ def _claim_and_check(runtime: Runtime, ids: Sequence[str], now: datetime) -> tup
                 )
             )
         if stopped:
-            table = _OUTBOX
-            connection.execute(
-                update(table)
-                .where(table.c.id == bindparam("b_id"))
-                .values(
-                    status=bindparam("b_status"),
-                    rule=bindparam("b_rule"),
-                    reason=bindparam("b_reason"),
-                    not_before=bindparam("b_not_before"),
-                    enqueued_at=None,
-                    sent_at=None,
-                    lease_until=None,
-                    updated_at=now,
-                ),
-                stopped,
-            )
+            connection.execute(STOP_REFUSED, stopped)
     return allowed, len(stopped)
 
 

@@ -353,7 +353,8 @@ def _message(row: Any) -> OutboundMessage:
     )
 
 
-_STOP = (
+#: Rows the rules refused (held, suppressed, skipped…) end here, one parameter set per row (:func:`refused`).
+STOP_REFUSED = (
     update(_OUTBOX)
     .where(_OUTBOX.c.id == bindparam("s_id"))
     .values(
@@ -367,6 +368,20 @@ _STOP = (
         updated_at=bindparam("s_now"),
     )
 )
+
+
+def refused(outbox_id: str, verdict: Verdict, not_before: datetime, now: datetime) -> dict[str, Any]:
+    """:data:`STOP_REFUSED`'s parameters for a row the rules refused: a held row waits until the rule's time."""
+    decision = verdict.decision
+    held = verdict.status is MessageStatus.HELD
+    return {
+        "s_id": outbox_id,
+        "s_status": verdict.status.value,
+        "s_rule": decision.rule,
+        "s_reason": decision.reason,
+        "s_not_before": decision.until if held and decision.until else not_before,
+        "s_now": now,
+    }
 
 
 def _claim_and_prepare(
@@ -417,17 +432,7 @@ def _claim_and_prepare(
                     verdict = Verdict(reads.evaluate(session, subject, candidate, state))
                 decision = verdict.decision
                 if not decision.allowed:
-                    held = verdict.status is MessageStatus.HELD
-                    stopped.append(
-                        {
-                            "s_id": row.id,
-                            "s_status": verdict.status.value,
-                            "s_rule": decision.rule,
-                            "s_reason": decision.reason,
-                            "s_not_before": decision.until if held and decision.until else row.not_before,
-                            "s_now": now,
-                        }
-                    )
+                    stopped.append(refused(row.id, verdict, row.not_before, now))
                     outcomes[row.id] = Outcome(verdict.status.value)
                     continue
                 message = _message(row)
@@ -454,7 +459,7 @@ def _claim_and_prepare(
                 ready.append((row, draft))
             links.store(session)
             if stopped:
-                connection.execute(_STOP, stopped)
+                connection.execute(STOP_REFUSED, stopped)
     return [_Send(row.id, row.attempts, *draft()) for row, draft in ready]
 
 
