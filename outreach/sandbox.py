@@ -315,8 +315,14 @@ class SandboxServer:
         sendgrid_event_url: str | None = None,
         webhook_retry_for: float = 120.0,
         keep_bodies: bool = True,
+        latency: float = 0.0,
     ) -> None:
+        if latency < 0:
+            raise ValueError("latency must not be negative")
         self.host = host
+        #: Seconds every send request takes before it is answered (the real APIs take 100-300 ms); 0 answers at
+        #: once. Tests that must catch a send in flight (a worker killed mid-call) set it.
+        self.latency = latency
         #: False keeps only who got what (ids, addresses, custom args) of SendGrid mail, not each recipient's
         #: substituted subject and bodies: for runs of a hundred thousand recipients, where those would fill memory.
         self.keep_bodies = keep_bodies
@@ -1065,6 +1071,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _sendgrid_send(self, body: bytes) -> None:
         sandbox = self.sandbox
+        if sandbox.latency:
+            sandbox.stopping.wait(sandbox.latency)
         fault = sandbox._take_fault("sendgrid")
         if fault is not None:
             if fault.kind in {"reset", "hang"}:
@@ -1135,6 +1143,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _twilio_send(self, account_sid: str, body: bytes) -> None:
         sandbox = self.sandbox
+        if sandbox.latency:
+            sandbox.stopping.wait(sandbox.latency)
         form = {k: v[-1] for k, v in parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True).items()}
         to = form.get("To", "")
         fault = sandbox._take_fault("twilio")

@@ -425,3 +425,14 @@ def test_concurrent_senders_all_get_recorded(server: SandboxServer) -> None:
     for thread in threads:
         thread.join()
     assert len(set(ids)) == 80 and len(server.wait_for(80, timeout=5)) == 80
+
+
+def test_latency_delays_every_send_like_a_real_api() -> None:
+    with pytest.raises(ValueError, match="latency"):
+        SandboxServer(latency=-1)
+    with SandboxServer(twilio_auth_token=TOKEN, latency=0.2) as slow:
+        started = time.monotonic()
+        sendgrid(slow).client.mail.send.post(request_body=minimal_mail())
+        twilio(slow).messages.create(to="+14155550100", from_="+15005550006", body="Hi")
+        took = time.monotonic() - started
+        assert len(slow.messages()) == 2 and took >= 0.4  # both accepted, each after the latency

@@ -404,12 +404,17 @@ def _drop_queue(url: str, queue: str) -> None:
 
 @pytest.fixture
 def make_stack(pg_database_url: str, tmp_path: Path) -> Iterator[Callable[..., Stack]]:
-    """Build the stack: ``make_stack(campaign=…, webhooks=True, broker_url=…, **settings)``."""
+    """Build the stack: ``make_stack(campaign=…, webhooks=True, provider_latency=0.0, broker_url=…, **settings)``."""
     made: list[Stack] = []
     queues: list[tuple[str, str]] = []
 
     def build(
-        *, campaign: str = MIXED_CAMPAIGN, webhooks: bool = True, database_url: str | None = None, **overrides: Any
+        *,
+        campaign: str = MIXED_CAMPAIGN,
+        webhooks: bool = True,
+        database_url: str | None = None,
+        provider_latency: float = 0.0,
+        **overrides: Any,
     ) -> Stack:
         app_port = free_port()
         queue = f"faults-{uuid.uuid4().hex[:8]}"
@@ -428,7 +433,9 @@ def make_stack(pg_database_url: str, tmp_path: Path) -> Iterator[Callable[..., S
         values.update(overrides)
         settings = make_settings(database_url or pg_database_url, **values)
         queues.append((settings.broker_url, queue))
-        sandbox = SandboxServer("127.0.0.1", 0, twilio_auth_token=TWILIO_TOKEN, webhook_retry_for=90.0).start()
+        sandbox = SandboxServer(
+            "127.0.0.1", 0, twilio_auth_token=TWILIO_TOKEN, webhook_retry_for=90.0, latency=provider_latency
+        ).start()
         runtime = Runtime(settings, sandbox_url=sandbox.url)
         runtime.enqueue_override = lambda ids: None  # the scheduler processes enqueue; this process never does
         log_dir = tmp_path / f"logs-{len(made)}"

@@ -4,7 +4,9 @@ Nothing is lost and nothing is sent twice. A send whose provider call was in fli
 ``uncertain`` (the sweeper, after the lease) and is never sent again; when the provider did accept it, its
 events (SendGrid: our id in the custom args; Twilio: the status callback) reconcile it to sent or delivered.
 To make sure that case happens every run, some kills are timed while a deliberately slow provider call
-(the sandbox's ``slow`` fault, longer than the lease) is in flight.
+(the sandbox's ``slow`` fault, longer than the lease) is in flight. Every provider call takes
+``PROVIDER_LATENCY`` (the real APIs answer in 100-300 ms): without it the grouped sends finish 1,000 messages in
+a couple of seconds, before the kills begin, and most kills would land between sends.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from tests.faults.conftest import (
 pytestmark = pytest.mark.timeout(240)
 
 THREADS = 4
+#: Seconds each provider call takes: 2 processes x 4 threads then send about 50 messages a second, so 1,000 take
+#: about 20 s and the kills (one every 1.5-3 s) fall throughout the run.
+PROVIDER_LATENCY = 0.15
 
 
 def _slow_in_flight(stack: Stack, provider: str, before: int) -> Callable[[], bool]:
@@ -42,7 +47,9 @@ def _slow_in_flight(stack: Stack, provider: str, before: int) -> Callable[[], bo
 def test_sigkilled_workers_lose_nothing_and_send_nothing_twice(make_stack: Callable[..., Stack]) -> None:
     messages = size("kill_messages", 1000)
     kills_wanted = size("kills", 8)
-    stack = make_stack(campaign=MIXED_CAMPAIGN, lease_seconds=3.0, provider_timeout=10.0)
+    stack = make_stack(
+        campaign=MIXED_CAMPAIGN, lease_seconds=3.0, provider_timeout=10.0, provider_latency=PROVIDER_LATENCY
+    )
     seed_enrollments(stack.runtime, messages // 2)  # an email and an SMS each
 
     stack.spawn("scheduler", scheduler_argv())
