@@ -6,6 +6,7 @@ here holds request state; every piece is safe to share between threads.
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -112,6 +113,25 @@ class Runtime:
 
 _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()
+
+
+_frozen = threading.Event()
+
+
+def freeze_startup_heap() -> None:
+    """Move what start-up left on the heap (modules, classes, campaigns, templates, caches: about 120,000
+    objects) out of the cyclic garbage collector's sight, once per process.
+
+    Without it every full collection walks all of them again: about 80 ms, triggered every webhook batch or two
+    in the service (a third of its CPU per event in the webhook benchmark) and every nurture batch or so in a
+    worker (about 15% of its CPU per recipient). Garbage is collected first, so nothing unreachable is kept;
+    objects made later are collected as usual.
+    """
+    if _frozen.is_set():
+        return
+    _frozen.set()
+    gc.collect()
+    gc.freeze()
 
 
 def get_runtime() -> Runtime:

@@ -1,7 +1,9 @@
 """Worker entry point: ``dramatiq workers`` (or ``outreach worker``) imports this package.
 
 The broker is set up from ``OUTREACH_BROKER_URL`` before any actor is declared. When a broker is already
-installed in this process (``outreach up`` and the tests install an in-process one), nothing is changed.
+installed in this process (``outreach up`` and the tests install an in-process one), nothing is changed. A
+separate worker process builds its runtime at import and freezes its start-up heap
+(:func:`outreach.runtime.freeze_startup_heap`).
 """
 
 from __future__ import annotations
@@ -21,3 +23,10 @@ if _broker.installed_broker() is None:
             "(amqp://…); `outreach up` runs its workers in-process without one"
         )
     _broker.install_broker(_broker.build_broker(_settings))
+
+    # Load campaigns, templates and policies now (a broken file stops the worker at start, not at its first
+    # message), then keep that start-up heap out of the garbage collector's full collections.
+    from outreach.runtime import freeze_startup_heap, get_runtime
+
+    get_runtime()
+    freeze_startup_heap()

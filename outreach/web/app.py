@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gc
 import logging
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,7 +13,7 @@ from sqlalchemy.exc import OperationalError
 
 from outreach.config import set_settings
 from outreach.errors import NotFoundError, ValidationError
-from outreach.runtime import Runtime
+from outreach.runtime import Runtime, freeze_startup_heap
 from outreach.web import api, candidates_api, conversation, dashboard, inbound_parse, redirect, unsubscribe, webhooks
 from outreach.web.auth import Forbidden, Unauthorized, authorize
 from outreach.web.metrics_api import router as metrics_router
@@ -29,25 +27,6 @@ log = logging.getLogger(__name__)
 def _field(loc: tuple[object, ...] | list[object]) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path")]
     return ".".join(parts) or "(body)"
-
-
-_frozen = threading.Event()
-
-
-def freeze_startup_heap() -> None:
-    """Move what start-up left on the heap (modules, classes, the app, caches: about 120,000 objects) out of
-    the cyclic garbage collector's sight, once per process.
-
-    Without it every full collection walks all of them again: about 80 ms, and a webhook batch (thousands of
-    parsed events alive at once) triggers one every batch or two. In the webhook benchmark that was a third
-    of the service's CPU per event and its slowest acknowledgements. Garbage is collected first, so nothing
-    unreachable is kept; objects made later are collected as usual.
-    """
-    if _frozen.is_set():
-        return
-    _frozen.set()
-    gc.collect()
-    gc.freeze()
 
 
 @asynccontextmanager

@@ -6,9 +6,8 @@ import gc
 
 from fastapi.testclient import TestClient
 
-from outreach.runtime import Runtime
+from outreach.runtime import Runtime, freeze_startup_heap
 from outreach.web import create_app
-from outreach.web.app import freeze_startup_heap
 
 
 def test_start_up_moves_the_heap_out_of_the_collectors_sight(runtime: Runtime) -> None:
