@@ -74,7 +74,7 @@ def worker_rss(service: Service) -> list[float]:
 
 
 def run(options: Options) -> list[Figure]:
-    sends = options.size("memory.sends", 20_000, 400)
+    sends = options.size("memory.sends", 100_000, 400)
     half = sends // 2
     config = Config(
         messages=sends,
