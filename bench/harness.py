@@ -145,6 +145,21 @@ class Config:
         # Unique per run and per side, so concurrent runs on one Redis never touch each other's keys.
         return f"bench-{side}-{self.token}"
 
+    @classmethod
+    def of(cls, options: Options, messages: int = 0, warmup: int = 0) -> Config:
+        """One side of a comparison: ``messages`` measured after ``warmup`` untimed ones, the rest from ``options``."""
+        return cls(
+            messages=messages,
+            warmup=warmup,
+            processes=options.processes,
+            threads=options.threads,
+            redis_url=options.redis_url,
+            postgres_url=options.postgres_url,
+            timeout=options.timeout,
+            smoke=options.smoke,
+            token=options.token,
+        )
+
 
 @dataclass
 class Measurement:
@@ -400,6 +415,31 @@ class RedisQueue:
 
     def close(self) -> None:
         self.client.close()
+
+
+@contextlib.contextmanager
+def fresh_queue(url: str, name: str) -> Iterator[RedisQueue]:
+    """The queue called ``name``, rid of anything a killed run left behind, and deleted (every key) afterwards."""
+    queue = RedisQueue(url, name)
+    try:
+        queue.cleanup()
+        yield queue
+    finally:
+        queue.cleanup()
+        queue.close()
+
+
+def wait_drained(
+    queue: RedisQueue,
+    *,
+    timeout: float,
+    interval: float,
+    check: Callable[[], None] | None,
+    what: str = "the queue to drain",
+) -> float:
+    """Until every message is acked (none waiting, unacked or delayed: nothing left that could run twice);
+    returns the ``perf_counter`` at which that first held (:func:`wait_until`)."""
+    return wait_until(lambda: queue.counts() == (0, 0, 0), timeout=timeout, interval=interval, what=what, check=check)
 
 
 # -- databases ---------------------------------------------------------------------------------------------
