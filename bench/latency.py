@@ -29,24 +29,25 @@ from dramatiq.brokers.redis import RedisBroker
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from bench.bare import STAMP_ACTOR
-from bench.e2e import EXEMPLARS, JOB, _email, _external_id, scratch_database, start_sandbox, worker_environment
+from bench.bare import STAMP_ACTOR, bare_environment
+from bench.e2e import EXEMPLARS, JOB, _email, _external_id
 from bench.harness import (
-    ROOT,
     BenchmarkError,
+    Config,
     Figure,
     Options,
-    RedisQueue,
     at_most,
-    clean_environment,
     dramatiq_workers,
+    fresh_queue,
     get_json,
     progress,
+    scratch_database,
     wait_until,
 )
+from bench.stack import alive, service_settings, start_sandbox, worker_environment
 from outreach.broker import enqueue_deliveries
 from outreach.candidates import CandidateIn, JobIn, upsert_candidate, upsert_job
-from outreach.config import Settings, set_settings
+from outreach.config import Settings
 from outreach.enrollment import EventIn, record_event
 from outreach.models import MessageStatus, OutboundMessage
 from outreach.runtime import Runtime
@@ -103,17 +104,18 @@ def run(options: Options) -> list[Figure]:
 
 
 def bare_latencies(options: Options, samples: int, logs: Path) -> list[float]:
-    from bench.bare import WORKER_SETTINGS
-
-    queue = RedisQueue(options.redis_url, options.queue_name("latency-bare"))
-    key = f"{queue.list_key}.stamps"
-    broker = RedisBroker(url=options.redis_url)  # type: ignore[no-untyped-call]
-    client: redis.Redis = redis.Redis.from_url(options.redis_url)
-    env = clean_environment({"OUTREACH_BROKER_URL": options.redis_url, "OUTREACH_QUEUE": queue.name, **WORKER_SETTINGS})
-    config = _worker_config(options)
-    try:
-        queue.cleanup()
-        with dramatiq_workers("latency-bare-workers", "bench.noop", queue.name, config, env, logs) as workers:
+    with contextlib.ExitStack() as stack:
+        queue = stack.enter_context(fresh_queue(options.redis_url, options.queue_name("latency-bare")))
+        key = f"{queue.list_key}.stamps"
+        broker = RedisBroker(url=options.redis_url)  # type: ignore[no-untyped-call]
+        stack.callback(broker.close)
+        client: redis.Redis = redis.Redis.from_url(options.redis_url)
+        stack.callback(client.close)
+        stack.callback(client.delete, key)
+        env = bare_environment(options.redis_url, queue.name)
+        with dramatiq_workers(
+            "latency-bare-workers", "bench.noop", queue.name, Config.of(options), env, logs
+        ) as workers:
             latencies: list[float] = []
             for index in range(WARMUP + samples):
                 time.sleep(GAP)
@@ -129,46 +131,18 @@ def bare_latencies(options: Options, samples: int, logs: Path) -> list[float]:
                 if index >= WARMUP:
                     latencies.append(float(client.hget(key, str(index)) or 0) - started)
         return latencies
-    finally:
-        client.delete(key)
-        client.close()
-        broker.close()
-        queue.cleanup()
-        queue.close()
-
-
-def _worker_config(options: Options) -> Any:
-    from bench.harness import Config
-
-    return Config(
-        messages=0,
-        warmup=0,
-        processes=options.processes,
-        threads=options.threads,
-        redis_url=options.redis_url,
-        postgres_url=options.postgres_url,
-        timeout=options.timeout,
-        smoke=options.smoke,
-        token=options.token,
-    )
+    raise AssertionError("unreachable")
 
 
 def e2e_latencies(options: Options, samples: int, logs: Path) -> tuple[list[float], dict[str, int | None]]:
-    queue = RedisQueue(options.redis_url, options.queue_name("latency-e2e"))
-    broker = RedisBroker(url=options.redis_url)  # type: ignore[no-untyped-call]
     total = WARMUP + samples
     with contextlib.ExitStack() as stack:
-        stack.callback(queue.close)
-        stack.callback(queue.cleanup)
+        queue = stack.enter_context(fresh_queue(options.redis_url, options.queue_name("latency-e2e")))
+        broker = RedisBroker(url=options.redis_url)  # type: ignore[no-untyped-call]
         stack.callback(broker.close)
-        queue.cleanup()
         database_url = stack.enter_context(scratch_database(options.postgres_url))
         sandbox, sandbox_url = start_sandbox(stack, logs)
-        settings = Settings(
-            database_url=database_url, campaigns_dir=ROOT / "campaigns", templates_dir=ROOT / "templates"
-        )
-        set_settings(settings)
-        stack.callback(set_settings, None)
+        settings = service_settings(stack, database_url)
 
         def enqueue(outbox_ids: Sequence[str]) -> None:
             # As the service enqueues: the scheduler pass's ids in group messages (outreach.broker).
@@ -178,12 +152,9 @@ def e2e_latencies(options: Options, samples: int, logs: Path) -> tuple[list[floa
         external_ids = _candidates(runtime, settings, total)
         env = worker_environment(database_url, options.redis_url, queue.name, sandbox_url)
         workers = stack.enter_context(
-            dramatiq_workers("latency-e2e-workers", "workers", queue.name, _worker_config(options), env, logs)
+            dramatiq_workers("latency-e2e-workers", "workers", queue.name, Config.of(options), env, logs)
         )
-
-        def check() -> None:
-            workers.check()
-            sandbox.check()
+        check = alive(workers, sandbox)
 
         started: dict[str, float] = {}
         for index, external_id in enumerate(external_ids):

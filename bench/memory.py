@@ -20,33 +20,25 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from bench import NOOP_ACTOR
-from bench.bare import WORKER_SETTINGS
-from bench.e2e import (
-    _failures,
-    scratch_database,
-    seed,
-    staged_groups,
-    start_sandbox,
-    unfinished,
-    worker_environment,
-)
+from bench.bare import bare_environment
+from bench.e2e import _failures, seed, staged_groups, unfinished
 from bench.harness import (
-    ROOT,
     BenchmarkError,
     Config,
     Figure,
     Options,
-    RedisQueue,
     Service,
     at_most,
-    clean_environment,
     dramatiq_workers,
+    fresh_queue,
     get_json,
     progress,
+    scratch_database,
+    wait_drained,
     wait_until,
 )
+from bench.stack import alive, service_settings, start_sandbox, worker_environment
 from outreach.broker import GROUP_ACTOR
-from outreach.config import Settings, set_settings
 from outreach.models import MessageStatus, OutboundMessage
 from outreach.runtime import Runtime
 
@@ -76,17 +68,7 @@ def worker_rss(service: Service) -> list[float]:
 def run(options: Options) -> list[Figure]:
     sends = options.size("memory.sends", 100_000, 400)
     half = sends // 2
-    config = Config(
-        messages=sends,
-        warmup=0,
-        processes=options.processes,
-        threads=options.threads,
-        redis_url=options.redis_url,
-        postgres_url=options.postgres_url,
-        timeout=options.timeout,
-        smoke=options.smoke,
-        token=options.token,
-    )
+    config = Config.of(options, sends)
     with tempfile.TemporaryDirectory(prefix="outreach-bench-") as logs:
         progress(f"memory: bare Dramatiq no-op workers, {sends} messages")
         bare_half, bare_full = _bare(config, half, Path(logs))
@@ -127,10 +109,8 @@ def run(options: Options) -> list[Figure]:
 
 
 def _bare(config: Config, half: int, logs: Path) -> tuple[list[float], list[float]]:
-    queue = RedisQueue(config.redis_url, config.queue_name("memory-bare"))
-    env = clean_environment({"OUTREACH_BROKER_URL": config.redis_url, "OUTREACH_QUEUE": queue.name, **WORKER_SETTINGS})
-    try:
-        queue.cleanup()
+    with fresh_queue(config.redis_url, config.queue_name("memory-bare")) as queue:
+        env = bare_environment(config.redis_url, queue.name)
         ids = queue.stage(NOOP_ACTOR, ((i,) for i in range(config.messages)))
         with dramatiq_workers("memory-bare-workers", "bench.noop", queue.name, config, env, logs) as workers:
             # Both halves are released once the workers are up; each is drained before the reading.
@@ -153,24 +133,14 @@ def _bare(config: Config, half: int, logs: Path) -> tuple[list[float], list[floa
             if queue.dead():
                 raise BenchmarkError(f"{queue.dead()} no-op message(s) were dead-lettered")
         return readings[0], readings[1]
-    finally:
-        queue.cleanup()
-        queue.close()
 
 
 def _e2e(config: Config, half: int, logs: Path) -> tuple[list[float], list[float], dict[str, int | None]]:
-    queue = RedisQueue(config.redis_url, config.queue_name("memory-e2e"))
     with contextlib.ExitStack() as stack:
-        stack.callback(queue.close)
-        stack.callback(queue.cleanup)
-        queue.cleanup()
+        queue = stack.enter_context(fresh_queue(config.redis_url, config.queue_name("memory-e2e")))
         database_url = stack.enter_context(scratch_database(config.postgres_url))
         sandbox, sandbox_url = start_sandbox(stack, logs)
-        settings = Settings(
-            database_url=database_url, campaigns_dir=ROOT / "campaigns", templates_dir=ROOT / "templates"
-        )
-        set_settings(settings)
-        stack.callback(set_settings, None)
+        settings = service_settings(stack, database_url)
         started = time.perf_counter()
         ids = seed(settings, config.messages)
         progress(f"memory: {len(ids)} pending rows created in {time.perf_counter() - started:.0f} s")
@@ -182,9 +152,7 @@ def _e2e(config: Config, half: int, logs: Path) -> tuple[list[float], list[float
         env = worker_environment(database_url, config.redis_url, queue.name, sandbox_url)
         workers = stack.enter_context(dramatiq_workers("memory-e2e-workers", "workers", queue.name, config, env, logs))
 
-        def check() -> None:
-            workers.check()
-            sandbox.check()
+        check = alive(workers, sandbox)
 
         def left(target: int) -> Callable[[], bool]:
             def done() -> bool:
@@ -199,9 +167,7 @@ def _e2e(config: Config, half: int, logs: Path) -> tuple[list[float], list[float
             if failures := _failures(engine):
                 raise BenchmarkError(f"outbox rows ended other than sent: {failures}")
             readings.append(worker_rss(workers))
-        wait_until(
-            lambda: queue.counts() == (0, 0, 0), timeout=60, interval=POLL, what="the queue to drain", check=check
-        )
+        wait_drained(queue, timeout=60, interval=POLL, check=check)
         with engine.connect() as connection:
             sent, provider_ids = connection.execute(
                 select(
