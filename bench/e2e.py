@@ -19,50 +19,54 @@ received each outbox id exactly once and that every row has its own provider mes
 from __future__ import annotations
 
 import contextlib
-import sys
 import tempfile
 import time
-import uuid
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Table, create_engine, func, insert, select, text
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import Table, func, insert, select
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from bench.bare import WORKER_SETTINGS, run_bare
 from bench.harness import (
-    ROOT,
     BenchmarkError,
     Config,
     Figure,
     Measurement,
     Options,
     RedisQueue,
-    Service,
     at_least,
-    clean_environment,
     cpu_per_message,
     dramatiq_workers,
-    free_port,
+    fresh_queue,
     get_json,
     progress,
+    scratch_database,
+    wait_drained,
     wait_until,
+)
+from bench.stack import (
+    alive,
+    count_duplicated,
+    failing_fast,
+    launch_sandbox,
+    sandbox_received,
+    service_settings,
+    wait_for_sandbox,
+    worker_environment,
 )
 from outreach.broker import GROUP_ACTOR, groups
 from outreach.candidates import CandidateIn, JobIn, upsert_candidate, upsert_job
-from outreach.config import Settings, set_settings
-from outreach.db import dispose_engines, normalise_url, upgrade
+from outreach.config import Settings
 from outreach.enrollment import EventIn, record_event
 from outreach.models import Base, MessageStatus, OutboundMessage, new_id, utcnow
 from outreach.runtime import Runtime
 
 #: The database is polled for the count of sent rows this often (the brief cost of a count on the outbox).
 POLL_INTERVAL = 0.05
-SANDBOX_TOKEN = "sandbox-token"
 
 JOB: dict[str, Any] = {
     "external_id": "bench-job",
@@ -92,26 +96,6 @@ def _email(index: int) -> str:
 
 
 # -- database ----------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def scratch_database(server_url: str) -> Iterator[str]:
-    """A new, migrated database on the server; dropped afterwards whatever happened."""
-    name = f"outreach_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(normalise_url(server_url), isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-        try:
-            url = make_url(normalise_url(server_url)).set(database=name).render_as_string(hide_password=False)
-            upgrade(url)
-            yield url
-        finally:
-            dispose_engines()
-            with admin.connect() as connection:
-                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
 
 
 def _table(name: str) -> Table:
@@ -248,19 +232,10 @@ def _failures(engine: Engine) -> str:
 def run(options: Options) -> list[Figure]:
     """Both sides with ``e2e.messages`` messages each (3,000; smoke 200): the ratio e2e / bare is the figure."""
     messages = options.size("e2e.messages", 3_000, 200)
-    config = Config(
-        messages=messages,
-        warmup=options.size(
-            "e2e.warmup", options.processes * options.threads * 4, options.processes * options.threads * 2
-        ),
-        processes=options.processes,
-        threads=options.threads,
-        redis_url=options.redis_url,
-        postgres_url=options.postgres_url,
-        timeout=options.timeout,
-        smoke=options.smoke,
-        token=options.token,
+    warmup = options.size(
+        "e2e.warmup", options.processes * options.threads * 4, options.processes * options.threads * 2
     )
+    config = Config.of(options, messages, warmup)
     progress(f"e2e: bare Dramatiq no-op, {messages} messages")
     bare = run_bare(config)
     progress(f"e2e: end to end, {messages} messages")
@@ -295,11 +270,8 @@ def run(options: Options) -> list[Figure]:
 
 
 def run_e2e(config: Config) -> Measurement:
-    queue = RedisQueue(config.redis_url, config.queue_name("e2e"))
     with contextlib.ExitStack() as stack:
-        stack.callback(queue.close)
-        stack.callback(queue.cleanup)
-        queue.cleanup()
+        queue = stack.enter_context(fresh_queue(config.redis_url, config.queue_name("e2e")))
         measurement = _measure(config, queue, stack)
     return measurement
 
@@ -309,45 +281,28 @@ def _measure(config: Config, queue: RedisQueue, stack: contextlib.ExitStack) -> 
     logs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="outreach-bench-")))
     database_url = stack.enter_context(scratch_database(config.postgres_url))
 
-    port = free_port()
-    sandbox_url = f"http://127.0.0.1:{port}"
-    sandbox_argv = [sys.executable, "-m", "outreach", "sandbox", "--host", "127.0.0.1", "--port", str(port)]
-    sandbox = stack.enter_context(
-        Service("sandbox", sandbox_argv, clean_environment({"TWILIO_AUTH_TOKEN": SANDBOX_TOKEN}), logs)
-    )
+    # Started now and waited for after the seeding, so its start-up overlaps the set-up.
+    sandbox, sandbox_url = launch_sandbox(stack, logs)
 
-    settings = Settings(database_url=database_url, campaigns_dir=ROOT / "campaigns", templates_dir=ROOT / "templates")
-    set_settings(settings)
-    stack.callback(set_settings, None)
+    settings = service_settings(stack, database_url)
     progress(f"creating {total} pending jd_intro rows in a scratch database")
     seeded = time.perf_counter()
     ids = seed(settings, total)
     seed_seconds = time.perf_counter() - seeded
     engine = Runtime(settings).engine
 
-    wait_until(_answers(sandbox_url), timeout=60, interval=0.1, what="the sandbox to start", check=sandbox.check)
+    wait_for_sandbox(sandbox, sandbox_url)
 
     env = worker_environment(database_url, config.redis_url, queue.name, sandbox_url)
     warmup = queue.stage(GROUP_ACTOR, ((group,) for group in groups(ids[: config.warmup])))
     measured = queue.stage(GROUP_ACTOR, ((group,) for group in staged_groups(ids[config.warmup :])))
     workers = stack.enter_context(dramatiq_workers("e2e-workers", "workers", queue.name, config, env, logs))
 
-    def check() -> None:
-        workers.check()
-        sandbox.check()
+    check = alive(workers, sandbox)
 
     def remaining(target: int) -> Callable[[], bool]:
         """Done when only ``target`` rows are left unfinished; every ~2 s also fail fast on rows that failed."""
-        polls = 0
-
-        def done() -> bool:
-            nonlocal polls
-            polls += 1
-            if polls % 40 == 0 and (failures := _failures(engine)):
-                raise BenchmarkError(f"outbox rows ended other than sent: {failures}")
-            return unfinished(engine) <= target
-
-        return done
+        return failing_fast(lambda: unfinished(engine) <= target, lambda: _failures(engine), "outbox rows")
 
     queue.release(warmup)
     wait_until(
@@ -367,9 +322,7 @@ def _measure(config: Config, queue: RedisQueue, stack: contextlib.ExitStack) -> 
         raise BenchmarkError(f"outbox rows ended other than sent: {failures}")
 
     # Every message acked (nothing left that could run twice), then compare with what the provider received.
-    wait_until(
-        lambda: queue.counts() == (0, 0, 0), timeout=60, interval=POLL_INTERVAL, what="the queue to drain", check=check
-    )
+    wait_drained(queue, timeout=60, interval=POLL_INTERVAL, check=check)
     progress(f"{config.messages} sent in {finished - started:.1f} s; checking the sandbox received each exactly once")
     verified = verify(engine, sandbox_url, ids)
     check()
@@ -393,60 +346,13 @@ def staged_groups(ids: Sequence[str]) -> list[list[str]]:
     return [group for start in range(0, len(ids), PASS_SIZE) for group in groups(ids[start : start + PASS_SIZE])]
 
 
-def worker_environment(database_url: str, redis_url: str, queue: str, sandbox_url: str) -> dict[str, str]:
-    """The service's workers' environment: the scratch database, the run's queue, both SDKs at the sandbox."""
-    return clean_environment(
-        {
-            "OUTREACH_DATABASE_URL": database_url,
-            "OUTREACH_BROKER_URL": redis_url,
-            "OUTREACH_QUEUE": queue,
-            "SENDGRID_API_KEY": "SG.bench",
-            "OUTREACH_SENDGRID_HOST": sandbox_url,
-            "TWILIO_ACCOUNT_SID": "AC" + "0" * 32,
-            "TWILIO_AUTH_TOKEN": SANDBOX_TOKEN,
-            "OUTREACH_TWILIO_BASE_URL": sandbox_url,
-            "OUTREACH_SMS_FROM": "+15005550006",
-            "OUTREACH_LOG_LEVEL": "WARNING",
-            **WORKER_SETTINGS,
-        }
-    )
-
-
-def start_sandbox(stack: contextlib.ExitStack, logs: Path) -> tuple[Service, str]:
-    """The provider sandbox in a process of its own (so it shares no GIL with the driver or a worker), up."""
-    port = free_port()
-    sandbox_url = f"http://127.0.0.1:{port}"
-    argv = [sys.executable, "-m", "outreach", "sandbox", "--host", "127.0.0.1", "--port", str(port)]
-    sandbox = stack.enter_context(
-        Service("sandbox", argv, clean_environment({"TWILIO_AUTH_TOKEN": SANDBOX_TOKEN}), logs)
-    )
-    wait_until(_answers(sandbox_url), timeout=60, interval=0.1, what="the sandbox to start", check=sandbox.check)
-    return sandbox, sandbox_url
-
-
-def _answers(sandbox_url: str) -> Callable[[], bool]:
-    def up() -> bool:
-        try:
-            get_json(f"{sandbox_url}/_sandbox/stats", timeout=2)
-        except OSError:
-            return False
-        return True
-
-    return up
-
-
 def verify(engine: Engine, sandbox_url: str, ids: Sequence[str]) -> dict[str, Any]:
     """Compare what the database says was sent with what the sandbox received, message by message."""
     expected = set(ids)
     stats = get_json(f"{sandbox_url}/_sandbox/stats")
-    received = Counter(
-        str(record.get("custom_args", {}).get("outreach_id"))
-        for record in get_json(f"{sandbox_url}/_sandbox/messages", timeout=300)
-    )
+    received = sandbox_received(sandbox_url)
     lost = len(expected - received.keys())
-    duplicated = sum(n - 1 for n in received.values() if n > 1) + sum(
-        n for outreach_id, n in received.items() if outreach_id not in expected
-    )
+    duplicated = count_duplicated(received, expected)
     with engine.connect() as connection:
         sent, provider_ids, retried = connection.execute(
             select(
