@@ -19,10 +19,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
-import sys
 import tempfile
 import time
-from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,24 +37,30 @@ from bench.harness import (
     Figure,
     Measurement,
     Options,
-    RedisQueue,
-    Service,
     at_least,
-    clean_environment,
     cpu_per_message,
     dramatiq_workers,
-    free_port,
+    fresh_queue,
     get_json,
     progress,
     scratch_database,
+    wait_drained,
     wait_until,
+)
+from bench.stack import (
+    SANDBOX_TOKEN,
+    alive,
+    count_duplicated,
+    failing_fast,
+    sandbox_received,
+    start_sandbox,
+    worker_environment,
 )
 from outreach.batch import MAX_PERSONALIZATIONS
 from outreach.broker import BATCH_ACTOR
 from outreach.models import MessageStatus, OutboundMessage
 
 POLL_INTERVAL = 0.05
-SANDBOX_TOKEN = "sandbox-token"
 WARMUP_RECIPIENTS = 200
 WARMUP_BATCH = 50
 
@@ -161,11 +166,8 @@ def failures(engine: Engine) -> str:
 
 
 def measure(options: Options, config: Config, recipients: int) -> Measurement:
-    queue = RedisQueue(options.redis_url, options.queue_name("nurture"))
     with contextlib.ExitStack() as stack:
-        stack.callback(queue.close)
-        stack.callback(queue.cleanup)
-        queue.cleanup()
+        queue = stack.enter_context(fresh_queue(options.redis_url, options.queue_name("nurture")))
         logs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="outreach-bench-")))
         campaigns = campaigns_any_hour(logs / "campaigns")
         database_url = stack.enter_context(scratch_database(options.postgres_url))
@@ -182,52 +184,26 @@ def measure(options: Options, config: Config, recipients: int) -> Measurement:
         measured_ids = [i for ids in by_locale.values() for i in ids]
         progress(f"nurture: {recipients:,} recipients in {len(batches)} batches (set-up {setup_seconds:.1f} s)")
 
-        port = free_port()
-        sandbox_url = f"http://127.0.0.1:{port}"
-        sandbox = stack.enter_context(
-            Service(
-                "nurture-sandbox",
-                [sys.executable, "-m", "bench.nurture", "--sandbox", str(port)],
-                clean_environment({}),
-                logs,
-            )
+        # This module's own sandbox (see _serve_sandbox), which does not keep 100,000 bodies.
+        sandbox, sandbox_url = start_sandbox(
+            stack, logs, name="nurture-sandbox", command=("bench.nurture", "--sandbox")
         )
-        wait_until(_answers(sandbox_url), timeout=60, interval=0.1, what="the sandbox to start", check=sandbox.check)
-        env = clean_environment(
-            {
-                "OUTREACH_DATABASE_URL": database_url,
-                "OUTREACH_BROKER_URL": options.redis_url,
-                "OUTREACH_QUEUE": queue.name,
-                "OUTREACH_CAMPAIGNS_DIR": str(campaigns),
-                "OUTREACH_TEMPLATES_DIR": str(ROOT / "templates"),
-                "SENDGRID_API_KEY": "SG.bench",
-                "OUTREACH_SENDGRID_HOST": sandbox_url,
-                "TWILIO_ACCOUNT_SID": "AC" + "0" * 32,
-                "TWILIO_AUTH_TOKEN": SANDBOX_TOKEN,
-                "OUTREACH_TWILIO_BASE_URL": sandbox_url,
-                "OUTREACH_SMS_FROM": "+15005550006",
-                "OUTREACH_LOG_LEVEL": "WARNING",
-            }
+        env = worker_environment(
+            database_url,
+            options.redis_url,
+            queue.name,
+            sandbox_url,
+            OUTREACH_CAMPAIGNS_DIR=str(campaigns),
+            OUTREACH_TEMPLATES_DIR=str(ROOT / "templates"),
         )
         staged = queue.stage(BATCH_ACTOR, ((ids,) for ids in [*warmup, *batches]))
         staged_warmup, staged_measured = staged[: len(warmup)], staged[len(warmup) :]
         workers = stack.enter_context(dramatiq_workers("nurture-workers", "workers", queue.name, config, env, logs))
 
-        def check() -> None:
-            workers.check()
-            sandbox.check()
+        check = alive(workers, sandbox)
 
-        def all_sent(among: list[str] | None) -> Any:
-            polls = 0
-
-            def done() -> bool:
-                nonlocal polls
-                polls += 1
-                if polls % 40 == 0 and (failed := failures(engine)):
-                    raise BenchmarkError(f"nurture rows ended other than sent: {failed}")
-                return not unfinished(engine, among)
-
-            return done
+        def all_sent(among: list[str] | None) -> Callable[[], bool]:
+            return failing_fast(lambda: not unfinished(engine, among), lambda: failures(engine), "nurture rows")
 
         queue.release(staged_warmup)
         wait_until(all_sent(warmup_ids), timeout=120, interval=POLL_INTERVAL, what="warm-up", check=check)
@@ -242,15 +218,10 @@ def measure(options: Options, config: Config, recipients: int) -> Measurement:
         sandbox_cpu = cpu_per_message(cpu_before[1], sandbox.cpu_seconds(), recipients)
         if failed := failures(engine):
             raise BenchmarkError(f"nurture rows ended other than sent: {failed}")
-        wait_until(
-            lambda: queue.counts() == (0, 0, 0), timeout=60, interval=POLL_INTERVAL, what="the queue", check=check
-        )
+        wait_drained(queue, timeout=60, interval=POLL_INTERVAL, check=check)
         progress(f"nurture: {recipients:,} sent in {finished - started:.1f} s; checking each reached the sandbox once")
         stats = get_json(f"{sandbox_url}/_sandbox/stats")
-        received = Counter(
-            str(record.get("custom_args", {}).get("outreach_id"))
-            for record in get_json(f"{sandbox_url}/_sandbox/messages", timeout=300)
-        )
+        received = sandbox_received(sandbox_url)
         expected = set(warmup_ids) | set(measured_ids)
         with engine.connect() as connection:
             sent = int(
@@ -259,9 +230,7 @@ def measure(options: Options, config: Config, recipients: int) -> Measurement:
                 ).scalar_one()
             )
         lost = max(len(expected - received.keys()), len(expected) - sent)
-        duplicated = sum(n - 1 for n in received.values() if n > 1) + sum(
-            n for outbox_id, n in received.items() if outbox_id not in expected
-        )
+        duplicated = count_duplicated(received, expected)
         requests = int(stats["sendgrid"]["requests"])
         expected_requests = len(warmup) + len(batches)
         check()
@@ -284,31 +253,10 @@ def measure(options: Options, config: Config, recipients: int) -> Measurement:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _answers(sandbox_url: str) -> Any:
-    def up() -> bool:
-        try:
-            get_json(f"{sandbox_url}/_sandbox/stats", timeout=2)
-        except OSError:
-            return False
-        return True
-
-    return up
-
-
 def run(options: Options) -> list[Figure]:
     recipients = options.size("nurture.recipients", 100_000, 2_000)
     bare_messages = options.size("nurture.bare_messages", 10_000, 200)
-    config = Config(
-        messages=bare_messages,
-        warmup=options.processes * options.threads * 4,
-        processes=options.processes,
-        threads=options.threads,
-        redis_url=options.redis_url,
-        postgres_url=options.postgres_url,
-        timeout=options.timeout,
-        smoke=options.smoke,
-        token=options.token,
-    )
+    config = Config.of(options, bare_messages, warmup=options.processes * options.threads * 4)
     progress(f"nurture: bare Dramatiq baseline, {bare_messages:,} no-op messages")
     bare = run_bare(config)
     nurture = measure(options, config, recipients)
