@@ -77,6 +77,31 @@ class Subject:
     enrollment_state: tuple[str, str | None] | None = None
 
 
+class CandidateFacts(Protocol):
+    """What the rules read of a candidate: an ORM :class:`~outreach.models.Candidate` or a plain row (the bulk
+    paths read rows, not objects)."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def email(self) -> str | None: ...
+
+    @property
+    def phone(self) -> str | None: ...
+
+    @property
+    def nurture_consent(self) -> bool: ...
+
+
+class SubjectFacts(CandidateFacts, Protocol):
+    """What :meth:`~outreach.policy.engine.PolicyEngine.subject` reads of a candidate: the rules' facts and the
+    timezone the quiet hours are kept in."""
+
+    @property
+    def timezone(self) -> str | None: ...
+
+
 class Rule(Protocol):
     name: str
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import Select, all_, any_, bindparam, select
 from sqlalchemy.dialects import postgresql
@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeEngine
 
 from outreach.models import OutboundMessage, Suppression
-from outreach.policy.base import ALLOW, Decision, Subject
+from outreach.policy.base import ALLOW, CandidateFacts, Decision, Subject
 from outreach.policy.caps import COUNTED, FrequencyCaps, RecentSend
 from outreach.policy.consent import EnrollmentActiveRule, NurtureConsentRule, SuppressionRule
 from outreach.policy.engine import OUTREACH_CATEGORIES, PolicyEngine
@@ -35,22 +35,6 @@ __all__ = ["CandidateFacts", "PolicyReads", "any_of", "array_of", "one_of"]
 
 #: Ids per statement on databases without arrays (SQLite's limit on bound parameters is far above it).
 CHUNK = 1000
-
-
-class CandidateFacts(Protocol):
-    """What the bulk reader needs of a candidate: an ORM :class:`~outreach.models.Candidate` or a plain row."""
-
-    @property
-    def id(self) -> int: ...
-
-    @property
-    def email(self) -> str | None: ...
-
-    @property
-    def phone(self) -> str | None: ...
-
-    @property
-    def nurture_consent(self) -> bool: ...
 
 
 _Step = Callable[[Session, Subject, CandidateFacts], Decision]

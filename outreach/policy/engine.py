@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property, lru_cache
-from typing import Protocol
 from zoneinfo import ZoneInfo
 
 import phonenumbers
@@ -20,7 +19,7 @@ from outreach.campaigns import Category
 from outreach.candidates import candidate_timezone
 from outreach.config import Settings
 from outreach.models import Candidate, Channel, MessageStatus
-from outreach.policy.base import Decision, Rule, Stage, Subject, Verdict
+from outreach.policy.base import Decision, Rule, Stage, Subject, SubjectFacts, Verdict
 from outreach.policy.caps import FrequencyCaps
 from outreach.policy.config import PolicySpec
 from outreach.policy.consent import EnrollmentActiveRule, NurtureConsentRule, SuppressionRule
@@ -57,25 +56,6 @@ def _country(phone: str) -> str | None:
         return phonenumbers.region_code_for_number(phonenumbers.parse(phone))
     except phonenumbers.NumberParseException:
         return None
-
-
-class SubjectFacts(Protocol):
-    """What :meth:`PolicyEngine.subject` reads of a candidate: an ORM :class:`Candidate` or a plain row."""
-
-    @property
-    def id(self) -> int: ...
-
-    @property
-    def email(self) -> str | None: ...
-
-    @property
-    def phone(self) -> str | None: ...
-
-    @property
-    def timezone(self) -> str | None: ...
-
-    @property
-    def nurture_consent(self) -> bool: ...
 
 
 @lru_cache(maxsize=4096)
