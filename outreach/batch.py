@@ -57,7 +57,7 @@ from sqlalchemy import JSON, Text, any_, bindparam, case, cast, func, insert, li
 from sqlalchemy.orm import Session
 
 from outreach.campaigns import Category
-from outreach.delivery import STOP_REFUSED, backoff, build_context, refused
+from outreach.delivery import STOP_REFUSED, backoff, build_context, pending_again, refused
 from outreach.errors import (
     AmbiguousProviderError,
     PermanentProviderError,
@@ -1060,20 +1060,11 @@ def _release(
 ) -> None:
     """Rows still ``sending`` back to ``pending``, due after ``delay`` seconds."""
     om = OutboundMessage
-    retry_at = now + timedelta(seconds=delay)
     if give_back_attempt:
         values["attempts"] = om.attempts - 1
     with Session(runtime.engine) as session, session.begin():
         session.execute(
             update(om)
             .where(om.id.in_(list(ids)), om.status == MessageStatus.SENDING.value)
-            .values(
-                status=MessageStatus.PENDING.value,
-                not_before=retry_at,
-                enqueued_at=retry_at,
-                lease_until=None,
-                sent_at=None,
-                updated_at=now,
-                **values,
-            )
+            .values(**pending_again(now, delay), **values)
         )

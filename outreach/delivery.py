@@ -811,21 +811,26 @@ def _settle(connection: Connection, outbox_id: str, **values: Any) -> None:
         session.commit()
 
 
+def pending_again(now: datetime, delay: float) -> dict[str, Any]:
+    """The values that put a ``sending`` row back to ``pending``, due (and marked enqueued for) ``delay`` seconds
+    from ``now``; the caller's wake-up message or the sweeper picks it up then."""
+    retry_at = now + timedelta(seconds=delay)
+    return {
+        "status": MessageStatus.PENDING.value,
+        "not_before": retry_at,
+        "enqueued_at": retry_at,
+        "lease_until": None,
+        "sent_at": None,
+        "updated_at": now,
+    }
+
+
 def _retry_later(connection: Connection, outbox_id: str, now: datetime, delay: float, **values: Any) -> None:
     """A handed-off row the provider did not take: back to ``pending``, due after ``delay`` (attempt counted)."""
-    retry_at = now + timedelta(seconds=delay)
     connection.execute(
         update(OutboundMessage)
         .where(OutboundMessage.id == outbox_id, OutboundMessage.status == MessageStatus.SENDING.value)
-        .values(
-            status=MessageStatus.PENDING.value,
-            not_before=retry_at,
-            enqueued_at=retry_at,
-            lease_until=None,
-            sent_at=None,
-            updated_at=now,
-            **values,
-        )
+        .values(**pending_again(now, delay), **values)
     )
 
 
@@ -833,19 +838,10 @@ def _give_back(connection: Connection, ids: Sequence[str], now: datetime, delay:
     """Claimed rows never handed off: back to ``pending`` (no attempt was counted), due after ``delay``."""
     if not ids:
         return
-    retry_at = now + timedelta(seconds=delay)
     postgres = connection.dialect.name == "postgresql"
     om = OutboundMessage
     connection.execute(
         update(om)
         .where(_one_of(postgres, om.id, ids), om.status == MessageStatus.SENDING.value, om.rule == CLAIMED_RULE)
-        .values(
-            status=MessageStatus.PENDING.value,
-            rule=None,
-            not_before=retry_at,
-            enqueued_at=retry_at,
-            lease_until=None,
-            sent_at=None,
-            updated_at=now,
-        )
+        .values(**pending_again(now, delay), rule=None)
     )
