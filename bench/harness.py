@@ -98,7 +98,8 @@ class Figure:
 
     def to_dict(self) -> dict[str, Any]:
         def rounded(number: float | None) -> float | None:
-            return None if number is None else round(number, 4)
+            # Significant digits, not decimals: a 4 ms baseline kept to 4 decimals lost 1-2% of its value.
+            return None if number is None else float(f"{number:.6g}")
 
         return {
             "name": self.name,
