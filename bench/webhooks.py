@@ -368,7 +368,7 @@ def verify(database_url: str, messages: Sequence[Message], unique_events: int) -
                     select(func.count()).select_from(DeliveryEvent).where(DeliveryEvent.message_id.is_(None))
                 ).scalar_one()
             )
-            statuses = dict(connection.execute(select(OutboundMessage.id, OutboundMessage.status)).tuples().all())
+            statuses = {oid: st for oid, st in connection.execute(select(OutboundMessage.id, OutboundMessage.status))}
     finally:
         engine.dispose()
     wrong = sum(1 for outbox_id, status in expected.items() if statuses.get(outbox_id) != status)

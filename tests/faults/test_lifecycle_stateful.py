@@ -230,7 +230,7 @@ def test_lifecycle_invariants_hold_after_every_step(
                     row.id: row
                     for row in session.scalars(select(OutboundMessage).where(OutboundMessage.status.in_(COUNTED)))
                 }
-                zones = dict(session.execute(select(Candidate.id, Candidate.timezone)).tuples().all())
+                zones = {cid: zone for cid, zone in session.execute(select(Candidate.id, Candidate.timezone))}
                 candidate_of = {
                     row.id: row.candidate_id for row in session.scalars(select(OutboundMessage))
                 }  # every row, for the sandbox's records
