@@ -269,7 +269,7 @@ def run(options: Options) -> list[Figure]:
             baseline_name="bare Dramatiq no-op",
             baseline_value=bare.rate,
             ratio=ratio,
-            goal=">= 15x bare Dramatiq",
+            goal="≥ 15× bare Dramatiq",
             met=at_least(ratio, 15.0, options),
             checks={
                 "lost": nurture.lost,

@@ -294,7 +294,7 @@ def run(options: Options) -> list[Figure]:
                     baseline_name=f"same pass at {sizes[0]:,}",
                     baseline_value=small["median_ms"],
                     ratio=ratio,
-                    goal="<= 100 ms and <= 2x the 10k figure",
+                    goal="≤ 100 ms and ≤ 2× the 10k figure",
                     met=None if both is None or flat is None else both and flat,
                     checks={"lost": large["lost"], "duplicated": large["duplicated"]},
                     details={k: large[k] for k in DETAILS},
@@ -309,7 +309,7 @@ def run(options: Options) -> list[Figure]:
                 unit="ids/s",
                 baseline_name="actor.send() loop, a message per id",
                 baseline_value=loop,
-                goal=">= 5x the send() loop",
+                goal="≥ 5× the send() loop",
                 met=at_least(pipelined / loop if loop else None, 5.0, options),
                 # Pipelining alone: Dramatiq's send() loop over the same group messages.
                 details={"send_loop_same_groups_ids_per_s": round(same_messages)},
