@@ -31,6 +31,7 @@ browser:
 
 lint: install
 	$(BIN)/ruff check outreach workers tests bench
+	$(BIN)/ruff format --check outreach workers tests bench
 	$(BIN)/mypy outreach
 
 ## Full benchmarks (minutes); prints ratios against bare Dramatiq and writes bench/results/latest.json.
