@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import JSON, Connection, String, Text, any_, bindparam, case, column, func, or_, select, update
+from sqlalchemy import JSON, Connection, String, Text, bindparam, case, column, func, or_, select, update
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
@@ -72,7 +72,7 @@ from outreach.models import (
     utcnow,
 )
 from outreach.policy.base import Stage as PolicyStage
-from outreach.policy.bulk import PolicyReads
+from outreach.policy.bulk import PolicyReads, one_of
 from outreach.policy.consent import with_opt_out_hint
 from outreach.policy.engine import Outcome as Verdict
 from outreach.policy.engine import PolicyEngine
@@ -255,17 +255,10 @@ class _Send:
     handed_off: bool = False
 
 
-def _one_of(postgres: bool, column_: Any, values: Sequence[Any]) -> Any:
-    """``column IN values``; on PostgreSQL ``column = ANY(:array)`` (one parameter, one cached statement)."""
-    if postgres:
-        return column_ == any_(bindparam(None, list(values), type_=postgresql.ARRAY(column_.type)))
-    return column_.in_(list(values))
-
-
 def _claim(connection: Connection, postgres: bool, ids: Sequence[str], now: datetime, lease: timedelta) -> list[Any]:
     """Every row of ``ids`` still pending and due: ``sending``, marked claimed, not yet counted as an attempt."""
     om = OutboundMessage
-    due = [_one_of(postgres, om.id, ids), om.status == MessageStatus.PENDING.value, om.not_before <= now]
+    due = [one_of(connection, om.id, ids), om.status == MessageStatus.PENDING.value, om.not_before <= now]
     condition: Any
     if postgres:
         # Rows another worker is claiming right now (an overlapping group, a retried message) are theirs; taken
@@ -322,7 +315,7 @@ def _lock_people(
         .join(Candidate, Candidate.id == om.candidate_id)
         .outerjoin(Enrollment, Enrollment.id == om.enrollment_id)
         .outerjoin(Job, Job.id == Enrollment.job_id)
-        .where(_one_of(postgres, om.id, ids))
+        .where(one_of(session, om.id, ids))
         .order_by(Candidate.id)
     )
     if postgres:
@@ -838,10 +831,9 @@ def _give_back(connection: Connection, ids: Sequence[str], now: datetime, delay:
     """Claimed rows never handed off: back to ``pending`` (no attempt was counted), due after ``delay``."""
     if not ids:
         return
-    postgres = connection.dialect.name == "postgresql"
     om = OutboundMessage
     connection.execute(
         update(om)
-        .where(_one_of(postgres, om.id, ids), om.status == MessageStatus.SENDING.value, om.rule == CLAIMED_RULE)
+        .where(one_of(connection, om.id, ids), om.status == MessageStatus.SENDING.value, om.rule == CLAIMED_RULE)
         .values(**pending_again(now, delay), rule=None)
     )

@@ -19,7 +19,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Select, all_, any_, bindparam, select
+from sqlalchemy import Connection, Select, all_, any_, bindparam, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeEngine
@@ -40,8 +40,9 @@ CHUNK = 1000
 _Step = Callable[[Session, Subject, CandidateFacts], Decision]
 
 
-def _postgres(session: Session) -> bool:
-    return session.get_bind().dialect.name == "postgresql"
+def _postgres(where: Session | Connection) -> bool:
+    dialect = where.dialect if isinstance(where, Connection) else where.get_bind().dialect
+    return dialect.name == "postgresql"
 
 
 def array_of(column_type: TypeEngine[Any]) -> TypeEngine[Any]:
@@ -56,7 +57,7 @@ def array_of(column_type: TypeEngine[Any]) -> TypeEngine[Any]:
 _ARRAYS: dict[int, tuple[TypeEngine[Any], TypeEngine[Any]]] = {}
 
 
-def one_of(session: Session, column: Any, values: Collection[Any]) -> Any:
+def one_of(session: Session | Connection, column: Any, values: Collection[Any]) -> Any:
     """``column IN values``; on PostgreSQL ``column = ANY(:array)``: one parameter instead of a thousand, so the
     statement stays small and cheap to build (the batch and scheduler paths filter on up to 1000 ids)."""
     if _postgres(session):
