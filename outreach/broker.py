@@ -77,6 +77,14 @@ def current_broker() -> Broker:
     return _installed
 
 
+def declare_actor(
+    broker: Broker, fn: Any, name: str, queue_name: str, options: dict[str, Any]
+) -> dramatiq.Actor[..., None]:
+    """Declare ``fn`` as actor ``name`` on ``broker``, replacing an earlier declaration (tests switch brokers)."""
+    broker.actors.pop(name, None)
+    return dramatiq.Actor(fn, broker=broker, actor_name=name, queue_name=queue_name, priority=0, options=dict(options))
+
+
 def groups(outbox_ids: Sequence[str], size: int = GROUP_SIZE, spread: int = SPREAD) -> list[list[str]]:
     """``outbox_ids`` cut into groups of at most ``size``, and into at least ``min(spread, len)`` groups, in order."""
     ids = list(outbox_ids)

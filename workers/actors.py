@@ -16,7 +16,7 @@ import dramatiq
 from dramatiq import Broker
 from sqlalchemy.exc import OperationalError
 
-from outreach.broker import DELIVER_ACTOR, GROUP_ACTOR, enqueue_deliveries
+from outreach.broker import DELIVER_ACTOR, GROUP_ACTOR, declare_actor, enqueue_deliveries
 from outreach.delivery import deliver, deliver_group
 from outreach.runtime import get_runtime
 from workers.batch import declare_batch_actor
@@ -55,27 +55,14 @@ def deliver_messages(outbox_ids: list[str]) -> None:
 def declare_actors(broker: Broker) -> dict[str, dramatiq.Actor[..., None]]:
     """Declare our actors on ``broker`` (replacing earlier declarations, so tests can switch brokers)."""
     queue = get_runtime().settings.queue_name
-    broker.actors.pop(DELIVER_ACTOR, None)
-    actor: dramatiq.Actor[..., None] = dramatiq.Actor(
-        deliver_message,
-        broker=broker,
-        actor_name=DELIVER_ACTOR,
-        queue_name=queue,
-        priority=0,
-        options={
-            "retry_when": should_retry,
-            "min_backoff": 1000,
-            "max_backoff": 300_000,
-            "time_limit": 120_000,
-        },
-    )
-    broker.actors.pop(GROUP_ACTOR, None)
-    group: dramatiq.Actor[..., None] = dramatiq.Actor(
-        deliver_messages,
-        broker=broker,
-        actor_name=GROUP_ACTOR,
-        queue_name=queue,
-        priority=0,
-        options=dict(actor.options),
-    )
-    return {DELIVER_ACTOR: actor, GROUP_ACTOR: group, **declare_batch_actor(broker, queue, actor.options)}
+    options: dict[str, object] = {
+        "retry_when": should_retry,
+        "min_backoff": 1000,
+        "max_backoff": 300_000,
+        "time_limit": 120_000,
+    }
+    return {
+        DELIVER_ACTOR: declare_actor(broker, deliver_message, DELIVER_ACTOR, queue, options),
+        GROUP_ACTOR: declare_actor(broker, deliver_messages, GROUP_ACTOR, queue, options),
+        **declare_batch_actor(broker, queue, options),
+    }

@@ -11,7 +11,7 @@ import dramatiq
 from dramatiq import Broker
 
 from outreach.batch import deliver_batch
-from outreach.broker import BATCH_ACTOR
+from outreach.broker import BATCH_ACTOR, declare_actor
 from outreach.runtime import get_runtime
 
 
@@ -26,13 +26,4 @@ def declare_batch_actor(
     broker: Broker, queue_name: str, options: dict[str, object]
 ) -> dict[str, dramatiq.Actor[..., None]]:
     """Declare the batch actor on ``broker`` with the delivery actor's retry options."""
-    broker.actors.pop(BATCH_ACTOR, None)
-    actor: dramatiq.Actor[..., None] = dramatiq.Actor(
-        deliver_batch_message,
-        broker=broker,
-        actor_name=BATCH_ACTOR,
-        queue_name=queue_name,
-        priority=0,
-        options=dict(options),
-    )
-    return {BATCH_ACTOR: actor}
+    return {BATCH_ACTOR: declare_actor(broker, deliver_batch_message, BATCH_ACTOR, queue_name, options)}
