@@ -167,13 +167,18 @@ def test_cron_misfire_beyond_grace_is_not_fired(runtime: Runtime) -> None:
     assert runtime.scheduler.tick(late).fired == []
 
 
-def test_sweeper_requeues_stale_pending_and_marks_lost_sends_uncertain(runtime: Runtime) -> None:
+def applied_rows_gone_stale(runtime: Runtime) -> tuple[OutboundMessage, OutboundMessage, datetime]:
+    """The JD email and SMS nudge of one application, written by a pass, and a time ten minutes ago."""
     add_candidate(runtime)
     add_job(runtime)
     fire(runtime, "c-1", "applied", at=T0, job="j-1")
     runtime.scheduler.tick(T0 + timedelta(hours=1))
     email, nudge = rows(runtime)
-    old = utcnow() - timedelta(minutes=10)
+    return email, nudge, utcnow() - timedelta(minutes=10)
+
+
+def test_sweeper_requeues_stale_pending_and_marks_lost_sends_uncertain(runtime: Runtime) -> None:
+    email, nudge, old = applied_rows_gone_stale(runtime)
     with Session(runtime.engine) as session, session.begin():
         session.execute(update(OutboundMessage).where(OutboundMessage.id == email.id).values(enqueued_at=old))
         session.execute(
@@ -188,12 +193,7 @@ def test_sweeper_requeues_stale_pending_and_marks_lost_sends_uncertain(runtime: 
 
 
 def test_sweeper_returns_claimed_but_never_handed_off_rows_to_pending(runtime: Runtime) -> None:
-    add_candidate(runtime)
-    add_job(runtime)
-    fire(runtime, "c-1", "applied", at=T0, job="j-1")
-    runtime.scheduler.tick(T0 + timedelta(hours=1))
-    email, nudge = rows(runtime)
-    old = utcnow() - timedelta(minutes=10)
+    email, nudge, old = applied_rows_gone_stale(runtime)
     with Session(runtime.engine) as session, session.begin():
         # A worker claimed both in a group and stopped after handing only the nudge to the provider.
         session.execute(
