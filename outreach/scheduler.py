@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 
 from outreach.calendar import BusinessCalendar
 from outreach.campaigns import Campaign, CampaignSet, Category, ExitCondition, Step
-from outreach.candidates import candidate_timezone
+from outreach.candidates import zone_for
 from outreach.config import Settings
 from outreach.conversation import alert_unanswered_replies
 from outreach.db import is_sqlite, transaction
@@ -231,12 +231,6 @@ class ZoneFacts(Protocol):
     def phone(self) -> str | None: ...
 
 
-@functools.lru_cache(maxsize=4096)
-def _zone(timezone: str | None, phone: str | None, company_tz: str) -> ZoneInfo:
-    """:func:`~outreach.candidates.candidate_timezone` for these facts, worked out once per process."""
-    return candidate_timezone(Candidate(timezone=timezone, phone=phone), Settings(company_timezone=company_tz))
-
-
 def step_due(
     step: Step, base: datetime, candidate: ZoneFacts, company_tz: str, calendar: BusinessCalendar | None = None
 ) -> datetime:
@@ -247,7 +241,7 @@ def step_due(
         due = base + step.delay
     if step.at is None:
         return due
-    zone = _zone(candidate.timezone or None, None if candidate.timezone else candidate.phone, company_tz)
+    zone = zone_for(candidate.timezone, candidate.phone, company_tz)
     local = due.astimezone(zone)
     hour, minute = (int(part) for part in step.at.split(":"))
     target = local.replace(hour=hour, minute=minute, second=0, microsecond=0)

@@ -9,16 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property, lru_cache
-from zoneinfo import ZoneInfo
 
 import phonenumbers
 from sqlalchemy.orm import Session
 
 from outreach.calendar import BusinessCalendar
 from outreach.campaigns import Category
-from outreach.candidates import candidate_timezone
+from outreach.candidates import zone_for
 from outreach.config import Settings
-from outreach.models import Candidate, Channel, MessageStatus
+from outreach.models import Channel, MessageStatus
 from outreach.policy.base import Decision, Rule, Stage, Subject, SubjectFacts, Verdict
 from outreach.policy.caps import FrequencyCaps
 from outreach.policy.config import PolicySpec
@@ -56,13 +55,6 @@ def _country(phone: str) -> str | None:
         return phonenumbers.region_code_for_number(phonenumbers.parse(phone))
     except phonenumbers.NumberParseException:
         return None
-
-
-@lru_cache(maxsize=4096)
-def _zone(timezone: str | None, phone: str | None, company_timezone: str) -> ZoneInfo:
-    """:func:`candidate_timezone` for these facts, worked out once per (timezone, phone) per process."""
-    settings = Settings(company_timezone=company_timezone)
-    return candidate_timezone(Candidate(timezone=timezone, phone=phone), settings)
 
 
 class PolicyEngine:
@@ -108,11 +100,7 @@ class PolicyEngine:
             category=category,
             campaign=campaign,
             address=address,
-            zone=_zone(
-                candidate.timezone or None,
-                None if candidate.timezone else candidate.phone,
-                self.settings.company_timezone,
-            ),
+            zone=zone_for(candidate.timezone, candidate.phone, self.settings.company_timezone),
             country=country,
             now=now,
             stage=stage,
