@@ -43,14 +43,14 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import String, any_, bindparam, func, insert, select
-from sqlalchemy.dialects import postgresql
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from outreach.campaigns import Campaign
 from outreach.candidates import add_tags
 from outreach.config import Settings
 from outreach.models import Base, Candidate, LinkClick, OutboundMessage, TrackedLink, utcnow
+from outreach.policy.bulk import one_of
 from outreach.policy.config import BehaviourSpec
 from outreach.render import RenderedEmail
 from outreach.runtime import Runtime
@@ -255,12 +255,7 @@ def store_links(session: Session, trackers: Sequence[tuple[str, _Tracker]]) -> N
     if not wanted:
         return
     message_ids = sorted({message_id for message_id, _ in wanted})
-    postgres = session.get_bind().dialect.name == "postgresql"
-    found = (
-        TrackedLink.message_id == any_(bindparam("message_ids", message_ids, type_=postgresql.ARRAY(String)))
-        if postgres
-        else TrackedLink.message_id.in_(message_ids)
-    )
+    found = one_of(session, TrackedLink.message_id, message_ids)
     ids: dict[str, dict[Link, int]] = defaultdict(dict)
     positions: dict[str, int] = defaultdict(lambda: -1)
     for link_id, message_id, position, url, name in session.execute(
