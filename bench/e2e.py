@@ -60,9 +60,10 @@ from bench.stack import (
 )
 from outreach.broker import GROUP_ACTOR, groups
 from outreach.candidates import CandidateIn, JobIn, upsert_candidate, upsert_job
+from outreach.clock import utcnow
 from outreach.config import Settings
 from outreach.enrollment import EventIn, record_event
-from outreach.models import Base, MessageStatus, OutboundMessage, new_id, utcnow
+from outreach.models import Base, MessageStatus, OutboundMessage, new_id
 from outreach.runtime import Runtime
 
 #: The database is polled for the count of sent rows this often (the brief cost of a count on the outbox).

@@ -42,8 +42,9 @@ from bench.harness import (
     scratch_database,
 )
 from outreach.broker import DELIVER_ACTOR, GROUP_ACTOR, enqueue_deliveries, groups
+from outreach.clock import utcnow
 from outreach.config import Settings
-from outreach.models import MessageStatus, OutboundMessage, utcnow
+from outreach.models import MessageStatus, OutboundMessage
 from outreach.policy.config import load_policies
 from outreach.policy.engine import PolicyEngine
 from outreach.scheduler import Scheduler, TickResult

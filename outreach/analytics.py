@@ -47,6 +47,7 @@ from typing import Any, Literal
 from sqlalchemy import ColumnElement, Engine, Select, case, func, literal, select
 from sqlalchemy.orm import Session
 
+from outreach.clock import utcnow
 from outreach.errors import ValidationError
 from outreach.models import (
     Alert,
@@ -60,7 +61,6 @@ from outreach.models import (
     StageChange,
     TrackedLink,
     UTCDateTime,
-    utcnow,
 )
 
 __all__ = [

@@ -18,8 +18,9 @@ from enum import StrEnum
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from outreach.clock import utcnow
 from outreach.errors import NotFoundError, ValidationError
-from outreach.models import ApiKey, utcnow
+from outreach.models import ApiKey
 
 KEY_PREFIX = "ork_"
 #: How much of a key listings show, so people can tell keys apart without seeing them.

@@ -35,7 +35,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from outreach.candidates import candidate_timezone, normalise_phone
-from outreach.models import Candidate, Channel, InboundMessage, MessageStatus, OutboundMessage, new_id, utcnow
+from outreach.clock import utcnow
+from outreach.models import Candidate, Channel, InboundMessage, MessageStatus, OutboundMessage, new_id
 from outreach.runtime import Runtime
 
 __all__ = [

@@ -57,6 +57,7 @@ from sqlalchemy import JSON, Text, any_, bindparam, case, cast, func, insert, li
 from sqlalchemy.orm import Session
 
 from outreach.campaigns import Category
+from outreach.clock import travel, utcnow
 from outreach.delivery import STOP_REFUSED, backoff, build_context, pending_again, refused
 from outreach.errors import (
     AmbiguousProviderError,
@@ -75,17 +76,7 @@ from outreach.links import (
     strip_names,
     tracks_clicks,
 )
-from outreach.models import (
-    Base,
-    Candidate,
-    Channel,
-    Enrollment,
-    Job,
-    MessageStatus,
-    OutboundMessage,
-    TrackedLink,
-    utcnow,
-)
+from outreach.models import Base, Candidate, Channel, Enrollment, Job, MessageStatus, OutboundMessage, TrackedLink
 from outreach.policy.base import Stage
 from outreach.policy.bulk import CHUNK, PolicyReads, any_of, array_of, one_of
 from outreach.policy.engine import Outcome as Verdict
@@ -270,8 +261,12 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 
 def deliver_batch(runtime: Runtime, outbox_ids: Sequence[str], now: datetime | None = None) -> BatchOutcome:
-    """Send these nurture email rows in as few SendGrid requests as their templates allow."""
-    now = now or utcnow()
+    """Send these nurture email rows in as few SendGrid requests as their templates allow (as if at ``now``)."""
+    with travel(now):
+        return _deliver_batch(runtime, outbox_ids, utcnow())
+
+
+def _deliver_batch(runtime: Runtime, outbox_ids: Sequence[str], now: datetime) -> BatchOutcome:
     ids = sorted(set(outbox_ids))
     if not ids:
         return BatchOutcome()

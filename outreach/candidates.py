@@ -18,9 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from outreach.clock import utcnow
 from outreach.config import Settings, get_settings
 from outreach.errors import ValidationError
-from outreach.models import Candidate, Job, utcnow
+from outreach.models import Candidate, Job
 
 _TAG = re.compile(r"^[a-z0-9_]+(:[^\s:,][^\s,]{0,63})?$")
 

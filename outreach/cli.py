@@ -17,7 +17,7 @@ import click
 from outreach.config import Settings, set_settings
 from outreach.errors import OutreachError, ValidationError
 from outreach.logs import configure_logging
-from outreach.runtime import Runtime, set_runtime
+from outreach.runtime import Runtime, set_runtime, start_clock
 
 
 def _settings() -> Settings:
@@ -26,6 +26,7 @@ def _settings() -> Settings:
     except OutreachError as exc:
         raise click.ClickException(str(exc)) from None
     set_settings(settings)
+    start_clock(settings)
     configure_logging(settings.log_level)
     return settings
 
@@ -222,14 +223,26 @@ def scheduler() -> None:
 
 
 @main.command()
-@click.option("--now", "now_text", default=None, help="Run the pass as if at this ISO-8601 instant.")
+@click.option("--now", "now_text", default=None, help="Run the pass, and every send it makes, as if at this instant.")
 def tick(now_text: str | None) -> None:
-    """One scheduler pass (as if at --now); prints what it did as JSON."""
+    """One scheduler pass (as if at --now); prints what it did as JSON.
+
+    With --now the pass is a time machine: it and every message it sends are judged at that instant (due steps,
+    quiet hours, caps, the calendar, out-of-office pauses), so it sends in this process even when
+    OUTREACH_BROKER_URL is set: workers would judge the sends at their own time. The summary's ``messages``
+    and ``rules`` are read back from the outbox after the pass; ``left_for_workers`` counts what is still
+    pending for the workers (nothing, with --now).
+    """
+    from outreach.scheduler import outcome_of
+
+    now = _parse_when(now_text, "--now")
     settings = _settings()
+    if now is not None and settings.broker_url:
+        settings = settings.with_overrides(broker_url="")
     runtime = _runtime_for_commands(settings)
     _check_campaigns(runtime)
-    result = runtime.scheduler.tick(_parse_when(now_text, "--now"))
-    click.echo(json.dumps(result.summary()))
+    result = runtime.scheduler.tick(now)
+    click.echo(json.dumps({**result.summary(), **outcome_of(runtime.engine, result.written)}))
 
 
 @main.command()
@@ -686,8 +699,8 @@ def _report_csv(rates: list[Any], funnel: Any, slas: list[Any]) -> str:
 def report(since_text: str, until_text: str | None, by: str | None, bucket: str | None, output_format: str) -> None:
     """Delivery, engagement and reply rates, the hiring funnel and the SLAs (no personal data)."""
     from outreach import analytics
+    from outreach.clock import utcnow
     from outreach.db import get_engine
-    from outreach.models import utcnow
 
     settings = _settings()
     now = utcnow()

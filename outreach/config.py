@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -63,6 +64,18 @@ def _number(raw: str, name: str) -> float:
     return value
 
 
+def _instant(raw: str, name: str) -> datetime | None:
+    if not raw:
+        return None
+    try:
+        parsed = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigurationError(f"{name} must be an ISO-8601 instant such as 2026-11-25T10:00:00+08:00") from None
+    if parsed.tzinfo is None:
+        raise ConfigurationError(f"{name} needs a timezone offset (Z or +08:00)")
+    return parsed.astimezone(UTC)
+
+
 REAL_SENDGRID_HOST = "https://api.sendgrid.com"
 REAL_TWILIO_BASE_URL = "https://api.twilio.com"
 #: The shortest OUTREACH_SECRET_KEY accepted when the real providers are configured (a 256-bit key in hex is 64).
@@ -107,6 +120,9 @@ class Settings:
     max_retries: int = 8
     queue_name: str = "outreach"
     log_level: str = "INFO"
+    #: Start the service's clock at this instant and let it run from there (trials and tests; never beside the
+    #: real providers). ``None``: the machine's clock.
+    clock_start: datetime | None = None
 
     # Guards on the public routes (outreach.web.ratelimit): per client IP; 0 turns the rate limit off.
     public_rate_limit: float = 20.0
@@ -177,6 +193,7 @@ class Settings:
             max_retries=int(_number(text("OUTREACH_MAX_RETRIES", "8"), "OUTREACH_MAX_RETRIES")),
             queue_name=text("OUTREACH_QUEUE", defaults.queue_name),
             log_level=text("OUTREACH_LOG_LEVEL", defaults.log_level).upper(),
+            clock_start=_instant(text("OUTREACH_CLOCK_START", ""), "OUTREACH_CLOCK_START"),
             public_rate_limit=_number(
                 text("OUTREACH_PUBLIC_RATE_LIMIT", str(defaults.public_rate_limit)), "OUTREACH_PUBLIC_RATE_LIMIT"
             ),
@@ -214,6 +231,12 @@ class Settings:
             raise ConfigurationError(
                 f"OUTREACH_SECRET_KEY: required (at least {MIN_SECRET_KEY_LENGTH} characters) when sending through "
                 "the real SendGrid or Twilio; it signs the links candidates receive"
+            )
+
+        if self.clock_start is not None and self.talks_to_real_providers:
+            raise ConfigurationError(
+                "OUTREACH_CLOCK_START moves the service's clock: it is for trials against the sandbox, never with "
+                "the real SendGrid or Twilio (candidates would get messages judged at the wrong time)"
             )
 
     @property

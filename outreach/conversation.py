@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine, String, cast, exists, func, literal, select, update
 from sqlalchemy.orm import Session
 
+from outreach.clock import utcnow
 from outreach.config import Settings
 from outreach.db import transaction
-from outreach.models import Alert, Candidate, InboundMessage, MessageStatus, OutboundMessage, Stage, utcnow
+from outreach.models import Alert, Candidate, InboundMessage, MessageStatus, OutboundMessage, Stage
 from outreach.policy.config import RepliesSpec
 
 if TYPE_CHECKING:

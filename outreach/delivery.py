@@ -51,6 +51,7 @@ from sqlalchemy.orm import Session
 
 from outreach.autoreply import AUTO_REPLY, reply_by
 from outreach.campaigns import Category
+from outreach.clock import travel, utcnow
 from outreach.errors import (
     AmbiguousProviderError,
     PermanentProviderError,
@@ -69,7 +70,6 @@ from outreach.models import (
     OutboundMessage,
     Suppression,
     UTCDateTime,
-    utcnow,
 )
 from outreach.policy.base import Stage as PolicyStage
 from outreach.policy.bulk import PolicyReads, one_of
@@ -223,7 +223,11 @@ def deliver_group(runtime: Runtime, outbox_ids: Sequence[str], now: datetime | N
     outcomes = dict.fromkeys(ids, NOT_PENDING)
     if not ids:
         return outcomes
-    now = now or utcnow()
+    with travel(now):
+        return _deliver_group(runtime, ids, utcnow(), outcomes)
+
+
+def _deliver_group(runtime: Runtime, ids: list[str], now: datetime, outcomes: dict[str, Outcome]) -> dict[str, Outcome]:
     if len(ids) > 1 and type(runtime.policy).evaluate is not PolicyEngine.evaluate:
         # An engine that wraps evaluate (the simulation records deferrals) is asked itself, one row at a time.
         for outbox_id in ids:

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from outreach.calendar import BusinessCalendar
 from outreach.campaigns import Audience, Campaign, CampaignSet, EventType, ExitCondition
 from outreach.candidates import add_tags, as_utc, no_nul
+from outreach.clock import utcnow
 from outreach.config import get_settings
 from outreach.errors import NotFoundError, ValidationError
 from outreach.intent import (
@@ -45,7 +46,6 @@ from outreach.models import (
     MessageStatus,
     OutboundMessage,
     Stage,
-    utcnow,
 )
 from outreach.render import REQUIRED_EVENT_DATA
 

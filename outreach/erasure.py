@@ -20,6 +20,7 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, Update, case, func, select, update
 from sqlalchemy.orm import Session
 
+from outreach.clock import utcnow
 from outreach.config import Settings
 from outreach.errors import NotFoundError
 from outreach.models import (
@@ -35,7 +36,6 @@ from outreach.models import (
     StageChange,
     Suppression,
     new_id,
-    utcnow,
 )
 from outreach.policy.consent import address_hash, suppression_address
 

@@ -66,16 +66,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeEngine
 
-from outreach.models import (
-    Candidate,
-    Channel,
-    DeliveryEvent,
-    MessageStatus,
-    OutboundMessage,
-    Suppression,
-    UTCDateTime,
-    utcnow,
-)
+from outreach.clock import utcnow
+from outreach.models import Candidate, Channel, DeliveryEvent, MessageStatus, OutboundMessage, Suppression, UTCDateTime
 from outreach.providers.base import redact
 
 __all__ = [

@@ -37,18 +37,11 @@ from sqlalchemy.orm import Session
 
 from outreach.autoreply import plan_auto_reply
 from outreach.candidates import normalise_phone
+from outreach.clock import utcnow
 from outreach.conversation import last_sent_to, notify_reply
 from outreach.enrollment import record_reply
 from outreach.errors import TemplateError
-from outreach.models import (
-    Candidate,
-    Channel,
-    InboundMessage,
-    MessageStatus,
-    OutboundMessage,
-    Suppression,
-    utcnow,
-)
+from outreach.models import Candidate, Channel, InboundMessage, MessageStatus, OutboundMessage, Suppression
 from outreach.policy.keywords import Keyword, classify, is_conversational
 from outreach.runtime import Runtime
 from outreach.scheduler import insert_ignore

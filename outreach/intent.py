@@ -29,8 +29,9 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from outreach.campaigns import load_yaml_model, parse_duration
+from outreach.clock import utcnow
 from outreach.errors import CampaignError, Problem, ValidationError
-from outreach.models import Candidate, IntentAssessment, Stage, StageChange, utcnow
+from outreach.models import Candidate, IntentAssessment, Stage, StageChange
 
 INTENT_FILE = "intent.yaml"
 DEFAULT_DIMENSIONS = ("career_goal_match", "salary_fit", "start_urgency")

@@ -48,8 +48,9 @@ from sqlalchemy.orm import Session
 
 from outreach.campaigns import Campaign
 from outreach.candidates import add_tags
+from outreach.clock import utcnow
 from outreach.config import Settings
-from outreach.models import Base, Candidate, LinkClick, OutboundMessage, TrackedLink, utcnow
+from outreach.models import Base, Candidate, LinkClick, OutboundMessage, TrackedLink
 from outreach.policy.bulk import one_of
 from outreach.policy.config import BehaviourSpec
 from outreach.render import RenderedEmail

@@ -7,7 +7,6 @@ Python code only ever sees aware UTC datetimes.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -26,23 +25,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-
-def _wall_clock() -> datetime:
-    return datetime.now(UTC)
-
-
-_clock: Callable[[], datetime] = _wall_clock
-
-
-def utcnow() -> datetime:
-    """The current time, aware UTC. Every part of the service reads the time here, so a simulation can move it."""
-    return _clock()
-
-
-def set_clock(clock: Callable[[], datetime] | None) -> None:
-    """Replace the clock (``outreach campaigns simulate`` runs on a virtual one); None restores the wall clock."""
-    global _clock
-    _clock = clock or _wall_clock
+from outreach.clock import utcnow
 
 
 def new_id() -> str:

@@ -23,10 +23,11 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from outreach.clock import utcnow
 from outreach.config import Settings
 from outreach.conversation import last_sent_to, notify_reply, stored_inbound_id
 from outreach.enrollment import pause_for_out_of_office, record_reply
-from outreach.models import Candidate, Channel, InboundMessage, OutboundMessage, utcnow
+from outreach.models import Candidate, Channel, InboundMessage, OutboundMessage
 from outreach.runtime import Runtime
 from outreach.scheduler import insert_ignore
 from outreach.tokens import sign, verify

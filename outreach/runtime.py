@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Engine
 
 from outreach.campaigns import CampaignSet
+from outreach.clock import TravelClock, set_clock
 from outreach.config import Settings, get_settings
 from outreach.db import get_engine
 from outreach.errors import CampaignError
@@ -139,7 +140,14 @@ def get_runtime() -> Runtime:
     with _runtime_lock:
         if _runtime is None:
             _runtime = Runtime(get_settings())
+            start_clock(_runtime.settings)
         return _runtime
+
+
+def start_clock(settings: Settings) -> None:
+    """Move this process's clock to ``OUTREACH_CLOCK_START`` when it is set (it runs on from there)."""
+    if settings.clock_start is not None:
+        set_clock(TravelClock(settings.clock_start))
 
 
 def set_runtime(runtime: Runtime | None) -> None:

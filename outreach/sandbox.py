@@ -58,7 +58,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from email.utils import format_datetime, formataddr
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -68,6 +68,8 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from twilio.request_validator import RequestValidator
+
+from outreach.clock import utcnow
 
 __all__ = [
     "FaultKind",
@@ -138,10 +140,6 @@ def sms_segments(body: str) -> int:
     return 1 if units <= 70 else math.ceil(units / 67)
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 @dataclass(frozen=True)
 class SandboxMessage:
     """One message the sandbox accepted: one per SendGrid personalization, one per Twilio request.
@@ -164,7 +162,7 @@ class SandboxMessage:
     headers: dict[str, str] = field(default_factory=dict)
     status_callback: str | None = None
     validity_period: int | None = None
-    received_at: datetime = field(default_factory=_utcnow)
+    received_at: datetime = field(default_factory=utcnow)
     personalization_index: int = 0
     reply_to: str | None = None
     template_id: str | None = None
@@ -546,7 +544,7 @@ class SandboxServer:
             if error_code:
                 params["ErrorCode"] = error_code
             if status == "delivered":
-                params["RawDlrDoneDate"] = _utcnow().strftime("%y%m%d%H%M")
+                params["RawDlrDoneDate"] = utcnow().strftime("%y%m%d%H%M")
             headers = {
                 "Content-Type": "application/x-www-form-urlencoded",
                 "User-Agent": "TwilioProxy/1.1",
@@ -559,7 +557,7 @@ class SandboxServer:
         url = self.sendgrid_event_url
         if not url:
             return
-        now = int(time.time())
+        now = int(utcnow().timestamp())
         first: list[dict[str, Any]] = []
         then: list[dict[str, Any]] = []
         for record in records:
@@ -824,7 +822,7 @@ def _substitute(text: str, substitutions: Mapping[str, str]) -> str:
 
 
 def _sendgrid_records(payload: dict[str, Any], message_id: str, keep_bodies: bool = True) -> list[SandboxMessage]:
-    received = _utcnow()
+    received = utcnow()
     sender = payload["from"]
     from_ = formataddr((sender.get("name") or "", sender["email"]))
     reply = payload.get("reply_to")
@@ -1085,7 +1083,7 @@ class _Handler(BaseHTTPRequestHandler):
                 sandbox.stopping.wait(fault.delay)
             elif fault.kind == "429":
                 sandbox._count_request("sendgrid", rejected=True)
-                reset = math.ceil(time.time() + fault.reset_after)
+                reset = math.ceil(utcnow().timestamp() + fault.reset_after)
                 self._reply(
                     429,
                     _json({"errors": [_sendgrid_error("too many requests")]}),
@@ -1210,7 +1208,7 @@ class _Handler(BaseHTTPRequestHandler):
 
         sid = "SM" + secrets.token_hex(16)
         segments = sms_segments(text)
-        now = _utcnow()
+        now = utcnow()
         record = SandboxMessage(
             id=sid,
             provider="twilio",

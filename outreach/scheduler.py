@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session
 from outreach.calendar import BusinessCalendar
 from outreach.campaigns import Campaign, CampaignSet, Category, ExitCondition, Step
 from outreach.candidates import zone_for
+from outreach.clock import travel, utcnow
 from outreach.config import Settings
 from outreach.conversation import alert_unanswered_replies
 from outreach.db import is_sqlite, transaction
@@ -58,7 +59,6 @@ from outreach.models import (
     TrackedLink,
     UTCDateTime,
     new_id,
-    utcnow,
 )
 from outreach.policy.base import Stage as PolicyStage
 from outreach.policy.bulk import PolicyReads, one_of
@@ -270,6 +270,8 @@ class TickResult:
     alerts: int = 0
     requeued: list[str] = field(default_factory=list)
     uncertain: int = 0
+    #: Every outbox row the pass wrote (queued, held, skipped), for :func:`outcome_of` to report on afterwards.
+    written: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -285,6 +287,37 @@ class TickResult:
             "requeued": len(self.requeued),
             "uncertain": self.uncertain,
         }
+
+
+def outcome_of(engine: Engine, outbox_ids: Sequence[str]) -> dict[str, Any]:
+    """Where these outbox rows stand now, read back from the outbox: how many are in each status, and for the
+    ones that did not go out, how many each rule held, skipped or stopped. ``pending`` and ``sending`` rows are
+    the ones left for the workers."""
+    statuses: dict[str, int] = {}
+    rules: dict[str, int] = {}
+    ids = list(dict.fromkeys(outbox_ids))
+    with Session(engine) as session:
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start : start + 1000]
+            found = session.execute(
+                select(OutboundMessage.status, OutboundMessage.rule).where(one_of(session, OutboundMessage.id, chunk))
+            )
+            for status, rule in found:
+                statuses[status] = statuses.get(status, 0) + 1
+                if rule and status not in _WENT_OUT:
+                    key = f"{status}:{rule}"
+                    rules[key] = rules.get(key, 0) + 1
+    left = statuses.get(MessageStatus.PENDING.value, 0) + statuses.get(MessageStatus.SENDING.value, 0)
+    return {
+        "messages": dict(sorted(statuses.items())),
+        "rules": dict(sorted(rules.items())),
+        "left_for_workers": left,
+    }
+
+
+_WENT_OUT = frozenset(
+    {MessageStatus.SENT.value, MessageStatus.DELIVERED.value, MessageStatus.PENDING.value, MessageStatus.SENDING.value}
+)
 
 
 def _move(
@@ -356,24 +389,27 @@ class Scheduler:
     # -- the whole pass ---------------------------------------------------------------------------------
 
     def tick(self, now: datetime | None = None) -> TickResult:
-        now = now or utcnow()
-        result = TickResult()
-        self.fire_cron(now, result)
-        # Several passes, so steps that fall due together (an email and an SMS a few minutes later, after a
-        # long pause) go out in one tick; bounded, so one tick never runs forever.
-        for _ in range(MAX_PASSES):
-            if self.run_due(now, result) == 0:
-                break
-        result.alerts += alert_unanswered_replies(self.engine, now, self.settings, self.policy)
-        # Leases and enqueue times are wall-clock facts; a simulated ``now`` must not expire them.
-        self.sweep(utcnow(), result)
-        return result
+        """One pass on the clock, or as if at ``now``: then the pass and every send it makes in this thread
+        (inline delivery) read ``now`` as the time, through :func:`outreach.clock.travel`."""
+        with travel(now):
+            now = utcnow()
+            result = TickResult()
+            self.fire_cron(now, result)
+            # Several passes, so steps that fall due together (an email and an SMS a few minutes later, after a
+            # long pause) go out in one tick; bounded, so one tick never runs forever.
+            for _ in range(MAX_PASSES):
+                if self.run_due(now, result) == 0:
+                    break
+            result.alerts += alert_unanswered_replies(self.engine, now, self.settings, self.policy)
+            self.sweep(utcnow(), result)
+            return result
 
     def run_enrollments(self, enrollment_ids: Sequence[int], now: datetime | None = None) -> TickResult:
         """Process these enrollments right away if they are due (the fast path after an ATS event)."""
         result = TickResult()
         if enrollment_ids:
-            self.run_due(now or utcnow(), result, only=enrollment_ids)
+            with travel(now):
+                self.run_due(utcnow(), result, only=enrollment_ids)
         return result
 
     # -- cron campaigns ---------------------------------------------------------------------------------
@@ -548,8 +584,7 @@ class Scheduler:
                 channels = {step.channel.value for (_, _, step), skip in zip(steps, skips, strict=True) if not skip}
                 reads = PolicyReads.load(session, self.policy, checked, channels, now)
 
-        # The wall clock, not ``now``: ``tick --now`` simulates when steps are due, but the row is ready to go the
-        # moment it is written, and the sweeper's lease runs on real time.
+        # The clock as it reads now (a pass takes a while): the row is ready to go the moment it is written.
         wall = utcnow()
         rows: list[dict[str, Any]] = []
         alerts: list[dict[str, Any]] = []
@@ -639,6 +674,7 @@ class Scheduler:
         for reason_text, exited in exits.items():
             exit_enrollments(session, exited, reason_text)
         written = self._insert_outbox(session, rows)
+        result.written.extend(row["id"] for row in rows if row["id"] in written)
         if alerts:
             result.alerts += len(insert_ignore_many(session, Alert, alerts))
         self._move_all(session, moves)

@@ -22,7 +22,7 @@ HR changes a cadence, a cap or a quiet-hours window and wants to know what it do
   send time, template rendering included. Only the providers are fakes that record the call; nothing leaves the
   process.
 
-The clock (:func:`outreach.models.set_clock`) jumps from one interesting instant to the next (the next story
+The clock (:func:`outreach.clock.set_clock`) jumps from one interesting instant to the next (the next story
 event, the earliest due enrollment step, the earliest held message, the next cron firing) instead of stepping
 through every minute. Candidates never affect one another (caps, windows, replies and enrollments are all per
 candidate), so the cohort is cut into :data:`SHARDS` parts, each with its own database, run side by side in
@@ -82,6 +82,7 @@ from outreach import scheduler as scheduler_module
 from outreach.calendar import BusinessCalendar, in_window, localize
 from outreach.campaigns import Campaign, CampaignSet, EventType
 from outreach.candidates import CandidateIn, JobIn, upsert_candidate, upsert_job
+from outreach.clock import set_clock, utcnow
 from outreach.config import Settings
 from outreach.delivery import deliver
 from outreach.enrollment import EventIn, pause_for_out_of_office, record_event, record_reply
@@ -95,7 +96,6 @@ from outreach.models import (
     MessageStatus,
     OutboundMessage,
     Stage,
-    set_clock,
 )
 from outreach.policy.base import Subject, Verdict
 from outreach.policy.config import PolicySpec, load_policies
@@ -870,7 +870,7 @@ def _select_campaigns(campaigns: CampaignSet, names: Sequence[str]) -> CampaignS
 
 def _start_instant(start: datetime | None, zone: ZoneInfo) -> datetime:
     if start is None:
-        today = datetime.now(UTC).astimezone(zone).date()
+        today = utcnow().astimezone(zone).date()
         return localize(datetime.combine(today, time()), zone)
     if start.tzinfo is None:
         return localize(start, zone)
@@ -1475,7 +1475,7 @@ def simulate(
     runs everything in this process); the report does not depend on it. Raises
     :class:`~outreach.errors.CampaignError` when the campaigns or the policy file are invalid.
 
-    The virtual clock is process-wide (:func:`outreach.models.set_clock`): do not run this inside a live service.
+    The virtual clock is process-wide (:func:`outreach.clock.set_clock`): do not run this inside a live service.
     """
     if candidates < 1:
         raise ValueError("candidates must be at least 1")

@@ -11,6 +11,7 @@ import os
 import socket
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -19,6 +20,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from outreach.campaigns import Category
+from outreach.clock import TravelClock, set_clock, utcnow
 from outreach.config import Secret, Settings, set_settings
 from outreach.db import dispose_engines, get_engine, normalise_url, upgrade
 from outreach.models import Base
@@ -34,6 +36,34 @@ RABBITMQ_URL = os.environ.get("OUTREACH_TEST_RABBITMQ_URL", "amqp://guest:guest@
 
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
 os.environ.setdefault("no_proxy", "127.0.0.1,localhost")
+
+
+#: Where every test's clock starts unless the test sets its own: Wednesday 25 November 2026, 10:00 in Shanghai
+#: (21:00 the evening before in New York), an ordinary working day far from any holiday. The clock runs on from
+#: there at real speed, so leases, timeouts and waits behave as usual, and no test depends on the day it runs.
+DEFAULT_NOW = datetime(2026, 11, 25, 2, 0, tzinfo=UTC)
+
+
+@pytest.fixture(autouse=True)
+def service_clock(request: pytest.FixtureRequest) -> Iterator[TravelClock | None]:
+    """The service's clock for this test (:mod:`outreach.clock`): a :class:`TravelClock` at :data:`DEFAULT_NOW`.
+
+    A test marked ``wall_clock`` runs on the machine's clock instead (processes of its own that must agree with
+    it without being told); a test may still set any clock it likes.
+    """
+    if request.node.get_closest_marker("wall_clock"):
+        set_clock(None)
+        yield None
+    else:
+        clock = TravelClock(DEFAULT_NOW)
+        set_clock(clock)
+        yield clock
+    set_clock(None)
+
+
+def clock_env() -> dict[str, str]:
+    """Environment that starts a child process's clock where this test's clock is now (``OUTREACH_CLOCK_START``)."""
+    return {"OUTREACH_CLOCK_START": utcnow().isoformat()}
 
 
 def require_server(name: str, url: str, default_port: int) -> None:
@@ -133,10 +163,7 @@ def settings(database_url: str) -> Settings:
 
 
 def open_policy(settings: Settings) -> PolicyEngine:
-    """Policies that never get in the way: no quiet hours, caps or pacing (their own tests use the real ones).
-
-    Tests deliver at the wall-clock time of the run, so real quiet hours would make them depend on the hour.
-    """
+    """Policies that never get in the way: no quiet hours, caps or pacing (their own tests use the real ones)."""
     always = Window.parse("00:00-24:00")
     spec = PolicySpec(
         caps=(),

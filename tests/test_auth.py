@@ -9,8 +9,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from outreach.auth import KEY_PREFIX, Role, authenticate, create_key, hash_key, list_keys, revoke_key
+from outreach.clock import utcnow
 from outreach.errors import NotFoundError, ValidationError
-from outreach.models import ApiKey, utcnow
+from outreach.models import ApiKey
 from outreach.runtime import Runtime
 
 

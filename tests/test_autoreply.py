@@ -32,9 +32,10 @@ from outreach.autoreply import (
     plan_auto_reply,
     reply_by,
 )
+from outreach.clock import set_clock
 from outreach.delivery import deliver
 from outreach.inbound import InboundResult, InboundSms, handle_inbound_sms
-from outreach.models import Candidate, InboundMessage, OutboundMessage, set_clock
+from outreach.models import Candidate, InboundMessage, OutboundMessage
 from outreach.policy.engine import OUTREACH_CATEGORIES
 from outreach.render import Renderer, sample_context
 from outreach.replies import is_automatic

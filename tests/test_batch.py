@@ -20,16 +20,9 @@ from sqlalchemy.orm import Session
 
 from outreach.batch import MAX_PERSONALIZATION_BYTES, deliver_batch
 from outreach.campaigns import Category
+from outreach.clock import utcnow
 from outreach.events import ingest, parse_sendgrid_batch
-from outreach.models import (
-    Candidate,
-    DeliveryEvent,
-    MessageStatus,
-    OutboundMessage,
-    Suppression,
-    TrackedLink,
-    utcnow,
-)
+from outreach.models import Candidate, DeliveryEvent, MessageStatus, OutboundMessage, Suppression, TrackedLink
 from outreach.policy.config import CapSpec
 from outreach.policy.engine import PolicyEngine
 from outreach.runtime import Runtime

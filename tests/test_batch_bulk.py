@@ -15,15 +15,8 @@ from sqlalchemy import event, insert, select
 from sqlalchemy.orm import Session
 
 from outreach.batch import _Person, _personalization_bytes, _Recipient, deliver_batch
-from outreach.models import (
-    Candidate,
-    Enrollment,
-    EnrollmentStatus,
-    MessageStatus,
-    OutboundMessage,
-    Suppression,
-    utcnow,
-)
+from outreach.clock import utcnow
+from outreach.models import Candidate, Enrollment, EnrollmentStatus, MessageStatus, OutboundMessage, Suppression
 from outreach.policy.base import Decision, Stage
 from outreach.policy.bulk import PolicyReads
 from outreach.policy.config import load_policies

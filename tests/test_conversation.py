@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from outreach.clock import set_clock
 from outreach.config import Secret
 from outreach.conversation import (
     RESPONSE_TIME,
@@ -21,7 +22,7 @@ from outreach.conversation import (
     thread,
 )
 from outreach.inbound import InboundSms, handle_inbound_sms
-from outreach.models import Alert, Candidate, InboundMessage, OutboundMessage, set_clock
+from outreach.models import Alert, Candidate, InboundMessage, OutboundMessage
 from outreach.replies import InboundEmail, handle_inbound_email
 from outreach.runtime import Runtime
 from outreach.web import create_app

@@ -9,8 +9,9 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from outreach.clock import utcnow
 from outreach.delivery import deliver
-from outreach.models import OutboundMessage, Suppression, utcnow
+from outreach.models import OutboundMessage, Suppression
 from outreach.runtime import Runtime
 from outreach.sandbox import SandboxServer
 from tests.helpers import add_candidate, add_job, fire, resolved_links

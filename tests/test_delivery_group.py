@@ -14,8 +14,9 @@ import pytest
 from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session
 
+from outreach.clock import utcnow
 from outreach.delivery import RECORD_EVERY, deliver, deliver_group
-from outreach.models import CLAIMED_RULE, Candidate, Enrollment, OutboundMessage, Suppression, utcnow
+from outreach.models import CLAIMED_RULE, Candidate, Enrollment, OutboundMessage, Suppression
 from outreach.policy.config import CapSpec, QuietHoursSpec, RateLimitSpec, Window
 from outreach.policy.engine import PolicyEngine
 from outreach.runtime import Runtime

@@ -17,8 +17,9 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from outreach.broker import build_broker, install_broker
+from outreach.clock import utcnow
 from outreach.config import set_settings
-from outreach.models import OutboundMessage, utcnow
+from outreach.models import OutboundMessage
 from outreach.runtime import Runtime, set_runtime
 from outreach.sandbox import SandboxMessage, SandboxServer
 from tests.conftest import RABBITMQ_URL, REDIS_URL, make_settings, open_policy, require_server

@@ -11,17 +11,10 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from outreach.clock import set_clock, utcnow
 from outreach.delivery import deliver
 from outreach.inbound import InboundResult, InboundSms, handle_inbound_sms
-from outreach.models import (
-    Candidate,
-    Enrollment,
-    InboundMessage,
-    OutboundMessage,
-    Suppression,
-    set_clock,
-    utcnow,
-)
+from outreach.models import Candidate, Enrollment, InboundMessage, OutboundMessage, Suppression
 from outreach.render import Renderer
 from outreach.runtime import Runtime
 from outreach.sandbox import SandboxServer

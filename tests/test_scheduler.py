@@ -9,17 +9,9 @@ from pathlib import Path
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from outreach.clock import utcnow
 from outreach.enrollment import record_reply
-from outreach.models import (
-    CLAIMED_RULE,
-    Alert,
-    CampaignRun,
-    Candidate,
-    Enrollment,
-    MessageStatus,
-    OutboundMessage,
-    utcnow,
-)
+from outreach.models import CLAIMED_RULE, Alert, CampaignRun, Candidate, Enrollment, MessageStatus, OutboundMessage
 from outreach.runtime import Runtime
 from tests.helpers import add_candidate, add_job, fire
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from outreach.models import utcnow
+from outreach.clock import utcnow
 from outreach.policy.base import Decision, Subject
 from outreach.simulate import CampaignStats, SimulationReport, simulate
 from tests.conftest import ROOT

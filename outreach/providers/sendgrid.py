@@ -20,7 +20,6 @@ import functools
 import http.client
 import json
 import re
-import time
 import urllib.error
 from collections.abc import Mapping
 from email.utils import parseaddr
@@ -30,6 +29,7 @@ import urllib3
 from python_http_client.exceptions import HTTPError
 from sendgrid import SendGridAPIClient
 
+from outreach.clock import utcnow
 from outreach.config import Settings
 from outreach.errors import (
     AmbiguousProviderError,
@@ -46,6 +46,8 @@ __all__ = ["SendGridProvider"]
 _NAME = "sendgrid"
 #: Open connections kept per host: enough for a worker process's threads.
 POOL_SIZE = 32
+#: The longest wait a rate-limit reset may ask for, in seconds.
+MAX_RESET_WAIT = 900.0
 
 
 #: Characters that make an address more than a bare ``local@domain`` (a display name, a comment, a list ...).
@@ -90,13 +92,15 @@ def _error_detail(body: Any) -> str:
 
 
 def _retry_after(headers: Mapping[str, str] | None) -> float | None:
-    """Seconds until SendGrid's rate-limit window resets (``X-RateLimit-Reset`` is an epoch), at least 1."""
+    """Seconds until SendGrid's rate-limit window resets (``X-RateLimit-Reset`` is an epoch), at least 1 and at
+    most :data:`MAX_RESET_WAIT` (a reset further away means our clock and SendGrid's disagree, e.g. a pass run
+    ``tick --now`` in the past)."""
     if headers is None:
         return None
     reset = headers.get("X-RateLimit-Reset")
     if reset:
         try:
-            return max(1.0, float(reset) - time.time())
+            return min(MAX_RESET_WAIT, max(1.0, float(reset) - utcnow().timestamp()))
         except ValueError:
             pass
     retry_after = headers.get("Retry-After")

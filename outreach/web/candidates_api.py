@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from outreach.candidates import add_tags
+from outreach.clock import utcnow
 from outreach.enrollment import reactivate
 from outreach.errors import NotFoundError, ValidationError
 from outreach.intent import (
@@ -30,7 +31,7 @@ from outreach.intent import (
     recontact_date,
     search,
 )
-from outreach.models import Candidate, IntentAssessment, Job, Stage, StageChange, utcnow
+from outreach.models import Candidate, IntentAssessment, Job, Stage, StageChange
 from outreach.web.api import RuntimeDep, candidate_out
 from outreach.web.auth import PrincipalDep
 

@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 
 from outreach.analytics import Bucket, Dimension, FunnelRow, funnel, queue, rates, sla
 from outreach.auth import Principal, Role, authenticate
+from outreach.clock import utcnow
 from outreach.models import (
     Alert,
     Candidate,
@@ -45,7 +46,6 @@ from outreach.models import (
     MessageStatus,
     OutboundMessage,
     TrackedLink,
-    utcnow,
 )
 from outreach.runtime import Runtime
 from outreach.web.auth import COOKIE, principal_from

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Query
 
 from outreach import analytics
 from outreach.campaigns import Campaign
-from outreach.models import utcnow
+from outreach.clock import utcnow
 from outreach.web.api import RuntimeDep
 from outreach.web.auth import ops_readable
 

@@ -12,7 +12,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 from sqlalchemy.orm import Session
 
-from outreach.models import Candidate, Suppression, utcnow
+from outreach.clock import utcnow
+from outreach.models import Candidate, Suppression
 from outreach.policy.consent import suppression_address
 from outreach.runtime import Runtime
 from outreach.scheduler import insert_ignore

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -40,6 +39,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from twilio.request_validator import RequestValidator
 
+from outreach.clock import utcnow
 from outreach.config import Secret, Settings
 from outreach.errors import ConfigurationError
 from outreach.events import (
@@ -50,7 +50,6 @@ from outreach.events import (
     parse_sendgrid_batch,
     parse_twilio_status,
 )
-from outreach.models import utcnow
 from outreach.runtime import Runtime
 
 __all__ = ["WebhookSettings", "get_webhook_settings", "router"]
@@ -252,7 +251,7 @@ async def sendgrid_events(request: Request, runtime: RuntimeDep, hooks: HooksDep
     """
     try:
         body = await _read_body(request, hooks.max_body_bytes)
-        result = await run_in_threadpool(_ingest_sendgrid, runtime, hooks, body, request.headers, time.time())
+        result = await run_in_threadpool(_ingest_sendgrid, runtime, hooks, body, request.headers, utcnow().timestamp())
     except Rejected as rejected:
         if rejected.status == 403:
             log.warning("sendgrid event webhook rejected", extra={"reason": rejected.message})

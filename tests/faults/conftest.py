@@ -37,10 +37,11 @@ from sqlalchemy import Engine, Table, func, insert, select
 from sqlalchemy.orm import Session
 
 from outreach.candidates import CandidateIn, JobIn, upsert_candidate, upsert_job
+from outreach.clock import utcnow
 from outreach.config import Secret, Settings
 from outreach.db import get_engine
 from outreach.enrollment import EventIn, record_event
-from outreach.models import Base, MessageStatus, OutboundMessage, utcnow
+from outreach.models import Base, MessageStatus, OutboundMessage
 from outreach.runtime import Runtime
 from outreach.sandbox import SandboxMessage, SandboxServer
 from outreach.web import create_app

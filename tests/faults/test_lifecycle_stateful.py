@@ -1,7 +1,7 @@
 """Issue 7, item 6: a hypothesis state machine over the whole lifecycle, with the real campaigns and policies.
 
 Steps: add a candidate, an ATS event (applied, offer, decline, rejection), advance the virtual clock
-(:func:`outreach.models.set_clock`), a scheduler tick with the deliveries it queues, provider webhooks for
+(:func:`outreach.clock.set_clock`), a scheduler tick with the deliveries it queues, provider webhooks for
 what the sandbox accepted (duplicated and reordered), a reply, an opt-out (STOP), and a worker killed after
 it wrote ``sending`` (the claim committed, no provider call). After every step:
 
@@ -41,10 +41,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from outreach.campaigns import Category
+from outreach.clock import set_clock
 from outreach.delivery import claim, deliver
 from outreach.events import ingest, parse_sendgrid_batch, parse_twilio_status
 from outreach.inbound import InboundSms, handle_inbound_sms
-from outreach.models import Candidate, MessageStatus, OutboundMessage, set_clock
+from outreach.models import Candidate, MessageStatus, OutboundMessage
 from outreach.policy.caps import COUNTED
 from outreach.policy.config import load_policies
 from outreach.policy.engine import PolicyEngine

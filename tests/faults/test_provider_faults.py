@@ -24,9 +24,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from outreach.broker import build_broker, install_broker, installed_broker
+from outreach.clock import utcnow
 from outreach.config import Secret, Settings
 from outreach.delivery import Outcome, deliver
-from outreach.models import Alert, MessageStatus, OutboundMessage, Suppression, utcnow
+from outreach.models import Alert, MessageStatus, OutboundMessage, Suppression
 from outreach.providers.sendgrid import SendGridProvider
 from outreach.runtime import set_runtime
 from outreach.scheduler import TickResult

@@ -15,9 +15,10 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from outreach.campaigns import Category
+from outreach.clock import set_clock, utcnow
 from outreach.delivery import deliver
 from outreach.enrollment import pause_for_out_of_office
-from outreach.models import Candidate, Enrollment, MessageStatus, OutboundMessage, new_id, set_clock, utcnow
+from outreach.models import Candidate, Enrollment, MessageStatus, OutboundMessage, new_id
 from outreach.policy.config import CapSpec, EmailWindow, PolicySpec, QuietHoursSpec, Window
 from outreach.policy.engine import PolicyEngine
 from outreach.runtime import Runtime

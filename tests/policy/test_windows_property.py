@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from outreach.clock import set_clock
 from outreach.delivery import deliver
-from outreach.models import OutboundMessage, set_clock
+from outreach.models import OutboundMessage
 from outreach.policy.config import PolicySpec, Window
 from outreach.policy.engine import PolicyEngine
 from outreach.runtime import Runtime

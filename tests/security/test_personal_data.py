@@ -23,10 +23,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from outreach.cli import main
+from outreach.clock import utcnow
 from outreach.config import Secret, set_settings
 from outreach.delivery import deliver
 from outreach.errors import TemplateError
-from outreach.models import OutboundMessage, utcnow
+from outreach.models import OutboundMessage
 from outreach.render import Renderer
 from outreach.runtime import Runtime
 from outreach.sandbox import SandboxServer

@@ -13,7 +13,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from outreach.models import InboundMessage, OutboundMessage, utcnow
+from outreach.clock import utcnow
+from outreach.models import InboundMessage, OutboundMessage
 from outreach.runtime import Runtime
 from outreach.web import create_app
 from tests.helpers import add_candidate, add_job, api_key

@@ -15,14 +15,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from outreach.campaigns import Category
-from outreach.models import (
-    Candidate,
-    Enrollment,
-    IntentAssessment,
-    StageChange,
-    Suppression,
-    utcnow,
-)
+from outreach.clock import utcnow
+from outreach.models import Candidate, Enrollment, IntentAssessment, StageChange, Suppression
 from outreach.policy.config import CapSpec
 from outreach.policy.engine import PolicyEngine
 from outreach.runtime import Runtime

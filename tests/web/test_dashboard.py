@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from outreach.auth import revoke_key
-from outreach.models import utcnow
+from outreach.clock import utcnow
 from outreach.runtime import Runtime
 from outreach.web import create_app
 from outreach.web.auth import COOKIE

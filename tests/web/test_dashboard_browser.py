@@ -25,7 +25,7 @@ import uvicorn
 from playwright import sync_api as playwright_sync
 
 from outreach.analytics import FUNNEL_STAGES
-from outreach.models import utcnow
+from outreach.clock import utcnow
 from outreach.runtime import Runtime
 from outreach.web import create_app
 from tests.conftest import ROOT

@@ -17,8 +17,9 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from outreach import replies
+from outreach.clock import set_clock
 from outreach.config import Secret
-from outreach.models import Alert, Candidate, Enrollment, InboundMessage, OutboundMessage, set_clock
+from outreach.models import Alert, Candidate, Enrollment, InboundMessage, OutboundMessage
 from outreach.replies import EmailResult, InboundEmail, reply_address
 from outreach.runtime import Runtime
 from outreach.web import create_app, inbound_parse

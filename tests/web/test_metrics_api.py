@@ -9,7 +9,7 @@ from datetime import date, datetime, timedelta
 import pytest
 from fastapi.testclient import TestClient
 
-from outreach.models import utcnow
+from outreach.clock import utcnow
 from outreach.runtime import Runtime
 from tests import synthetic_history as synth
 from tests.helpers import api_client
