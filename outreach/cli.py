@@ -242,7 +242,7 @@ def tick(now_text: str | None) -> None:
     runtime = _runtime_for_commands(settings)
     _check_campaigns(runtime)
     result = runtime.scheduler.tick(now)
-    click.echo(json.dumps({**result.summary(), **outcome_of(runtime.engine, result.written)}))
+    click.echo(json.dumps({**result.summary(), **outcome_of(runtime.engine, [*result.written, *result.requeued])}))
 
 
 @main.command()

@@ -270,7 +270,7 @@ class TickResult:
     alerts: int = 0
     requeued: list[str] = field(default_factory=list)
     uncertain: int = 0
-    #: Every outbox row the pass wrote (queued, held, skipped), for :func:`outcome_of` to report on afterwards.
+    #: Every outbox row the pass wrote (queued, held, skipped); with ``requeued``, what :func:`outcome_of` reports on.
     written: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:

@@ -546,3 +546,12 @@ def settled(stack: Stack) -> Callable[[], bool]:
 
 def jitter(low: float, high: float) -> float:
     return random.uniform(low, high)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The fault tests run the service as separate processes (workers, schedulers) that read the machine's clock,
+    and compare leases and enqueue times across them: they all run on the wall clock (``wall_clock``)."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.path)).parents:
+            item.add_marker(pytest.mark.wall_clock)
