@@ -263,7 +263,7 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 def deliver_batch(runtime: Runtime, outbox_ids: Sequence[str], now: datetime | None = None) -> BatchOutcome:
     """Send these nurture email rows in as few SendGrid requests as their templates allow (as if at ``now``)."""
     with travel(now):
-        return _deliver_batch(runtime, outbox_ids, utcnow())
+        return _deliver_batch(runtime, outbox_ids, now or utcnow())
 
 
 def _deliver_batch(runtime: Runtime, outbox_ids: Sequence[str], now: datetime) -> BatchOutcome:

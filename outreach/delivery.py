@@ -224,7 +224,7 @@ def deliver_group(runtime: Runtime, outbox_ids: Sequence[str], now: datetime | N
     if not ids:
         return outcomes
     with travel(now):
-        return _deliver_group(runtime, ids, utcnow(), outcomes)
+        return _deliver_group(runtime, ids, now or utcnow(), outcomes)
 
 
 def _deliver_group(runtime: Runtime, ids: list[str], now: datetime, outcomes: dict[str, Outcome]) -> dict[str, Outcome]:

@@ -392,7 +392,7 @@ class Scheduler:
         """One pass on the clock, or as if at ``now``: then the pass and every send it makes in this thread
         (inline delivery) read ``now`` as the time, through :func:`outreach.clock.travel`."""
         with travel(now):
-            now = utcnow()
+            now = now or utcnow()
             result = TickResult()
             self.fire_cron(now, result)
             # Several passes, so steps that fall due together (an email and an SMS a few minutes later, after a
@@ -401,7 +401,7 @@ class Scheduler:
                 if self.run_due(now, result) == 0:
                     break
             result.alerts += alert_unanswered_replies(self.engine, now, self.settings, self.policy)
-            self.sweep(utcnow(), result)
+            self.sweep(now, result)
             return result
 
     def run_enrollments(self, enrollment_ids: Sequence[int], now: datetime | None = None) -> TickResult:
@@ -409,7 +409,7 @@ class Scheduler:
         result = TickResult()
         if enrollment_ids:
             with travel(now):
-                self.run_due(utcnow(), result, only=enrollment_ids)
+                self.run_due(now or utcnow(), result, only=enrollment_ids)
         return result
 
     # -- cron campaigns ---------------------------------------------------------------------------------
@@ -584,8 +584,8 @@ class Scheduler:
                 channels = {step.channel.value for (_, _, step), skip in zip(steps, skips, strict=True) if not skip}
                 reads = PolicyReads.load(session, self.policy, checked, channels, now)
 
-        # The clock as it reads now (a pass takes a while): the row is ready to go the moment it is written.
-        wall = utcnow()
+        # The row is ready to go at the pass's own instant, so a later pass (or a worker) finds it due.
+        wall = now
         rows: list[dict[str, Any]] = []
         alerts: list[dict[str, Any]] = []
         wanted: list[Queued] = []

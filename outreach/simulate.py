@@ -82,7 +82,7 @@ from outreach import scheduler as scheduler_module
 from outreach.calendar import BusinessCalendar, in_window, localize
 from outreach.campaigns import Campaign, CampaignSet, EventType
 from outreach.candidates import CandidateIn, JobIn, upsert_candidate, upsert_job
-from outreach.clock import set_clock, utcnow
+from outreach.clock import FixedClock, current, set_clock, utcnow
 from outreach.config import Settings
 from outreach.delivery import deliver
 from outreach.enrollment import EventIn, pause_for_out_of_office, record_event, record_reply
@@ -761,14 +761,6 @@ def _story(
 # -- the world's plumbing: clock, ids, providers, recorded decisions ---------------------------------------------
 
 
-class _Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 class _FakeEmail(EmailProvider):
     """Records the outbox id of every call and answers like a provider that accepted the message."""
 
@@ -1015,7 +1007,7 @@ class _World:
             step, held = connection.execute(self._due_query).one()
         return step, held
 
-    def run(self, clock: _Clock, start: datetime, end: datetime) -> int:
+    def run(self, clock: FixedClock, start: datetime, end: datetime) -> int:
         """Advance from ``start`` to ``end``, stopping only where something happens; returns the stops made.
 
         At each stop: the story events of that instant, then the scheduler's own passes in the order
@@ -1043,7 +1035,7 @@ class _World:
         stops = 0
         step_at, held_at = self.due_times()
         while True:
-            clock.now = now
+            clock.set(now)
             stops += 1
             result = TickResult()
             due = next_event
@@ -1155,7 +1147,8 @@ def _run_shard(job: _ShardJob) -> _ShardResult:
     queue: list[str] = []
     runtime.enqueue_override = queue.extend
     world = _World(runtime, policy, job.people, job.timeline, queue)
-    clock = _Clock(job.start)
+    clock = FixedClock(job.start)
+    previous = current()
     try:
         with _quiet_logs(), _seeded_ids(random.Random(f"{job.seed}:ids:{job.shard}")):
             set_clock(clock)
@@ -1163,7 +1156,7 @@ def _run_shard(job: _ShardJob) -> _ShardResult:
             stops = world.run(clock, job.start, job.end)
         return _collect(job.shard, world, calls, stops)
     finally:
-        set_clock(None)
+        set_clock(previous)
         engine.dispose()
 
 

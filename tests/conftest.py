@@ -38,10 +38,12 @@ os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
 os.environ.setdefault("no_proxy", "127.0.0.1,localhost")
 
 
-#: Where every test's clock starts unless the test sets its own: Wednesday 25 November 2026, 10:00 in Shanghai
-#: (21:00 the evening before in New York), an ordinary working day far from any holiday. The clock runs on from
-#: there at real speed, so leases, timeouts and waits behave as usual, and no test depends on the day it runs.
-DEFAULT_NOW = datetime(2026, 11, 25, 2, 0, tzinfo=UTC)
+#: Where every test's clock starts unless the test sets its own: Wednesday 14 November 2029, 10:00 in Shanghai
+#: (21:00 the evening before in New York), an ordinary working day far from any holiday or DST switch, and after
+#: every instant the tests write down (2026-2028), so a step a test schedules "at T0" is due by the time it
+#: delivers. The clock runs on from there at real speed, so leases, timeouts and waits behave as usual, and no
+#: test depends on the day it runs.
+DEFAULT_NOW = datetime(2029, 11, 14, 2, 0, tzinfo=UTC)
 
 
 @pytest.fixture(autouse=True)

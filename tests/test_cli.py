@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, clock_env
 
 
 def free_port() -> int:
@@ -42,6 +42,7 @@ def env(tmp_path: Path) -> dict[str, str]:
             "OUTREACH_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}",
             "NO_PROXY": "127.0.0.1,localhost",
             "OUTREACH_LOG_LEVEL": "WARNING",
+            **clock_env(),  # the commands' clock starts where this test's does
         }
     )
     return base
@@ -91,7 +92,8 @@ def test_import_event_and_tick_with_the_sandbox(env: dict[str, str], tmp_path: P
     assert imported.returncode == 0, imported.stderr
     assert "imported 2 candidate(s)" in imported.stdout
     with SandboxServer("127.0.0.1", 0).start() as sandbox:
-        run_env = {**env, "OUTREACH_SANDBOX_URL": sandbox.url}
+        # The commands run on a clock that starts just after the offer, so the follow-up is due three days on.
+        run_env = {**env, "OUTREACH_SANDBOX_URL": sandbox.url, "OUTREACH_CLOCK_START": "2026-11-25T02:00:30Z"}
         data = json.dumps(
             {
                 "start_date": "2027-01-04",
@@ -104,7 +106,8 @@ def test_import_event_and_tick_with_the_sandbox(env: dict[str, str], tmp_path: P
         assert json.loads(fired.stdout)["enrolled"] == ["offer_followup"]
         ticked = outreach("tick", "--now", "2026-11-28T10:00:00+08:00", env=run_env)
         assert ticked.returncode == 0, ticked.stderr
-        assert json.loads(ticked.stdout)["queued"] == 1
+        summary = json.loads(ticked.stdout)
+        assert summary["queued"] == 1 and summary["messages"] == {"sent": 1} and summary["left_for_workers"] == 0
         accepted = outreach("event", "c-1", "offer_accepted", "--data", data, env=run_env)
         assert accepted.returncode == 0, accepted.stderr
         received = sandbox.wait_for(2, timeout=10)

@@ -142,12 +142,12 @@ def test_two_rows_of_one_candidate_are_capped_one_after_the_other(runtime: Runti
 
 
 def test_every_rule_refuses_its_own_row_and_the_others_go(runtime: Runtime, sandbox: SandboxServer) -> None:
-    # SMS only 20:00-21:00 in the candidate's timezone: at noon every SMS is held until the evening.
+    rows = queue(runtime, 5)  # written under the open policy: every row pending
+    # Then SMS only 20:00-21:00 in the candidate's timezone: at noon every SMS is held until the evening.
     with_spec(
         runtime,
         quiet_hours=QuietHoursSpec(sms=Window.parse("20:00-21:00"), email=runtime.policy.spec.quiet_hours.email),
     )
-    rows = queue(runtime, 5)
     with Session(runtime.engine) as session, session.begin():
         session.add(Suppression(channel="email", address="c-1@example.org", reason="unsubscribed"))
         session.add(Suppression(channel="email", address="c-2@example.org", reason="opted out by reply"))

@@ -9,7 +9,6 @@ from pathlib import Path
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from outreach.clock import utcnow
 from outreach.enrollment import record_reply
 from outreach.models import CLAIMED_RULE, Alert, CampaignRun, Candidate, Enrollment, MessageStatus, OutboundMessage
 from outreach.runtime import Runtime
@@ -160,13 +159,14 @@ def test_cron_misfire_beyond_grace_is_not_fired(runtime: Runtime) -> None:
 
 
 def applied_rows_gone_stale(runtime: Runtime) -> tuple[OutboundMessage, OutboundMessage, datetime]:
-    """The JD email and SMS nudge of one application, written by a pass, and a time ten minutes ago."""
+    """The JD email and SMS nudge of one application, written by a pass at T0 + 1 h, and a time ten minutes
+    before that pass (the sweeper judges leases at the pass's time, like everything else)."""
     add_candidate(runtime)
     add_job(runtime)
     fire(runtime, "c-1", "applied", at=T0, job="j-1")
     runtime.scheduler.tick(T0 + timedelta(hours=1))
     email, nudge = rows(runtime)
-    return email, nudge, utcnow() - timedelta(minutes=10)
+    return email, nudge, T0 + timedelta(minutes=50)
 
 
 def test_sweeper_requeues_stale_pending_and_marks_lost_sends_uncertain(runtime: Runtime) -> None:
@@ -225,8 +225,9 @@ def test_two_schedulers_at_once_write_each_step_once(runtime: Runtime) -> None:
     def run() -> None:
         scheduler = Scheduler(runtime.engine, runtime.campaigns, runtime.settings, collect, policy=runtime.policy)
         barrier.wait()
-        for minute in (0, 30, 60):
-            scheduler.tick(T0 + timedelta(minutes=minute))
+        # Three passes each, all within the lease (30 s): the sweeper has nothing to re-enqueue.
+        for second in (0, 10, 20):
+            scheduler.tick(T0 + timedelta(minutes=5, seconds=second))
 
     threads = [threading.Thread(target=run) for _ in range(3)]
     for thread in threads:

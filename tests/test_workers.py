@@ -17,7 +17,7 @@ from outreach.broker import enqueue_deliveries
 from outreach.models import OutboundMessage
 from outreach.runtime import Runtime
 from outreach.sandbox import SandboxServer
-from tests.conftest import REDIS_URL, ROOT, make_settings
+from tests.conftest import REDIS_URL, ROOT, clock_env, make_settings
 from tests.helpers import add_candidate, add_job, fire
 
 
@@ -50,6 +50,7 @@ def test_dramatiq_workers_process_delivers_queued_rows(pg_database_url: str, san
         "OUTREACH_TWILIO_BASE_URL": sandbox.url,
         "OUTREACH_SMS_FROM": "+15005550006",
         "OUTREACH_LOG_LEVEL": "WARNING",
+        **clock_env(),  # the worker judges the sends on this test's clock, not the day the suite runs
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "dramatiq", "workers", "--processes", "1", "--threads", "4", "--queues", queue],

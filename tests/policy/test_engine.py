@@ -266,12 +266,15 @@ def test_out_of_office_pauses_and_resumes(runtime: Runtime) -> None:
         paused = pause_for_out_of_office(session, candidate, t0 + timedelta(minutes=1), timedelta(days=7))
     assert paused == 1
     assert runtime.scheduler.tick(t0 + timedelta(days=1)).claimed == 0
+    assert [s for s, _ in statuses(runtime)] == [MessageStatus.HELD.value]  # the email waits with the rest
     with Session(runtime.engine) as session:
         enrollment = session.scalars(select(Enrollment)).one()
         assert enrollment.status == "active" and enrollment.next_run_at == t0 + timedelta(days=7, minutes=1)
         assert session.scalars(select(Candidate.last_reply_at)).one() is None  # not counted as a reply
-    runtime.scheduler.tick(t0 + timedelta(days=7, minutes=2))
-    assert [s for s, _ in statuses(runtime)] == [MessageStatus.HELD.value, "pending"]
+    resumed = runtime.scheduler.tick(t0 + timedelta(days=7, minutes=2))
+    # The pause is over: the held email is released and the SMS nudge written, both judged at the pass's time.
+    assert [s for s, _ in statuses(runtime)] == ["pending", "pending"]
+    assert len(resumed.requeued) == 1 and len(resumed.queued) == 1
 
 
 def test_sms_carries_a_validity_period_that_ends_with_its_window(

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import pytest
 from sendgrid.helpers.eventwebhook import EventWebhook
 
+from outreach.clock import utcnow
 from outreach.config import Secret, Settings
 from outreach.errors import (
     AmbiguousProviderError,
@@ -185,7 +186,7 @@ def test_signed_events_verify_with_the_sdk_helper(
         assert event["outreach_id"] == OUTBOX_ID  # custom args arrive as top-level keys
         assert event["sg_message_id"].startswith(result.provider_message_id + ".filter0001.")
         assert event["category"] == ["jd_intro", "jd_intro_en"]
-        assert abs(event["timestamp"] - time.time()) < 60
+        assert abs(event["timestamp"] - utcnow().timestamp()) < 60
     assert processed["sg_event_id"] != delivered["sg_event_id"]
 
 

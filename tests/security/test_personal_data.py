@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlencode
@@ -123,7 +122,7 @@ def test_canaries_stay_out_of_logs_errors_and_provider_metadata(
     # an email reply through Inbound Parse.
     hooks = WebhookSettings(sendgrid_public_key=signer.public_key, inbound_token=Secret(INBOUND_TOKEN))
     client = TestClient(make_app(runtime, hooks), raise_server_exceptions=False)
-    now = int(time.time())
+    now = int(utcnow().timestamp())
     batch = json.dumps([
         {"email": CANARY_EMAIL, "timestamp": now, "event": event, "sg_event_id": f"ev{n}", "outreach_id": emails[0].id,
          "sg_message_id": f"{emails[0].provider_message_id}.filter", "reason": f"550 {CANARY_EMAIL} unknown",

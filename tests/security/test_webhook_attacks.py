@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode
@@ -15,6 +14,7 @@ from fastapi.testclient import TestClient
 from starlette.datastructures import FormData, UploadFile
 from twilio.request_validator import RequestValidator
 
+from outreach.clock import utcnow
 from outreach.config import Secret
 from outreach.runtime import Runtime
 from outreach.web.webhooks import WebhookSettings
@@ -69,15 +69,15 @@ def sendgrid_attacks(signer: Signer, body: bytes) -> Iterator[tuple[str, bytes, 
     yield "events reordered", json.dumps(list(reversed(events))).encode(), good
     yield "truncated", body[:-1], good
     # Signed, but not fresh, or signed for other bytes.
-    old = int(time.time()) - 3600
+    old = int(utcnow().timestamp()) - 3600
     yield "replayed an hour later", body, signer.headers(body, old)
-    yield "replayed a day later", body, signer.headers(body, int(time.time()) - 86400)
+    yield "replayed a day later", body, signer.headers(body, int(utcnow().timestamp()) - 86400)
     yield "old signature, new timestamp", body, {**signer.headers(body, old), **{
         "X-Twilio-Email-Event-Webhook-Timestamp": good["X-Twilio-Email-Event-Webhook-Timestamp"]}}  # fmt: skip
     yield "timestamp with a sign", body, {**good, "X-Twilio-Email-Event-Webhook-Timestamp": "+" + good[
         "X-Twilio-Email-Event-Webhook-Timestamp"]}  # fmt: skip
     yield "timestamp as float", body, signer.headers(body, None) | {
-        "X-Twilio-Email-Event-Webhook-Timestamp": f"{time.time():.3f}"}  # fmt: skip
+        "X-Twilio-Email-Event-Webhook-Timestamp": f"{utcnow().timestamp():.3f}"}  # fmt: skip
     yield "signature of another body", body, signer.headers(b"[]")
     yield "signature of the timestamp only", body, signer.headers(b"")
     stamp = good["X-Twilio-Email-Event-Webhook-Timestamp"]

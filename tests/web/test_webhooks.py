@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from twilio.request_validator import RequestValidator
 
 from outreach import events
+from outreach.clock import utcnow
 from outreach.config import Secret
 from outreach.delivery import deliver
 from outreach.errors import ConfigurationError
@@ -54,7 +55,7 @@ class Signer:
         self.public_key = base64.b64encode(der).decode("ascii")
 
     def headers(self, body: bytes, timestamp: int | None = None) -> dict[str, str]:
-        stamp = str(int(time.time()) if timestamp is None else timestamp)
+        stamp = str(int(utcnow().timestamp()) if timestamp is None else timestamp)
         signature = self.key.sign(stamp.encode() + body, ec.ECDSA(hashes.SHA256()))
         return {
             "Content-Type": "application/json",
@@ -110,7 +111,7 @@ def row(runtime: Runtime, outbox_id: str) -> OutboundMessage:
 
 
 def batch_for(outbox_id: str, email: str = "c-1@example.org") -> bytes:
-    now = int(time.time())
+    now = int(utcnow().timestamp())
     events = [
         {
             "email": email,
@@ -167,10 +168,10 @@ def forged_requests(signer: Signer, body: bytes) -> Iterator[tuple[str, bytes, d
     yield "no headers", body, {"Content-Type": "application/json"}
     yield "no signature", body, {k: v for k, v in good.items() if not k.endswith("Signature")}
     yield "no timestamp", body, {k: v for k, v in good.items() if not k.endswith("Timestamp")}
-    yield "stale", body, signer.headers(body, int(time.time()) - 301)
+    yield "stale", body, signer.headers(body, int(utcnow().timestamp()) - 301)
     # Ahead by more than five minutes when the service checks it, however long the request takes to get there (a
     # whole second late, +301 would be exactly 300 ahead, and accepted).
-    yield "from the future", body, signer.headers(body, int(time.time()) + 330)
+    yield "from the future", body, signer.headers(body, int(utcnow().timestamp()) + 330)
     earlier = str(int(good["X-Twilio-Email-Event-Webhook-Timestamp"]) - 1)
     yield "timestamp swapped", body, {**good, "X-Twilio-Email-Event-Webhook-Timestamp": earlier}
     yield "garbage signature", body, {**good, "X-Twilio-Email-Event-Webhook-Signature": "bm90IGEgc2lnbmF0dXJl"}
