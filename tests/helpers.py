@@ -123,3 +123,27 @@ def api_client(runtime: Runtime, role: str = "hr", app: Any = None, **kwargs: An
 
     headers = {**kwargs.pop("headers", {}), "Authorization": f"Bearer {api_key(runtime, role)}"}
     return TestClient(app if app is not None else create_app(runtime), headers=headers, **kwargs)
+
+
+def wait_until_a_session_waits_for_a_lock(engine: Any, timeout: float = 10.0) -> None:
+    """Block until another PostgreSQL session of this database is waiting for a row lock (what a test of
+    "the second one waits" must see happen, rather than sleep and hope)."""
+    import time
+
+    from sqlalchemy import text
+
+    deadline = time.monotonic() + timeout
+    with engine.connect() as connection:
+        while True:
+            waiting = connection.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+                )
+            ).scalar_one()
+            connection.rollback()
+            if waiting:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no session waited for a lock within {timeout} s")
+            time.sleep(0.01)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -44,7 +43,7 @@ from outreach.sandbox import SandboxServer
 from outreach.web import create_app, webhooks
 from outreach.web.webhooks import WebhookSettings
 from tests.conftest import ROOT
-from tests.helpers import add_candidate
+from tests.helpers import add_candidate, wait_until_a_session_waits_for_a_lock
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 PHONE = "+8613800138000"
@@ -542,7 +541,7 @@ def test_two_messages_at_once_plan_one_auto_reply(pg_runtime: Runtime, clock: Cl
 
         thread = threading.Thread(target=other)
         thread.start()
-        time.sleep(0.5)
+        wait_until_a_session_waits_for_a_lock(runtime.engine)
         assert thread.is_alive(), "the second planner should wait for the first transaction"
     thread.join(timeout=10)
     assert second == [None]

@@ -41,6 +41,13 @@ def live(request: pytest.FixtureRequest, pg_database_url: str, sandbox: SandboxS
     broker = install_broker(build_broker(settings))
     worker = Worker(broker, worker_threads=4, queues={settings.queue_name}, worker_timeout=100)
     worker.start()
+
+    def drain() -> None:
+        """Wait until the queue is empty and the worker has finished what it took: then nothing more will come."""
+        broker.join(settings.queue_name, timeout=20_000)
+        worker.join()
+
+    runtime.drain = drain  # type: ignore[attr-defined]
     yield runtime
     worker.stop()
     broker.flush_all()
@@ -125,7 +132,7 @@ def test_flushed_broker_loses_nothing_and_sends_nothing_twice(live: Runtime, san
             },
         )
     assert len(dropped) == 20
-    time.sleep(0.3)
+    live.drain()  # type: ignore[attr-defined]
     assert sandbox.messages() == []
     live.enqueue_override = None
     with Session(live.engine) as session, session.begin():
@@ -136,7 +143,7 @@ def test_flushed_broker_loses_nothing_and_sends_nothing_twice(live: Runtime, san
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and len(sandbox.messages()) < 20:
         time.sleep(0.05)
-    time.sleep(0.3)
+    live.drain()  # type: ignore[attr-defined]
     received = sandbox.messages()
     assert len(received) == 20
     assert len({m.custom_args["outreach_id"] for m in received}) == 20
@@ -151,7 +158,7 @@ def test_rate_limit_then_success_is_sent_once_after_the_reset(live: Runtime, san
     apply(client)
     (mail,) = wait_for(sandbox, lambda m: m.channel == "email", timeout=10)
     assert mail.received_at.timestamp() - started >= 1.0
-    time.sleep(0.3)
+    live.drain()  # type: ignore[attr-defined]
     assert len([m for m in sandbox.messages() if m.channel == "email"]) == 1
     with Session(live.engine) as session:
         row = session.scalars(select(OutboundMessage)).one()

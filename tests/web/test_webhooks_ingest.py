@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from outreach.models import DeliveryEvent, OutboundMessage
 from outreach.runtime import Runtime
 from outreach.web.webhooks import WebhookSettings
-from tests.helpers import add_candidate
+from tests.helpers import add_candidate, wait_until_a_session_waits_for_a_lock
 from tests.web.test_webhooks import EVENTS_PATH, LiveServer, Signer, add_message, batch_for, count, make_app, row
 
 
@@ -83,7 +83,7 @@ def test_a_batch_waiting_for_a_row_does_not_hold_up_other_batches(pg_runtime: Ru
         first = batch_for(blocked_id)
         waiting = threading.Thread(target=lambda: answers.append(post(server.url, first, signer.headers(first))))
         waiting.start()
-        time.sleep(0.3)
+        wait_until_a_session_waits_for_a_lock(runtime.engine)
         # … while a batch for other messages is verified, parsed, stored and answered meanwhile.
         second = batch_for(free_id, email="c-2@example.org").replace(b"cHJvY2Vzc2Vk", b"b3RoZXIgcHJvY2Vzc2Vk")
         second = second.replace(b"ZGVsaXZlcmVk", b"b3RoZXIgZGVsaXZlcmVk")
