@@ -3,7 +3,13 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install up test lint typecheck bench bench-smoke services browser soak clean
+.PHONY: install up test lint typecheck bench bench-smoke services browser faketime time-travel soak clean
+
+#: The instants the time-travel runs move the machine's clock to (UTC): China's National Day holidays, New York's
+#: spring-forward night, a leap day's last minute and the last half-minute of a year.
+TIME_TRAVEL_AT := "2026-10-02 03:00:00" "2027-03-14 06:59:00" "2028-02-29 23:59:00" "2026-12-31 23:59:30"
+#: The one CI moves to after the whole suite has passed at the real date.
+CI_TIME_TRAVEL_AT := "2026-10-02 03:00:00"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +23,15 @@ install: $(VENV)/.installed
 up: install
 	$(BIN)/outreach up
 
-## Check PostgreSQL, Redis and RabbitMQ (starting local ones if possible) and Chromium (installing it if
-## missing), then run the whole suite.
-test: install services browser
+## Check PostgreSQL, Redis and RabbitMQ (starting local ones if possible), Chromium and faketime (installing them
+## if missing), then run the whole suite at the real date, then the clock-sensitive tests with the clock moved.
+test: install services browser faketime
 	$(BIN)/pytest
+	scripts/time-travel $(CI_TIME_TRAVEL_AT) -m clock -q
+
+## The whole suite at each of the four TIME_TRAVEL_AT instants (TIME_TRAVEL_ARGS="-m clock" narrows it).
+time-travel: install services browser faketime
+	@for at in $(TIME_TRAVEL_AT); do scripts/time-travel "$$at" -q $(TIME_TRAVEL_ARGS) || exit 1; done
 
 services:
 	scripts/test-services
@@ -28,6 +39,10 @@ services:
 ## The browser tests drive Debian's Chromium; install it when it is missing.
 browser:
 	scripts/test-browser
+
+## The time-travel runs need Debian's faketime; install it when it is missing.
+faketime: install
+	scripts/test-faketime
 
 lint: install
 	$(BIN)/ruff check outreach workers tests bench

@@ -205,3 +205,50 @@ def pg_runtime(pg_database_url: str, sandbox: SandboxServer) -> Iterator[Runtime
     yield rt
     set_runtime(None)
     set_settings(None)
+
+
+#: The modules whose tests read or move the clock: dates, windows, holidays, caps, leases, signatures and
+#: processes that must agree on the time. They carry the ``clock`` mark, and CI runs them a second time with
+#: the whole machine's clock moved (``make test``; ``make time-travel`` runs the whole suite at four instants).
+CLOCK_SENSITIVE = frozenset(
+    {
+        "policy/",
+        "faults/",
+        "test_analytics.py",
+        "test_autoreply.py",
+        "test_batch.py",
+        "test_calendar.py",
+        "test_cli.py",
+        "test_cli_tick.py",
+        "test_clock.py",
+        "test_conversation.py",
+        "test_delivery.py",
+        "test_delivery_group.py",
+        "test_e2e.py",
+        "test_inbound.py",
+        "test_intent.py",
+        "test_links.py",
+        "test_sandbox.py",
+        "test_scheduler.py",
+        "test_seed_campaigns.py",
+        "test_tokens.py",
+        "test_uncertain.py",
+        "test_workers.py",
+        "test_workers_group.py",
+        "security/test_tokens.py",
+        "security/test_webhook_attacks.py",
+        "web/test_inbound_parse.py",
+        "web/test_metrics_api.py",
+        "web/test_unsubscribe.py",
+        "web/test_webhooks.py",
+        "web/test_webhooks_ingest.py",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    tests = Path(__file__).parent
+    for item in items:
+        relative = Path(str(item.path)).relative_to(tests).as_posix()
+        if any(relative == name or relative.startswith(name) for name in CLOCK_SENSITIVE if name):
+            item.add_marker(pytest.mark.clock)
