@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from outreach.clock import check_instant
 from outreach.config import Settings, set_settings
 from outreach.errors import OutreachError, ValidationError
 from outreach.logs import configure_logging
@@ -40,7 +41,10 @@ def _parse_when(value: str | None, field: str) -> datetime | None:
         raise click.BadParameter(
             f"{value!r} is not ISO-8601, e.g. 2026-11-25T10:00:00+08:00", param_hint=field
         ) from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    try:
+        return check_instant(parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC))
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} {exc}", param_hint=field) from None
 
 
 def _check_campaigns(runtime: Runtime) -> None:

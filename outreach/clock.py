@@ -50,7 +50,7 @@ class WallClock:
 def _aware(at: datetime) -> datetime:
     if at.tzinfo is None:
         raise ValueError(f"a clock needs a timezone-aware instant, got {at.isoformat()}")
-    return at.astimezone(UTC)
+    return check_instant(at)
 
 
 class TravelClock:
@@ -96,6 +96,25 @@ class _CallableClock:
 
     def now(self) -> datetime:
         return self._read()
+
+
+#: The instants a clock may be moved to: far enough either way for any trial, near enough that the service's
+#: arithmetic on them (leases, windows of months, a re-contact in half a year) stays inside ``datetime``'s range.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(2999, 12, 31, 23, 59, 59, tzinfo=UTC)
+
+
+def check_instant(at: datetime) -> datetime:
+    """``at`` in UTC if it is aware and between :data:`EARLIEST` and :data:`LATEST`; ``ValueError`` saying why not."""
+    if at.tzinfo is None:
+        raise ValueError("needs a timezone offset (Z or +08:00)")
+    try:
+        utc: datetime | None = at.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+14:00 has no UTC
+        utc = None
+    if utc is None or not EARLIEST <= utc <= LATEST:
+        raise ValueError(f"must lie between {EARLIEST:%Y-%m-%d} and {LATEST:%Y-%m-%d}")
+    return utc
 
 
 _WALL = WallClock()

@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from outreach.clock import check_instant
 from outreach.errors import ConfigurationError
 
 
@@ -71,9 +72,10 @@ def _instant(raw: str, name: str) -> datetime | None:
         parsed = datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except ValueError:
         raise ConfigurationError(f"{name} must be an ISO-8601 instant such as 2026-11-25T10:00:00+08:00") from None
-    if parsed.tzinfo is None:
-        raise ConfigurationError(f"{name} needs a timezone offset (Z or +08:00)")
-    return parsed.astimezone(UTC)
+    try:
+        return check_instant(parsed)
+    except ValueError as exc:
+        raise ConfigurationError(f"{name} {exc}") from None
 
 
 REAL_SENDGRID_HOST = "https://api.sendgrid.com"

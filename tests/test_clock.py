@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from outreach import clock
-from outreach.clock import FixedClock, TravelClock, WallClock, set_clock, travel, using, utcnow
+from outreach.clock import FixedClock, TravelClock, WallClock, check_instant, set_clock, travel, using, utcnow
 from outreach.config import Settings
 from outreach.errors import ConfigurationError
 from tests.conftest import DEFAULT_NOW, ROOT
@@ -94,6 +94,31 @@ def test_clock_start_setting() -> None:
                 "OUTREACH_SECRET_KEY": "k" * 40,
             }
         )
+
+
+@pytest.mark.parametrize(
+    "instant",
+    ["9999-12-31T23:59:59-12:00", "0001-01-01T00:00:00+14:00", "1969-12-31T23:59:59Z", "3000-01-01T00:00:00Z"],
+)
+def test_time_travel_refuses_instants_out_of_range_by_name(instant: str) -> None:
+    from click.testing import CliRunner
+
+    from outreach.cli import main
+
+    result = CliRunner().invoke(main, ["tick", "--now", instant])
+    assert result.exit_code == 2 and "--now" in result.output and "must lie between" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    with pytest.raises(ConfigurationError, match="OUTREACH_CLOCK_START must lie between"):
+        Settings.from_env({"OUTREACH_CLOCK_START": instant})
+    with pytest.raises(ValueError, match="must lie between"):
+        TravelClock(datetime.fromisoformat(instant))
+
+
+def test_the_edges_of_the_range_are_instants_like_any_other() -> None:
+    assert check_instant(datetime(1970, 1, 1, tzinfo=UTC)) == datetime(1970, 1, 1, tzinfo=UTC)
+    far = TravelClock(datetime(2999, 12, 31, 23, 0, tzinfo=UTC))
+    set_clock(far)
+    assert utcnow().year == 2999
 
 
 # -- nothing else reads the time -------------------------------------------------------------------------------
