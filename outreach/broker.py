@@ -56,14 +56,15 @@ def build_broker(settings: Settings) -> Broker:
 _installed: Broker | None = None
 
 
-def install_broker(broker: Broker) -> Broker:
-    """Make ``broker`` the process-wide broker and declare our actors on it."""
+def install_broker(broker: Broker, queue_name: str | None = None) -> Broker:
+    """Make ``broker`` the process-wide broker, and declare ``queue_name`` on it so this process can put work
+    there. The actors are the workers' business: the worker entry point declares them
+    (:func:`workers.actors.install`); a process that only enqueues never imports them."""
     global _installed
     dramatiq.set_broker(broker)
     _installed = broker
-    from workers.actors import declare_actors
-
-    declare_actors(broker)
+    if queue_name is not None:
+        broker.declare_queue(queue_name)
     return broker
 
 

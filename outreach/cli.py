@@ -72,7 +72,7 @@ def _inline_delivery(runtime: Runtime) -> None:
 def _external_broker(runtime: Runtime) -> None:
     from outreach.broker import build_broker, install_broker
 
-    install_broker(build_broker(runtime.settings))
+    install_broker(build_broker(runtime.settings), runtime.settings.queue_name)
 
 
 def _runtime_for_commands(settings: Settings) -> Runtime:
@@ -153,7 +153,11 @@ def _start_background(runtime: Runtime, threads: int) -> threading.Event:
     from outreach.broker import build_broker, install_broker
     from outreach.scheduler import run_forever
 
+    # Installed before the workers package is imported, so it finds a broker and builds none from the environment.
     broker = install_broker(build_broker(runtime.settings))
+    from workers.actors import declare_actors
+
+    declare_actors(broker)
     worker = Worker(broker, worker_threads=threads, queues={runtime.settings.queue_name})
     worker.start()
     stop = threading.Event()

@@ -48,6 +48,7 @@ from outreach.models import (
     Stage,
 )
 from outreach.render import REQUIRED_EVENT_DATA
+from outreach.timing import step_due
 
 if TYPE_CHECKING:
     from outreach.policy.engine import PolicyEngine
@@ -107,8 +108,6 @@ def first_due(
     company_tz: str,
     calendar: BusinessCalendar | None = None,
 ) -> datetime:
-    from outreach.scheduler import step_due
-
     return step_due(campaign.steps[0], anchor, candidate, company_tz, calendar)
 
 

@@ -71,8 +71,6 @@ __all__ = [
     "rewrite_text",
     "store_links",
     "strip_names",
-    "track_email",
-    "track_sms",
     "tracks_clicks",
 ]
 
@@ -352,56 +350,6 @@ class LinkSet:
             return new_html, new_texts
 
         return finish
-
-
-def _track(
-    runtime: Runtime,
-    message_id: str,
-    context: Mapping[str, Any],
-    html_part: str | None,
-    texts: Sequence[str],
-    session: Session | None = None,
-) -> tuple[str | None, list[str]]:
-    links = LinkSet(runtime)
-    finish = links._collect(message_id, context, html_part, texts)
-    if links._trackers:
-        if session is not None:
-            links.store(session)
-        else:
-            with Session(runtime.engine) as own, own.begin():
-                links.store(own)
-    return finish()
-
-
-def track_email(
-    runtime: Runtime,
-    message: OutboundMessage,
-    email: RenderedEmail,
-    context: Mapping[str, Any],
-    session: Session | None = None,
-) -> RenderedEmail:
-    """The email as it goes out: links replaced by tracked redirects if its campaign tracks clicks, and the
-    ``data-link`` names removed either way (the subject is left alone). The links are stored in ``session``'s
-    transaction when one is given (delivery's own), else in a transaction of their own."""
-    if not tracks_clicks(runtime.campaigns.get(message.campaign)):
-        return replace(email, html=strip_names(email.html))
-    new_html, (new_text,) = _track(runtime, message.id, context, email.html, [email.text], session)
-    return replace(email, html=new_html or "", text=new_text)
-
-
-def track_sms(
-    runtime: Runtime,
-    message: OutboundMessage,
-    body: str,
-    context: Mapping[str, Any],
-    session: Session | None = None,
-) -> str:
-    """The SMS body as it goes out: links replaced by tracked redirects if its campaign tracks clicks (stored in
-    ``session``'s transaction when one is given)."""
-    if not tracks_clicks(runtime.campaigns.get(message.campaign)):
-        return body
-    _, (new_body,) = _track(runtime, message.id, context, None, [body], session)
-    return new_body
 
 
 def strip_names(document: str) -> str:

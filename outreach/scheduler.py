@@ -20,13 +20,12 @@ events instead of being sent a second time. Uncertain rows that no event reconci
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -35,9 +34,7 @@ from sqlalchemy import Engine, Integer, String, and_, bindparam, or_, select, te
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from outreach.calendar import BusinessCalendar
 from outreach.campaigns import Campaign, CampaignSet, Category, ExitCondition, Step
-from outreach.candidates import zone_for
 from outreach.clock import travel, utcnow
 from outreach.config import Settings
 from outreach.conversation import alert_unanswered_replies
@@ -64,6 +61,7 @@ from outreach.policy.base import Stage as PolicyStage
 from outreach.policy.bulk import PolicyReads, one_of
 from outreach.policy.config import PolicySpec
 from outreach.policy.engine import Outcome, PolicyEngine
+from outreach.timing import step_due
 from outreach.uncertain import alert_uncertain_messages
 
 log = logging.getLogger(__name__)
@@ -219,42 +217,6 @@ _SQLITE_MOVE = (
     .where(_ENROLLMENTS.c.id == bindparam("b_id"))
     .values({name: bindparam(f"b_{name}") for name in MOVE_COLUMNS})
 )
-
-
-class ZoneFacts(Protocol):
-    """What :func:`step_due` reads of a candidate: an ORM :class:`~outreach.models.Candidate` or a plain row."""
-
-    @property
-    def timezone(self) -> str | None: ...
-
-    @property
-    def phone(self) -> str | None: ...
-
-
-def step_due(
-    step: Step, base: datetime, candidate: ZoneFacts, company_tz: str, calendar: BusinessCalendar | None = None
-) -> datetime:
-    """When ``step`` is due: ``base`` plus the delay (or business days), then the next ``at`` (candidate's zone)."""
-    if step.business_days:
-        due = (calendar or default_calendar()).add_business_days(base, step.business_days)
-    else:
-        due = base + step.delay
-    if step.at is None:
-        return due
-    zone = zone_for(candidate.timezone, candidate.phone, company_tz)
-    local = due.astimezone(zone)
-    hour, minute = (int(part) for part in step.at.split(":"))
-    target = local.replace(hour=hour, minute=minute, second=0, microsecond=0)
-    if target < local:
-        target = (local + timedelta(days=1)).replace(hour=hour, minute=minute, second=0, microsecond=0)
-    return target.astimezone(due.tzinfo)
-
-
-@functools.cache
-def default_calendar() -> BusinessCalendar:
-    from outreach.policy.config import CalendarSpec
-
-    return BusinessCalendar.from_spec(CalendarSpec())
 
 
 @dataclass

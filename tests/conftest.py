@@ -16,9 +16,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+from dramatiq import Broker
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from outreach.broker import install_broker
 from outreach.campaigns import Category
 from outreach.clock import TravelClock, set_clock, utcnow
 from outreach.config import Secret, Settings, set_settings
@@ -61,6 +63,15 @@ def service_clock(request: pytest.FixtureRequest) -> Iterator[TravelClock | None
         set_clock(clock)
         yield clock
     set_clock(None)
+
+
+def install_workers(broker: Broker) -> Broker:
+    """``broker`` as this process's, with the worker actors declared on it (as ``outreach up`` does). Installed
+    first, so importing the ``workers`` package finds it and does not build one from the environment."""
+    install_broker(broker)
+    from workers.actors import install
+
+    return install(broker)
 
 
 def clock_env() -> dict[str, str]:

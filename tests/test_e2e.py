@@ -16,13 +16,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from outreach.broker import build_broker, install_broker
+from outreach.broker import build_broker
 from outreach.clock import utcnow
 from outreach.config import set_settings
 from outreach.models import OutboundMessage
 from outreach.runtime import Runtime, set_runtime
 from outreach.sandbox import SandboxMessage, SandboxServer
-from tests.conftest import RABBITMQ_URL, REDIS_URL, make_settings, open_policy, require_server
+from tests.conftest import RABBITMQ_URL, REDIS_URL, install_workers, make_settings, open_policy, require_server
 from tests.helpers import api_client
 
 BROKERS = {"in-process": "", "redis": REDIS_URL, "rabbitmq": RABBITMQ_URL}
@@ -38,7 +38,7 @@ def live(request: pytest.FixtureRequest, pg_database_url: str, sandbox: SandboxS
     runtime.policy = open_policy(settings)
     set_settings(settings)
     set_runtime(runtime)
-    broker = install_broker(build_broker(settings))
+    broker = install_workers(build_broker(settings))
     worker = Worker(broker, worker_threads=4, queues={settings.queue_name}, worker_timeout=100)
     worker.start()
 

@@ -31,7 +31,8 @@ from outreach.policy.base import Subject
 from outreach.policy.config import load_policies
 from outreach.policy.consent import address_hash
 from outreach.policy.engine import Outcome, PolicyEngine
-from outreach.scheduler import Scheduler, TickResult, default_calendar
+from outreach.scheduler import Scheduler, TickResult
+from outreach.timing import default_calendar
 from outreach.validation import validate_all
 from tests.conftest import ROOT, empty_tables
 

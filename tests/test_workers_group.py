@@ -12,9 +12,10 @@ from dramatiq.brokers.stub import StubBroker
 from dramatiq.common import dq_name
 
 from outreach import broker as broker_module
-from outreach.broker import GROUP_ACTOR, install_broker
+from outreach.broker import GROUP_ACTOR
 from outreach.runtime import Runtime
 from outreach.sandbox import SandboxServer
+from tests.conftest import install_workers
 from tests.test_delivery_group import emails, queue, received
 
 
@@ -23,7 +24,7 @@ def stub(runtime: Runtime) -> Iterator[StubBroker]:
     previous = broker_module.installed_broker()
     broker = StubBroker()
     broker.emit_after("process_boot")
-    install_broker(broker)
+    install_workers(broker)
     broker.declare_queue(runtime.settings.queue_name)
     yield broker
     broker.close()

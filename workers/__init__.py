@@ -22,7 +22,9 @@ if _broker.installed_broker() is None:
             "OUTREACH_BROKER_URL is not set: separate worker processes need Redis (redis://…) or RabbitMQ "
             "(amqp://…); `outreach up` runs its workers in-process without one"
         )
-    _broker.install_broker(_broker.build_broker(_settings))
+    from workers.actors import install
+
+    install(_broker.build_broker(_settings))
 
     # Load campaigns, templates and policies now (a broken file stops the worker at start, not at its first
     # message), then keep that start-up heap out of the garbage collector's full collections.

@@ -16,7 +16,7 @@ import dramatiq
 from dramatiq import Broker
 from sqlalchemy.exc import OperationalError
 
-from outreach.broker import DELIVER_ACTOR, GROUP_ACTOR, declare_actor, enqueue_deliveries
+from outreach.broker import DELIVER_ACTOR, GROUP_ACTOR, declare_actor, enqueue_deliveries, install_broker
 from outreach.delivery import deliver, deliver_group
 from outreach.runtime import get_runtime
 from workers.batch import declare_batch_actor
@@ -50,6 +50,14 @@ def deliver_messages(outbox_ids: list[str]) -> None:
             later[int(outcome.retry_in) + 1].append(outbox_id)
     for delay, ids in sorted(later.items()):
         enqueue_deliveries(ids, queue_name=runtime.settings.queue_name, delay=float(delay))
+
+
+def install(broker: Broker) -> Broker:
+    """Make ``broker`` this process's broker and declare the actors on it: what a process that runs workers does
+    (``dramatiq workers``, ``outreach up``)."""
+    install_broker(broker)
+    declare_actors(broker)
+    return broker
 
 
 def declare_actors(broker: Broker) -> dict[str, dramatiq.Actor[..., None]]:
