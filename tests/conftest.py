@@ -74,6 +74,27 @@ def install_workers(broker: Broker) -> Broker:
     return install(broker)
 
 
+def worker_env(database_url: str, queue: str, sandbox_url: str, **extra: str) -> dict[str, str]:
+    """The environment of a ``dramatiq workers`` process on ``database_url`` and Redis ``queue``, sending to the
+    sandbox through the real SDKs, on this test's clock: none of this process's own settings leak in."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("OUTREACH_", "SENDGRID_", "TWILIO_"))}
+    return {
+        **inherited,
+        "OUTREACH_DATABASE_URL": database_url,
+        "OUTREACH_BROKER_URL": REDIS_URL,
+        "OUTREACH_QUEUE": queue,
+        "SENDGRID_API_KEY": "SG.test",
+        "OUTREACH_SENDGRID_HOST": sandbox_url,
+        "TWILIO_ACCOUNT_SID": "AC" + "0" * 32,
+        "TWILIO_AUTH_TOKEN": "test-token",
+        "OUTREACH_TWILIO_BASE_URL": sandbox_url,
+        "OUTREACH_SMS_FROM": "+15005550006",
+        "OUTREACH_LOG_LEVEL": "WARNING",
+        **clock_env(),
+        **extra,
+    }
+
+
 def clock_env() -> dict[str, str]:
     """Environment that starts a child process's clock where this test's clock is now (``OUTREACH_CLOCK_START``)."""
     return {"OUTREACH_CLOCK_START": utcnow().isoformat()}

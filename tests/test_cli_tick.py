@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from outreach.models import MessageStatus, OutboundMessage
 from outreach.runtime import Runtime
 from outreach.sandbox import SandboxServer
-from tests.conftest import REDIS_URL, ROOT, make_settings
+from tests.conftest import REDIS_URL, ROOT, make_settings, worker_env
 from tests.helpers import add_candidate, add_job, fire
 
 pytestmark = [pytest.mark.clock, pytest.mark.slow]
@@ -104,19 +104,10 @@ class TimeMachine:
 def machine(pg_database_url: str, sandbox: SandboxServer) -> Iterator[TimeMachine]:
     queue = f"outreach_tick_{uuid.uuid4().hex[:8]}"
     machine = TimeMachine(pg_database_url, sandbox, queue)
-    worker_env = {
-        **machine.env,
-        "SENDGRID_API_KEY": "SG.test",
-        "OUTREACH_SENDGRID_HOST": sandbox.url,
-        "TWILIO_ACCOUNT_SID": "AC" + "0" * 32,
-        "TWILIO_AUTH_TOKEN": "test-token",
-        "OUTREACH_TWILIO_BASE_URL": sandbox.url,
-        "OUTREACH_SMS_FROM": "+15005550006",
-    }
     worker = subprocess.Popen(
         [sys.executable, "-m", "dramatiq", "workers", "--processes", "1", "--threads", "2", "--queues", queue],
         cwd=ROOT,
-        env=worker_env,
+        env=worker_env(pg_database_url, queue, sandbox.url),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -17,7 +17,7 @@ from outreach.broker import enqueue_deliveries
 from outreach.models import OutboundMessage
 from outreach.runtime import Runtime
 from outreach.sandbox import SandboxServer
-from tests.conftest import REDIS_URL, ROOT, clock_env, make_settings
+from tests.conftest import REDIS_URL, ROOT, make_settings, worker_env
 from tests.helpers import add_candidate, add_job, fire
 
 
@@ -38,20 +38,7 @@ def test_dramatiq_workers_process_delivers_queued_rows(pg_database_url: str, san
     runtime.scheduler.tick()
     assert len(held) == 10
 
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("OUTREACH_", "SENDGRID_", "TWILIO_"))},
-        "OUTREACH_DATABASE_URL": pg_database_url,
-        "OUTREACH_BROKER_URL": REDIS_URL,
-        "OUTREACH_QUEUE": queue,
-        "SENDGRID_API_KEY": "SG.test",
-        "OUTREACH_SENDGRID_HOST": sandbox.url,
-        "TWILIO_ACCOUNT_SID": "AC" + "0" * 32,
-        "TWILIO_AUTH_TOKEN": "test-token",
-        "OUTREACH_TWILIO_BASE_URL": sandbox.url,
-        "OUTREACH_SMS_FROM": "+15005550006",
-        "OUTREACH_LOG_LEVEL": "WARNING",
-        **clock_env(),  # the worker judges the sends on this test's clock, not the day the suite runs
-    }
+    env = worker_env(pg_database_url, queue, sandbox.url)  # on this test's clock, not the day the suite runs
     process = subprocess.Popen(
         [sys.executable, "-m", "dramatiq", "workers", "--processes", "1", "--threads", "4", "--queues", queue],
         cwd=ROOT,
