@@ -70,6 +70,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from twilio.request_validator import RequestValidator
 
 from outreach.clock import utcnow
+from outreach.render import sms_segments as count_segments
 
 __all__ = [
     "FaultKind",
@@ -120,24 +121,10 @@ _SENDGRID_MAX_PERSONALIZATIONS = 1000
 # … and at most 10,000 bytes of substitutions, custom args and headers in each of them.
 _SENDGRID_MAX_PERSONALIZATION_BYTES = 10_000
 
-# GSM 03.38: characters in the basic set take one septet, those in the extension table two.
-_GSM_BASIC = frozenset(
-    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿"
-    "abcdefghijklmnopqrstuvwxyzäöñüà"
-)
-_GSM_EXTENDED = frozenset("^{}\\[~]|€\f")
-
-
 def sms_segments(body: str) -> int:
-    """How many SMS segments ``body`` needs, the way carriers (and Twilio's ``num_segments``) count them."""
-    if not body:
-        return 1
-    if all(ch in _GSM_BASIC or ch in _GSM_EXTENDED for ch in body):
-        septets = len(body) + sum(1 for ch in body if ch in _GSM_EXTENDED)
-        return 1 if septets <= 160 else math.ceil(septets / 153)
-    # Anything outside GSM-7 switches the whole message to UCS-2, counted in UTF-16 code units.
-    units = len(body.encode("utf-16-le")) // 2
-    return 1 if units <= 70 else math.ceil(units / 67)
+    """How many SMS segments ``body`` needs, counted the way the service counts them (Twilio's ``num_segments``):
+    :func:`outreach.render.sms_segments`, at least one."""
+    return max(1, count_segments(body)[1])
 
 
 @dataclass(frozen=True)
