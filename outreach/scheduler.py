@@ -347,6 +347,8 @@ class Scheduler:
         self.batch_size = batch_size
         self.policy = policy or PolicyEngine(PolicySpec(), settings)
         self.sqlite = is_sqlite(engine)
+        #: Where the outbox ids the passes write come from (the simulator seeds its own, for repeatable runs).
+        self.new_id: Callable[[], str] = new_id
 
     # -- the whole pass ---------------------------------------------------------------------------------
 
@@ -555,7 +557,7 @@ class Scheduler:
             candidate = item.candidate
             index = item.index
             channel, category = step.channel.value, campaign.category.value
-            outbox_id = new_id()
+            outbox_id = self.new_id()
             status = PENDING
             rule: str | None = None
             reason = None

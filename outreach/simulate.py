@@ -62,7 +62,7 @@ import sys
 import threading
 import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -78,7 +78,6 @@ from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
-from outreach import scheduler as scheduler_module
 from outreach.calendar import BusinessCalendar, in_window, localize
 from outreach.campaigns import Campaign, CampaignSet, EventType
 from outreach.candidates import CandidateIn, JobIn, upsert_candidate, upsert_job
@@ -804,21 +803,13 @@ class _RecordingPolicy(PolicyEngine):
         return outcome
 
 
-@contextmanager
-def _seeded_ids(rng: random.Random) -> Iterator[None]:
-    """Outbox ids from ``rng`` while the simulation runs, so a seed gives the same quiet-hours spread each time."""
-    # The scheduler imported ``new_id`` by name; its module namespace is where the name is looked up.
-    namespace = vars(scheduler_module)
-    original = namespace["new_id"]
+def _seeded_ids(rng: random.Random) -> Callable[[], str]:
+    """Outbox ids from ``rng``, so a seed gives the same quiet-hours spread each time."""
 
     def seeded() -> str:
         return f"{rng.getrandbits(128):032x}"
 
-    namespace["new_id"] = seeded
-    try:
-        yield
-    finally:
-        namespace["new_id"] = original
+    return seeded
 
 
 @contextmanager
@@ -1150,7 +1141,8 @@ def _run_shard(job: _ShardJob) -> _ShardResult:
     clock = FixedClock(job.start)
     previous = current()
     try:
-        with _quiet_logs(), _seeded_ids(random.Random(f"{job.seed}:ids:{job.shard}")):
+        runtime.scheduler.new_id = _seeded_ids(random.Random(f"{job.seed}:ids:{job.shard}"))
+        with _quiet_logs():
             set_clock(clock)
             world.create_people()
             stops = world.run(clock, job.start, job.end)
