@@ -1,26 +1,30 @@
-"""Deliver outbox rows: the function the worker actors call, for a group of ids or for one.
+"""Deliver outbox rows one request per message: what the worker actors call, for a group of ids or for one.
+
+This is one of the two ways of calling a provider over the outbox's transitions (:mod:`outreach.outbox`, which
+owns every write of a row in flight); the other is :mod:`outreach.batch` (many nurture emails in one SendGrid
+request). Both go through the same claim, hand-off, record, fail, uncertain and give-back functions.
 
 A group is the ids enqueued together (a scheduler pass, the sweeper), up to ``outreach.broker.GROUP_SIZE`` in one
 broker message. Per group, on one pooled connection:
 
-1. **Claim, check, render: one transaction.** One statement claims every row of the group that is still
-   ``pending`` and due (``pending`` → ``sending``, a provisional ``sent_at`` so caps count it, a lease, and the
-   claim marker ``rule = 'claimed'``; rows another worker is claiming are skipped), one locks their candidates in
-   id order (``FOR NO KEY UPDATE``, read with the enrollments and jobs), and the rules' reads (suppressions, recent
-   sends) are loaded once (:class:`outreach.policy.bulk.PolicyReads`). Every rule runs for every row; two rows of
-   one candidate are counted by the caps one after the other. Refused rows get their status, rule and reason;
-   allowed ones are rendered and their tracked links stored (one insert for the group); a template error ends its
-   row ``failed``. Commit.
-2. **Hand-off, then the call, per row.** One short autocommit update clears the marker and counts the attempt
-   (``attempts + 1``, the lease renewed) — only then is the provider called, one request per message. A row
-   whose hand-off finds it no longer claimed (the sweeper took it back after its lease ran out) is skipped. The
-   sweeper puts a ``sending`` row whose lease expired while still marked ``claimed`` back to ``pending`` (it
-   never reached a provider); one without the marker becomes ``uncertain`` (it may have).
-3. **Record.** Accepted rows are written ``sent`` (provider id, what went out) in bulk: on PostgreSQL in the
-   next row's hand-off statement (a data-modifying CTE, so one commit per message) and at the group's end,
-   elsewhere every few sends; a provider event that already moved a row on keeps its status and the row only
-   gains the send's facts. A worker killed between a send and its record leaves the row ``sending`` without the
-   marker: ``uncertain``, reconciled from provider events, never resent.
+1. **Claim, check, render: one transaction.** One statement (:func:`outreach.outbox.claim`) claims every row of
+   the group that is still ``pending`` and due (``pending`` → ``sending``, a provisional ``sent_at`` so caps count
+   it, a lease, and the claim marker ``rule = 'claimed'``; rows another worker is claiming are skipped), one locks
+   their candidates in id order (``FOR NO KEY UPDATE``, read with the enrollments and jobs), and the rules' reads
+   (suppressions, recent sends) are loaded once (:class:`outreach.policy.bulk.PolicyReads`). Every rule runs for
+   every row; two rows of one candidate are counted by the caps one after the other. Refused rows get their
+   status, rule and reason; allowed ones are rendered and their tracked links stored (one insert for the group); a
+   template error ends its row ``failed``. Commit.
+2. **Hand-off, then the call, per row.** One short autocommit update (:func:`outreach.outbox.hand_off`) clears the
+   marker and counts the attempt (``attempts + 1``, the lease renewed) — only then is the provider called, one
+   request per message. A row whose hand-off finds it no longer claimed (the sweeper took it back after its lease
+   ran out) is skipped. The sweeper puts a ``sending`` row whose lease expired while still marked ``claimed`` back
+   to ``pending`` (it never reached a provider); one without the marker becomes ``uncertain`` (it may have).
+3. **Record.** Accepted rows are written ``sent`` (:func:`outreach.outbox.record_sent`: provider id, what went out)
+   in bulk: on PostgreSQL in the next row's hand-off statement (a data-modifying CTE, so one commit per message)
+   and at the group's end, elsewhere every few sends; a provider event that already moved a row on keeps its status
+   and the row only gains the send's facts. A worker killed between a send and its record leaves the row
+   ``sending`` without the marker: ``uncertain``, reconciled from provider events, never resent.
 
 Provider outcomes per row: transient (429, 5xx, a connection that never opened) puts the row back to ``pending``
 with ``not_before`` at the provider's reset time (or a backoff) and asks the caller to wake that row again then
