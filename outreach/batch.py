@@ -1,16 +1,22 @@
 """Nurture email in SendGrid batches: one request for up to 1000 recipients, each still checked and tracked alone.
 
+This is one of the two ways of calling a provider over the outbox's transitions (:mod:`outreach.outbox`); the
+other is :mod:`outreach.delivery` (one request per message). Both claim, hand off, record, fail, give back and
+mark uncertain through the same functions, so a batch row goes through the same states as a single one.
+
 The scheduler puts the due nurture email rows of one (campaign, step, template, locale) on the queue as one batch
 message of outbox ids (:meth:`outreach.scheduler.Scheduler.run_due`); a worker hands it to :func:`deliver_batch`,
 which keeps every promise of the single path (:func:`outreach.delivery.deliver`):
 
 - **Claim and rules, per recipient.** One transaction claims the rows that are still ``pending`` and due
-  (``pending`` → ``sending``, rows another worker holds are skipped), locks the candidates' rows in id order
+  (:func:`outreach.outbox.claim`: ``pending`` → ``sending`` with the claim marker ``rule = 'claimed'``, rows
+  another worker holds are skipped), locks the candidates' rows in id order
   (``FOR NO KEY UPDATE``, as the single path does, so caps hold against concurrent sends) and runs every policy
   rule for every recipient at the send stage, with what the rules read loaded once for the whole batch (enrollment
   states, suppressions, consent, the recent sends the caps count). A recipient a rule holds, suppresses, skips or
-  cancels gets that status, rule and reason on its own row and simply drops out of the request. Two rows of one
-  candidate in one batch are counted by the caps one after the other, as two single sends would be.
+  cancels gets that status, rule and reason on its own row (:func:`outreach.outbox.refuse`) and simply drops out
+  of the request. Two rows of one candidate in one batch are counted by the caps one after the other, as two
+  single sends would be.
 - **Render once.** The template is rendered once per (template, locale, job, enrollment context) with SendGrid
   substitution tags standing for what differs between recipients: the name, the unsubscribe link, the outbox id
   and the tracked links. The HTML part gets HTML-escaped values of its own tags (or the text tag, for a value
@@ -21,18 +27,25 @@ which keeps every promise of the single path (:func:`outreach.delivery.deliver`)
   headers and our outbox id as the custom arg ``outreach_id`` (opaque ids only), which SendGrid returns on every
   event, so events find their own row although the whole request shares one ``X-Message-Id``. A personalization
   over SendGrid's 10,000-byte limit is sent on its own instead.
-- **At least once, never blindly twice.** Rows are committed ``sending`` before the call. A crash mid-call leaves
-  them ``sending`` until the sweeper marks them ``uncertain`` (reconciled from events, never resent); a retried
-  batch message claims only rows still ``pending``. A transient failure puts the request's rows back to
-  ``pending`` with the provider's reset time and asks for a retry; a permanent one for a request of several
-  recipients sends them one by one (so one bad address fails alone), and fails the row of a single recipient.
+- **Hand-off, then the request.** Right before each request, one statement hands off its rows
+  (:func:`outreach.outbox.hand_off`: the marker cleared, ``attempts + 1``, the lease renewed), committed before
+  SendGrid is called; a row no longer claimed (the sweeper took it back) leaves the request. Attempts are counted
+  there, not at the claim, as for single sends.
+- **At least once, never blindly twice.** A worker that stops between the claim and a request leaves that
+  request's rows claimed: the sweeper puts them back to ``pending`` once their lease runs out, and they are sent
+  later, once. One that stops during a request leaves its rows handed off: ``uncertain`` after the lease
+  (reconciled from events, never resent). Requests never attempted are given back at once when the worker sees
+  an error (:func:`outreach.outbox.give_back`: only rows still claimed). A retried batch message claims only rows
+  still ``pending``. A transient failure puts the request's rows back to ``pending`` with the provider's reset
+  time (the attempt counted) and asks for a retry; a permanent one for a request of several recipients sends them
+  one by one (so one bad address fails alone), and fails the row of a single recipient.
 
 **Cost.** A batch is a constant number of statements whatever its size (claim with the enrollments; candidates;
-suppressions; recent sends; the stopped rows, if any; the exemplar's candidate per rendering; the sent rows) over
-plain rows, not ORM objects: statements are built once with named parameters, the rules decide from the shared
-reads (:class:`outreach.policy.bulk.PolicyReads`), and on PostgreSQL the sent rows' subjects and bodies are
-filled in by the database from the shared text and one JSON document of substitution values. SQLite runs the
-same steps with portable statements.
+suppressions; recent sends; the stopped rows, if any; the exemplar's candidate per rendering; the hand-off and
+the sent rows per request) over plain rows, not ORM objects: statements are built once with named parameters,
+the rules decide from the shared reads (:class:`outreach.policy.bulk.PolicyReads`), and on PostgreSQL the sent
+rows' subjects and bodies are filled in by the database from the shared text and one JSON document of
+substitution values. SQLite runs the same steps with portable statements.
 
 SendGrid cannot carry a different ``Reply-To`` per personalization (it is a reserved header), so batched mail uses
 the plain ``OUTREACH_EMAIL_REPLY_TO`` address and replies are matched by the sender's address. Twilio has no
@@ -53,15 +66,15 @@ from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any, NamedTuple
 
-from sqlalchemy import JSON, Text, any_, bindparam, case, cast, func, insert, literal, or_, select, true, update
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
+from outreach import outbox
 from outreach.campaigns import Category
 from outreach.clock import travel, utcnow
-from outreach.delivery import STOP_REFUSED, backoff, build_context, pending_again, refused
+from outreach.delivery import backoff, build_context
 from outreach.errors import (
     AmbiguousProviderError,
-    PermanentProviderError,
     ProviderError,
     TemplateError,
     TransientProviderError,
@@ -76,9 +89,9 @@ from outreach.links import (
     strip_names,
     tracks_clicks,
 )
-from outreach.models import Base, Candidate, Channel, Enrollment, Job, MessageStatus, OutboundMessage, TrackedLink
+from outreach.models import Base, Candidate, Channel, Enrollment, Job, OutboundMessage, TrackedLink
 from outreach.policy.base import Stage
-from outreach.policy.bulk import CHUNK, PolicyReads, any_of, array_of, one_of
+from outreach.policy.bulk import PolicyReads, any_of, one_of
 from outreach.policy.engine import Outcome as Verdict
 from outreach.providers.base import ProviderPipeline
 from outreach.providers.sendgrid import address_field
@@ -99,9 +112,7 @@ SUBSTITUTED = frozenset({"name", "first_name"})
 _TAG = re.compile(r"%%o:[^%\s]{0,40}%%", re.IGNORECASE)
 _OUTBOX = Base.metadata.tables["outbound_messages"]
 _LINKS = Base.metadata.tables["tracked_links"]
-_ENROLLMENTS = Base.metadata.tables["enrollments"]
 _CANDIDATES = Base.metadata.tables["candidates"]
-_FINISHED_FROM = (MessageStatus.SENDING.value, MessageStatus.UNCERTAIN.value)
 _NURTURE = Category.NURTURE.value
 
 
@@ -237,21 +248,7 @@ class _Recipient:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-#: What the claim returns of each outbox row, in this order, followed by its enrollment's status, exit reason,
-#: job and context (the positions below).
-_CLAIMED = (
-    "id",
-    "candidate_id",
-    "enrollment_id",
-    "campaign",
-    "step",
-    "template",
-    "category",
-    "channel",
-    "attempts",
-    "created_at",
-    "not_before",
-)
+#: Positions in a claimed row (:data:`outreach.outbox.CLAIMED_COLUMNS`, then the enrollment's facts).
 _CREATED_AT, _NOT_BEFORE, _STATUS, _JOB, _CONTEXT = 9, 10, 11, 13, 14
 
 
@@ -284,27 +281,32 @@ def _deliver_batch(runtime: Runtime, outbox_ids: Sequence[str], now: datetime) -
     try:
         requests, single, failed = _prepare(runtime, recipients)
     except BaseException:
-        # Nothing was sent yet: give the rows back rather than leave them to become ``uncertain``.
-        _release(runtime, [r.id for r in recipients], utcnow(), 0.0, give_back_attempt=True)
+        # Nothing was sent yet: give the rows back rather than leave them to the sweeper.
+        _give_back(runtime, [r.id for r in recipients])
         raise
 
     sent = 0
     retry_in: float | None = None
+    refused: list[str] = []  # handed off, refused as a whole by the provider: sent one by one
     for position, (shared, chunk) in enumerate(requests):
         try:
             result = _send(runtime, provider, shared, chunk, now)
         except BaseException:
-            # This request's rows stay ``sending`` (the call may have happened); later ones were never tried.
-            untried = [r.id for _, later in requests[position + 1 :] for r in later] + single
-            _release(runtime, untried, utcnow(), 0.0, give_back_attempt=True)
+            # Rows this request handed off stay ``sending`` (the call may have happened: the sweeper makes them
+            # ``uncertain``); the rest were never offered to SendGrid. Only rows still claimed are given back.
+            untried = [r.id for _, later in requests[position:] for r in later] + single
+            _give_back(runtime, untried)
             raise
         sent += result.sent
         failed += result.failed
-        single.extend(result.single)
+        refused.extend(result.single)
         if result.retry_in is not None:
             retry_in = result.retry_in if retry_in is None else min(retry_in, result.retry_in)
-    if single:
-        _release(runtime, single, utcnow(), 0.0, give_back_attempt=True)
+    if single or refused:
+        with runtime.engine.begin() as connection:
+            outbox.give_back(connection, single, utcnow(), 0.0)
+            outbox.give_back(connection, refused, utcnow(), 0.0, attempted=True)
+        single += refused
         runtime.enqueue(single)
     return BatchOutcome(
         claimed=claimed,
@@ -334,7 +336,16 @@ def _prepare(
             single.extend(r.id for r in group)
             continue
         except TemplateError as exc:
-            _fail(runtime, [r.id for r in group], utcnow(), rule="template", code="template", detail=str(exc)[:500])
+            with runtime.engine.begin() as connection:
+                outbox.fail(
+                    connection,
+                    [r.id for r in group],
+                    utcnow(),
+                    rule="template",
+                    code="template",
+                    detail=str(exc),
+                    sent_at=None,
+                )
             log.error("template failed", extra={"template": group[0].template, "count": len(group)})
             failed += len(group)
             continue
@@ -358,80 +369,6 @@ def _plain_in_html(runtime: Runtime, group: Sequence[_Recipient]) -> set[str]:
 
 
 # -- claim and rules -----------------------------------------------------------------------------------------
-
-
-@lru_cache(maxsize=2)
-def _claim_statement(postgres: bool) -> Any:
-    """Pending, due email rows among ``claim_ids`` become ``sending``; on PostgreSQL the claimed rows come back
-    joined to their enrollments (status, exit reason, job and context as text), in one statement. Built once, so
-    SQLAlchemy's statement cache finds it without walking it again."""
-    table = _OUTBOX
-    now = bindparam("claim_now", type_=table.c.not_before.type)
-    values = {
-        "status": MessageStatus.SENDING.value,
-        "lease_until": bindparam("claim_lease", type_=table.c.lease_until.type),
-        "attempts": table.c.attempts + 1,
-        # Provisional, as in the single path: caps count rows being sent by this time.
-        "sent_at": now,
-        "updated_at": now,
-    }
-    if not postgres:
-        pick = select(table.c.id).where(
-            table.c.id.in_(bindparam("claim_ids", expanding=True)),
-            table.c.status == MessageStatus.PENDING.value,
-            table.c.not_before <= now,
-            table.c.channel == Channel.EMAIL.value,
-        )
-        return (
-            update(table)
-            .where(table.c.id.in_(pick.scalar_subquery()))
-            .values(**values)
-            .returning(*(table.c[name] for name in _CLAIMED))
-        )
-    # Each id looked up on the primary key and locked in the order given (sorted: batches and single sends queue
-    # up behind each other instead of deadlocking); rows a retried copy of this batch (or a single send) is
-    # claiming right now are theirs and skipped. A lateral lookup per id rather than ``id = ANY(:ids)``, which
-    # the planner may answer with a scan of the whole table once it holds some 100,000 rows.
-    given = func.unnest(bindparam("claim_ids", type_=array_of(table.c.id.type))).table_valued("id")
-    given = given.render_derived(name="given")
-    row = table.alias("pending_row")
-    due = (
-        select(row.c.id)
-        .where(
-            row.c.id == given.c.id,
-            row.c.status == MessageStatus.PENDING.value,
-            row.c.not_before <= now,
-            row.c.channel == Channel.EMAIL.value,
-        )
-        .with_for_update(skip_locked=True)
-        .lateral("due")
-    )
-    picked = select(due.c.id).select_from(given).join(due, true())
-    claim = (
-        update(table)
-        .where(table.c.id == any_(func.array(picked.scalar_subquery())))
-        .values(**values)
-        .returning(*(table.c[name] for name in _CLAIMED))
-    )
-    claimed = claim.cte("claimed")
-    enrollments = _ENROLLMENTS
-    return select(*(claimed.c[name] for name in _CLAIMED), *_enrollment_facts()).select_from(
-        claimed.outerjoin(enrollments, enrollments.c.id == claimed.c.enrollment_id)
-    )
-
-
-def _enrollment_facts() -> tuple[Any, ...]:
-    # The context as its stored text: recipients are grouped by it, and only a group's exemplar needs it parsed.
-    enrollments = _ENROLLMENTS
-    return (enrollments.c.status, enrollments.c.exit_reason, enrollments.c.job_id, cast(enrollments.c.context, Text))
-
-
-@lru_cache(maxsize=1)
-def _enrollments_statement() -> Any:
-    enrollments = _ENROLLMENTS
-    return select(enrollments.c.id, *_enrollment_facts()).where(
-        enrollments.c.id.in_(bindparam("enrollments", expanding=True))
-    )
 
 
 @lru_cache(maxsize=2)
@@ -459,22 +396,8 @@ def _claim_and_check(runtime: Runtime, ids: Sequence[str], now: datetime) -> tup
     with Session(runtime.engine, expire_on_commit=False) as session, session.begin():
         connection = session.connection()
         postgres = connection.dialect.name == "postgresql"
-        claiming = {
-            "claim_ids": list(ids),
-            "claim_now": now,
-            "claim_lease": now + timedelta(seconds=settings.lease_seconds),
-        }
-        rows: Sequence[Any]
-        if postgres:
-            rows = connection.execute(_claim_statement(True), claiming).all()
-        else:
-            plain = connection.execute(_claim_statement(False), claiming).all()
-            found: dict[Any, Any] = {}
-            wanted = sorted({row.enrollment_id for row in plain if row.enrollment_id is not None})
-            for chunk in _chunks(wanted, CHUNK):
-                for row in connection.execute(_enrollments_statement(), {"enrollments": list(chunk)}):
-                    found[row[0]] = tuple(row[1:])
-            rows = [(*row, *found.get(row.enrollment_id, (None, None, None, None))) for row in plain]
+        lease = timedelta(seconds=settings.lease_seconds)
+        rows = outbox.claim(connection, ids, now, lease, batch=True)
         if not rows:
             return [], 0
         claimed_ids = [row[0] for row in rows]
@@ -508,7 +431,7 @@ def _claim_and_check(runtime: Runtime, ids: Sequence[str], now: datetime) -> tup
                 session, subject, candidate, (row[_STATUS], row[_STATUS + 1]) if enrolled else None
             )
             if not decision.allowed:
-                stopped.append(refused(message_id, Verdict(decision), row[_NOT_BEFORE], now))
+                stopped.append(outbox.refused(message_id, Verdict(decision), row[_NOT_BEFORE], now))
                 continue
             reads.count(subject)
             text = row[_CONTEXT] if enrolled else None
@@ -534,8 +457,7 @@ def _claim_and_check(runtime: Runtime, ids: Sequence[str], now: datetime) -> tup
                     job=jobs.get(job_id) if job_id else None,
                 )
             )
-        if stopped:
-            connection.execute(STOP_REFUSED, stopped)
+        outbox.refuse(connection, stopped)
     return allowed, len(stopped)
 
 
@@ -813,17 +735,27 @@ def _send(
     chunk: list[_Recipient],
     now: datetime,
 ) -> _Sent:
+    """One request: hand its rows off (one statement, committed), then call SendGrid and record the outcome."""
     settings = runtime.settings
     ids = [r.id for r in chunk]
     rate = runtime.policy.spec.rate_limits.get(provider.name)
     if rate is not None:
         booking = runtime.pacer.book(f"{provider.name}:{settings.email_from}", rate, cost=float(len(chunk)))
         if not booking.granted:
-            _release(runtime, ids, utcnow(), booking.wait, give_back_attempt=True)
+            _give_back(runtime, ids, booking.wait)
             return _Sent(retry_in=booking.wait)
         if booking.wait > 0:
             time.sleep(booking.wait)
 
+    started = utcnow()
+    with runtime.engine.begin() as connection:
+        handed = set(outbox.hand_off(connection, ids, started + timedelta(seconds=settings.lease_seconds), started))
+    if len(handed) < len(chunk):
+        # The sweeper took some back (their lease ran out while earlier requests went): not ours to send.
+        chunk = [r for r in chunk if r.id in handed]
+        ids = [r.id for r in chunk]
+        if not chunk:
+            return _Sent()
     payload = build_payload(runtime, shared, chunk)
     error: ProviderError | None
     try:
@@ -837,31 +769,55 @@ def _send(
             raise
     if error is None:
         provider_message_id = provider.parse_result(response)
-        if not provider_message_id:
-            error = PermanentProviderError(provider.name, "accepted without returning a message id")
-            _fail(runtime, ids, utcnow(), rule="provider", code="no-id", detail=str(error), provider=provider.name)
-            return _Sent(failed=len(ids))
-        _record_sent(runtime, shared, chunk, provider.name, provider_message_id, now)
+        with runtime.engine.begin() as connection:
+            if not provider_message_id:
+                detail = "accepted without returning a message id"
+                outbox.fail(
+                    connection, ids, utcnow(), rule="provider", code="no-id", detail=detail, provider=provider.name
+                )
+                return _Sent(failed=len(ids))
+            sent = outbox.SharedSend(
+                provider=provider.name,
+                provider_message_id=provider_message_id,
+                locale=shared.locale,
+                subject=shared.subject,
+                text=shared.text,
+                rows=[(r.id, r.substitutions) for r in chunk],
+            )
+            outbox.record_sent(connection, sent, now, utcnow())
         return _Sent(sent=len(ids))
 
     if isinstance(error, AmbiguousProviderError):
         # The request went out and its answer was lost: SendGrid may have every personalization. Resending the
         # chunk could reach each recipient twice, so the rows wait, uncertain, for events naming their ids.
-        _mark_uncertain(runtime, ids, utcnow(), error)
+        with runtime.engine.begin() as connection:
+            outbox.uncertain(
+                connection,
+                ids,
+                utcnow(),
+                provider=error.provider,
+                reason=f"{error.provider} batch call failed after the request was sent; it may have been "
+                "accepted: reconcile from provider events, do not resend",
+                code=error.code or "ambiguous",
+                detail=str(error),
+            )
         log.warning("provider answer lost; batch uncertain", extra={"provider": error.provider, "count": len(ids)})
         return _Sent(uncertain=len(ids))
 
     if isinstance(error, TransientProviderError):
+        # Attempts are counted at the hand-off: this request was attempt ``attempts + 1`` of each row.
         code = error.code or str(error.status or "network")
-        exhausted = [r.id for r in chunk if r.attempts >= settings.max_retries]
-        retrying = [r.id for r in chunk if r.attempts < settings.max_retries]
-        if exhausted:
-            _fail(runtime, exhausted, utcnow(), rule="retries", code=code, detail=str(error)[:500])
+        exhausted = [r.id for r in chunk if r.attempts + 1 >= settings.max_retries]
+        retrying = [r.id for r in chunk if r.attempts + 1 < settings.max_retries]
+        attempt = max(r.attempts for r in chunk) + 1
+        delay = error.retry_after if error.retry_after is not None else backoff(attempt)
+        with runtime.engine.begin() as connection:
+            outbox.fail(connection, exhausted, utcnow(), rule="retries", code=code, detail=str(error))
+            outbox.give_back(
+                connection, retrying, utcnow(), delay, attempted=True, error_code=code, error_detail=str(error)[:500]
+            )
         if not retrying:
             return _Sent(failed=len(exhausted))
-        attempt = max(r.attempts for r in chunk)
-        delay = error.retry_after if error.retry_after is not None else backoff(attempt)
-        _release(runtime, retrying, utcnow(), delay, error_code=code, error_detail=str(error)[:500])
         log.warning(
             "provider busy; retrying batch",
             extra={"provider": error.provider, "status": error.status, "delay": delay, "count": len(retrying)},
@@ -875,191 +831,12 @@ def _send(
         )
         return _Sent(single=ids)
     code = error.code or str(error.status)
-    _fail(runtime, ids, utcnow(), rule="provider", code=code, detail=str(error)[:500], provider=error.provider)
+    with runtime.engine.begin() as connection:
+        outbox.fail(connection, ids, utcnow(), rule="provider", code=code, detail=str(error), provider=error.provider)
     return _Sent(failed=len(ids))
 
 
-def _substitute(text: str, substitutions: Mapping[str, str]) -> str:
-    for tag, value in substitutions.items():
-        if tag in text:
-            text = text.replace(tag, value)
-    return text
-
-
-def _record_sent(
-    runtime: Runtime,
-    shared: SharedEmail,
-    chunk: Sequence[_Recipient],
-    provider: str,
-    provider_message_id: str,
-    sent_at: datetime,
-) -> None:
-    """Every row of the request ``sent`` (or, where a provider event got there first, the send's facts added)."""
-    facts = {
-        "sent_time": sent_at,
-        "sent_provider": provider,
-        "sent_provider_id": provider_message_id,
-        "sent_locale": shared.locale,
-    }
-    with Session(runtime.engine) as session, session.begin():
-        connection = session.connection()
-        if connection.dialect.name != "postgresql":
-            rows = [
-                {
-                    **facts,
-                    "b_id": r.id,
-                    "b_subject": _substitute(shared.subject, r.substitutions),
-                    "b_body": _substitute(shared.text, r.substitutions),
-                }
-                for r in chunk
-            ]
-            connection.execute(_record_sent_statement(), rows)
-            return
-        # PostgreSQL: the shared subject and text go once, each row's substitution values in one JSON document,
-        # and the database fills them in (``replace`` in the order :func:`_substitute` follows, so the stored text
-        # is what the recipient got) instead of a thousand bodies crossing the wire.
-        tags = tuple(chunk[0].substitutions)
-        if all(tuple(r.substitutions) == tags and not any("%" in v for v in r.substitutions.values()) for r in chunk):
-            # No value can make a tag (they all have a ``%``), so only the tags the texts hold need replacing.
-            in_subject = tuple(tag for tag in tags if tag in shared.subject)
-            in_text = tuple(tag for tag in tags if tag in shared.text)
-            used = tuple(tag for tag in tags if tag in in_subject or tag in in_text)
-            values = [[r.id, *(r.substitutions[tag] for tag in used)] for r in chunk]
-            statement = _record_sent_filled(used, in_subject, in_text)
-            texts = {"sent_subject": shared.subject, "sent_text": shared.text}
-        else:  # substitutions are filled for a whole rendering at once, so their keys agree; if not, each text
-            values = [
-                [r.id, _substitute(shared.subject, r.substitutions), _substitute(shared.text, r.substitutions)]
-                for r in chunk
-            ]
-            statement = _record_sent_texts()
-            texts = {}
-        document = json.dumps(values, ensure_ascii=False)
-        connection.execute(statement, {**facts, **texts, "sent_rows": document})
-
-
-def _sent_facts() -> dict[str, Any]:
-    """The values every row of a request gets. One statement for both cases of the single path's finish: a row
-    still in flight becomes ``sent`` (the claim time stands as the send time: caps counted it from then on); a row
-    a provider event already moved on keeps its status and only gains the send's facts."""
-    table = _OUTBOX
-    in_flight = or_(*(table.c.status == s for s in _FINISHED_FROM))
-    return {
-        "status": case((in_flight, MessageStatus.SENT.value), else_=table.c.status),
-        "sent_at": case((in_flight, bindparam("sent_time", type_=table.c.sent_at.type)), else_=table.c.sent_at),
-        "error_code": case((in_flight, None), else_=table.c.error_code),
-        "error_detail": case((in_flight, None), else_=table.c.error_detail),
-        "provider": bindparam("sent_provider", type_=table.c.provider.type),
-        "provider_message_id": bindparam("sent_provider_id", type_=table.c.provider_message_id.type),
-        "locale": bindparam("sent_locale", type_=table.c.locale.type),
-        "lease_until": None,
-        "updated_at": bindparam("sent_time", type_=table.c.updated_at.type),
-    }
-
-
-@lru_cache(maxsize=1)
-def _record_sent_statement() -> Any:
-    table = _OUTBOX
-    return (
-        update(table)
-        .where(table.c.id == bindparam("b_id"))
-        .values(subject=bindparam("b_subject"), body=bindparam("b_body"), **_sent_facts())
-    )
-
-
-def _json_rows(width: int) -> Any:
-    """The rows of the JSON parameter ``sent_rows`` (an array of arrays of strings) as columns ``v0`` …"""
-    element = func.json_array_elements(cast(bindparam("sent_rows", type_=Text), JSON)).table_valued(
-        "value", name="sent_row"
-    )
-    values = (element.c.value.op("->>")(literal(position)).label(f"v{position}") for position in range(width))
-    return select(*values).select_from(element).subquery("sent")
-
-
-@lru_cache(maxsize=32)
-def _record_sent_filled(used: tuple[str, ...], in_subject: tuple[str, ...], in_text: tuple[str, ...]) -> Any:
-    """PostgreSQL: subject and body filled in from ``sent_subject``/``sent_text``, replacing the tags each holds
-    (in the order :func:`_substitute` follows) by the row's values, which come in the order of ``used``."""
-    rows = _json_rows(len(used) + 1)
-    value = {tag: rows.c[f"v{position}"] for position, tag in enumerate(used, start=1)}
-    subject: Any = bindparam("sent_subject", type_=Text)
-    body: Any = bindparam("sent_text", type_=Text)
-    for tag in in_subject:
-        subject = func.replace(subject, literal(tag, Text), value[tag])
-    for tag in in_text:
-        body = func.replace(body, literal(tag, Text), value[tag])
-    return update(_OUTBOX).where(_OUTBOX.c.id == rows.c.v0).values(subject=subject, body=body, **_sent_facts())
-
-
-@lru_cache(maxsize=1)
-def _record_sent_texts() -> Any:
-    rows = _json_rows(3)
-    return update(_OUTBOX).where(_OUTBOX.c.id == rows.c.v0).values(subject=rows.c.v1, body=rows.c.v2, **_sent_facts())
-
-
-def _fail(
-    runtime: Runtime,
-    ids: Sequence[str],
-    now: datetime,
-    *,
-    rule: str,
-    code: str,
-    detail: str,
-    provider: str | None = None,
-) -> None:
-    om = OutboundMessage
-    with Session(runtime.engine) as session, session.begin():
-        session.execute(
-            update(om)
-            .where(om.id.in_(list(ids)), om.status.in_(_FINISHED_FROM))
-            .values(
-                status=MessageStatus.FAILED.value,
-                rule=rule,
-                error_code=code[:32],
-                error_detail=detail[:500],
-                provider=provider,
-                lease_until=None,
-                updated_at=now,
-            )
-        )
-
-
-def _mark_uncertain(runtime: Runtime, ids: Sequence[str], now: datetime, error: AmbiguousProviderError) -> None:
-    om = OutboundMessage
-    with Session(runtime.engine) as session, session.begin():
-        session.execute(
-            update(om)
-            .where(om.id.in_(list(ids)), om.status == MessageStatus.SENDING.value)
-            .values(
-                status=MessageStatus.UNCERTAIN.value,
-                rule="ambiguous",
-                reason=f"{error.provider} batch call failed after the request was sent; it may have been accepted: "
-                "reconcile from provider events, do not resend",
-                error_code=(error.code or "ambiguous")[:32],
-                error_detail=str(error)[:500],
-                provider=error.provider,
-                lease_until=None,
-                updated_at=now,
-            )
-        )
-
-
-def _release(
-    runtime: Runtime,
-    ids: Sequence[str],
-    now: datetime,
-    delay: float,
-    *,
-    give_back_attempt: bool = False,
-    **values: Any,
-) -> None:
-    """Rows still ``sending`` back to ``pending``, due after ``delay`` seconds."""
-    om = OutboundMessage
-    if give_back_attempt:
-        values["attempts"] = om.attempts - 1
-    with Session(runtime.engine) as session, session.begin():
-        session.execute(
-            update(om)
-            .where(om.id.in_(list(ids)), om.status == MessageStatus.SENDING.value)
-            .values(**pending_again(now, delay), **values)
-        )
+def _give_back(runtime: Runtime, ids: Sequence[str], delay: float = 0.0) -> None:
+    """Rows still claimed (never handed off) back to ``pending`` (:func:`outreach.outbox.give_back`)."""
+    with runtime.engine.begin() as connection:
+        outbox.give_back(connection, ids, utcnow(), delay)

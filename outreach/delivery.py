@@ -1,26 +1,30 @@
-"""Deliver outbox rows: the function the worker actors call, for a group of ids or for one.
+"""Deliver outbox rows one request per message: what the worker actors call, for a group of ids or for one.
+
+This is one of the two ways of calling a provider over the outbox's transitions (:mod:`outreach.outbox`, which
+owns every write of a row in flight); the other is :mod:`outreach.batch` (many nurture emails in one SendGrid
+request). Both go through the same claim, hand-off, record, fail, uncertain and give-back functions.
 
 A group is the ids enqueued together (a scheduler pass, the sweeper), up to ``outreach.broker.GROUP_SIZE`` in one
 broker message. Per group, on one pooled connection:
 
-1. **Claim, check, render: one transaction.** One statement claims every row of the group that is still
-   ``pending`` and due (``pending`` → ``sending``, a provisional ``sent_at`` so caps count it, a lease, and the
-   claim marker ``rule = 'claimed'``; rows another worker is claiming are skipped), one locks their candidates in
-   id order (``FOR NO KEY UPDATE``, read with the enrollments and jobs), and the rules' reads (suppressions, recent
-   sends) are loaded once (:class:`outreach.policy.bulk.PolicyReads`). Every rule runs for every row; two rows of
-   one candidate are counted by the caps one after the other. Refused rows get their status, rule and reason;
-   allowed ones are rendered and their tracked links stored (one insert for the group); a template error ends its
-   row ``failed``. Commit.
-2. **Hand-off, then the call, per row.** One short autocommit update clears the marker and counts the attempt
-   (``attempts + 1``, the lease renewed) — only then is the provider called, one request per message. A row
-   whose hand-off finds it no longer claimed (the sweeper took it back after its lease ran out) is skipped. The
-   sweeper puts a ``sending`` row whose lease expired while still marked ``claimed`` back to ``pending`` (it
-   never reached a provider); one without the marker becomes ``uncertain`` (it may have).
-3. **Record.** Accepted rows are written ``sent`` (provider id, what went out) in bulk: on PostgreSQL in the
-   next row's hand-off statement (a data-modifying CTE, so one commit per message) and at the group's end,
-   elsewhere every few sends; a provider event that already moved a row on keeps its status and the row only
-   gains the send's facts. A worker killed between a send and its record leaves the row ``sending`` without the
-   marker: ``uncertain``, reconciled from provider events, never resent.
+1. **Claim, check, render: one transaction.** One statement (:func:`outreach.outbox.claim`) claims every row of
+   the group that is still ``pending`` and due (``pending`` → ``sending``, a provisional ``sent_at`` so caps count
+   it, a lease, and the claim marker ``rule = 'claimed'``; rows another worker is claiming are skipped), one locks
+   their candidates in id order (``FOR NO KEY UPDATE``, read with the enrollments and jobs), and the rules' reads
+   (suppressions, recent sends) are loaded once (:class:`outreach.policy.bulk.PolicyReads`). Every rule runs for
+   every row; two rows of one candidate are counted by the caps one after the other. Refused rows get their
+   status, rule and reason; allowed ones are rendered and their tracked links stored (one insert for the group); a
+   template error ends its row ``failed``. Commit.
+2. **Hand-off, then the call, per row.** One short autocommit update (:func:`outreach.outbox.hand_off`) clears the
+   marker and counts the attempt (``attempts + 1``, the lease renewed) — only then is the provider called, one
+   request per message. A row whose hand-off finds it no longer claimed (the sweeper took it back after its lease
+   ran out) is skipped. The sweeper puts a ``sending`` row whose lease expired while still marked ``claimed`` back
+   to ``pending`` (it never reached a provider); one without the marker becomes ``uncertain`` (it may have).
+3. **Record.** Accepted rows are written ``sent`` (:func:`outreach.outbox.record_sent`: provider id, what went out)
+   in bulk: on PostgreSQL in the next row's hand-off statement (a data-modifying CTE, so one commit per message)
+   and at the group's end, elsewhere every few sends; a provider event that already moved a row on keeps its status
+   and the row only gains the send's facts. A worker killed between a send and its record leaves the row
+   ``sending`` without the marker: ``uncertain``, reconciled from provider events, never resent.
 
 Provider outcomes per row: transient (429, 5xx, a connection that never opened) puts the row back to ``pending``
 with ``not_before`` at the provider's reset time (or a backoff) and asks the caller to wake that row again then
@@ -35,7 +39,6 @@ unexpected (the database gone) gives back the rows not yet handed off before it 
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -44,11 +47,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import JSON, Connection, String, Text, bindparam, case, column, func, or_, select, update
-from sqlalchemy import cast as sql_cast
-from sqlalchemy.dialects import postgresql
+from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session
 
+from outreach import outbox
 from outreach.autoreply import AUTO_REPLY, reply_by
 from outreach.campaigns import Category
 from outreach.clock import travel, utcnow
@@ -60,8 +62,6 @@ from outreach.errors import (
 )
 from outreach.links import LinkSet
 from outreach.models import (
-    CLAIMED_RULE,
-    Base,
     Candidate,
     Channel,
     Enrollment,
@@ -69,8 +69,8 @@ from outreach.models import (
     MessageStatus,
     OutboundMessage,
     Suppression,
-    UTCDateTime,
 )
+from outreach.outbox import STOP_REFUSED, pending_again, refused
 from outreach.policy.base import Stage as PolicyStage
 from outreach.policy.bulk import PolicyReads, one_of
 from outreach.policy.consent import with_opt_out_hint
@@ -81,6 +81,21 @@ from outreach.render import sms_segments
 from outreach.replies import reply_address
 from outreach.runtime import Runtime
 from outreach.tokens import unsubscribe_url
+
+# The transitions live in outreach.outbox; STOP_REFUSED, pending_again and refused stay importable from here.
+__all__ = [
+    "NOT_PENDING",
+    "RECORD_EVERY",
+    "STOP_REFUSED",
+    "Outcome",
+    "backoff",
+    "build_context",
+    "claim",
+    "deliver",
+    "deliver_group",
+    "pending_again",
+    "refused",
+]
 
 log = logging.getLogger(__name__)
 
@@ -95,27 +110,15 @@ class Outcome:
 
 
 def claim(session: Session, outbox_id: str, now: datetime, lease: timedelta) -> OutboundMessage | None:
-    """One row ``pending`` → ``sending`` and handed off at once (counted in ``attempts``, no claim marker):
-    what a worker leaves behind when it stops right before the provider call. Returns the row, or None if it was
-    not pending and due. :func:`deliver_group` claims and hands off in two steps instead."""
-    return session.scalars(
-        update(OutboundMessage)
-        .where(
-            OutboundMessage.id == outbox_id,
-            OutboundMessage.status == MessageStatus.PENDING.value,
-            OutboundMessage.not_before <= now,
-        )
-        .values(
-            status=MessageStatus.SENDING.value,
-            lease_until=now + lease,
-            attempts=OutboundMessage.attempts + 1,
-            # Provisional: caps count rows being sent by this time, so a racing worker sees this one.
-            sent_at=now,
-            updated_at=now,
-        )
-        .returning(OutboundMessage)
-        .execution_options(synchronize_session=False, populate_existing=True)
-    ).first()
+    """One row claimed and handed off at once (:func:`outreach.outbox.claim`, then :func:`outreach.outbox.hand_off`:
+    ``sending``, counted in ``attempts``, no claim marker): what a worker leaves behind when it stops right before
+    the provider call. Returns the row, or None if it was not pending and due. :func:`deliver_group` claims and
+    hands off in two steps instead."""
+    connection = session.connection()
+    if not outbox.claim(connection, [outbox_id], now, lease):
+        return None
+    outbox.hand_off(connection, [outbox_id], now + lease, now)
+    return session.get(OutboundMessage, outbox_id, populate_existing=True)
 
 
 def build_context(
@@ -169,34 +172,6 @@ def build_context(
     return built
 
 
-#: Facts about the send that are worth keeping even when a provider event already moved the row on.
-_SEND_FACTS = ("provider", "provider_message_id", "locale", "segments", "subject", "body")
-
-
-def _finish(session: Session, outbox_id: str, now: datetime, **values: Any) -> None:
-    result = session.execute(
-        update(OutboundMessage)
-        .where(
-            OutboundMessage.id == outbox_id,
-            OutboundMessage.status.in_([MessageStatus.SENDING.value, MessageStatus.UNCERTAIN.value]),
-        )
-        .values(lease_until=None, updated_at=now, **values)
-        .returning(OutboundMessage.id)
-    )
-    if result.first() is None:
-        # The provider's webhook got here first (it may, the moment the provider accepts): keep its status,
-        # add what only we know.
-        facts = {k: v for k, v in values.items() if k in _SEND_FACTS and v is not None}
-        if facts:
-            session.execute(
-                update(OutboundMessage)
-                .where(OutboundMessage.id == outbox_id)
-                .values(lease_until=None, updated_at=now, **facts)
-            )
-
-
-_OUTBOX = Base.metadata.tables["outbound_messages"]
-_IN_FLIGHT = (MessageStatus.SENDING.value, MessageStatus.UNCERTAIN.value)
 NOT_PENDING = Outcome("not-pending")
 
 #: Accepted sends wait for their ``sent`` record in memory at most this many at a time (and never past the group's
@@ -259,46 +234,6 @@ class _Send:
     handed_off: bool = False
 
 
-def _claim(connection: Connection, postgres: bool, ids: Sequence[str], now: datetime, lease: timedelta) -> list[Any]:
-    """Every row of ``ids`` still pending and due: ``sending``, marked claimed, not yet counted as an attempt."""
-    om = OutboundMessage
-    due = [one_of(connection, om.id, ids), om.status == MessageStatus.PENDING.value, om.not_before <= now]
-    condition: Any
-    if postgres:
-        # Rows another worker is claiming right now (an overlapping group, a retried message) are theirs; taken
-        # in id order, so groups queue up behind each other instead of deadlocking.
-        pick = select(om.id).where(*due).order_by(om.id).with_for_update(skip_locked=True)
-        condition = om.id.in_(pick.scalar_subquery())
-    else:
-        condition = due  # one writer at a time: the update is the claim
-    statement = (
-        update(om)
-        .where(*(condition if isinstance(condition, list) else [condition]))
-        .values(
-            status=MessageStatus.SENDING.value,
-            rule=CLAIMED_RULE,
-            lease_until=now + lease,
-            # Provisional: caps count rows being sent by this time, so a racing worker sees these.
-            sent_at=now,
-            updated_at=now,
-        )
-        .returning(
-            om.id,
-            om.candidate_id,
-            om.enrollment_id,
-            om.campaign,
-            om.step,
-            om.channel,
-            om.template,
-            om.category,
-            om.attempts,
-            om.created_at,
-            om.not_before,
-        )
-    )
-    return list(connection.execute(statement).all())
-
-
 def _lock_people(
     session: Session, postgres: bool, ids: Sequence[str]
 ) -> dict[str, tuple[Candidate, Enrollment | None, Job | None]]:
@@ -350,37 +285,6 @@ def _message(row: Any) -> OutboundMessage:
     )
 
 
-#: Rows the rules refused (held, suppressed, skipped…) end here, one parameter set per row (:func:`refused`).
-STOP_REFUSED = (
-    update(_OUTBOX)
-    .where(_OUTBOX.c.id == bindparam("s_id"))
-    .values(
-        status=bindparam("s_status"),
-        rule=bindparam("s_rule"),
-        reason=bindparam("s_reason"),
-        not_before=bindparam("s_not_before"),
-        enqueued_at=None,
-        sent_at=None,
-        lease_until=None,
-        updated_at=bindparam("s_now"),
-    )
-)
-
-
-def refused(outbox_id: str, verdict: Verdict, not_before: datetime, now: datetime) -> dict[str, Any]:
-    """:data:`STOP_REFUSED`'s parameters for a row the rules refused: a held row waits until the rule's time."""
-    decision = verdict.decision
-    held = verdict.status is MessageStatus.HELD
-    return {
-        "s_id": outbox_id,
-        "s_status": verdict.status.value,
-        "s_rule": decision.rule,
-        "s_reason": decision.reason,
-        "s_not_before": decision.until if held and decision.until else not_before,
-        "s_now": now,
-    }
-
-
 def _claim_and_prepare(
     runtime: Runtime, connection: Connection, ids: Sequence[str], now: datetime, outcomes: dict[str, Outcome]
 ) -> list[_Send]:
@@ -390,7 +294,7 @@ def _claim_and_prepare(
     postgres = connection.dialect.name == "postgresql"
     ready: list[tuple[Any, Any]] = []
     with connection.begin():
-        claimed = _claim(connection, postgres, ids, now, timedelta(seconds=settings.lease_seconds))
+        claimed = outbox.claim(connection, ids, now, timedelta(seconds=settings.lease_seconds))
         if not claimed:
             return []
         claimed_ids = [row.id for row in claimed]
@@ -429,7 +333,7 @@ def _claim_and_prepare(
                     verdict = Verdict(reads.evaluate(session, subject, candidate, state))
                 decision = verdict.decision
                 if not decision.allowed:
-                    stopped.append(refused(row.id, verdict, row.not_before, now))
+                    stopped.append(outbox.refused(row.id, verdict, row.not_before, now))
                     outcomes[row.id] = Outcome(verdict.status.value)
                     continue
                 message = _message(row)
@@ -438,15 +342,8 @@ def _claim_and_prepare(
                 try:
                     draft = _compose(runtime, links, message, candidate, context, validity)
                 except TemplateError as exc:
-                    _finish(
-                        session,
-                        row.id,
-                        now,
-                        status=MessageStatus.FAILED.value,
-                        rule="template",
-                        sent_at=None,
-                        error_code="template",
-                        error_detail=str(exc)[:500],
+                    outbox.fail(
+                        connection, [row.id], now, rule="template", code="template", detail=str(exc), sent_at=None
                     )
                     log.error("template failed", extra={"outbox_id": row.id, "template": row.template})
                     outcomes[row.id] = Outcome(MessageStatus.FAILED.value)
@@ -455,8 +352,7 @@ def _claim_and_prepare(
                     reads.count(subject)
                 ready.append((row, draft))
             links.store(session)
-            if stopped:
-                connection.execute(STOP_REFUSED, stopped)
+            outbox.refuse(connection, stopped)
     return [_Send(row.id, row.attempts, *draft()) for row, draft in ready]
 
 
@@ -529,23 +425,6 @@ def _compose(
 # -- 2. hand-off and provider call, 3. record ----------------------------------------------------------------
 
 
-_HAND_OFF = (
-    update(_OUTBOX)
-    .where(
-        _OUTBOX.c.id == bindparam("h_id"),
-        _OUTBOX.c.status == MessageStatus.SENDING.value,
-        _OUTBOX.c.rule == CLAIMED_RULE,
-    )
-    .values(
-        rule=None,
-        attempts=_OUTBOX.c.attempts + 1,
-        lease_until=bindparam("h_lease", type_=UTCDateTime()),
-        updated_at=bindparam("h_now", type_=UTCDateTime()),
-    )
-    .returning(_OUTBOX.c.id)
-)
-
-
 @dataclass
 class _Recorder:
     """Accepted sends waiting for their ``sent`` record (one statement for all of them)."""
@@ -574,89 +453,22 @@ class _Recorder:
         if not self.rows:
             return
         rows, self.rows = sorted(self.rows, key=lambda r: str(r["id"])), []
-        _record_sent(self.connection, rows, self.sent_at, utcnow())
+        outbox.record_sent(self.connection, rows, self.sent_at, utcnow())
 
     def hand_off(self, outbox_id: str, lease_until: datetime, now: datetime) -> Any:
         """The hand-off of ``outbox_id`` (its row, or None when it is no longer claimed). On PostgreSQL the sends
         accepted since the last one are recorded in the same statement (a data-modifying CTE): one commit per
         message, and a worker killed after a send leaves at most that one row unrecorded."""
-        params = {"h_id": outbox_id, "h_lease": lease_until, "h_now": now}
-        if not self.rows or self.connection.dialect.name != "postgresql":
-            return self.connection.execute(_HAND_OFF, params).first()
-        rows, self.rows = sorted(self.rows, key=lambda r: str(r["id"])), []
-        document = json.dumps(rows, separators=(",", ":"))
+        if self.connection.dialect.name != "postgresql":
+            handed = outbox.hand_off(self.connection, [outbox_id], lease_until, now)
+            return handed[0] if handed else None
+        rows, self.rows = self.rows, []
         try:
-            return self.connection.execute(
-                _HAND_OFF_RECORDING, {**params, "records": document, "r_sent_at": self.sent_at, "r_now": now}
-            ).first()
+            handed = outbox.hand_off(self.connection, [outbox_id], lease_until, now, records=rows, sent_at=self.sent_at)
         except BaseException:
             self.rows = rows + self.rows  # not recorded: the caller's error handling tries again
             raise
-
-
-_RECORD_COLUMNS: dict[str, Any] = {
-    "id": String(),
-    "provider": String(),
-    "provider_message_id": String(),
-    "locale": String(),
-    "segments": postgresql.INTEGER(),
-    "subject": Text(),
-    "body": Text(),
-}
-
-
-def _record_statement(postgres: bool) -> Any:
-    """The ``sent`` update for many rows: on PostgreSQL one ``UPDATE … FROM json_to_recordset(:records)`` (one
-    short statement and one commit for the lot), elsewhere an executemany of the same update. Built once."""
-    c = _OUTBOX.c
-    source: Any = None
-    if postgres:
-        source = (
-            func.json_to_recordset(sql_cast(bindparam("records", type_=Text), JSON))
-            .table_valued(*(column(name, kind) for name, kind in _RECORD_COLUMNS.items()))
-            .render_derived(name="records", with_types=True)
-        )
-
-    def given(name: str) -> Any:
-        return source.c[name] if source is not None else bindparam(f"r_{name}", type_=c[name].type)
-
-    in_flight = or_(*(c.status == status for status in _IN_FLIGHT))  # no IN list: it runs as an executemany
-    sent_at = bindparam("r_sent_at", type_=UTCDateTime())
-    return (
-        update(_OUTBOX)
-        .where(c.id == given("id"))
-        .values(
-            status=case((in_flight, MessageStatus.SENT.value), else_=c.status),
-            # The claim time stands as the send time: caps counted the row from then on, and must keep agreeing.
-            sent_at=case((in_flight, sent_at), else_=c.sent_at),
-            error_code=case((in_flight, None), else_=c.error_code),
-            error_detail=case((in_flight, None), else_=c.error_detail),
-            provider=given("provider"),
-            provider_message_id=given("provider_message_id"),
-            locale=given("locale"),
-            segments=func.coalesce(given("segments"), c.segments),
-            subject=func.coalesce(given("subject"), c.subject),
-            body=func.coalesce(given("body"), c.body),
-            lease_until=None,
-            updated_at=bindparam("r_now", type_=UTCDateTime()),
-        )
-    )
-
-
-_RECORD = {postgres: _record_statement(postgres) for postgres in (True, False)}
-#: PostgreSQL: the hand-off of the next row with the record of the rows sent before it, in one statement.
-_HAND_OFF_RECORDING = _HAND_OFF.add_cte(_RECORD[True].returning(_OUTBOX.c.id).cte("recorded"))
-
-
-def _record_sent(connection: Connection, rows: Sequence[dict[str, Any]], sent_at: datetime, now: datetime) -> None:
-    """Rows the provider accepted: ``sent`` with what went out. A row a provider event already moved on (it may,
-    the moment the provider accepts) keeps its status and only gains the send's facts."""
-    if connection.dialect.name == "postgresql":
-        document = json.dumps(list(rows), separators=(",", ":"))
-        connection.execute(_RECORD[True], {"records": document, "r_sent_at": sent_at, "r_now": now})
-    else:
-        fixed = {"r_sent_at": sent_at, "r_now": now}
-        connection.execute(_RECORD[False], [{**fixed, **{f"r_{k}": v for k, v in row.items()}} for row in rows])
+        return handed[0] if handed else None
 
 
 def _send_all(
@@ -675,7 +487,7 @@ def _send_all(
             if group_waits and outcome.retry_in is not None:
                 # The sender is booked out or the provider rate limits us: the rest of the group waits as well.
                 rest = [later.id for later in queue]
-                _give_back(connection, rest, utcnow(), outcome.retry_in)
+                outbox.give_back(connection, rest, utcnow(), outcome.retry_in)
                 outcomes.update(dict.fromkeys(rest, Outcome(MessageStatus.PENDING.value, retry_in=outcome.retry_in)))
                 break
     except BaseException:
@@ -683,7 +495,7 @@ def _send_all(
         # sweeper. Those already sent keep their record if it can still be written.
         untouched = [send.id for send in sends if not send.handed_off]
         try:
-            _give_back(connection, untouched, utcnow(), 0.0)
+            outbox.give_back(connection, untouched, utcnow(), 0.0)
         except Exception:  # the database is gone: the sweeper returns them after their lease
             log.warning("could not give back a group's unsent rows after an error", exc_info=True)
         try:
@@ -709,7 +521,7 @@ def _send_one(
         booking = runtime.pacer.book(f"{provider_name}:{sender}", rate, cost=float(send.segments or 1))
         if not booking.granted:
             # The sender is booked out for a while: give the slot back and come back when it frees.
-            _give_back(connection, [send.id], utcnow(), booking.wait)
+            outbox.give_back(connection, [send.id], utcnow(), booking.wait)
             return Outcome(MessageStatus.PENDING.value, retry_in=booking.wait), True
         if booking.wait > 0:
             time.sleep(booking.wait)
@@ -730,37 +542,31 @@ def _send_one(
         # The request went out and no answer came back: the provider may have the message. Sending it again
         # could reach the candidate twice, so the row waits, uncertain, for the provider's events (which name our
         # id) to reconcile it; the scheduler's sweep alerts a person when none come.
-        _settle(
+        outbox.uncertain(
             connection,
-            send.id,
-            status=MessageStatus.UNCERTAIN.value,
-            rule="ambiguous",
+            [send.id],
+            utcnow(),
+            provider=exc.provider,
             reason=f"{exc.provider} call failed after the request was sent ({str(exc)[:200]}); it may have "
             "been accepted: reconcile from provider events, do not resend",
-            provider=exc.provider,
+            code=exc.code or "ambiguous",
+            detail=str(exc),
             subject=payload.subject if isinstance(payload, EmailMessage) else None,
             body=payload.text if isinstance(payload, EmailMessage) else payload.body,
             locale=send.locale,
             segments=send.segments,
-            error_code=exc.code or "ambiguous",
-            error_detail=str(exc)[:500],
         )
         log.warning("provider answer lost; message uncertain", extra={"outbox_id": send.id, "provider": exc.provider})
         return Outcome(MessageStatus.UNCERTAIN.value), False
     except TransientProviderError as exc:
         code = exc.code or str(exc.status or "network")
         if attempt >= settings.max_retries:
-            _settle(
-                connection,
-                send.id,
-                status=MessageStatus.FAILED.value,
-                rule="retries",
-                error_code=code,
-                error_detail=str(exc)[:500],
-            )
+            outbox.fail(connection, [send.id], utcnow(), rule="retries", code=code, detail=str(exc))
             return Outcome(MessageStatus.FAILED.value), False
         delay = exc.retry_after if exc.retry_after is not None else backoff(attempt)
-        _retry_later(connection, send.id, utcnow(), delay, error_code=code, error_detail=str(exc)[:500])
+        outbox.give_back(
+            connection, [send.id], utcnow(), delay, attempted=True, error_code=code, error_detail=str(exc)[:500]
+        )
         log.warning(
             "provider busy; retrying",
             extra={"outbox_id": send.id, "provider": exc.provider, "status": exc.status, "delay": delay},
@@ -769,14 +575,14 @@ def _send_one(
         waits = exc.status == 429 or exc.retry_after is not None
         return Outcome(MessageStatus.PENDING.value, retry_in=delay), waits
     except PermanentProviderError as exc:
-        _settle(
+        outbox.fail(
             connection,
-            send.id,
-            status=MessageStatus.FAILED.value,
+            [send.id],
+            utcnow(),
             rule="provider",
+            code=exc.code or str(exc.status),
+            detail=str(exc),
             provider=exc.provider,
-            error_code=exc.code or str(exc.status),
-            error_detail=str(exc)[:500],
         )
         if exc.suppress:
             from outreach.scheduler import insert_ignore
@@ -799,45 +605,3 @@ def _send_one(
         return Outcome(MessageStatus.FAILED.value), False
     recorder.add(send, result)
     return Outcome(MessageStatus.SENT.value, provider_message_id=result.provider_message_id), False
-
-
-def _settle(connection: Connection, outbox_id: str, **values: Any) -> None:
-    """One row's final outcome other than ``sent`` (see :func:`_finish`)."""
-    with Session(bind=connection) as session:
-        _finish(session, outbox_id, utcnow(), **values)
-        session.commit()
-
-
-def pending_again(now: datetime, delay: float) -> dict[str, Any]:
-    """The values that put a ``sending`` row back to ``pending``, due (and marked enqueued for) ``delay`` seconds
-    from ``now``; the caller's wake-up message or the sweeper picks it up then."""
-    retry_at = now + timedelta(seconds=delay)
-    return {
-        "status": MessageStatus.PENDING.value,
-        "not_before": retry_at,
-        "enqueued_at": retry_at,
-        "lease_until": None,
-        "sent_at": None,
-        "updated_at": now,
-    }
-
-
-def _retry_later(connection: Connection, outbox_id: str, now: datetime, delay: float, **values: Any) -> None:
-    """A handed-off row the provider did not take: back to ``pending``, due after ``delay`` (attempt counted)."""
-    connection.execute(
-        update(OutboundMessage)
-        .where(OutboundMessage.id == outbox_id, OutboundMessage.status == MessageStatus.SENDING.value)
-        .values(**pending_again(now, delay), **values)
-    )
-
-
-def _give_back(connection: Connection, ids: Sequence[str], now: datetime, delay: float) -> None:
-    """Claimed rows never handed off: back to ``pending`` (no attempt was counted), due after ``delay``."""
-    if not ids:
-        return
-    om = OutboundMessage
-    connection.execute(
-        update(om)
-        .where(one_of(connection, om.id, ids), om.status == MessageStatus.SENDING.value, om.rule == CLAIMED_RULE)
-        .values(**pending_again(now, delay), rule=None)
-    )

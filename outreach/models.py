@@ -106,8 +106,8 @@ class MessageStatus(StrEnum):
     UNCERTAIN = "uncertain"
 
 
-#: The ``rule`` a ``sending`` row carries while a worker holds it in a group it has claimed but has not yet
-#: handed to the provider (:func:`outreach.delivery.deliver_group`). The hand-off clears it in the statement that
+#: The ``rule`` a ``sending`` row carries while a worker holds it in a group or batch it has claimed but has not yet
+#: handed to the provider (:func:`outreach.outbox.claim`). The hand-off clears it in the statement that
 #: makes the attempt durable (and counts it in ``attempts``), so a ``sending`` row whose lease ran out still marked
 #: ``claimed`` never reached a provider: the sweeper puts it back to ``pending`` instead of ``uncertain``.
 CLAIMED_RULE = "claimed"

@@ -12,9 +12,11 @@ enrollment (on PostgreSQL each carries its rows as one JSON document). The step 
 still decided step by step, in the order the steps fell due, exactly as for a single message.
 
 The sweeper closes the gaps a broker cannot: outbox rows that are due but were never picked up (a flushed
-broker, a process that died between commit and enqueue) are enqueued again, and rows left ``sending`` past
-their lease become ``uncertain``: the provider may have accepted them, so they are reconciled from provider
-events instead of being sent a second time. Uncertain rows that no event reconciled within
+broker, a process that died between commit and enqueue) are enqueued again; rows left ``sending`` past their
+lease still marked claimed (a single send's group or a batch, never handed to a provider) go back to ``pending``,
+and those handed off become ``uncertain``: the provider may have accepted them, so they are reconciled from
+provider events instead of being sent a second time (:func:`outreach.outbox.sweep_claimed`,
+:func:`outreach.outbox.sweep_lost`). Uncertain rows that no event reconciled within
 ``OUTREACH_UNCERTAIN_ALERT_AFTER`` get one ``message_uncertain`` alert each (:mod:`outreach.uncertain`).
 """
 
@@ -34,6 +36,7 @@ from sqlalchemy import Engine, Integer, String, and_, bindparam, or_, select, te
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from outreach import outbox
 from outreach.campaigns import Campaign, CampaignSet, Category, ExitCondition, Step
 from outreach.clock import travel, utcnow
 from outreach.config import Settings
@@ -41,7 +44,6 @@ from outreach.conversation import alert_unanswered_replies
 from outreach.db import is_sqlite, transaction
 from outreach.enrollment import audience_matches, enroll, exit_enrollments
 from outreach.models import (
-    CLAIMED_RULE,
     Alert,
     Base,
     CampaignRun,
@@ -788,42 +790,12 @@ class Scheduler:
                 .returning(OutboundMessage.id)
             )
             requeued += [row[0] for row in released]
-            # Claimed in a group but never handed to a provider (the worker stopped first): safe to send again.
-            unsent = session.execute(
-                update(OutboundMessage)
-                .where(
-                    OutboundMessage.status == MessageStatus.SENDING.value,
-                    OutboundMessage.lease_until < now,
-                    OutboundMessage.rule == CLAIMED_RULE,
-                )
-                .values(
-                    status=MessageStatus.PENDING.value,
-                    rule=None,
-                    reason=None,
-                    lease_until=None,
-                    sent_at=None,
-                    enqueued_at=now,
-                    updated_at=now,
-                )
-                .returning(OutboundMessage.id)
-            )
-            reclaimed = [row[0] for row in unsent]
+            # Claimed (by a group or a batch) but never handed to a provider (the worker stopped first): safe to
+            # send again. Handed off and the lease ran out: it may have gone out, so uncertain, never resent.
+            reclaimed = outbox.sweep_claimed(session, now)
             requeued += reclaimed
             lost_wakeups += reclaimed
-            lost = session.execute(
-                update(OutboundMessage)
-                .where(
-                    OutboundMessage.status == MessageStatus.SENDING.value,
-                    OutboundMessage.lease_until < now,
-                )
-                .values(
-                    status=MessageStatus.UNCERTAIN.value,
-                    rule="lease",
-                    reason="the worker stopped during the send; reconcile from provider events, do not resend",
-                    updated_at=now,
-                )
-            )
-            result.uncertain += int(getattr(lost, "rowcount", 0) or 0)
+            result.uncertain += outbox.sweep_lost(session, now)
         if lost_wakeups:
             # Rows that were due and enqueued long ago but never picked up: the broker lost them.
             log.warning("sweeper re-enqueued outbox rows", extra={"count": len(lost_wakeups)})

@@ -332,14 +332,13 @@ def test_an_error_after_the_claim_gives_the_rows_back_then_each_is_sent_once(
 def test_a_worker_that_died_after_the_claim_leaves_rows_the_sweeper_returns(
     runtime: Runtime, sandbox: SandboxServer
 ) -> None:
-    from outreach import delivery
+    from outreach import outbox
 
     ids = emails(queue(runtime, 3))
     lease = timedelta(seconds=runtime.settings.lease_seconds)
     # The claiming transaction committed, then the worker was killed before any hand-off.
     with runtime.engine.connect() as connection, connection.begin():
-        postgres = connection.dialect.name == "postgresql"
-        assert len(delivery._claim(connection, postgres, ids, utcnow(), lease)) == 3
+        assert len(outbox.claim(connection, ids, utcnow(), lease)) == 3
     assert {o.status for o in deliver_group(runtime, ids).values()} == {"not-pending"}  # still claimed
     from outreach.scheduler import TickResult
 
@@ -396,13 +395,14 @@ def test_a_row_a_provider_event_moved_on_keeps_its_status_and_gains_the_send_fac
     """The record of a send may come after the provider's own event (it can, the moment the provider accepts):
     the row keeps the event's status; the send's facts are added. On PostgreSQL the record rides with the next
     row's hand-off."""
-    from outreach.delivery import _claim, _Recorder
+    from outreach import outbox
+    from outreach.delivery import _Recorder
 
     ids = emails(queue(runtime, 2))
     now = utcnow()
     lease = timedelta(seconds=runtime.settings.lease_seconds)
     with runtime.engine.connect() as connection, connection.begin():
-        assert len(_claim(connection, connection.dialect.name == "postgresql", ids, now, lease)) == 2
+        assert len(outbox.claim(connection, ids, now, lease)) == 2
     with Session(runtime.engine) as session, session.begin():
         session.execute(
             update(OutboundMessage)
