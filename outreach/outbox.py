@@ -275,10 +275,21 @@ _HAND_OFF = (
 
 @lru_cache(maxsize=2)
 def _hand_off_many(postgres: bool) -> Any:
-    """The hand-off of every row of one request (``h_ids``), in one statement. Built once."""
+    """The hand-off of every row of one request (``h_ids``), in one statement. Built once. On PostgreSQL the ids
+    are joined as a table (``UPDATE … FROM unnest(:ids)``), so each is looked up on the primary key; ``id =
+    ANY(:ids)`` may be planned as a scan of the whole outbox once it holds some 100,000 rows."""
+    if not postgres:
+        return (
+            update(_OUTBOX)
+            .where(any_of(postgres, _OUTBOX.c.id, "h_ids"), *_STILL_CLAIMED)
+            .values(**_hand_off_values())
+            .returning(_OUTBOX.c.id)
+        )
+    given = func.unnest(bindparam("h_ids", type_=array_of(_OUTBOX.c.id.type))).table_valued("id")
+    given = given.render_derived(name="given")
     return (
         update(_OUTBOX)
-        .where(any_of(postgres, _OUTBOX.c.id, "h_ids"), *_STILL_CLAIMED)
+        .where(_OUTBOX.c.id == given.c.id, *_STILL_CLAIMED)
         .values(**_hand_off_values())
         .returning(_OUTBOX.c.id)
     )
