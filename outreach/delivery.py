@@ -75,7 +75,6 @@ from outreach.policy.base import Stage as PolicyStage
 from outreach.policy.bulk import PolicyReads, one_of
 from outreach.policy.consent import with_opt_out_hint
 from outreach.policy.engine import Outcome as Verdict
-from outreach.policy.engine import PolicyEngine
 from outreach.providers.base import EmailMessage, SendResult, SmsMessage
 from outreach.render import sms_segments
 from outreach.replies import reply_address
@@ -203,11 +202,6 @@ def deliver_group(runtime: Runtime, outbox_ids: Sequence[str], now: datetime | N
 
 
 def _deliver_group(runtime: Runtime, ids: list[str], now: datetime, outcomes: dict[str, Outcome]) -> dict[str, Outcome]:
-    if len(ids) > 1 and type(runtime.policy).evaluate is not PolicyEngine.evaluate:
-        # An engine that wraps evaluate (the simulation records deferrals) is asked itself, one row at a time.
-        for outbox_id in ids:
-            outcomes.update(deliver_group(runtime, [outbox_id], now))
-        return outcomes
     # One pooled connection for the whole group: one checkout instead of one per step.
     with runtime.engine.connect() as connection:
         sends = _claim_and_prepare(runtime, connection, ids, now, outcomes)
@@ -302,14 +296,8 @@ def _claim_and_prepare(
             people = _lock_people(session, postgres, claimed_ids)
             candidates = {candidate.id: candidate for candidate, _, _ in people.values()}
             channels = {row.channel for row in claimed}
-            # An engine that wraps evaluate (the simulation records deferrals) is asked itself (groups of one only,
-            # see deliver_group); the engine's own rules run on reads shared by the group.
-            custom = type(policy).evaluate is not PolicyEngine.evaluate
-            reads = (
-                None
-                if custom
-                else PolicyReads.load(session, policy, candidates.values(), channels, now, exclude=claimed_ids)
-            )
+            # The engine's rules run on reads shared by the group.
+            reads = PolicyReads.load(session, policy, candidates.values(), channels, now, exclude=claimed_ids)
             links = LinkSet(runtime)
             stopped: list[dict[str, Any]] = []
             # Rows of one candidate one after the other, so the caps count the earlier ones that go out.
@@ -327,10 +315,7 @@ def _claim_and_prepare(
                     locked=True,
                     enrollment_state=state,
                 )
-                if reads is None:
-                    verdict = policy.evaluate(session, subject, row.enrollment_id)
-                else:
-                    verdict = Verdict(reads.evaluate(session, subject, candidate, state))
+                verdict = Verdict(reads.evaluate(session, subject, candidate, state))
                 decision = verdict.decision
                 if not decision.allowed:
                     stopped.append(outbox.refused(row.id, verdict, row.not_before, now))
@@ -348,8 +333,7 @@ def _claim_and_prepare(
                     log.error("template failed", extra={"outbox_id": row.id, "template": row.template})
                     outcomes[row.id] = Outcome(MessageStatus.FAILED.value)
                     continue
-                if reads is not None:
-                    reads.count(subject)
+                reads.count(subject)
                 ready.append((row, draft))
             links.store(session)
             outbox.refuse(connection, stopped)

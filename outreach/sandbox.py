@@ -121,6 +121,7 @@ _SENDGRID_MAX_PERSONALIZATIONS = 1000
 # … and at most 10,000 bytes of substitutions, custom args and headers in each of them.
 _SENDGRID_MAX_PERSONALIZATION_BYTES = 10_000
 
+
 def sms_segments(body: str) -> int:
     """How many SMS segments ``body`` needs, counted the way the service counts them (Twilio's ``num_segments``):
     :func:`outreach.render.sms_segments`, at least one."""

@@ -541,14 +541,13 @@ class Scheduler:
             )
             for item, _, step in steps
         ]
-        # What the rules read, for every step they decide, at once (the rules themselves run per step). An engine
-        # that wraps evaluate (the simulation records deferrals) is asked itself, step by step.
+        # What the rules read, for every step they decide, at once (the rules themselves run per step; the
+        # engine's decision hook sees each decision, which is how the simulator records deferrals).
         reads: PolicyReads | None = None
-        if type(self.policy).evaluate is PolicyEngine.evaluate:
-            checked = [item.candidate for (item, _, _), skip in zip(steps, skips, strict=True) if skip is None]
-            if checked:
-                channels = {step.channel.value for (_, _, step), skip in zip(steps, skips, strict=True) if not skip}
-                reads = PolicyReads.load(session, self.policy, checked, channels, now)
+        checked = [item.candidate for (item, _, _), skip in zip(steps, skips, strict=True) if skip is None]
+        if checked:
+            channels = {step.channel.value for (_, _, step), skip in zip(steps, skips, strict=True) if not skip}
+            reads = PolicyReads.load(session, self.policy, checked, channels, now)
 
         # The row is ready to go at the pass's own instant, so a later pass (or a worker) finds it due.
         wall = now

@@ -96,9 +96,9 @@ from outreach.models import (
     OutboundMessage,
     Stage,
 )
-from outreach.policy.base import Subject, Verdict
+from outreach.policy.base import Decision, Subject, Verdict
 from outreach.policy.config import PolicySpec, load_policies
-from outreach.policy.engine import Outcome, PolicyEngine
+from outreach.policy.engine import PolicyEngine
 from outreach.policy.quiet_hours import ALL_DAY, window_for
 from outreach.providers.base import EmailMessage, EmailProvider, Providers, SendResult, SmsMessage, SmsProvider
 from outreach.runtime import Runtime
@@ -788,19 +788,16 @@ class _RecordingPolicy(PolicyEngine):
     """The real engine, remembering every deferral it decides: (rule, campaign) → message id → longest wait."""
 
     def __init__(self, spec: PolicySpec, settings: Settings) -> None:
-        super().__init__(spec, settings)
+        super().__init__(spec, settings, on_decision=self._observe)
         self.deferrals: dict[tuple[str, str], dict[str, timedelta]] = defaultdict(dict)
 
     def record(self, rule: str, campaign: str, message_id: str, wait: timedelta) -> None:
         seen = self.deferrals[(rule, campaign)]
         seen[message_id] = max(wait, seen.get(message_id, timedelta(0)))
 
-    def evaluate(self, session: Session, subject: Subject, enrollment_id: int | None = None) -> Outcome:
-        outcome = super().evaluate(session, subject, enrollment_id)
-        decision = outcome.decision
+    def _observe(self, subject: Subject, decision: Decision) -> None:
         if decision.verdict is Verdict.DEFER and decision.until is not None and subject.message_id:
             self.record(decision.rule, subject.campaign, subject.message_id, decision.until - subject.now)
-        return outcome
 
 
 def _seeded_ids(rng: random.Random) -> Callable[[], str]:

@@ -437,21 +437,17 @@ def test_a_row_a_provider_event_moved_on_keeps_its_status_and_gains_the_send_fac
     assert (second.status, second.rule, second.attempts) == ("sending", None, 1)
 
 
-def test_an_engine_that_wraps_evaluate_is_asked_for_every_row(runtime: Runtime, sandbox: SandboxServer) -> None:
-    """The simulation records deferrals by wrapping the engine's evaluate: delivery asks it, row by row, instead
-    of deciding from the group's shared reads."""
-    from outreach.policy.engine import Outcome as Verdict
-
-    asked: list[str] = []
-
-    class Recording(PolicyEngine):
-        def evaluate(self, session: Session, subject: Any, enrollment_id: int | None = None) -> Verdict:
-            asked.append(subject.message_id)
-            return super().evaluate(session, subject, enrollment_id)
-
-    runtime.policy = Recording(runtime.policy.spec, runtime.settings)
+def test_the_decision_hook_sees_every_row_of_a_group(runtime: Runtime, sandbox: SandboxServer) -> None:
+    """The simulation records deferrals through the engine's decision hook: a group decided from its shared reads
+    still shows the hook each row's decision (no special path for an engine that records)."""
+    seen: list[tuple[str | None, bool]] = []
+    runtime.policy = PolicyEngine(
+        runtime.policy.spec,
+        runtime.settings,
+        on_decision=lambda subject, decision: seen.append((subject.message_id, decision.allowed)),
+    )
     ids = emails(queue(runtime, 3))
-    asked.clear()
+    seen.clear()
     assert {o.status for o in deliver_group(runtime, ids).values()} == {"sent"}
-    assert sorted(asked) == sorted(ids)
+    assert sorted(seen) == sorted((outbox_id, True) for outbox_id in ids)
     assert received(sandbox) == Counter(dict.fromkeys(ids, 1))

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from outreach.clock import current
-from outreach.policy.base import Decision, Subject
+from outreach.policy.engine import PolicyEngine
 from outreach.simulate import CampaignStats, SimulationReport, simulate
 from tests.conftest import ROOT
 
@@ -126,11 +126,8 @@ def test_the_checks_catch_rules_that_let_messages_through(
 ) -> None:
     """The report re-checks every send on its own: with quiet hours and caps switched off, it must notice."""
 
-    def allow(self: object, session: object, subject: Subject) -> Decision:
-        return Decision.allow()
-
-    monkeypatch.setattr("outreach.policy.quiet_hours.QuietHoursRule.check", allow)
-    monkeypatch.setattr("outreach.policy.caps.FrequencyCaps.check", allow)
+    # Quiet hours and the caps are the engine's outreach rules, on the one-row path and on a group's shared reads.
+    monkeypatch.setattr(PolicyEngine, "_outreach_rules", property(lambda self: []))
     broken = simulate(weekly_sms_cap, TEMPLATES, candidates=40, days=30, start=START, workers=1)
     assert broken.outside_window > 0
     assert broken.cap_violations > 0

@@ -166,6 +166,15 @@ class PolicyReads:
         enrollment_state: tuple[str, str | None] | None,
     ) -> Decision:
         """The engine's decision for ``subject``; ``enrollment_state`` is (status, exit_reason) or None."""
+        return self.engine.decided(subject, self._run_all(session, subject, candidate, enrollment_state))
+
+    def _run_all(
+        self,
+        session: Session,
+        subject: Subject,
+        candidate: CandidateFacts,
+        enrollment_state: tuple[str, str | None] | None,
+    ) -> Decision:
         if enrollment_state is not None:
             decision = EnrollmentActiveRule.decide(enrollment_state)
             if not decision.allowed:

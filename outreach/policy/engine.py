@@ -6,6 +6,7 @@ Order matters: consent first (nothing else is worth computing for a suppressed a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property, lru_cache
@@ -57,10 +58,21 @@ def _country(phone: str) -> str | None:
         return None
 
 
+#: Sees every decision the engine makes, with its subject (the simulator records deferrals through it).
+DecisionHook = Callable[[Subject, Decision], None]
+
+
 class PolicyEngine:
-    def __init__(self, spec: PolicySpec, settings: Settings) -> None:
+    def __init__(self, spec: PolicySpec, settings: Settings, on_decision: DecisionHook | None = None) -> None:
         self.spec = spec
         self.settings = settings
+        self.on_decision = on_decision
+
+    def decided(self, subject: Subject, decision: Decision) -> Decision:
+        """Every decision passes here on its way out, whichever path made it (one row, or a group's shared reads)."""
+        if self.on_decision is not None:
+            self.on_decision(subject, decision)
+        return decision
 
     @cached_property
     def calendar(self) -> BusinessCalendar:
@@ -125,5 +137,5 @@ class PolicyEngine:
         for rule in rules:
             decision = rule.check(session, subject)
             if not decision.allowed:
-                return Outcome(decision)
-        return Outcome(Decision.allow())
+                return Outcome(self.decided(subject, decision))
+        return Outcome(self.decided(subject, Decision.allow()))
