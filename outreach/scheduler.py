@@ -351,6 +351,9 @@ class Scheduler:
         self.sqlite = is_sqlite(engine)
         #: Where the outbox ids the passes write come from (the simulator seeds its own, for repeatable runs).
         self.new_id: Callable[[], str] = new_id
+        #: Decide each pass from reads shared by all its steps (:class:`PolicyReads`). False asks the engine one
+        #: message at a time: slower, and the reference the shared reads are tested against.
+        self.shared_reads = True
 
     # -- the whole pass ---------------------------------------------------------------------------------
 
@@ -545,7 +548,7 @@ class Scheduler:
         # engine's decision hook sees each decision, which is how the simulator records deferrals).
         reads: PolicyReads | None = None
         checked = [item.candidate for (item, _, _), skip in zip(steps, skips, strict=True) if skip is None]
-        if checked:
+        if checked and self.shared_reads:
             channels = {step.channel.value for (_, _, step), skip in zip(steps, skips, strict=True) if not skip}
             reads = PolicyReads.load(session, self.policy, checked, channels, now)
 

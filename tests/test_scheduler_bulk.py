@@ -27,10 +27,9 @@ from outreach.models import (
     Suppression,
     TrackedLink,
 )
-from outreach.policy.base import Subject
 from outreach.policy.config import load_policies
 from outreach.policy.consent import address_hash
-from outreach.policy.engine import Outcome, PolicyEngine
+from outreach.policy.engine import PolicyEngine
 from outreach.scheduler import Scheduler, TickResult
 from outreach.timing import default_calendar
 from outreach.validation import validate_all
@@ -551,13 +550,6 @@ def test_a_mixed_pass_decides_every_step_as_the_rules_say(world: World) -> None:
     assert world.scheduler.run_due(T0, TickResult()) == 0
 
 
-class OneAtATime(PolicyEngine):
-    """The engine asked for every message on its own (its own reads, rule by rule), not through the bulk reads."""
-
-    def evaluate(self, session: Session, subject: Subject, enrollment_id: int | None = None) -> Outcome:
-        return super().evaluate(session, subject, enrollment_id)
-
-
 def decisions(world: World) -> dict[str, tuple[str | None, str | None, str | None, str, int]]:
     """case -> (row status, rule, reason, enrollment status, current step) after one pass at T0."""
     populate(world)
@@ -581,8 +573,9 @@ def test_the_pass_decides_as_the_engine_does_one_message_at_a_time(world: World,
     bulk = decisions(world)
     empty_tables(database_url)
     world.cases.clear()
-    single = OneAtATime(world.scheduler.policy.spec, world.settings)
+    single = PolicyEngine(world.scheduler.policy.spec, world.settings)
     world.scheduler = Scheduler(world.engine, world.campaigns, world.settings, world.queued.extend, policy=single)
+    world.scheduler.shared_reads = False  # the engine asked for every message on its own, rule by rule
     assert decisions(world) == bulk
 
 
