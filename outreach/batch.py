@@ -91,11 +91,12 @@ from outreach.links import (
 )
 from outreach.models import Base, Candidate, Channel, Enrollment, Job, OutboundMessage, TrackedLink
 from outreach.policy.base import Stage
-from outreach.policy.bulk import PolicyReads, any_of, one_of
+from outreach.policy.bulk import PolicyReads
 from outreach.policy.engine import Outcome as Verdict
 from outreach.providers.base import ProviderPipeline
 from outreach.providers.sendgrid import address_field
 from outreach.runtime import Runtime
+from outreach.sql import any_of, chunks, one_of
 from outreach.tokens import unsubscribe_url
 
 __all__ = ["MAX_PERSONALIZATIONS", "MAX_PERSONALIZATION_BYTES", "BatchOutcome", "deliver_batch"]
@@ -252,11 +253,6 @@ class _Recipient:
 _CREATED_AT, _NOT_BEFORE, _STATUS, _JOB, _CONTEXT = 9, 10, 11, 13, 14
 
 
-def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 def deliver_batch(runtime: Runtime, outbox_ids: Sequence[str], now: datetime | None = None) -> BatchOutcome:
     """Send these nurture email rows in as few SendGrid requests as their templates allow (as if at ``now``)."""
     with travel(now):
@@ -352,7 +348,7 @@ def _prepare(
         fitting = _personalize(runtime, shared, group)
         fits = {r.id for r in fitting}
         single.extend(r.id for r in group if r.id not in fits)
-        for chunk in _chunks(fitting, MAX_PERSONALIZATIONS):
+        for chunk in chunks(fitting, MAX_PERSONALIZATIONS):
             requests.append((shared, list(chunk)))
     return requests, single, failed
 
@@ -629,7 +625,7 @@ def _store_links(runtime: Runtime, shared: SharedEmail, group: Sequence[_Recipie
     with Session(runtime.engine) as session, session.begin():
         existing: dict[tuple[str, str, str | None], int] = {}
         positions: dict[str, int] = defaultdict(lambda: -1)
-        for chunk in _chunks(ids, 1000):
+        for chunk in chunks(ids, 1000):
             for link_id, message_id, position, url, name in session.execute(
                 select(
                     TrackedLink.id, TrackedLink.message_id, TrackedLink.position, TrackedLink.url, TrackedLink.name

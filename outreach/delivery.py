@@ -72,13 +72,14 @@ from outreach.models import (
 )
 from outreach.outbox import STOP_REFUSED, pending_again, refused
 from outreach.policy.base import Stage as PolicyStage
-from outreach.policy.bulk import PolicyReads, one_of
+from outreach.policy.bulk import PolicyReads
 from outreach.policy.consent import with_opt_out_hint
 from outreach.policy.engine import Outcome as Verdict
 from outreach.providers.base import EmailMessage, SendResult, SmsMessage
 from outreach.render import sms_segments
 from outreach.replies import reply_address
 from outreach.runtime import Runtime
+from outreach.sql import one_of
 from outreach.tokens import unsubscribe_url
 
 # The transitions live in outreach.outbox; STOP_REFUSED, pending_again and refused stay importable from here.
@@ -569,7 +570,7 @@ def _send_one(
             provider=exc.provider,
         )
         if exc.suppress:
-            from outreach.scheduler import insert_ignore
+            from outreach.sql import insert_ignore
 
             with Session(bind=connection) as session:
                 insert_ignore(

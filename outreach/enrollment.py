@@ -502,7 +502,7 @@ def record_reply(session: Session, campaigns: CampaignSet, candidate: Candidate,
 def exit_enrollments(session: Session, enrollment_ids: list[int], reason: str) -> None:
     """Stop these enrollments and cancel their messages not sent yet (two statements however many: a scheduler
     pass exits up to a thousand at once)."""
-    from outreach.policy.bulk import one_of
+    from outreach.sql import one_of
 
     now = utcnow()
     session.execute(

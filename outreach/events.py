@@ -57,18 +57,17 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
-import orjson
-from sqlalchemy import JSON, Integer, String, Table, Text, bindparam, case, column, func, or_, select, update
+from sqlalchemy import JSON, Integer, String, Table, Text, bindparam, case, func, or_, select, update
 from sqlalchemy import cast as sql_cast
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeEngine
 
 from outreach.clock import utcnow
 from outreach.models import Candidate, Channel, DeliveryEvent, MessageStatus, OutboundMessage, Suppression, UTCDateTime
 from outreach.providers.base import redact
+from outreach.sql import chunks, insert_ignore_many, json_document, json_records
 
 __all__ = [
     "SENDGRID_EVENTS",
@@ -394,101 +393,6 @@ def parse_twilio_status(
 
 # -- ingesting ------------------------------------------------------------------------------------------
 
-T = TypeVar("T")
-
-
-def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterator[Sequence[T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _insert_ignore_many(
-    session: Session, model: type[Any], rows: Sequence[dict[str, Any]], *returning: Any
-) -> list[Any]:
-    """INSERT … ON CONFLICT DO NOTHING RETURNING for many rows; the rows actually written.
-
-    PostgreSQL: one ``INSERT … SELECT … FROM json_to_recordset(:records)``, the rows sent as one JSON document
-    (see :func:`_pg_records`): a short statement the driver parses once and caches, one round trip for the whole
-    batch, and the encoding done by the C JSON encoder. A multi-row ``VALUES`` list instead is a statement
-    thousands of placeholders long that psycopg re-parses in Python on every call, and array parameters are
-    escaped element by element in Python: for webhook batches either was the largest single cost of ingestion.
-    The records keep the rows' order, so concurrent batches still take their index locks in the same order.
-
-    SQLite: one cached statement run as an executemany, which SQLAlchemy batches into multi-row INSERTs.
-    Every row must have the same keys.
-    """
-    if not rows:
-        return []
-    table = cast(Table, model.__table__)
-    statement: Any
-    if session.get_bind().dialect.name == "postgresql":
-        names = list(rows[0])
-        source = _pg_records(session, {name: table.c[name].type for name in names}, rows)
-        statement = postgresql.insert(table).from_select(names, select(*(source.c[name] for name in names)))
-        return list(session.execute(statement.on_conflict_do_nothing().returning(*returning)).all())
-    statement = sqlite.insert(table).on_conflict_do_nothing()
-    return list(session.execute(statement.returning(*returning), list(rows)).all())
-
-
-def _json_scalar(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} cannot go into a JSON record")
-
-
-def _json_document(records: Sequence[Mapping[str, Any]]) -> str:
-    """``records`` as one JSON text. orjson writes a webhook batch (1 MiB of payloads, a few datetimes per row)
-    about 15 times faster than the standard library, which called ``_json_scalar`` for every datetime.
-
-    What orjson refuses — a lone surrogate, an integer beyond 64 bits, a key that is not a string — goes through
-    the standard library's encoder instead (ASCII escapes, as SQLAlchemy's JSON type writes them), as every batch
-    did before: nothing that was storable stops being so. Naive datetimes (what the column types' bind
-    processing produces) come out as ISO 8601 without an offset from either encoder.
-    """
-    try:
-        return orjson.dumps(records, default=_json_scalar).decode("utf-8")
-    except TypeError:  # orjson.JSONEncodeError is a TypeError
-        return json.dumps(records, default=_json_scalar, separators=(",", ":"))
-
-
-def _pg_records(session: Session, types: Mapping[str, TypeEngine[Any]], rows: Sequence[Mapping[str, Any]]) -> Any:
-    """``json_to_recordset(:records) AS records(name type, …)`` holding ``rows``, one column per key of ``types``.
-
-    Each value first goes through its column type's own bind processing (``UTCDateTime`` makes naive UTC), so
-    what is stored is what an ordinary parameter would have stored; JSON columns go in as JSON values.
-    """
-    dialect = session.get_bind().dialect
-    names = list(types)
-    processors: dict[str, Any] = {}
-    for name, column_type in types.items():
-        if not isinstance(column_type, JSON):
-            processor = column_type.bind_processor(dialect)
-            if processor is not None:
-                processors[name] = processor
-    if any(len(row) != len(names) for row in rows):
-        raise ValueError("every row of one statement must have the same columns")
-    records: list[Mapping[str, Any]] = list(rows)
-    if processors:
-        # A batch repeats values (one ``created_at`` for all its rows, events of the same second): each distinct
-        # value is processed once.
-        done: dict[tuple[str, Any], Any] = {}
-        records = []
-        for row in rows:
-            record = dict(row)
-            for name, processor in processors.items():
-                key = (name, record[name])
-                if key in done:
-                    record[name] = done[key]
-                else:
-                    record[name] = done[key] = processor(record[name])
-            records.append(record)
-    document = _json_document(records)
-    return (
-        func.json_to_recordset(sql_cast(bindparam("records", document, type_=Text), JSON))
-        .table_valued(*(column(name, column_type) for name, column_type in types.items()))
-        .render_derived(name="records", with_types=True)
-    )
-
 
 @dataclass(slots=True)
 class _Row:
@@ -511,13 +415,13 @@ def _one_of(session: Session, column: Any, values: Sequence[Any]) -> Iterator[An
     if not values:
         return
     if session.get_bind().dialect.name == "postgresql":
-        document = bindparam(None, _json_document(list(values)), type_=Text)
+        document = bindparam(None, json_document(list(values)), type_=Text)
         elements = func.json_array_elements_text(sql_cast(document, JSON)).table_valued("value")
         # Text compares with a VARCHAR column as it is (a cast to VARCHAR(n) would cut longer values short).
         value = elements.c.value if isinstance(column.type, String) else sql_cast(elements.c.value, column.type)
         yield column.in_(select(value))
         return
-    for chunk in _chunks(values):
+    for chunk in chunks(values, _CHUNK):
         yield column.in_(chunk)
 
 
@@ -662,9 +566,9 @@ def _apply_moves(session: Session, moves: Mapping[str, tuple[_Move, _Row]], now:
         "b_error_code": c.error_code.type,
         "b_error_detail": c.error_detail.type,
     }
-    # PostgreSQL: one UPDATE … FROM json_to_recordset (see _insert_ignore_many); the rows are already locked, in
+    # PostgreSQL: one UPDATE … FROM json_to_recordset (see insert_ignore_many); the rows are already locked, in
     # id order, by _lock_in_order. SQLite: an executemany of the same UPDATE.
-    source = _pg_records(session, types, params) if session.get_bind().dialect.name == "postgresql" else None
+    source = json_records(session, types, params) if session.get_bind().dialect.name == "postgresql" else None
 
     def given(name: str) -> Any:
         return source.c[name] if source is not None else bindparam(name, type_=types[name])
@@ -705,14 +609,14 @@ def _suppress(session: Session, events: Sequence[NormalizedEvent], now: datetime
         {"channel": channel, "address": address, "reason": reason, "source": source, "created_at": now}
         for (channel, address), (reason, source) in sorted(wanted.items())
     ]
-    result.suppressed += len(_insert_ignore_many(session, Suppression, rows, Suppression.id))
+    result.suppressed += len(insert_ignore_many(session, Suppression, rows, Suppression.id))
 
     by_reason: dict[tuple[str, str], list[str]] = {}
     for (channel, address), (reason, _) in wanted.items():
         by_reason.setdefault((channel, reason), []).append(address)
     for (channel, reason), addresses in sorted(by_reason.items()):
         addresses.sort()
-        for chunk in _chunks(addresses):
+        for chunk in chunks(addresses, _CHUNK):
             match = (
                 func.lower(Candidate.email).in_(chunk) if channel == Channel.EMAIL.value else Candidate.phone.in_(chunk)
             )
@@ -760,7 +664,7 @@ def _touch_candidates(
     if session.get_bind().dialect.name == "postgresql":
         # One UPDATE … FROM json_to_recordset, after locking the candidates in id order (see _lock_in_order).
         _lock_in_order(session, table.c.id, list(latest))
-        source = _pg_records(session, {"b_id": table.c.id.type, "b_at": UTCDateTime()}, params)
+        source = json_records(session, {"b_id": table.c.id.type, "b_at": UTCDateTime()}, params)
         session.execute(
             update(table)
             .where(table.c.id == source.c.b_id, or_(target.is_(None), target < source.c.b_at))
@@ -808,7 +712,7 @@ def ingest(session: Session, events: Sequence[NormalizedEvent], now: datetime | 
         )
     written = {
         (provider, event_id)
-        for provider, event_id in _insert_ignore_many(
+        for provider, event_id in insert_ignore_many(
             session, DeliveryEvent, rows, DeliveryEvent.provider, DeliveryEvent.provider_event_id
         )
     }

@@ -44,7 +44,7 @@ from outreach.errors import TemplateError
 from outreach.models import Candidate, Channel, InboundMessage, MessageStatus, OutboundMessage, Suppression
 from outreach.policy.keywords import Keyword, classify, is_conversational
 from outreach.runtime import Runtime
-from outreach.scheduler import insert_ignore
+from outreach.sql import insert_ignore
 
 __all__ = [
     "HELP_INTERVAL",

@@ -51,10 +51,10 @@ from outreach.candidates import add_tags
 from outreach.clock import utcnow
 from outreach.config import Settings
 from outreach.models import Base, Candidate, LinkClick, OutboundMessage, TrackedLink
-from outreach.policy.bulk import one_of
 from outreach.policy.config import BehaviourSpec
 from outreach.render import RenderedEmail
 from outreach.runtime import Runtime
+from outreach.sql import one_of
 from outreach.tokens import sign, verify
 
 __all__ = [

@@ -38,7 +38,7 @@ wants it (a data-modifying CTE), or, for a batch, filled in by the database from
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -65,8 +65,8 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from outreach.models import CLAIMED_RULE, Base, Channel, MessageStatus, UTCDateTime
-from outreach.policy.bulk import CHUNK, any_of, array_of, one_of
 from outreach.policy.engine import Outcome as Verdict
+from outreach.sql import CHUNK, any_of, array_of, chunks, one_of
 
 __all__ = [
     "CLAIMED_COLUMNS",
@@ -120,11 +120,6 @@ def _connection(db: Db) -> Connection:
 
 def _postgres(db: Db) -> bool:
     return _connection(db).dialect.name == "postgresql"
-
-
-def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 # -- claim ----------------------------------------------------------------------------------------------------
@@ -244,7 +239,7 @@ def _claim_batch(
     plain = connection.execute(_claim_batch_statement(False), claiming).all()
     found: dict[Any, Any] = {}
     wanted = sorted({row.enrollment_id for row in plain if row.enrollment_id is not None})
-    for chunk in _chunks(wanted, CHUNK):
+    for chunk in chunks(wanted, CHUNK):
         for row in connection.execute(_enrollments_statement(), {"enrollments": list(chunk)}):
             found[row[0]] = tuple(row[1:])
     return [(*row, *found.get(row.enrollment_id, (None, None, None, None))) for row in plain]

@@ -29,7 +29,7 @@ from outreach.conversation import last_sent_to, notify_reply, stored_inbound_id
 from outreach.enrollment import pause_for_out_of_office, record_reply
 from outreach.models import Candidate, Channel, InboundMessage, OutboundMessage
 from outreach.runtime import Runtime
-from outreach.scheduler import insert_ignore
+from outreach.sql import insert_ignore
 from outreach.tokens import sign, verify
 
 log = logging.getLogger(__name__)

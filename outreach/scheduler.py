@@ -33,7 +33,7 @@ from zoneinfo import ZoneInfo
 import orjson
 from croniter import croniter
 from sqlalchemy import Engine, Integer, String, and_, bindparam, or_, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
 from outreach import outbox
@@ -60,9 +60,10 @@ from outreach.models import (
     new_id,
 )
 from outreach.policy.base import Stage as PolicyStage
-from outreach.policy.bulk import PolicyReads, one_of
+from outreach.policy.bulk import PolicyReads
 from outreach.policy.config import PolicySpec
 from outreach.policy.engine import Outcome, PolicyEngine
+from outreach.sql import insert_ignore, insert_ignore_many, one_of
 from outreach.timing import step_due
 from outreach.uncertain import alert_uncertain_messages
 
@@ -301,31 +302,6 @@ def _move(
         "last_step_at": last_step_at,
         "updated_at": updated_at,
     }
-
-
-def insert_ignore(session: Session, model: type[Any], values: dict[str, Any]) -> bool:
-    """INSERT … ON CONFLICT DO NOTHING on both dialects; True when a row was written."""
-    dialect = session.get_bind().dialect.name
-    statement: Any
-    if dialect == "postgresql":
-        statement = postgresql.insert(model).values(**values).on_conflict_do_nothing()
-    else:
-        statement = sqlite.insert(model).values(**values).on_conflict_do_nothing()
-    # RETURNING rather than rowcount: drivers disagree on rowcount after ON CONFLICT DO NOTHING.
-    primary_key = model.__table__.primary_key.columns.values()[0]
-    return session.execute(statement.returning(primary_key)).first() is not None
-
-
-def insert_ignore_many(session: Session, model: type[Any], rows: Sequence[dict[str, Any]]) -> list[Any]:
-    """Many rows in one INSERT … ON CONFLICT DO NOTHING (an executemany, sent as multi-row statements); returns the
-    primary keys of the rows written."""
-    if not rows:
-        return []
-    dialect = session.get_bind().dialect.name
-    statement: Any = postgresql.insert(model) if dialect == "postgresql" else sqlite.insert(model)
-    primary_key = model.__table__.primary_key.columns.values()[0]
-    statement = statement.on_conflict_do_nothing().returning(primary_key)
-    return [row[0] for row in session.execute(statement, list(rows))]
 
 
 class Scheduler:
@@ -644,7 +620,7 @@ class Scheduler:
         written = self._insert_outbox(session, rows)
         result.written.extend(row["id"] for row in rows if row["id"] in written)
         if alerts:
-            result.alerts += len(insert_ignore_many(session, Alert, alerts))
+            result.alerts += len(insert_ignore_many(session, Alert, alerts, Alert.id))
         self._move_all(session, moves)
         # A step whose row already existed (another scheduler got there first) is not enqueued again.
         return [(outbox_id, key) for outbox_id, key in wanted if outbox_id in written]

@@ -19,10 +19,8 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, Select, all_, any_, bindparam, select
-from sqlalchemy.dialects import postgresql
+from sqlalchemy import Select, all_, bindparam, select
 from sqlalchemy.orm import Session
-from sqlalchemy.types import TypeEngine
 
 from outreach.models import OutboundMessage, Suppression
 from outreach.policy.base import ALLOW, CandidateFacts, Decision, Subject
@@ -30,47 +28,11 @@ from outreach.policy.caps import COUNTED, FrequencyCaps, RecentSend
 from outreach.policy.consent import EnrollmentActiveRule, NurtureConsentRule, SuppressionRule
 from outreach.policy.engine import OUTREACH_CATEGORIES, PolicyEngine
 from outreach.policy.quiet_hours import QuietHoursRule
+from outreach.sql import CHUNK, any_of, array_of, is_postgres
 
-__all__ = ["CandidateFacts", "PolicyReads", "any_of", "array_of", "one_of"]
-
-#: Ids per statement on databases without arrays (SQLite's limit on bound parameters is far above it).
-CHUNK = 1000
-
+__all__ = ["CandidateFacts", "PolicyReads"]
 
 _Step = Callable[[Session, Subject, CandidateFacts], Decision]
-
-
-def _postgres(where: Session | Connection) -> bool:
-    dialect = where.dialect if isinstance(where, Connection) else where.get_bind().dialect
-    return dialect.name == "postgresql"
-
-
-def array_of(column_type: TypeEngine[Any]) -> TypeEngine[Any]:
-    """PostgreSQL's array of ``column_type``, one instance per column type: a fresh type object per statement
-    would make SQLAlchemy work out its cache key (inspecting the type's constructor) on every execution."""
-    found = _ARRAYS.get(id(column_type))
-    if found is None or found[0] is not column_type:
-        found = _ARRAYS[id(column_type)] = (column_type, postgresql.ARRAY(column_type))
-    return found[1]
-
-
-_ARRAYS: dict[int, tuple[TypeEngine[Any], TypeEngine[Any]]] = {}
-
-
-def one_of(session: Session | Connection, column: Any, values: Collection[Any]) -> Any:
-    """``column IN values``; on PostgreSQL ``column = ANY(:array)``: one parameter instead of a thousand, so the
-    statement stays small and cheap to build (the batch and scheduler paths filter on up to 1000 ids)."""
-    if _postgres(session):
-        return column == any_(bindparam(None, list(values), type_=array_of(column.type)))
-    return column.in_(list(values))
-
-
-def any_of(postgres: bool, column: Any, name: str) -> Any:
-    """``column IN :name`` with the values given at execution (a list): ``= ANY(:name)`` on PostgreSQL, an
-    expanding ``IN`` elsewhere. For statements built once and executed many times."""
-    if postgres:
-        return column == any_(bindparam(name, type_=array_of(column.type)))
-    return column.in_(bindparam(name, expanding=True))
 
 
 @lru_cache(maxsize=4)
@@ -133,7 +95,7 @@ class PolicyReads:
                         if keys is None:
                             keys = reads.keys[(channel, address)] = rule.lookup_keys(channel, address)
                         wanted[channel].update(keys)
-            postgres = _postgres(session)
+            postgres = is_postgres(session)
             for channel, found in wanted.items():
                 listed = sorted(found)
                 for start in range(0, len(listed), CHUNK):
@@ -142,7 +104,7 @@ class PolicyReads:
                         reads.suppressed[(channel, key)] = reason
         caps = next((r for r in engine._outreach_rules if isinstance(r, FrequencyCaps)), None)
         if caps is not None and caps.rules and people:
-            postgres = _postgres(session)
+            postgres = is_postgres(session)
             ids = sorted({c.id for c in people})
             skip = set(exclude) if not postgres else set()
             for start in range(0, len(ids), CHUNK):

@@ -16,7 +16,7 @@ from outreach.clock import utcnow
 from outreach.models import Candidate, Suppression
 from outreach.policy.consent import suppression_address
 from outreach.runtime import Runtime
-from outreach.scheduler import insert_ignore
+from outreach.sql import insert_ignore
 from outreach.tokens import verify
 
 router = APIRouter(include_in_schema=False)
