@@ -50,6 +50,7 @@ from sqlalchemy.orm import Session
 from outreach.clock import utcnow
 from outreach.errors import ValidationError
 from outreach.models import (
+    AUTO_REPLY,
     Alert,
     Candidate,
     CandidateEvent,
@@ -393,7 +394,6 @@ ATTEMPTED: tuple[str, ...] = tuple(
 )
 #: Provider events that prove a message arrived.
 ARRIVAL_EVENTS: tuple[str, ...] = ("delivered", "opened", "clicked", "unsubscribed", "complained")
-AUTO_REPLY = "auto_reply"
 
 
 def _message_time() -> ColumnElement[datetime]:

@@ -4,7 +4,7 @@ A candidate's message that arrives outside the business calendar (evenings, week
 closures; see :class:`~outreach.calendar.BusinessCalendar`) is answered once, on the channel it came in on, with
 the ``system_out_of_hours`` template in the candidate's language. The template names the next business opening
 in the candidate's own timezone (``reply_by``, added to the template context by
-:func:`outreach.delivery.build_context` through :func:`reply_by`).
+:func:`outreach.context.build_context` through :func:`outreach.context.reply_by`).
 
 The answer is an ordinary outbox row (no enrollment, campaign and category ``auto_reply``), so the worker sends it
 with the usual re-check right before the provider call: suppressions and consent still apply, quiet hours and caps
@@ -34,25 +34,22 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from outreach.candidates import candidate_timezone, normalise_phone
+from outreach.candidates import normalise_phone
 from outreach.clock import utcnow
-from outreach.models import Candidate, Channel, InboundMessage, MessageStatus, OutboundMessage, new_id
-from outreach.runtime import Runtime
+from outreach.models import AUTO_REPLY, Candidate, Channel, InboundMessage, MessageStatus, OutboundMessage, new_id
+from outreach.services import Services
 
 __all__ = [
     "AUTO_REPLY",
     "TEMPLATE",
     "WINDOW",
-    "format_reply_by",
     "our_addresses",
     "plan_auto_reply",
-    "reply_by",
 ]
 
 log = logging.getLogger(__name__)
 
 #: The outbox ``category`` and ``campaign`` of an auto-reply; metrics count these apart from outreach.
-AUTO_REPLY = "auto_reply"
 #: ``templates/email/system_out_of_hours.<locale>.*`` and ``templates/sms/system_out_of_hours.<locale>.txt``.
 TEMPLATE = "system_out_of_hours"
 #: At most one auto-reply per candidate within this long, whatever the channel.
@@ -60,26 +57,9 @@ WINDOW = timedelta(hours=12)
 #: The only inbound kind that is answered: a candidate's own message (not a keyword, not a machine's).
 ANSWERED_KIND = "reply"
 
-_EN_WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-_EN_MONTHS = (
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-)
-_ZH_WEEKDAYS = ("星期一", "星期二", "星期三", "星期四", "星期五", "星期六", "星期日")
-
 
 def plan_auto_reply(
-    session: Session, runtime: Runtime, candidate: Candidate, channel: str, inbound: InboundMessage
+    session: Session, runtime: Services, candidate: Candidate, channel: str, inbound: InboundMessage
 ) -> str | None:
     """Queue the out-of-hours answer to ``inbound`` and return its outbox id, or None when none is due.
 
@@ -125,7 +105,7 @@ def plan_auto_reply(
     return message.id
 
 
-def _skip_reason(runtime: Runtime, candidate: Candidate, channel: str, inbound: InboundMessage) -> str | None:
+def _skip_reason(runtime: Services, candidate: Candidate, channel: str, inbound: InboundMessage) -> str | None:
     """Why ``inbound`` gets no auto-reply (a short phrase without personal data), or None if it should get one."""
     if inbound.kind != ANSWERED_KIND:
         return f"inbound kind {inbound.kind}"
@@ -147,7 +127,7 @@ def _skip_reason(runtime: Runtime, candidate: Candidate, channel: str, inbound: 
     return None
 
 
-def our_addresses(runtime: Runtime, channel: str) -> frozenset[str]:
+def our_addresses(runtime: Services, channel: str) -> frozenset[str]:
     """Our own sender addresses on ``channel``, keyed as :func:`_address_key` keys them."""
     settings = runtime.settings
     raw: tuple[str, ...]
@@ -188,44 +168,3 @@ def _answered_since(session: Session, candidate_id: int, since: datetime) -> boo
         .limit(1)
     )
     return found is not None
-
-
-# --- the template's reply_by -------------------------------------------------------------------------------
-
-
-def format_reply_by(opening: datetime, zone_name: str, language: str) -> str:
-    """``opening`` (already in the candidate's timezone) as the template says it, in ``en`` or ``zh``.
-
-    en: ``Monday 1 December, 09:00 (your time, Europe/Berlin)``; zh: ``12月1日（星期一）09:00（您当地时间）``.
-    Written out by hand so the result never depends on the server's C locale.
-    """
-    clock = f"{opening.hour:02d}:{opening.minute:02d}"
-    if language == "zh":
-        return f"{opening.month}月{opening.day}日（{_ZH_WEEKDAYS[opening.weekday()]}）{clock}（您当地时间）"
-    weekday, month = _EN_WEEKDAYS[opening.weekday()], _EN_MONTHS[opening.month - 1]
-    return f"{weekday} {opening.day} {month}, {clock} (your time, {zone_name})"
-
-
-def reply_by(runtime: Runtime, created_at: datetime, candidate: Candidate) -> dict[str, str] | None:
-    """When a person will answer an auto-reply created at ``created_at``: the next business opening after it.
-
-    ``{"iso", "timezone", "en", "zh", "text"}``, all in the candidate's timezone; ``en`` and ``zh`` are the
-    two written forms (each template uses its own language's), ``text`` the one in the candidate's language.
-    None when the calendar has no opening ahead (templates then say "as soon as we are back").
-    """
-    try:
-        opening = runtime.policy.calendar.next_opening(created_at)
-    except ValueError:
-        return None
-    zone = candidate_timezone(candidate, runtime.settings)
-    local = opening.astimezone(zone)
-    english = format_reply_by(local, zone.key, "en")
-    chinese = format_reply_by(local, zone.key, "zh")
-    language = (candidate.locale or "").split("-")[0].lower()
-    return {
-        "iso": local.isoformat(),
-        "timezone": zone.key,
-        "en": english,
-        "zh": chinese,
-        "text": chinese if language == "zh" else english,
-    }

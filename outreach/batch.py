@@ -72,7 +72,8 @@ from sqlalchemy.orm import Session
 from outreach import outbox
 from outreach.campaigns import Category
 from outreach.clock import travel, utcnow
-from outreach.delivery import backoff, build_context
+from outreach.context import build_context
+from outreach.delivery import backoff
 from outreach.errors import (
     AmbiguousProviderError,
     ProviderError,
@@ -95,7 +96,7 @@ from outreach.policy.bulk import PolicyReads
 from outreach.policy.engine import Outcome as Verdict
 from outreach.providers.base import ProviderPipeline
 from outreach.providers.sendgrid import address_field
-from outreach.runtime import Runtime
+from outreach.services import Services
 from outreach.sql import any_of, chunks, one_of
 from outreach.tokens import unsubscribe_url
 
@@ -253,13 +254,13 @@ class _Recipient:
 _CREATED_AT, _NOT_BEFORE, _STATUS, _JOB, _CONTEXT = 9, 10, 11, 13, 14
 
 
-def deliver_batch(runtime: Runtime, outbox_ids: Sequence[str], now: datetime | None = None) -> BatchOutcome:
+def deliver_batch(runtime: Services, outbox_ids: Sequence[str], now: datetime | None = None) -> BatchOutcome:
     """Send these nurture email rows in as few SendGrid requests as their templates allow (as if at ``now``)."""
     with travel(now):
         return _deliver_batch(runtime, outbox_ids, now or utcnow())
 
 
-def _deliver_batch(runtime: Runtime, outbox_ids: Sequence[str], now: datetime) -> BatchOutcome:
+def _deliver_batch(runtime: Services, outbox_ids: Sequence[str], now: datetime) -> BatchOutcome:
     ids = sorted(set(outbox_ids))
     if not ids:
         return BatchOutcome()
@@ -316,7 +317,7 @@ def _deliver_batch(runtime: Runtime, outbox_ids: Sequence[str], now: datetime) -
 
 
 def _prepare(
-    runtime: Runtime, recipients: Sequence[_Recipient]
+    runtime: Services, recipients: Sequence[_Recipient]
 ) -> tuple[list[tuple[SharedEmail, list[_Recipient]]], list[str], int]:
     """Render each group once and fill in its recipients: (requests to make, ids to send singly, failed count)."""
     single: list[str] = []
@@ -353,7 +354,7 @@ def _prepare(
     return requests, single, failed
 
 
-def _plain_in_html(runtime: Runtime, group: Sequence[_Recipient]) -> set[str]:
+def _plain_in_html(runtime: Services, group: Sequence[_Recipient]) -> set[str]:
     """Per-recipient values HTML escaping leaves unchanged for this whole group: the unsubscribe link (our public
     URL and a token of URL-safe base64) unless the URL itself has something to escape, and the outbox ids."""
     plain = set()
@@ -380,7 +381,7 @@ def _candidates_statement(postgres: bool) -> Any:
     return query.with_for_update(key_share=True) if postgres else query
 
 
-def _claim_and_check(runtime: Runtime, ids: Sequence[str], now: datetime) -> tuple[list[_Recipient], int]:
+def _claim_and_check(runtime: Services, ids: Sequence[str], now: datetime) -> tuple[list[_Recipient], int]:
     """Claim the rows still pending, lock their candidates, run every rule; returns those allowed to go.
 
     Plain rows throughout (no ORM objects): one statement claims the rows and reads their enrollments (on
@@ -460,7 +461,7 @@ def _claim_and_check(runtime: Runtime, ids: Sequence[str], now: datetime) -> tup
 # -- grouping and rendering ----------------------------------------------------------------------------------
 
 
-def _groups(runtime: Runtime, recipients: Iterable[_Recipient]) -> list[list[_Recipient]]:
+def _groups(runtime: Services, recipients: Iterable[_Recipient]) -> list[list[_Recipient]]:
     """Recipients that one rendering serves: same campaign, template, locale, job and enrollment context."""
     groups: dict[tuple[Any, ...], list[_Recipient]] = {}
     locales: dict[tuple[str, str | None], str] = {}
@@ -499,7 +500,7 @@ def _transient_message(recipient: _Recipient) -> OutboundMessage:
     )
 
 
-def render_shared(runtime: Runtime, exemplar: _Recipient, plain: Collection[str] = ()) -> SharedEmail:
+def render_shared(runtime: Services, exemplar: _Recipient, plain: Collection[str] = ()) -> SharedEmail:
     """Render ``exemplar``'s template once, with substitution tags for every per-recipient value; the values named
     in ``plain`` print the same in HTML for every recipient, so the HTML part uses their text tags."""
     enrollment = Enrollment(context=exemplar.context) if exemplar.enrollment_id is not None else None
@@ -509,7 +510,9 @@ def render_shared(runtime: Runtime, exemplar: _Recipient, plain: Collection[str]
         candidate = session.get(Candidate, exemplar.candidate.id)
     if candidate is None:
         raise NotShareable("candidate gone")
-    context = build_context(runtime, _transient_message(exemplar), candidate, enrollment, exemplar.job)
+    context = build_context(
+        runtime.settings, runtime.policy.calendar, _transient_message(exemplar), candidate, enrollment, exemplar.job
+    )
     probe = _Probe({**context["candidate"], **{key: _Slot(key) for key in SUBSTITUTED}})
     concerns = _ProbeList(context.get("concerns") or [])
     context.update(
@@ -540,7 +543,7 @@ def render_shared(runtime: Runtime, exemplar: _Recipient, plain: Collection[str]
     )
 
 
-def _tracked(runtime: Runtime, context: Mapping[str, Any], text: str, body: str) -> tuple[str, str, list[Link]]:
+def _tracked(runtime: Services, context: Mapping[str, Any], text: str, body: str) -> tuple[str, str, list[Link]]:
     """The parts with every trackable link replaced by a tag of its own (``link0`` …), as click tracking would."""
     settings = runtime.settings
     known = known_names(context)
@@ -573,7 +576,7 @@ def _tracked(runtime: Runtime, context: Mapping[str, Any], text: str, body: str)
     return rewrite_text(text, names, substitute), rewrite_html(body, known, substitute), found
 
 
-def _personalize(runtime: Runtime, shared: SharedEmail, group: Sequence[_Recipient]) -> list[_Recipient]:
+def _personalize(runtime: Services, shared: SharedEmail, group: Sequence[_Recipient]) -> list[_Recipient]:
     """Fill each recipient's substitutions (storing tracked links first); returns those that fit a batch."""
     settings = runtime.settings
     link_urls = _store_links(runtime, shared, group) if shared.links else {}
@@ -616,7 +619,7 @@ def _personalize(runtime: Runtime, shared: SharedEmail, group: Sequence[_Recipie
     return fitting
 
 
-def _store_links(runtime: Runtime, shared: SharedEmail, group: Sequence[_Recipient]) -> dict[str, list[str]]:
+def _store_links(runtime: Services, shared: SharedEmail, group: Sequence[_Recipient]) -> dict[str, list[str]]:
     """One TrackedLink row per recipient and link (reusing an earlier attempt's); returns the redirect URLs."""
     settings = runtime.settings
     table = _LINKS
@@ -684,7 +687,7 @@ def _personalization_bytes(recipient: _Recipient) -> int:
 # -- the request ---------------------------------------------------------------------------------------------
 
 
-def build_payload(runtime: Runtime, shared: SharedEmail, chunk: Sequence[_Recipient]) -> dict[str, Any]:
+def build_payload(runtime: Services, shared: SharedEmail, chunk: Sequence[_Recipient]) -> dict[str, Any]:
     """The SendGrid v3 mail/send body for one request: shared content, one personalization per recipient."""
     settings = runtime.settings
     first = chunk[0]
@@ -725,7 +728,7 @@ class _Sent:
 
 
 def _send(
-    runtime: Runtime,
+    runtime: Services,
     provider: ProviderPipeline[Any, Any, Any],
     shared: SharedEmail,
     chunk: list[_Recipient],
@@ -832,7 +835,7 @@ def _send(
     return _Sent(failed=len(ids))
 
 
-def _give_back(runtime: Runtime, ids: Sequence[str], delay: float = 0.0) -> None:
+def _give_back(runtime: Services, ids: Sequence[str], delay: float = 0.0) -> None:
     """Rows still claimed (never handed off) back to ``pending`` (:func:`outreach.outbox.give_back`)."""
     with runtime.engine.begin() as connection:
         outbox.give_back(connection, ids, utcnow(), delay)

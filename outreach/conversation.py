@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from outreach.clock import utcnow
 from outreach.config import Settings
 from outreach.db import transaction
-from outreach.models import Alert, Candidate, InboundMessage, MessageStatus, OutboundMessage, Stage
+from outreach.models import AUTO_REPLY, Alert, Candidate, InboundMessage, MessageStatus, OutboundMessage, Stage
 from outreach.policy.config import RepliesSpec
 
 if TYPE_CHECKING:
@@ -54,7 +54,6 @@ RESPONSE_TIME = RepliesSpec().response_time  # the default; policies.yaml `repli
 #: the per-tick scan bounded.
 LOOKBACK = RepliesSpec().lookback
 #: The outbox category of our own answers to a candidate (as opposed to campaign steps).
-AUTO_REPLY_CATEGORY = "auto_reply"
 
 #: Outgoing messages that belong in the conversation: sent (or possibly sent), or tried and failed. Rows that never
 #: left the outbox (pending, held, sending, skipped, suppressed, cancelled) are not part of what the candidate saw.
@@ -142,7 +141,7 @@ def thread(session: Session, candidate_id: int, limit: int = 100) -> list[Conver
                 body=message.body,
                 campaign=message.campaign,
                 status=message.status,
-                auto_reply=message.category == AUTO_REPLY_CATEGORY,
+                auto_reply=message.category == AUTO_REPLY,
             )
         )
     for inbound in incoming:

@@ -51,9 +51,9 @@ from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session
 
 from outreach import outbox
-from outreach.autoreply import AUTO_REPLY, reply_by
 from outreach.campaigns import Category
 from outreach.clock import travel, utcnow
+from outreach.context import build_context
 from outreach.errors import (
     AmbiguousProviderError,
     PermanentProviderError,
@@ -62,6 +62,7 @@ from outreach.errors import (
 )
 from outreach.links import LinkSet
 from outreach.models import (
+    AUTO_REPLY,
     Candidate,
     Channel,
     Enrollment,
@@ -77,10 +78,9 @@ from outreach.policy.consent import with_opt_out_hint
 from outreach.policy.engine import Outcome as Verdict
 from outreach.providers.base import EmailMessage, SendResult, SmsMessage
 from outreach.render import sms_segments
-from outreach.replies import reply_address
-from outreach.runtime import Runtime
+from outreach.services import Services
 from outreach.sql import one_of
-from outreach.tokens import unsubscribe_url
+from outreach.tokens import reply_address
 
 # The transitions live in outreach.outbox; STOP_REFUSED, pending_again and refused stay importable from here.
 __all__ = [
@@ -121,57 +121,6 @@ def claim(session: Session, outbox_id: str, now: datetime, lease: timedelta) -> 
     return session.get(OutboundMessage, outbox_id, populate_existing=True)
 
 
-def build_context(
-    runtime: Runtime,
-    message: OutboundMessage,
-    candidate: Candidate,
-    enrollment: Enrollment | None,
-    job: Job | None,
-) -> dict[str, Any]:
-    """The variables a template sees. Keep in step with ``outreach.render.sample_context``."""
-    settings = runtime.settings
-    context = dict(enrollment.context) if enrollment is not None else {}
-    name = candidate.name or ""
-    built: dict[str, Any] = {
-        "candidate": {
-            "external_id": candidate.external_id,
-            "name": name,
-            "first_name": name.split()[0] if name.split() else name,
-            "locale": candidate.locale,
-            "timezone": candidate.timezone,
-            "stage": candidate.stage,
-            "source": candidate.source,
-            "tags": list(candidate.tags),
-        },
-        "job": None
-        if job is None
-        else {
-            "external_id": job.external_id,
-            "title": job.title,
-            "department": job.department,
-            "location": job.location,
-            "description": job.description,
-            "booking_url": job.booking_url,
-            "salary_min": job.salary_min,
-            "salary_max": job.salary_max,
-            "tags": list(job.tags),
-        },
-        "company": {"name": settings.company_name, "timezone": settings.company_timezone},
-        "event": context.get("event"),
-        "links": {
-            "booking": job.booking_url if job is not None else None,
-            "unsubscribe": unsubscribe_url(settings, message.channel, message.candidate_id),
-        },
-        "message": {"id": message.id},
-        "campaign": {"name": message.campaign, "category": message.category},
-        "concerns": [tag.split(":", 1)[1] for tag in candidate.tags if tag.startswith("concern:")],
-    }
-    if message.category == AUTO_REPLY:
-        # The out-of-hours answer names the next business opening, in the candidate's timezone.
-        built["reply_by"] = reply_by(runtime, message.created_at, candidate)
-    return built
-
-
 NOT_PENDING = Outcome("not-pending")
 
 #: Accepted sends wait for their ``sent`` record in memory at most this many at a time (and never past the group's
@@ -186,12 +135,12 @@ def backoff(attempt: int) -> float:
     return base * random.uniform(0.8, 1.2)
 
 
-def deliver(runtime: Runtime, outbox_id: str, now: datetime | None = None) -> Outcome:
+def deliver(runtime: Services, outbox_id: str, now: datetime | None = None) -> Outcome:
     """Deliver one outbox row (a group of one); ``not-pending`` when it was not pending and due."""
     return deliver_group(runtime, [outbox_id], now)[outbox_id]
 
 
-def deliver_group(runtime: Runtime, outbox_ids: Sequence[str], now: datetime | None = None) -> dict[str, Outcome]:
+def deliver_group(runtime: Services, outbox_ids: Sequence[str], now: datetime | None = None) -> dict[str, Outcome]:
     """Deliver a group of outbox rows (module docstring); the outcome of each id, ``not-pending`` for rows that
     were not pending and due (sent already, another worker's, deferred)."""
     ids = list(dict.fromkeys(outbox_ids))
@@ -202,7 +151,9 @@ def deliver_group(runtime: Runtime, outbox_ids: Sequence[str], now: datetime | N
         return _deliver_group(runtime, ids, now or utcnow(), outcomes)
 
 
-def _deliver_group(runtime: Runtime, ids: list[str], now: datetime, outcomes: dict[str, Outcome]) -> dict[str, Outcome]:
+def _deliver_group(
+    runtime: Services, ids: list[str], now: datetime, outcomes: dict[str, Outcome]
+) -> dict[str, Outcome]:
     # One pooled connection for the whole group: one checkout instead of one per step.
     with runtime.engine.connect() as connection:
         sends = _claim_and_prepare(runtime, connection, ids, now, outcomes)
@@ -281,7 +232,7 @@ def _message(row: Any) -> OutboundMessage:
 
 
 def _claim_and_prepare(
-    runtime: Runtime, connection: Connection, ids: Sequence[str], now: datetime, outcomes: dict[str, Outcome]
+    runtime: Services, connection: Connection, ids: Sequence[str], now: datetime, outcomes: dict[str, Outcome]
 ) -> list[_Send]:
     """Transaction 1: claim, lock, rules, render, tracked links. Returns what may go out, in sending order."""
     settings = runtime.settings
@@ -323,7 +274,7 @@ def _claim_and_prepare(
                     outcomes[row.id] = Outcome(verdict.status.value)
                     continue
                 message = _message(row)
-                context = build_context(runtime, message, candidate, enrollment, job)
+                context = build_context(runtime.settings, policy.calendar, message, candidate, enrollment, job)
                 validity = policy.sms_validity(subject) if row.channel == Channel.SMS.value else None
                 try:
                     draft = _compose(runtime, links, message, candidate, context, validity)
@@ -342,7 +293,7 @@ def _claim_and_prepare(
 
 
 def _compose(
-    runtime: Runtime,
+    runtime: Services,
     links: LinkSet,
     message: OutboundMessage,
     candidate: Candidate,
@@ -457,7 +408,7 @@ class _Recorder:
 
 
 def _send_all(
-    runtime: Runtime, connection: Connection, sends: Sequence[_Send], now: datetime, outcomes: dict[str, Outcome]
+    runtime: Services, connection: Connection, sends: Sequence[_Send], now: datetime, outcomes: dict[str, Outcome]
 ) -> None:
     """Hand off and send each row in turn, recording the accepted ones every few sends and at the end."""
     recorder = _Recorder(connection, now)
@@ -492,7 +443,7 @@ def _send_all(
 
 
 def _send_one(
-    runtime: Runtime, connection: Connection, send: _Send, recorder: _Recorder
+    runtime: Services, connection: Connection, send: _Send, recorder: _Recorder
 ) -> tuple[Outcome, bool] | None:
     """Hand off and send one row: (its outcome, whether the rest of the group must wait as well), or None when the
     row is no longer ours to send."""

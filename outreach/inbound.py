@@ -43,7 +43,7 @@ from outreach.enrollment import record_reply
 from outreach.errors import TemplateError
 from outreach.models import Candidate, Channel, InboundMessage, MessageStatus, OutboundMessage, Suppression
 from outreach.policy.keywords import Keyword, classify, is_conversational
-from outreach.runtime import Runtime
+from outreach.services import Services
 from outreach.sql import insert_ignore
 
 __all__ = [
@@ -111,7 +111,7 @@ class InboundResult:
     queue: tuple[str, ...] = ()
 
 
-def handle_inbound_sms(session: Session, runtime: Runtime, sms: InboundSms) -> InboundResult:
+def handle_inbound_sms(session: Session, runtime: Services, sms: InboundSms) -> InboundResult:
     """Store the message once, act on it, and say what to answer. Runs in the caller's transaction.
 
     ``kind`` is ``opt_out``, ``opt_in`` or ``help`` for keywords (from known and unknown numbers alike),
@@ -366,7 +366,7 @@ def _help_answered_within(session: Session, address: str, at: datetime, *, exclu
     return at - last_answer < HELP_INTERVAL
 
 
-def _render(runtime: Runtime, template: str, locale: str | None) -> str | None:
+def _render(runtime: Services, template: str, locale: str | None) -> str | None:
     """A system reply's text, or None (logged) when the template is missing or broken."""
     settings = runtime.settings
     # System messages belong to no campaign: the company is all they know.

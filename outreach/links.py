@@ -53,7 +53,7 @@ from outreach.config import Settings
 from outreach.models import Base, Candidate, LinkClick, OutboundMessage, TrackedLink
 from outreach.policy.config import BehaviourSpec
 from outreach.render import RenderedEmail
-from outreach.runtime import Runtime
+from outreach.services import Services
 from outreach.sql import one_of
 from outreach.tokens import sign, verify
 
@@ -291,7 +291,7 @@ class LinkSet:
     :meth:`store` writes the new rows of all of them in one read and one insert, and the function each of the
     first two returned then gives that message as it goes out (links replaced by their redirects)."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Services) -> None:
         self.runtime = runtime
         self._trackers: list[tuple[str, _Tracker]] = []
 
@@ -373,7 +373,7 @@ class Followed:
     tags_added: tuple[str, ...] = ()
 
 
-def follow(runtime: Runtime, token: str, *, record: bool = True, now: datetime | None = None) -> Followed | None:
+def follow(runtime: Services, token: str, *, record: bool = True, now: datetime | None = None) -> Followed | None:
     """The stored target of a redirect token, or None when the token or its link is not ours.
 
     With ``record`` the click is stored, ``last_click_at`` moves and the behaviour rules run, in one transaction.

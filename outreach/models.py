@@ -27,6 +27,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from outreach.clock import utcnow
 
+#: The category of an out-of-hours auto-reply's outbox row (campaign messages carry their campaign's category).
+AUTO_REPLY = "auto_reply"
+
 
 def new_id() -> str:
     """Opaque ids we mint ourselves; safe to hand to providers (custom args, callback URLs)."""

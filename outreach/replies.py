@@ -28,9 +28,9 @@ from outreach.config import Settings
 from outreach.conversation import last_sent_to, notify_reply, stored_inbound_id
 from outreach.enrollment import pause_for_out_of_office, record_reply
 from outreach.models import Candidate, Channel, InboundMessage, OutboundMessage
-from outreach.runtime import Runtime
+from outreach.services import Services
 from outreach.sql import insert_ignore
-from outreach.tokens import sign, verify
+from outreach.tokens import outbox_id_from_reply_address
 
 log = logging.getLogger(__name__)
 
@@ -42,25 +42,6 @@ _AUTO_SUBJECT = re.compile(
     re.IGNORECASE,
 )
 _LIST_HEADERS = ("list-id", "list-unsubscribe", "list-post", "list-help")
-
-
-def reply_address(settings: Settings, outbox_id: str) -> str | None:
-    """``replies+<signed outbox id>@domain`` from ``OUTREACH_EMAIL_REPLY_TO``, so a reply finds its message even
-    when it comes from another address; None when no reply-to address is configured."""
-    base = settings.email_reply_to
-    if not base or "@" not in base:
-        return None
-    name, _, address = base.rpartition("<")
-    address = address.rstrip(">").strip() if name or "<" in base else base.strip()
-    local, _, domain = address.partition("@")
-    return f"{local}+{sign(settings, 'reply', outbox_id)}@{domain}"
-
-
-def outbox_id_from_reply_address(settings: Settings, address: str) -> str | None:
-    """The outbox id in a reply address we minted, or None (forged, damaged or not ours)."""
-    local = address.strip().strip("<>").partition("@")[0]
-    _, plus, token = local.partition("+")
-    return verify(settings, "reply", token) if plus else None
 
 
 def is_automatic(headers: Mapping[str, str], subject: str | None) -> bool:
@@ -142,7 +123,7 @@ def _match(session: Session, settings: Settings, email: InboundEmail, sender: st
     return _Match(candidate, last_sent_to(session, candidate.id, Channel.EMAIL.value, email.received_at), first)
 
 
-def handle_inbound_email(session: Session, runtime: Runtime, email: InboundEmail) -> EmailResult:
+def handle_inbound_email(session: Session, runtime: Services, email: InboundEmail) -> EmailResult:
     """Store the message once and act on it, in the caller's transaction.
 
     A real reply stops the candidate's campaigns that exit on a reply, raises a ``candidate_replied`` alert for HR
@@ -201,7 +182,7 @@ def handle_inbound_email(session: Session, runtime: Runtime, email: InboundEmail
 
 
 def _plan_auto_reply(
-    session: Session, runtime: Runtime, candidate: Candidate, inbound_id: int | None
+    session: Session, runtime: Services, candidate: Candidate, inbound_id: int | None
 ) -> tuple[str, ...]:
     """The out-of-hours auto-reply for a real reply, if one is due; skipped while :mod:`outreach.autoreply` is
     not installed."""

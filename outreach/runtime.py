@@ -10,6 +10,7 @@ import gc
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -88,7 +89,13 @@ class Runtime:
             self.enqueue,
             policy=self.policy,
             enqueue_batch=self.enqueue_batch if batching else None,
+            checks=(self._unanswered_replies,),
         )
+
+    def _unanswered_replies(self, now: datetime) -> int:
+        from outreach.conversation import alert_unanswered_replies
+
+        return alert_unanswered_replies(self.engine, now, self.settings, self.policy)
 
     def enqueue(self, outbox_ids: Sequence[str]) -> None:
         if not outbox_ids:

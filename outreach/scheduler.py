@@ -40,7 +40,6 @@ from outreach import outbox
 from outreach.campaigns import Campaign, CampaignSet, Category, ExitCondition, Step
 from outreach.clock import travel, utcnow
 from outreach.config import Settings
-from outreach.conversation import alert_unanswered_replies
 from outreach.db import is_sqlite, transaction
 from outreach.enrollment import audience_matches, enroll, exit_enrollments
 from outreach.models import (
@@ -314,6 +313,7 @@ class Scheduler:
         policy: PolicyEngine | None = None,
         enqueue_batch: Callable[[Sequence[str]], None] | None = None,
         batch_size: int = MAX_BATCH,
+        checks: Sequence[Callable[[datetime], int]] = (),
     ) -> None:
         self.engine = engine
         self.campaigns = campaigns
@@ -323,6 +323,9 @@ class Scheduler:
         #: locale); without it every row is enqueued on its own.
         self.enqueue_batch = enqueue_batch
         self.batch_size = batch_size
+        #: Run every pass after the due steps, each returning the alerts it raised (the runtime adds the check for
+        #: replies nobody answered): the scheduler drives them, it does not need to know what they look at.
+        self.checks = tuple(checks)
         self.policy = policy or PolicyEngine(PolicySpec(), settings)
         self.sqlite = is_sqlite(engine)
         #: Where the outbox ids the passes write come from (the simulator seeds its own, for repeatable runs).
@@ -345,7 +348,8 @@ class Scheduler:
             for _ in range(MAX_PASSES):
                 if self.run_due(now, result) == 0:
                     break
-            result.alerts += alert_unanswered_replies(self.engine, now, self.settings, self.policy)
+            for check in self.checks:
+                result.alerts += check(now)
             self.sweep(now, result)
             return result
 

@@ -51,3 +51,22 @@ def verify(settings: Settings, purpose: str, token: str) -> str | None:
 def unsubscribe_url(settings: Settings, channel: str, candidate_id: int) -> str:
     token = sign(settings, "unsubscribe", f"{channel}:{candidate_id}")
     return f"{settings.public_url}/unsubscribe/{token}"
+
+
+def reply_address(settings: Settings, outbox_id: str) -> str | None:
+    """``replies+<signed outbox id>@domain`` from ``OUTREACH_EMAIL_REPLY_TO``, so a reply finds its message even
+    when it comes from another address; None when no reply-to address is configured."""
+    base = settings.email_reply_to
+    if not base or "@" not in base:
+        return None
+    name, _, address = base.rpartition("<")
+    address = address.rstrip(">").strip() if name or "<" in base else base.strip()
+    local, _, domain = address.partition("@")
+    return f"{local}+{sign(settings, 'reply', outbox_id)}@{domain}"
+
+
+def outbox_id_from_reply_address(settings: Settings, address: str) -> str | None:
+    """The outbox id in a reply address we minted, or None (forged, damaged or not ours)."""
+    local = address.strip().strip("<>").partition("@")[0]
+    _, plus, token = local.partition("+")
+    return verify(settings, "reply", token) if plus else None

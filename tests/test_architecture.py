@@ -131,3 +131,68 @@ def test_no_import_cycles() -> None:
     found = sorted(cycles(import_graph()), key=sorted)
     described = ["  " + " → ".join(sorted(cycle)) for cycle in found]
     assert found == [], "import cycles:\n" + "\n".join(described)
+
+
+#: The floors of the package, bottom first; a module may import from its own floor and the ones below, never
+#: from above. ``policy`` and ``providers`` share a floor and do not import each other.
+FLOORS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("core", frozenset({"clock", "config", "errors", "logs", "models", "db", "sql", "migrations"})),
+    ("domain", frozenset({"campaigns", "candidates", "intent", "render", "tokens", "auth"})),
+    ("policy and providers", frozenset({"policy", "calendar", "providers"})),
+    (
+        "pipeline",
+        frozenset(
+            {
+                "services",
+                "context",
+                "timing",
+                "enrollment",
+                "outbox",
+                "links",
+                "delivery",
+                "batch",
+                "scheduler",
+                "uncertain",
+            }
+        ),
+    ),
+    ("inbound", frozenset({"events", "inbound", "replies", "autoreply", "conversation"})),
+    ("service", frozenset({"validation", "broker", "runtime"})),
+    ("ops", frozenset({"analytics", "erasure", "simulate", "sandbox"})),
+    ("entry points", frozenset({"web", "cli", "__main__", "workers"})),
+)
+
+
+def floor_of(module: str) -> int:
+    parts = module.split(".")
+    name = parts[0] if parts[0] == "workers" or len(parts) == 1 else parts[1]
+    if module == "outreach":
+        return 0
+    for index, (_, members) in enumerate(FLOORS):
+        if name in members:
+            return index
+    raise AssertionError(f"{module} is on no floor: add it to FLOORS in {__name__}")
+
+
+def test_imports_only_go_down() -> None:
+    upward = [
+        f"  {module} ({FLOORS[floor_of(module)][0]}) imports {target} ({FLOORS[floor_of(target)][0]})"
+        for module, targets in sorted(import_graph().items())
+        for target in sorted(targets)
+        if floor_of(target) > floor_of(module)
+    ]
+    assert upward == [], "imports that go up a floor:\n" + "\n".join(upward)
+
+
+def test_policy_and_providers_do_not_import_each_other() -> None:
+    def package(module: str) -> str:
+        parts = module.split(".")
+        return parts[1] if len(parts) > 2 else ""
+
+    crossing = [
+        f"{module} → {target}"
+        for module, targets in import_graph().items()
+        for target in targets
+        if {package(module), package(target)} == {"policy", "providers"}
+    ]
+    assert crossing == []

@@ -23,18 +23,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from twilio.request_validator import RequestValidator
 
-from outreach.autoreply import (
-    AUTO_REPLY,
-    TEMPLATE,
-    WINDOW,
-    format_reply_by,
-    plan_auto_reply,
-    reply_by,
-)
+from outreach.autoreply import TEMPLATE, WINDOW, plan_auto_reply
 from outreach.clock import set_clock
+from outreach.context import format_reply_by, reply_by
 from outreach.delivery import deliver
 from outreach.inbound import InboundResult, InboundSms, handle_inbound_sms
-from outreach.models import Candidate, InboundMessage, OutboundMessage
+from outreach.models import AUTO_REPLY, Candidate, InboundMessage, OutboundMessage
 from outreach.policy.engine import OUTREACH_CATEGORIES
 from outreach.render import Renderer, sample_context
 from outreach.replies import is_automatic
@@ -227,7 +221,7 @@ def test_only_messages_outside_business_hours_are_answered(
 def test_the_reply_time_is_stated_in_the_candidates_timezone(runtime: Runtime, clock: Clock) -> None:
     def stated(timezone: str | None, locale: str = "en", at: datetime = FRIDAY_AFTER_CLOSING) -> dict[str, str]:
         candidate = Candidate(external_id="x", locale=locale, timezone=timezone, phone=None)
-        found = reply_by(runtime, at, candidate)
+        found = reply_by(runtime.settings, runtime.policy.calendar, at, candidate)
         assert found is not None
         return found
 

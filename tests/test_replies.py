@@ -13,8 +13,9 @@ from sqlalchemy.orm import Session
 
 from outreach.inbound import InboundSms, handle_inbound_sms
 from outreach.models import Alert, Candidate, Enrollment, InboundMessage, OutboundMessage
-from outreach.replies import EmailResult, InboundEmail, handle_inbound_email, is_automatic, reply_address
+from outreach.replies import EmailResult, InboundEmail, handle_inbound_email, is_automatic
 from outreach.runtime import Runtime
+from outreach.tokens import reply_address
 from tests.helpers import add_candidate, add_job, fire
 
 T0 = datetime(2026, 11, 25, 2, 0, tzinfo=UTC)

@@ -45,13 +45,12 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from outreach.analytics import queue
-from outreach.models import DeliveryEvent, InboundMessage, MessageStatus, OutboundMessage
+from outreach.models import AUTO_REPLY, DeliveryEvent, InboundMessage, MessageStatus, OutboundMessage
 
 __all__ = ["CACHE_SECONDS", "OutboxCollector", "registry_for", "router"]
 
 #: How long one round of queries answers scrapes.
 CACHE_SECONDS = 5.0
-AUTO_REPLY = "auto_reply"
 NONE = "none"
 _FAILED = (MessageStatus.FAILED.value, MessageStatus.BOUNCED.value, MessageStatus.UNDELIVERED.value)
 _DROPPED = (MessageStatus.SUPPRESSED.value, MessageStatus.SKIPPED.value, MessageStatus.CANCELLED.value)

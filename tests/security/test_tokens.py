@@ -11,10 +11,9 @@ from fastapi.testclient import TestClient
 
 from outreach.config import Secret
 from outreach.links import follow, link_id_from_token
-from outreach.replies import outbox_id_from_reply_address
 from outreach.runtime import Runtime
 from outreach.sandbox import SandboxServer
-from outreach.tokens import sign, verify
+from outreach.tokens import outbox_id_from_reply_address, sign, verify
 from outreach.web import create_app
 from tests.security.util import changed_rows, snapshot
 from tests.test_links import BOOKING, send_jd_email, tracked_paths

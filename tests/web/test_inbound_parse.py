@@ -20,8 +20,9 @@ from outreach import replies
 from outreach.clock import set_clock
 from outreach.config import Secret
 from outreach.models import Alert, Candidate, Enrollment, InboundMessage, OutboundMessage
-from outreach.replies import EmailResult, InboundEmail, reply_address
+from outreach.replies import EmailResult, InboundEmail
 from outreach.runtime import Runtime
+from outreach.tokens import reply_address
 from outreach.web import create_app, inbound_parse
 from outreach.web.webhooks import WebhookSettings
 from tests.helpers import add_candidate, add_job, fire
