@@ -69,7 +69,6 @@ from outreach.models import (
     Job,
     MessageStatus,
     OutboundMessage,
-    Suppression,
 )
 from outreach.outbox import STOP_REFUSED, pending_again, refused
 from outreach.policy.base import Stage as PolicyStage
@@ -80,6 +79,7 @@ from outreach.providers.base import EmailMessage, SendResult, SmsMessage
 from outreach.render import sms_segments
 from outreach.services import Services
 from outreach.sql import one_of
+from outreach.suppression import Suppress, suppress
 from outreach.tokens import reply_address
 
 # The transitions live in outreach.outbox; STOP_REFUSED, pending_again and refused stay importable from here.
@@ -521,20 +521,10 @@ def _send_one(
             provider=exc.provider,
         )
         if exc.suppress:
-            from outreach.sql import insert_ignore
-
+            channel = Channel.EMAIL.value if email else Channel.SMS.value
+            refused_for_good = Suppress(channel, payload.to, f"{exc.provider} {exc.code}", "provider")
             with Session(bind=connection) as session:
-                insert_ignore(
-                    session,
-                    Suppression,
-                    {
-                        "channel": Channel.EMAIL.value if email else Channel.SMS.value,
-                        "address": payload.to,
-                        "reason": f"{exc.provider} {exc.code}",
-                        "source": "provider",
-                        "created_at": utcnow(),
-                    },
-                )
+                suppress(session, [refused_for_good], utcnow(), cancel=False)
         log.warning(
             "provider refused message", extra={"outbox_id": send.id, "provider": exc.provider, "code": exc.code}
         )

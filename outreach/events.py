@@ -65,9 +65,10 @@ from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeEngine
 
 from outreach.clock import utcnow
-from outreach.models import Candidate, Channel, DeliveryEvent, MessageStatus, OutboundMessage, Suppression, UTCDateTime
+from outreach.models import Candidate, Channel, DeliveryEvent, MessageStatus, OutboundMessage, UTCDateTime
 from outreach.providers.base import redact
 from outreach.sql import chunks, insert_ignore_many, json_document, json_records
+from outreach.suppression import Suppress, suppress
 
 __all__ = [
     "SENDGRID_EVENTS",
@@ -596,56 +597,28 @@ def _apply_moves(session: Session, moves: Mapping[str, tuple[_Move, _Row]], now:
 
 def _suppress(session: Session, events: Sequence[NormalizedEvent], now: datetime, result: IngestResult) -> None:
     """Record suppressions and end the queued messages to those addresses (a suppression applies at once)."""
-    wanted: dict[tuple[str, str], tuple[str, str]] = {}
-    for event in sorted(events, key=_sort_key):
-        if event.suppress_reason is None or not event.recipient:
-            continue
-        channel = event.channel
-        address = event.recipient.lower() if channel == Channel.EMAIL.value else event.recipient
-        wanted.setdefault((channel, address), (event.suppress_reason, event.provider))
-    if not wanted:
-        return
-    rows = [
-        {"channel": channel, "address": address, "reason": reason, "source": source, "created_at": now}
-        for (channel, address), (reason, source) in sorted(wanted.items())
+    entries = [
+        Suppress(event.channel, event.recipient, event.suppress_reason, event.provider)
+        for event in sorted(events, key=_sort_key)
+        if event.suppress_reason is not None and event.recipient
     ]
-    result.suppressed += len(insert_ignore_many(session, Suppression, rows, Suppression.id))
+    done = suppress(session, entries, now)
+    result.suppressed += done.written
+    result.cancelled += len(done.cancelled)
+    # An unsubscribe or a spam report by email is the same as the one-click unsubscribe link: no more nurture.
+    withdrawn = sorted(
+        {e.address.strip().lower() for e in entries if e.channel == Channel.EMAIL.value and e.reason in _NO_NURTURE}
+    )
+    for chunk in chunks(withdrawn, _CHUNK):
+        session.execute(
+            update(Candidate)
+            .where(func.lower(Candidate.email).in_(chunk), Candidate.nurture_consent.is_(True))
+            .values(nurture_consent=False)
+            .execution_options(synchronize_session=False)
+        )
 
-    by_reason: dict[tuple[str, str], list[str]] = {}
-    for (channel, address), (reason, _) in wanted.items():
-        by_reason.setdefault((channel, reason), []).append(address)
-    for (channel, reason), addresses in sorted(by_reason.items()):
-        addresses.sort()
-        for chunk in chunks(addresses, _CHUNK):
-            match = (
-                func.lower(Candidate.email).in_(chunk) if channel == Channel.EMAIL.value else Candidate.phone.in_(chunk)
-            )
-            cancelled = session.execute(
-                update(OutboundMessage)
-                .where(
-                    OutboundMessage.status.in_([MessageStatus.PENDING.value, MessageStatus.HELD.value]),
-                    OutboundMessage.channel == channel,
-                    OutboundMessage.candidate_id.in_(select(Candidate.id).where(match)),
-                )
-                .values(
-                    status=MessageStatus.SUPPRESSED.value,
-                    rule="suppression",
-                    reason=f"address suppressed: {reason}",
-                    lease_until=None,
-                    updated_at=now,
-                )
-                .returning(OutboundMessage.id)
-                .execution_options(synchronize_session=False)
-            ).all()
-            result.cancelled += len(cancelled)
-            if channel == Channel.EMAIL.value and reason in {"unsubscribed", "complained"}:
-                # The same as the one-click unsubscribe link: no more nurture either.
-                session.execute(
-                    update(Candidate)
-                    .where(match, Candidate.nurture_consent.is_(True))
-                    .values(nurture_consent=False)
-                    .execution_options(synchronize_session=False)
-                )
+
+_NO_NURTURE = frozenset({"unsubscribed", "complained"})
 
 
 def _touch_candidates(

@@ -41,10 +41,11 @@ from outreach.clock import utcnow
 from outreach.conversation import last_sent_to, notify_reply
 from outreach.enrollment import record_reply
 from outreach.errors import TemplateError
-from outreach.models import Candidate, Channel, InboundMessage, MessageStatus, OutboundMessage, Suppression
+from outreach.models import Candidate, Channel, InboundMessage, OutboundMessage, Suppression
 from outreach.policy.keywords import Keyword, classify, is_conversational
 from outreach.services import Services
 from outreach.sql import insert_ignore
+from outreach.suppression import Suppress, suppress
 
 __all__ = [
     "HELP_INTERVAL",
@@ -260,37 +261,10 @@ def _has_opt_out(session: Session, address: str) -> bool:
 
 
 def _opt_out(session: Session, address: str) -> int:
-    """Suppress the number and cancel what is queued for it; returns how many outbox rows were cancelled."""
-    now = utcnow()
-    insert_ignore(
-        session,
-        Suppression,
-        {
-            "channel": Channel.SMS.value,
-            "address": address,
-            "reason": OPT_OUT_REASON,
-            "source": OPT_OUT_SOURCE,
-            "created_at": now,
-        },
-    )
-    # Outbox rows name the candidate, not the number: every candidate with this number loses its queued SMS.
-    cancelled = session.scalars(
-        update(OutboundMessage)
-        .where(
-            OutboundMessage.channel == Channel.SMS.value,
-            OutboundMessage.status.in_([MessageStatus.PENDING.value, MessageStatus.HELD.value]),
-            OutboundMessage.candidate_id.in_(select(Candidate.id).where(Candidate.phone == address)),
-        )
-        .values(
-            status=MessageStatus.SUPPRESSED.value,
-            rule=CONSENT_RULE,
-            reason=CONSENT_REASON,
-            updated_at=now,
-        )
-        .returning(OutboundMessage.id)
-        .execution_options(synchronize_session=False)
-    ).all()
-    return len(cancelled)
+    """Suppress the number and cancel what is queued for it; returns how many outbox rows were cancelled.
+    Outbox rows name the candidate, not the number: every candidate with this number loses its queued SMS."""
+    opt_out = Suppress(Channel.SMS.value, address, OPT_OUT_REASON, OPT_OUT_SOURCE)
+    return len(suppress(session, [opt_out], utcnow(), rule=CONSENT_RULE, reason=CONSENT_REASON).cancelled)
 
 
 def _claim_confirmation(session: Session, address: str) -> bool:

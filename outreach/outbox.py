@@ -693,3 +693,28 @@ def sweep_lost(db: Db, now: datetime) -> int:
         )
     )
     return int(getattr(lost, "rowcount", 0) or 0)
+
+
+# -- suppressed while queued ----------------------------------------------------------------------------------
+
+
+def suppress_queued(db: Db, channel: str, candidates: Any, now: datetime, *, rule: str, reason: str) -> list[str]:
+    """The ``channel`` messages still queued (``pending`` or ``held``) for the candidates ``candidates`` selects
+    become ``suppressed`` with ``rule`` and ``reason`` (:mod:`outreach.suppression` calls this); their ids."""
+    statement = (
+        update(_OUTBOX)
+        .where(
+            _OUTBOX.c.status.in_([MessageStatus.PENDING.value, MessageStatus.HELD.value]),
+            _OUTBOX.c.channel == channel,
+            _OUTBOX.c.candidate_id.in_(candidates),
+        )
+        .values(
+            status=MessageStatus.SUPPRESSED.value,
+            rule=rule,
+            reason=reason,
+            lease_until=None,
+            updated_at=now,
+        )
+        .returning(_OUTBOX.c.id)
+    )
+    return [row[0] for row in _connection(db).execute(statement)]

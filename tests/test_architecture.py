@@ -153,6 +153,7 @@ FLOORS: tuple[tuple[str, frozenset[str]], ...] = (
                 "batch",
                 "scheduler",
                 "uncertain",
+                "suppression",
             }
         ),
     ),

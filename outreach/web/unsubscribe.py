@@ -13,10 +13,9 @@ from fastapi.responses import HTMLResponse
 from sqlalchemy.orm import Session
 
 from outreach.clock import utcnow
-from outreach.models import Candidate, Suppression
-from outreach.policy.consent import suppression_address
+from outreach.models import Candidate
 from outreach.runtime import Runtime
-from outreach.sql import insert_ignore
+from outreach.suppression import Suppress, suppress
 from outreach.tokens import verify
 
 router = APIRouter(include_in_schema=False)
@@ -66,15 +65,6 @@ def unsubscribe(request: Request, token: str) -> HTMLResponse:
             candidate.nurture_consent = False
             address = candidate.email if channel == "email" else candidate.phone
             if address:
-                insert_ignore(
-                    session,
-                    Suppression,
-                    {
-                        "channel": channel,
-                        "address": suppression_address(channel, address),
-                        "reason": "unsubscribed",
-                        "source": "link",
-                        "created_at": utcnow(),
-                    },
-                )
+                # Recorded only: the send-time rules refuse whatever is queued to the address.
+                suppress(session, [Suppress(channel, address, "unsubscribed", "link")], utcnow(), cancel=False)
     return _page("You are unsubscribed", "You will not receive these messages any more. 您已成功退订。")
