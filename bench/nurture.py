@@ -58,6 +58,7 @@ from bench.stack import (
 )
 from outreach.batch import MAX_PERSONALIZATIONS
 from outreach.broker import BATCH_ACTOR
+from outreach.clock import utcnow
 from outreach.models import MessageStatus, OutboundMessage
 
 POLL_INTERVAL = 0.05
@@ -67,7 +68,9 @@ WARMUP_BATCH = 50
 
 def seed(engine: Engine, count: int) -> dict[str, list[str]]:
     """``count`` consenting talent-pool candidates with a pending quarterly_nurture row; outbox ids by locale."""
-    now = "(now() at time zone 'utc')"
+    # The service's clock, not the database's: a run under a moved clock (faketime) seeds rows due at its time.
+    now = "CAST(:now AS timestamp)"
+    at = utcnow().replace(tzinfo=None)
     with engine.begin() as connection:
         connection.execute(
             text(
@@ -80,7 +83,7 @@ def seed(engine: Engine, count: int) -> dict[str, list[str]]:
                 FROM generate_series(1, :n) AS g
                 """
             ),
-            {"n": count},
+            {"n": count, "now": at},
         )
         connection.execute(
             text(
@@ -91,7 +94,8 @@ def seed(engine: Engine, count: int) -> dict[str, list[str]]:
                        '{{}}'::json, {now}, {now}
                 FROM candidates
                 """
-            )
+            ),
+            {"now": at},
         )
         connection.execute(
             text(
@@ -104,7 +108,8 @@ def seed(engine: Engine, count: int) -> dict[str, list[str]]:
                        {now}, {now}
                 FROM enrollments AS e
                 """
-            )
+            ),
+            {"now": at},
         )
         rows = connection.execute(
             text(

@@ -66,7 +66,9 @@ def seed(engine: Engine, enrollments: int, due: int) -> None:
     candidates = min(enrollments, CANDIDATES)
     if due > candidates:
         raise BenchmarkError(f"{due} due steps need at least as many candidates ({candidates})")
-    now = "(now() at time zone 'utc')"
+    # The service's clock, not the database's: a run under a moved clock (faketime) seeds rows due at its time.
+    now = "CAST(:now AS timestamp)"
+    at = utcnow().replace(tzinfo=None)
     with engine.begin() as connection:
         # A bulk load: foreign-key triggers off for this transaction, secondary indexes built once afterwards.
         connection.execute(text("SET LOCAL session_replication_role = replica"))
@@ -88,15 +90,15 @@ def seed(engine: Engine, enrollments: int, due: int) -> None:
             connection.execute(text(f'ALTER TABLE enrollments DROP CONSTRAINT "{name}"'))
         connection.execute(
             text(
-                """
+                f"""
                 INSERT INTO candidates (external_id, name, email, locale, timezone, tags, stage, nurture_consent,
                                         data, created_at, updated_at)
                 SELECT 'bench-' || g, 'Candidate ' || g, 'bench-' || g || '@example.org', 'en', 'Asia/Shanghai',
-                       '[]'::json, 'rejected', false, '{}'::json, now(), now()
+                       '[]'::json, 'rejected', false, '{{}}'::json, {now}, {now}
                 FROM generate_series(1, :n) AS g
                 """
             ),
-            {"n": candidates},
+            {"n": candidates, "now": at},
         )
         connection.execute(
             text(
@@ -110,7 +112,7 @@ def seed(engine: Engine, enrollments: int, due: int) -> None:
                 FROM generate_series(1, :n) AS g
                 """
             ),
-            {"campaign": CAMPAIGN, "due": due, "n": enrollments, "candidates": candidates},
+            {"campaign": CAMPAIGN, "due": due, "n": enrollments, "candidates": candidates, "now": at},
         )
         for _, definition in indexes:
             connection.execute(text(definition))

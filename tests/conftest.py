@@ -249,6 +249,7 @@ CLOCK_SENSITIVE = frozenset(
         "test_analytics.py",
         "test_autoreply.py",
         "test_batch.py",
+        "test_bench_smoke.py",
         "test_calendar.py",
         "test_cli.py",
         "test_cli_tick.py",
