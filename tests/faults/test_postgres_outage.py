@@ -113,7 +113,15 @@ def test_postgres_unreachable_for_30_seconds(
     stack.spawn("scheduler", scheduler_argv())
     wait_until(lambda: stack.outbox_rows() >= messages, 90, "the scheduler to write the outbox", check=stack.check)
     stack.spawn("workers", worker_argv(stack.settings.queue_name, processes=1, threads=4))
-    wait_until(lambda: len(stack.sandbox.messages()) >= messages // 4, 90, "a quarter of the sends", check=stack.check)
+    # Polled finely: on a quiet machine the workers send hundreds a second, and a coarse poll could find every
+    # email already sent, leaving no SendGrid call for the slow fault below.
+    wait_until(
+        lambda: len(stack.sandbox.messages()) >= messages // 4,
+        90,
+        "a quarter of the sends",
+        check=stack.check,
+        interval=0.005,
+    )
 
     # One provider call certainly in flight at the cut: the sandbox holds it 3 s, then accepts it.
     stack.sandbox.fail("sendgrid", "slow", delay=3.0)
