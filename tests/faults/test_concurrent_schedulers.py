@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 from sqlalchemy import func, select
 
-from outreach.models import OutboundMessage
+from outreach.models import MessageStatus, OutboundMessage
 from tests.faults.conftest import (
     EMAIL_CAMPAIGN,
     Stack,
@@ -53,11 +53,17 @@ def test_two_schedulers_four_workers_send_every_due_step_once(make_stack: Callab
         ).one()
     counts = count(stack, schedulers=2, worker_processes=4, send_seconds=round(waited, 1))
     counts.show("two schedulers, four workers")
+    with stack.engine.connect() as connection:
+        failures = connection.execute(
+            select(OutboundMessage.rule, OutboundMessage.error_code, OutboundMessage.reason).where(
+                OutboundMessage.status == MessageStatus.FAILED.value
+            )
+        ).all()
 
     assert steps == (enrollments, enrollments), "a due step was written twice or not at all"
     assert counts.expected == enrollments
+    assert counts.failed == 0, failures  # rule, code and reason of each, to say why
     assert counts.sent == enrollments
     assert counts.duplicated == 0
     assert counts.lost == 0
-    assert counts.failed == 0
     assert counts.uncertain == 0
