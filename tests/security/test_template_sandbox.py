@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,27 @@ def test_slow_and_long_templates_name_the_limit(tmp_path: Path) -> None:
         renderer.render_sms("slow", "en", sample_context())
     with pytest.raises(TemplateError, match=r"sms/long.en.txt.*exceeds the limit of 1600 characters"):
         renderer.render_sms("long", "en", sample_context())
+
+
+def test_the_budget_counts_the_render_s_own_cpu_not_a_busy_machine(tmp_path: Path) -> None:
+    """A worker host that is only busy (the render waits for the GIL or a core) must not fail a good message:
+    the budget is the rendering thread's CPU time. Here a context value takes 0.3 s of waiting to read."""
+    root = tmp_path / "t"
+    (root / "sms").mkdir(parents=True)
+    (root / "sms" / "waits.en.txt").write_text(
+        "Hello {{ candidate.name }}{% for i in range(3) %}.{% endfor %}", encoding="utf-8"
+    )
+
+    class Waiting(dict[str, Any]):
+        def __getitem__(self, key: str) -> Any:
+            threading.Event().wait(0.3)  # no CPU used, like a thread waiting its turn
+            return super().__getitem__(key)
+
+    renderer = Renderer(root)
+    renderer.time_budget = 0.1
+    context = sample_context()
+    context["candidate"] = Waiting(context["candidate"])
+    assert renderer.render_sms("waits", "en", context).text.startswith("Hello ")
 
 
 def test_real_templates_keep_working_with_the_guards(tmp_path: Path) -> None:
