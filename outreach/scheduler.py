@@ -532,8 +532,6 @@ class Scheduler:
             channels = {step.channel.value for (_, _, step), skip in zip(steps, skips, strict=True) if not skip}
             reads = PolicyReads.load(session, self.policy, checked, channels, now)
 
-        # The row is ready to go at the pass's own instant, so a later pass (or a worker) finds it due.
-        wall = now
         rows: list[dict[str, Any]] = []
         alerts: list[dict[str, Any]] = []
         wanted: list[Queued] = []
@@ -545,8 +543,9 @@ class Scheduler:
             status = PENDING
             rule: str | None = None
             reason = None
-            not_before = wall
-            enqueued_at: datetime | None = wall
+            # Ready to go at the pass's own instant, so a later pass (or a worker) finds it due.
+            not_before = now
+            enqueued_at: datetime | None = now
             if skip:
                 status = SKIPPED
                 rule, reason = skip
@@ -572,7 +571,7 @@ class Scheduler:
                     status = verdict.status.value
                     rule, reason = decision.rule, decision.reason
                     if decision.until is not None:
-                        not_before = max(decision.until, wall)
+                        not_before = max(decision.until, now)
                         enqueued_at = None
                     result.held += 1
             rows.append(
@@ -589,8 +588,8 @@ class Scheduler:
                     "not_before": not_before,
                     "enqueued_at": enqueued_at,
                     "attempts": 0,
-                    "created_at": wall,
-                    "updated_at": wall,
+                    "created_at": now,
+                    "updated_at": now,
                     "rule": rule,
                     "reason": reason,
                 }

@@ -15,7 +15,7 @@ import sys
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -198,4 +198,3 @@ def test_summary_counts_follow_the_outbox_not_the_plan(machine: TimeMachine) -> 
     morning = machine.tick((at + timedelta(hours=10, minutes=20)).isoformat())
     assert morning["messages"] == {"sent": 1}
     assert machine.row("c-1", "jd_nudge").status == MessageStatus.SENT.value
-    assert UTC  # instants above are UTC throughout
