@@ -1,8 +1,8 @@
 """The end-to-end side: pending outbox rows → Dramatiq workers → rendered templates → SendGrid SDK → sandbox.
 
 The ids reach the workers the way production enqueues them: a scheduler pass's ids (up to 1,000) cut into group
-messages of the ``deliver_messages`` actor by :func:`outreach.broker.groups` (up to ``GROUP_SIZE`` ids each),
-the messages encoded as :func:`outreach.broker.enqueue_deliveries` encodes them. "msg/s" is outbox rows (emails)
+messages of the ``deliver_messages`` actor by :func:`outreach.service.broker.groups` (up to ``GROUP_SIZE`` ids each),
+the messages encoded as :func:`outreach.service.broker.enqueue_deliveries` encodes them. "msg/s" is outbox rows (emails)
 sent per second; the bare baseline is Dramatiq messages per second.
 
 Set-up (not timed): a fresh PostgreSQL database, migrated; one job; two exemplar candidates (en, zh-CN) that go
@@ -58,13 +58,13 @@ from bench.stack import (
     wait_for_sandbox,
     worker_environment,
 )
-from outreach.broker import GROUP_ACTOR, groups
-from outreach.candidates import CandidateIn, JobIn, upsert_candidate, upsert_job
-from outreach.clock import utcnow
-from outreach.config import Settings
-from outreach.enrollment import EventIn, record_event
-from outreach.models import Base, MessageStatus, OutboundMessage, new_id
-from outreach.runtime import Runtime
+from outreach.core.clock import utcnow
+from outreach.core.config import Settings
+from outreach.core.models import Base, MessageStatus, OutboundMessage, new_id
+from outreach.domain.candidates import CandidateIn, JobIn, upsert_candidate, upsert_job
+from outreach.pipeline.enrollment import EventIn, record_event
+from outreach.service.broker import GROUP_ACTOR, groups
+from outreach.service.runtime import Runtime
 
 #: The database is polled for the count of sent rows this often (the brief cost of a count on the outbox).
 POLL_INTERVAL = 0.05

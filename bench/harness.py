@@ -454,7 +454,7 @@ def scratch_database(server_url: str, prefix: str = "outreach_bench") -> Iterato
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
-    from outreach.db import dispose_engines, normalise_url, upgrade
+    from outreach.core.db import dispose_engines, normalise_url, upgrade
 
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = create_engine(normalise_url(server_url), isolation_level="AUTOCOMMIT")

@@ -45,12 +45,12 @@ from bench.harness import (
     wait_until,
 )
 from bench.stack import alive, service_settings, start_sandbox, worker_environment
-from outreach.broker import enqueue_deliveries
-from outreach.candidates import CandidateIn, JobIn, upsert_candidate, upsert_job
-from outreach.config import Settings
-from outreach.enrollment import EventIn, record_event
-from outreach.models import MessageStatus, OutboundMessage
-from outreach.runtime import Runtime
+from outreach.core.config import Settings
+from outreach.core.models import MessageStatus, OutboundMessage
+from outreach.domain.candidates import CandidateIn, JobIn, upsert_candidate, upsert_job
+from outreach.pipeline.enrollment import EventIn, record_event
+from outreach.service.broker import enqueue_deliveries
+from outreach.service.runtime import Runtime
 
 #: Seconds between two samples (both sides): long enough for the workers to go idle, short enough for 200.
 GAP = 0.25
@@ -145,7 +145,7 @@ def e2e_latencies(options: Options, samples: int, logs: Path) -> tuple[list[floa
         settings = service_settings(stack, database_url)
 
         def enqueue(outbox_ids: Sequence[str]) -> None:
-            # As the service enqueues: the scheduler pass's ids in group messages (outreach.broker).
+            # As the service enqueues: the scheduler pass's ids in group messages (outreach.service.broker).
             enqueue_deliveries(outbox_ids, broker=broker, queue_name=queue.name)
 
         runtime = Runtime(settings, enqueue_override=enqueue)

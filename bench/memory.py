@@ -38,9 +38,9 @@ from bench.harness import (
     wait_until,
 )
 from bench.stack import alive, service_settings, start_sandbox, worker_environment
-from outreach.broker import GROUP_ACTOR
-from outreach.models import MessageStatus, OutboundMessage
-from outreach.runtime import Runtime
+from outreach.core.models import MessageStatus, OutboundMessage
+from outreach.service.broker import GROUP_ACTOR
+from outreach.service.runtime import Runtime
 
 GOAL_MB = 150.0
 GROWTH_ALLOWANCE_MB = 5.0

@@ -4,7 +4,7 @@ Set-up (not timed): the bare Dramatiq no-op side of :mod:`bench.bare` runs first
 settings. Then a scratch PostgreSQL database gets, by ``generate_series``, N talent-pool candidates with nurture
 consent (two in three read English, one in three Chinese) and one pending ``quarterly_nurture`` email row each,
 as the scheduler writes them; the ids are grouped by locale into batch messages of up to 1000 (what
-:meth:`outreach.scheduler.Scheduler.run_due` puts on the queue) and staged on Redis. The campaigns are the
+:meth:`outreach.pipeline.scheduler.Scheduler.run_due` puts on the queue) and staged on Redis. The campaigns are the
 shipped ones with the shipped policies, except that nurture email may go at any hour (the run must not depend on
 the time of day). The sandbox runs as its own process and keeps who got what, not every recipient's body.
 
@@ -56,10 +56,10 @@ from bench.stack import (
     start_sandbox,
     worker_environment,
 )
-from outreach.batch import MAX_PERSONALIZATIONS
-from outreach.broker import BATCH_ACTOR
-from outreach.clock import utcnow
-from outreach.models import MessageStatus, OutboundMessage
+from outreach.core.clock import utcnow
+from outreach.core.models import MessageStatus, OutboundMessage
+from outreach.pipeline.batch import MAX_PERSONALIZATIONS
+from outreach.service.broker import BATCH_ACTOR
 
 POLL_INTERVAL = 0.05
 WARMUP_RECIPIENTS = 200
@@ -288,7 +288,7 @@ def run(options: Options) -> list[Figure]:
 
 def _serve_sandbox(port: int) -> None:
     """The sandbox for this benchmark: SendGrid only, keeping who got what but not 100,000 bodies."""
-    from outreach.sandbox import SandboxServer
+    from outreach.ops.sandbox import SandboxServer
 
     server = SandboxServer("127.0.0.1", port, twilio_auth_token=SANDBOX_TOKEN, keep_bodies=False).start()
     try:

@@ -3,7 +3,7 @@
 Set-up (not timed): a scratch PostgreSQL database per size, filled with ``generate_series`` (candidates and
 ``final_thanks`` enrollments, all active; a few thousand due, the rest due in the weeks ahead) and analysed.
 
-Timed, on each size: one scheduler pass (:meth:`outreach.scheduler.Scheduler.run_due`): claim 1,000 due
+Timed, on each size: one scheduler pass (:meth:`outreach.pipeline.scheduler.Scheduler.run_due`): claim 1,000 due
 enrollments (``FOR UPDATE SKIP LOCKED`` over the ``(status, next_run_at)`` index) and read them with their
 candidates, check every policy rule, write their outbox rows and move the enrollments on, commit, and enqueue the
 ids on Redis, pipelined. The median of a few passes is the figure (the JSON details also give this process's CPU
@@ -12,7 +12,7 @@ with the table). The statements of the first (untimed) pass are recorded and EXP
 parameters: the claim must use the index, and at 1M no statement may scan the enrollments table.
 
 Also timed: waking workers for 10,000 outbox ids on the Redis queue as the scheduler does
-(:func:`outreach.broker.enqueue_deliveries`: the ids in groups of up to 25 per message, all messages in one
+(:func:`outreach.service.broker.enqueue_deliveries`: the ids in groups of up to 25 per message, all messages in one
 pipelined round trip) against Dramatiq's own ``actor.send()`` loop with a message per id (one round trip each), on
 the same broker in the same run; the details also give the send() loop over the same group messages (what
 pipelining alone gains).
@@ -41,14 +41,14 @@ from bench.harness import (
     progress,
     scratch_database,
 )
-from outreach.broker import DELIVER_ACTOR, GROUP_ACTOR, enqueue_deliveries, groups
-from outreach.clock import utcnow
-from outreach.config import Settings
-from outreach.models import MessageStatus, OutboundMessage
+from outreach.core.clock import utcnow
+from outreach.core.config import Settings
+from outreach.core.models import MessageStatus, OutboundMessage
+from outreach.pipeline.scheduler import Scheduler, TickResult
 from outreach.policy.config import load_policies
 from outreach.policy.engine import PolicyEngine
-from outreach.scheduler import Scheduler, TickResult
-from outreach.validation import validate_all
+from outreach.service.broker import DELIVER_ACTOR, GROUP_ACTOR, enqueue_deliveries, groups
+from outreach.service.validation import validate_all
 
 CAMPAIGN = "final_thanks"  # one transactional email step, no exit conditions
 
@@ -219,8 +219,9 @@ def measure_size(
 
 def enqueue_rates(broker: RedisBroker, queue: str, count: int) -> tuple[float, float, float]:
     """Ids per second woken on the same Redis for ``count`` outbox ids three ways: ours
-    (:func:`outreach.broker.enqueue_deliveries`: groups of up to 25 ids per message, every message in one pipelined
-    round trip), Dramatiq's own ``actor.send()`` loop with one message per id, and the same loop over our groups."""
+    (:func:`outreach.service.broker.enqueue_deliveries`: groups of up to 25 ids per message, every message in one
+    pipelined round trip), Dramatiq's own ``actor.send()`` loop with one message per id, and the same loop over our
+    groups."""
     broker.declare_queue(queue)
     single: dramatiq.Actor[[str], None] = dramatiq.Actor(
         lambda outbox_id: None, broker=broker, actor_name=DELIVER_ACTOR, queue_name=queue, priority=0, options={}

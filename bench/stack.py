@@ -24,7 +24,7 @@ from bench.harness import (
     get_json,
     wait_until,
 )
-from outreach.config import Settings, set_settings
+from outreach.core.config import Settings, set_settings
 
 #: The Twilio auth token the sandbox signs with and the workers' SDK is given.
 SANDBOX_TOKEN = "sandbox-token"

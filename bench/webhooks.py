@@ -57,7 +57,7 @@ from bench.harness import (
     scratch_database,
     wait_until,
 )
-from outreach.models import Base, DeliveryEvent, OutboundMessage
+from outreach.core.models import Base, DeliveryEvent, OutboundMessage
 
 EVENTS_PATH = "/webhooks/sendgrid/events"
 #: Every message gets processed + delivered; these shares get more (or a bounce instead of delivered).

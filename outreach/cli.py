@@ -14,11 +14,11 @@ from typing import Any
 
 import click
 
-from outreach.clock import check_instant
-from outreach.config import Settings, set_settings
-from outreach.errors import OutreachError, ValidationError
-from outreach.logs import configure_logging
-from outreach.runtime import Runtime, set_runtime, start_clock
+from outreach.core.clock import check_instant
+from outreach.core.config import Settings, set_settings
+from outreach.core.errors import OutreachError, ValidationError
+from outreach.core.logs import configure_logging
+from outreach.service.runtime import Runtime, set_runtime, start_clock
 
 
 def _settings() -> Settings:
@@ -48,7 +48,7 @@ def _parse_when(value: str | None, field: str) -> datetime | None:
 
 
 def _check_campaigns(runtime: Runtime) -> None:
-    from outreach.validation import validate_all
+    from outreach.service.validation import validate_all
 
     settings = runtime.settings
     _, problems = validate_all(settings.campaigns_dir, settings.templates_dir)
@@ -60,7 +60,7 @@ def _check_campaigns(runtime: Runtime) -> None:
 
 def _inline_delivery(runtime: Runtime) -> None:
     """Without a broker, CLI passes deliver what they queue themselves, in this process."""
-    from outreach.delivery import deliver
+    from outreach.pipeline.delivery import deliver
 
     def run(ids: Sequence[str]) -> None:
         for outbox_id in ids:
@@ -70,7 +70,7 @@ def _inline_delivery(runtime: Runtime) -> None:
 
 
 def _external_broker(runtime: Runtime) -> None:
-    from outreach.broker import build_broker, install_broker
+    from outreach.service.broker import build_broker, install_broker
 
     install_broker(build_broker(runtime.settings), runtime.settings.queue_name)
 
@@ -103,7 +103,7 @@ def up(host: str, port: int, threads: int) -> None:
     """API, scheduler, workers and (without credentials) the provider sandbox, in one process."""
     import uvicorn
 
-    from outreach.db import upgrade
+    from outreach.core.db import upgrade
 
     settings = _settings()
     if "OUTREACH_PUBLIC_URL" not in os.environ:
@@ -118,8 +118,8 @@ def up(host: str, port: int, threads: int) -> None:
     sandbox = None
     hooks = None
     if not (settings.has_sendgrid_credentials and settings.has_twilio_credentials):
-        from outreach.config import Secret
-        from outreach.sandbox import SandboxServer
+        from outreach.core.config import Secret
+        from outreach.ops.sandbox import SandboxServer
         from outreach.web.webhooks import WebhookSettings
 
         token = settings.twilio_auth_token.reveal() or "sandbox-token"
@@ -150,8 +150,8 @@ def _start_background(runtime: Runtime, threads: int) -> threading.Event:
     """Install the broker, start worker threads and the scheduler loop; returns the event that stops them."""
     from dramatiq import Worker
 
-    from outreach.broker import build_broker, install_broker
-    from outreach.scheduler import run_forever
+    from outreach.pipeline.scheduler import run_forever
+    from outreach.service.broker import build_broker, install_broker
 
     # Installed before the workers package is imported, so it finds a broker and builds none from the environment.
     broker = install_broker(build_broker(runtime.settings))
@@ -221,7 +221,7 @@ def worker(processes: int, threads: int) -> None:
 @main.command()
 def scheduler() -> None:
     """Tick continuously: fire cron campaigns, claim due steps, sweep stale outbox rows."""
-    from outreach.scheduler import run_forever
+    from outreach.pipeline.scheduler import run_forever
 
     settings = _settings()
     runtime = _runtime_for_commands(settings)
@@ -241,7 +241,7 @@ def tick(now_text: str | None) -> None:
     and ``rules`` are read back from the outbox after the pass; ``left_for_workers`` counts what is still
     pending for the workers (nothing, with --now).
     """
-    from outreach.scheduler import outcome_of
+    from outreach.pipeline.scheduler import outcome_of
 
     now = _parse_when(now_text, "--now")
     settings = _settings()
@@ -258,7 +258,7 @@ def tick(now_text: str | None) -> None:
 @click.option("--port", default=8025, show_default=True, type=int)
 def sandbox(host: str, port: int) -> None:
     """A local SendGrid + Twilio stand-in that keeps what it receives (browse it at /)."""
-    from outreach.sandbox import serve as serve_sandbox
+    from outreach.ops.sandbox import serve as serve_sandbox
 
     settings = _settings()
     click.echo(f"provider sandbox on http://{host}:{port}/")
@@ -277,7 +277,7 @@ def db() -> None:
 @click.argument("revision", default="head")
 def db_upgrade(revision: str) -> None:
     """Apply migrations (Alembic) up to REVISION."""
-    from outreach.db import upgrade
+    from outreach.core.db import upgrade
 
     settings = _settings()
     upgrade(settings.database_url, revision)
@@ -295,7 +295,7 @@ def campaigns() -> None:
 @campaigns.command("validate")
 def campaigns_validate() -> None:
     """Check every campaign file and the templates it uses; exit 1 on any problem."""
-    from outreach.validation import validate_all
+    from outreach.service.validation import validate_all
 
     settings = _settings()
     loaded, problems = validate_all(settings.campaigns_dir, settings.templates_dir)
@@ -316,7 +316,7 @@ def campaigns_validate() -> None:
 @click.option("--locale", default=None, help="Locale to render, e.g. zh-CN (default: the default locale).")
 def campaigns_preview(name: str, step: int, locale: str | None) -> None:
     """Render one step of a campaign with sample data."""
-    from outreach.render import sample_context
+    from outreach.domain.render import sample_context
 
     settings = _settings()
     runtime = Runtime(settings)
@@ -358,8 +358,8 @@ def campaigns_simulate(
     """
     import time
 
-    from outreach.errors import CampaignError
-    from outreach.simulate import simulate
+    from outreach.core.errors import CampaignError
+    from outreach.ops.simulate import simulate
 
     settings = _settings()
     start = None
@@ -435,8 +435,8 @@ def candidates_import(path: Path) -> None:
     """
     from sqlalchemy.orm import Session
 
-    from outreach.candidates import CandidateIn, parse_candidate, upsert_candidate
-    from outreach.db import get_engine
+    from outreach.core.db import get_engine
+    from outreach.domain.candidates import CandidateIn, parse_candidate, upsert_candidate
 
     settings = _settings()
     with path.open(newline="", encoding="utf-8-sig") as handle:
@@ -495,8 +495,8 @@ def event(
     from pydantic import ValidationError as PydanticError
     from sqlalchemy.orm import Session
 
-    from outreach.enrollment import EventIn, record_event
-    from outreach.intent import load_intent
+    from outreach.domain.intent import load_intent
+    from outreach.pipeline.enrollment import EventIn, record_event
 
     settings = _settings()
     runtime = _runtime_for_commands(settings)
@@ -548,8 +548,8 @@ def apikey_create(role: str, name: str | None) -> None:
     """Create a key and print it once, alone on the last line (only its hash is stored)."""
     from sqlalchemy.orm import Session
 
-    from outreach.auth import create_key
-    from outreach.db import get_engine
+    from outreach.core.db import get_engine
+    from outreach.domain.auth import create_key
 
     settings = _settings()
     try:
@@ -566,8 +566,8 @@ def apikey_list() -> None:
     """Keys with their role, shown prefix, creation and last use (never the key)."""
     from sqlalchemy.orm import Session
 
-    from outreach.auth import list_keys
-    from outreach.db import get_engine
+    from outreach.core.db import get_engine
+    from outreach.domain.auth import list_keys
 
     settings = _settings()
     with Session(get_engine(settings.database_url)) as session:
@@ -590,8 +590,8 @@ def apikey_revoke(key: str) -> None:
     """Revoke KEY, given by its numeric id or its shown prefix; it stops working at once."""
     from sqlalchemy.orm import Session
 
-    from outreach.auth import revoke_key
-    from outreach.db import get_engine
+    from outreach.core.db import get_engine
+    from outreach.domain.auth import revoke_key
 
     settings = _settings()
     try:
@@ -606,7 +606,7 @@ def _first_start_key(runtime: Runtime) -> None:
     """On a database without keys, create an hr key and print it, so a newcomer can call the API at once."""
     from sqlalchemy.orm import Session
 
-    from outreach.auth import Role, create_key, has_keys
+    from outreach.domain.auth import Role, create_key, has_keys
 
     with Session(runtime.engine) as session, session.begin():
         if has_keys(session):
@@ -706,9 +706,9 @@ def _report_csv(rates: list[Any], funnel: Any, slas: list[Any]) -> str:
 )
 def report(since_text: str, until_text: str | None, by: str | None, bucket: str | None, output_format: str) -> None:
     """Delivery, engagement and reply rates, the hiring funnel and the SLAs (no personal data)."""
-    from outreach import analytics
-    from outreach.clock import utcnow
-    from outreach.db import get_engine
+    from outreach.core.clock import utcnow
+    from outreach.core.db import get_engine
+    from outreach.ops import analytics
 
     settings = _settings()
     now = utcnow()

@@ -20,16 +20,16 @@ from dramatiq import Broker
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from outreach.broker import install_broker
-from outreach.campaigns import Category
-from outreach.clock import TravelClock, set_clock, utcnow
-from outreach.config import Secret, Settings, set_settings
-from outreach.db import dispose_engines, get_engine, normalise_url, upgrade
-from outreach.models import Base
+from outreach.core.clock import TravelClock, set_clock, utcnow
+from outreach.core.config import Secret, Settings, set_settings
+from outreach.core.db import dispose_engines, get_engine, normalise_url, upgrade
+from outreach.core.models import Base
+from outreach.domain.campaigns import Category
+from outreach.ops.sandbox import SandboxServer
 from outreach.policy.config import EmailWindow, PolicySpec, QuietHoursSpec, Window
 from outreach.policy.engine import PolicyEngine
-from outreach.runtime import Runtime, set_runtime
-from outreach.sandbox import SandboxServer
+from outreach.service.broker import install_broker
+from outreach.service.runtime import Runtime, set_runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_URL = os.environ.get("OUTREACH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -50,7 +50,7 @@ DEFAULT_NOW = datetime(2029, 11, 14, 2, 0, tzinfo=UTC)
 
 @pytest.fixture(autouse=True)
 def service_clock(request: pytest.FixtureRequest) -> Iterator[TravelClock | None]:
-    """The service's clock for this test (:mod:`outreach.clock`): a :class:`TravelClock` at :data:`DEFAULT_NOW`.
+    """The service's clock for this test (:mod:`outreach.core.clock`): a :class:`TravelClock` at :data:`DEFAULT_NOW`.
 
     A test marked ``wall_clock`` runs on the machine's clock instead (processes of its own that must agree with
     it without being told); a test may still set any clock it likes.
@@ -132,7 +132,7 @@ def postgres_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'outreach.db'}"
+    url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'outreach.core.db'}"
     upgrade(url)
     return url
 
@@ -246,28 +246,28 @@ CLOCK_SENSITIVE = frozenset(
     {
         "policy/",
         "faults/",
-        "test_analytics.py",
-        "test_autoreply.py",
-        "test_batch.py",
+        "ops/test_analytics.py",
+        "inbound/test_autoreply.py",
+        "pipeline/test_batch.py",
         "test_bench_smoke.py",
-        "test_calendar.py",
+        "policy/test_calendar.py",
         "test_cli.py",
         "test_cli_tick.py",
-        "test_clock.py",
-        "test_conversation.py",
-        "test_delivery.py",
-        "test_delivery_group.py",
+        "core/test_clock.py",
+        "inbound/test_conversation.py",
+        "pipeline/test_delivery.py",
+        "pipeline/test_delivery_group.py",
         "test_e2e.py",
-        "test_inbound.py",
-        "test_intent.py",
-        "test_links.py",
-        "test_sandbox.py",
-        "test_scheduler.py",
-        "test_seed_campaigns.py",
-        "test_tokens.py",
-        "test_uncertain.py",
-        "test_workers.py",
-        "test_workers_group.py",
+        "inbound/test_sms.py",
+        "domain/test_intent.py",
+        "pipeline/test_links.py",
+        "ops/test_sandbox.py",
+        "pipeline/test_scheduler.py",
+        "domain/test_seed_campaigns.py",
+        "domain/test_tokens.py",
+        "pipeline/test_uncertain.py",
+        "workers/test_workers.py",
+        "workers/test_workers_group.py",
         "security/test_tokens.py",
         "security/test_webhook_attacks.py",
         "web/test_inbound_parse.py",

@@ -7,10 +7,10 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from outreach.candidates import CandidateIn, JobIn, upsert_candidate, upsert_job
-from outreach.enrollment import EventIn, record_event
-from outreach.models import Candidate, Enrollment, Job, MessageStatus, OutboundMessage
-from outreach.runtime import Runtime
+from outreach.core.models import Candidate, Enrollment, Job, MessageStatus, OutboundMessage
+from outreach.domain.candidates import CandidateIn, JobIn, upsert_candidate, upsert_job
+from outreach.pipeline.enrollment import EventIn, record_event
+from outreach.service.runtime import Runtime
 
 
 def add_candidate(runtime: Runtime, external_id: str = "c-1", **fields: Any) -> Candidate:
@@ -93,8 +93,8 @@ def resolved_links(runtime: Runtime, text: str) -> list[str]:
     """The destinations behind the tracked ``/r/`` links in ``text`` (without recording a click)."""
     import re
 
-    from outreach.links import link_id_from_token
-    from outreach.models import TrackedLink
+    from outreach.core.models import TrackedLink
+    from outreach.pipeline.links import link_id_from_token
 
     destinations = []
     with Session(runtime.engine) as session:
@@ -108,7 +108,7 @@ def resolved_links(runtime: Runtime, text: str) -> list[str]:
 
 def api_key(runtime: Runtime, role: str = "hr", name: str | None = None) -> str:
     """A fresh API key of ``role`` on the runtime's database (the clear key; only its hash is stored)."""
-    from outreach.auth import create_key
+    from outreach.domain.auth import create_key
 
     with Session(runtime.engine) as session, session.begin():
         _, key = create_key(session, role, name)

@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from outreach.models import (
+from outreach.core.models import (
     Alert,
     Candidate,
     CandidateEvent,

@@ -78,7 +78,7 @@ def test_service_refuses_to_start_on_an_invalid_campaign(env: dict[str, str], tm
 
 
 def test_import_event_and_tick_with_the_sandbox(env: dict[str, str], tmp_path: Path) -> None:
-    from outreach.sandbox import SandboxServer
+    from outreach.ops.sandbox import SandboxServer
 
     assert outreach("db", "upgrade", env=env).returncode == 0
     csv_file = tmp_path / "people.csv"

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from outreach.cli import main
-from outreach.runtime import Runtime
+from outreach.service.runtime import Runtime
 from tests import synthetic_history as synth
 
 

@@ -23,9 +23,9 @@ import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from outreach.models import MessageStatus, OutboundMessage
-from outreach.runtime import Runtime
-from outreach.sandbox import SandboxServer
+from outreach.core.models import MessageStatus, OutboundMessage
+from outreach.ops.sandbox import SandboxServer
+from outreach.service.runtime import Runtime
 from tests.conftest import REDIS_URL, ROOT, make_settings, worker_env
 from tests.helpers import add_candidate, add_job, fire
 
@@ -63,7 +63,7 @@ class TimeMachine:
             return {row.id: (row.status, row.rule, row.updated_at) for row in found}
 
     def row(self, candidate_external_id: str, template: str) -> OutboundMessage:
-        from outreach.models import Candidate
+        from outreach.core.models import Candidate
 
         with Session(self.runtime.engine, expire_on_commit=False) as session:
             return session.scalars(

@@ -16,12 +16,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from outreach.broker import build_broker
-from outreach.clock import utcnow
-from outreach.config import set_settings
-from outreach.models import OutboundMessage
-from outreach.runtime import Runtime, set_runtime
-from outreach.sandbox import SandboxMessage, SandboxServer
+from outreach.core.clock import utcnow
+from outreach.core.config import set_settings
+from outreach.core.models import OutboundMessage
+from outreach.ops.sandbox import SandboxMessage, SandboxServer
+from outreach.service.broker import build_broker
+from outreach.service.runtime import Runtime, set_runtime
 from tests.conftest import RABBITMQ_URL, REDIS_URL, install_workers, make_settings, open_policy, require_server
 from tests.helpers import api_client
 

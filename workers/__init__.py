@@ -3,17 +3,17 @@
 The broker is set up from ``OUTREACH_BROKER_URL`` before any actor is declared. When a broker is already
 installed in this process (``outreach up`` and the tests install an in-process one), nothing is changed. A
 separate worker process builds its runtime at import and freezes its start-up heap
-(:func:`outreach.runtime.freeze_startup_heap`).
+(:func:`outreach.service.runtime.freeze_startup_heap`).
 """
 
 from __future__ import annotations
 
-from outreach import broker as _broker
+from outreach.service import broker as _broker
 
 if _broker.installed_broker() is None:
-    from outreach.config import get_settings
-    from outreach.errors import ConfigurationError
-    from outreach.logs import configure_logging
+    from outreach.core.config import get_settings
+    from outreach.core.errors import ConfigurationError
+    from outreach.core.logs import configure_logging
 
     _settings = get_settings()
     configure_logging(_settings.log_level)
@@ -28,7 +28,7 @@ if _broker.installed_broker() is None:
 
     # Load campaigns, templates and policies now (a broken file stops the worker at start, not at its first
     # message), then keep that start-up heap out of the garbage collector's full collections.
-    from outreach.runtime import freeze_startup_heap, get_runtime
+    from outreach.service.runtime import freeze_startup_heap, get_runtime
 
     get_runtime()
     freeze_startup_heap()

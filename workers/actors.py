@@ -1,6 +1,6 @@
 """Dramatiq actors. Each takes ids, never a payload: the database holds the message.
 
-``deliver_messages`` takes a group of outbox ids (:func:`outreach.delivery.deliver_group`); ``deliver_message``
+``deliver_messages`` takes a group of outbox ids (:func:`outreach.pipeline.delivery.deliver_group`); ``deliver_message``
 one id (messages enqueued before groups existed). Retry policy: a row the provider turned away for now (429,
 5xx, a connection that never opened) is back to ``pending`` with its reset time, and the group actor enqueues a
 new group message for those ids alone, delayed until then, so the rows already sent are never part of a retry;
@@ -16,9 +16,9 @@ import dramatiq
 from dramatiq import Broker
 from sqlalchemy.exc import OperationalError
 
-from outreach.broker import DELIVER_ACTOR, GROUP_ACTOR, declare_actor, enqueue_deliveries, install_broker
-from outreach.delivery import deliver, deliver_group
-from outreach.runtime import get_runtime
+from outreach.pipeline.delivery import deliver, deliver_group
+from outreach.service.broker import DELIVER_ACTOR, GROUP_ACTOR, declare_actor, enqueue_deliveries, install_broker
+from outreach.service.runtime import get_runtime
 from workers.batch import declare_batch_actor
 
 #: Unexpected errors (a database that went away) are retried this many times before dramatiq gives up; the

@@ -1,8 +1,8 @@
 """The batch actor: one message carries the outbox ids of up to 1000 nurture emails (never their payloads).
 
-:func:`outreach.batch.deliver_batch` claims the rows still pending, runs every rule per recipient and sends them
-with SendGrid personalizations. A retry runs the same ids again and claims only the rows still pending, so
-what was sent (or may have been) is never sent twice.
+:func:`outreach.pipeline.batch.deliver_batch` claims the rows still pending, runs every rule per recipient and sends
+them with SendGrid personalizations. A retry runs the same ids again and claims only the rows still pending, so what was
+sent (or may have been) is never sent twice.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import dramatiq
 from dramatiq import Broker
 
-from outreach.batch import deliver_batch
-from outreach.broker import BATCH_ACTOR, declare_actor
-from outreach.runtime import get_runtime
+from outreach.pipeline.batch import deliver_batch
+from outreach.service.broker import BATCH_ACTOR, declare_actor
+from outreach.service.runtime import get_runtime
 
 
 def deliver_batch_message(outbox_ids: list[str]) -> None:

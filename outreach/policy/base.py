@@ -78,7 +78,7 @@ class Subject:
 
 
 class CandidateFacts(Protocol):
-    """What the rules read of a candidate: an ORM :class:`~outreach.models.Candidate` or a plain row (the bulk
+    """What the rules read of a candidate: an ORM :class:`~outreach.core.models.Candidate` or a plain row (the bulk
     paths read rows, not objects)."""
 
     @property

@@ -22,13 +22,13 @@ from typing import Any
 from sqlalchemy import Select, all_, bindparam, select
 from sqlalchemy.orm import Session
 
-from outreach.models import OutboundMessage, Suppression
+from outreach.core.models import OutboundMessage, Suppression
+from outreach.core.sql import CHUNK, any_of, array_of, is_postgres
 from outreach.policy.base import ALLOW, CandidateFacts, Decision, Subject
 from outreach.policy.caps import COUNTED, FrequencyCaps, RecentSend
 from outreach.policy.consent import EnrollmentActiveRule, NurtureConsentRule, SuppressionRule
 from outreach.policy.engine import OUTREACH_CATEGORIES, PolicyEngine
 from outreach.policy.quiet_hours import QuietHoursRule
-from outreach.sql import CHUNK, any_of, array_of, is_postgres
 
 __all__ = ["CandidateFacts", "PolicyReads"]
 

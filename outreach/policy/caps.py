@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from outreach.models import MessageStatus, OutboundMessage
+from outreach.core.models import MessageStatus, OutboundMessage
 from outreach.policy.base import Decision, Subject
 from outreach.policy.config import CapSpec
 

@@ -15,10 +15,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from outreach.campaigns import Category, LinkName, load_yaml_model, parse_duration
-from outreach.candidates import check_tags
-from outreach.errors import CampaignError
-from outreach.models import Channel
+from outreach.core.errors import CampaignError
+from outreach.core.models import Channel
+from outreach.domain.campaigns import Category, LinkName, load_yaml_model, parse_duration
+from outreach.domain.candidates import check_tags
 
 POLICY_FILE = "policies.yaml"
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")

@@ -9,9 +9,9 @@ from functools import lru_cache
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from outreach.campaigns import Category
-from outreach.config import get_settings
-from outreach.models import Candidate, Enrollment, EnrollmentStatus, Suppression
+from outreach.core.config import get_settings
+from outreach.core.models import Candidate, Enrollment, EnrollmentStatus, Suppression
+from outreach.domain.campaigns import Category
 from outreach.policy.base import Decision, Subject
 
 

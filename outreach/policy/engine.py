@@ -14,12 +14,12 @@ from functools import cached_property, lru_cache
 import phonenumbers
 from sqlalchemy.orm import Session
 
-from outreach.calendar import BusinessCalendar
-from outreach.campaigns import Category
-from outreach.candidates import zone_for
-from outreach.config import Settings
-from outreach.models import Channel, MessageStatus
+from outreach.core.config import Settings
+from outreach.core.models import Channel, MessageStatus
+from outreach.domain.campaigns import Category
+from outreach.domain.candidates import zone_for
 from outreach.policy.base import Decision, Rule, Stage, Subject, SubjectFacts, Verdict
+from outreach.policy.calendar import BusinessCalendar
 from outreach.policy.caps import FrequencyCaps
 from outreach.policy.config import PolicySpec
 from outreach.policy.consent import EnrollmentActiveRule, NurtureConsentRule, SuppressionRule

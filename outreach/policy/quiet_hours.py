@@ -19,10 +19,10 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy.orm import Session
 
-from outreach.calendar import BusinessCalendar, first_in_window, in_window, require_aware, window_close
-from outreach.campaigns import Category
-from outreach.models import Channel
+from outreach.core.models import Channel
+from outreach.domain.campaigns import Category
 from outreach.policy.base import Decision, Subject
+from outreach.policy.calendar import BusinessCalendar, first_in_window, in_window, require_aware, window_close
 from outreach.policy.config import QuietHoursSpec, Window
 
 ALL_DAY = Window.parse("00:00-24:00")

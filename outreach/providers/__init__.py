@@ -6,7 +6,7 @@ Everything else talks to :class:`~outreach.providers.base.EmailProvider` and
 
 from __future__ import annotations
 
-from outreach.config import Secret, Settings
+from outreach.core.config import Secret, Settings
 from outreach.providers.base import (
     EmailMessage,
     EmailProvider,
@@ -40,7 +40,7 @@ def build_providers(settings: Settings, *, sandbox_url: str | None = None) -> Pr
 
     With ``sandbox_url`` both point at that sandbox instead of the real APIs, and missing credentials or
     sender are replaced by placeholders (real ones, when set, are still what gets sent). Without it, missing
-    credentials raise :class:`~outreach.errors.ConfigurationError`.
+    credentials raise :class:`~outreach.core.errors.ConfigurationError`.
     """
     # Imported here so that importing the package (for the dataclasses) does not load both SDKs.
     from outreach.providers.sendgrid import SendGridProvider

@@ -4,10 +4,10 @@
 on :class:`ProviderPipeline`, which fixes the order of one send (build the payload → post it → read the
 provider's message id out of the answer) and funnels every failure of the post through one ``map_error``
 hook, so each provider only fills in the steps that differ. Errors leave a provider as
-:class:`~outreach.errors.TransientProviderError` (its subclass :class:`~outreach.errors.AmbiguousProviderError`
-when the request went out and the answer never came: the message may have been accepted) or
-:class:`~outreach.errors.PermanentProviderError`, and never carry personal data (addresses, numbers, bodies) in
-their text.
+:class:`~outreach.core.errors.TransientProviderError` (its subclass
+:class:`~outreach.core.errors.AmbiguousProviderError` when the request went out and the answer never came: the message
+may have been accepted) or :class:`~outreach.core.errors.PermanentProviderError`, and never carry personal data
+(addresses, numbers, bodies) in their text.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from outreach.errors import PermanentProviderError, ProviderError
+from outreach.core.errors import PermanentProviderError, ProviderError
 
 __all__ = [
     "EmailMessage",

@@ -11,7 +11,7 @@ but lets network failures through untouched (``urllib3`` errors from the pool; `
 ``TimeoutError``, ``ConnectionError``, ``http.client.RemoteDisconnected`` from the SDK's own client). 429, 408,
 5xx and connections that never opened are transient; other 4xx are permanent. A failure after the request went
 out (a read timeout, a reset while waiting for the answer) is ambiguous
-(:class:`~outreach.errors.AmbiguousProviderError`): SendGrid may have accepted the mail, so it is not resent.
+(:class:`~outreach.core.errors.AmbiguousProviderError`): SendGrid may have accepted the mail, so it is not resent.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import urllib3
 from python_http_client.exceptions import HTTPError
 from sendgrid import SendGridAPIClient
 
-from outreach.clock import utcnow
-from outreach.config import Settings
-from outreach.errors import (
+from outreach.core.clock import utcnow
+from outreach.core.config import Settings
+from outreach.core.errors import (
     AmbiguousProviderError,
     ConfigurationError,
     PermanentProviderError,

@@ -5,7 +5,7 @@ threads. Error mapping: ``TwilioRestException`` carries the HTTP status and Twil
 5xx are transient, 21610 (the recipient replied STOP) is permanent and suppresses the number, other 4xx are
 permanent. Of the ``requests`` exceptions the SDK lets through, a connection that never opened (refused, DNS,
 ``ConnectTimeout``) is transient; a failure after the request went out (``ReadTimeout``, a reset or
-``ChunkedEncodingError`` while reading the answer) is ambiguous (:class:`~outreach.errors.AmbiguousProviderError`):
+``ChunkedEncodingError`` while reading the answer) is ambiguous (:class:`~outreach.core.errors.AmbiguousProviderError`):
 Twilio may have accepted the message, so it is not resent.
 """
 
@@ -21,8 +21,8 @@ from twilio.base.exceptions import TwilioException, TwilioRestException, TwilioS
 from twilio.http.http_client import TwilioHttpClient
 from twilio.rest import Client
 
-from outreach.config import Settings
-from outreach.errors import (
+from outreach.core.config import Settings
+from outreach.core.errors import (
     AmbiguousProviderError,
     ConfigurationError,
     PermanentProviderError,

@@ -10,13 +10,13 @@ from pydantic import BaseModel
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from outreach.candidates import CandidateIn, JobIn, upsert_candidate, upsert_job
-from outreach.enrollment import EventIn, record_event
-from outreach.erasure import erase_candidate, forget_in_sandbox
-from outreach.errors import NotFoundError
-from outreach.intent import load_intent
-from outreach.models import Candidate, Job, OutboundMessage
-from outreach.runtime import Runtime
+from outreach.core.errors import NotFoundError
+from outreach.core.models import Candidate, Job, OutboundMessage
+from outreach.domain.candidates import CandidateIn, JobIn, upsert_candidate, upsert_job
+from outreach.domain.intent import load_intent
+from outreach.ops.erasure import erase_candidate, forget_in_sandbox
+from outreach.pipeline.enrollment import EventIn, record_event
+from outreach.service.runtime import Runtime
 from outreach.web.auth import ops_readable
 
 #: Routes without authentication (health checks for load balancers and the compose file).

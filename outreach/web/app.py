@@ -11,9 +11,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 
-from outreach.config import set_settings
-from outreach.errors import NotFoundError, ValidationError
-from outreach.runtime import Runtime, freeze_startup_heap
+from outreach.core.config import set_settings
+from outreach.core.errors import NotFoundError, ValidationError
+from outreach.service.runtime import Runtime, freeze_startup_heap
 from outreach.web import api, candidates_api, conversation, dashboard, inbound_parse, redirect, unsubscribe, webhooks
 from outreach.web.auth import Forbidden, Unauthorized, authorize
 from outreach.web.metrics_api import router as metrics_router

@@ -17,8 +17,8 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from outreach.auth import Principal, Role, authenticate
-from outreach.runtime import Runtime
+from outreach.domain.auth import Principal, Role, authenticate
+from outreach.service.runtime import Runtime
 
 __all__ = ["COOKIE", "Forbidden", "PrincipalDep", "Unauthorized", "authorize", "ops_readable", "principal_from"]
 

@@ -1,8 +1,8 @@
 """HR's candidate routes: search, stage moves and their history, intent assessments, tags, and job re-activation.
 
 Every route here answers with or changes personal data, so all are ``hr``-only (none is ``ops_readable``). The
-domain rules live in :mod:`outreach.intent` and :func:`outreach.enrollment.reactivate`; these handlers only
-parse, call, and shape the answer. Bad input is a 422 naming the field, and nothing is written.
+domain rules live in :mod:`outreach.domain.intent` and :func:`outreach.pipeline.enrollment.reactivate`; these handlers
+only parse, call, and shape the answer. Bad input is a 422 naming the field, and nothing is written.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from outreach.candidates import add_tags
-from outreach.clock import utcnow
-from outreach.enrollment import reactivate
-from outreach.errors import NotFoundError, ValidationError
-from outreach.intent import (
+from outreach.core.clock import utcnow
+from outreach.core.errors import NotFoundError, ValidationError
+from outreach.core.models import Candidate, IntentAssessment, Job, Stage, StageChange
+from outreach.domain.candidates import add_tags
+from outreach.domain.intent import (
     SearchQuery,
     assess,
     check_move,
@@ -31,7 +31,7 @@ from outreach.intent import (
     recontact_date,
     search,
 )
-from outreach.models import Candidate, IntentAssessment, Job, Stage, StageChange
+from outreach.pipeline.enrollment import reactivate
 from outreach.web.api import RuntimeDep, candidate_out
 from outreach.web.auth import PrincipalDep
 
@@ -190,7 +190,7 @@ def get_history(external_id: str, runtime: RuntimeDep) -> dict[str, Any]:
 class AssessmentIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    #: {dimension: 1..5} for every configured dimension; checked in :func:`outreach.intent.check_scores`.
+    #: {dimension: 1..5} for every configured dimension; checked in :func:`outreach.domain.intent.check_scores`.
     scores: dict[str, Any]
 
 
@@ -248,7 +248,7 @@ def open_job(external_id: str, runtime: RuntimeDep, body: OpenJobIn | None = Non
     """Open the job and start ``job_reactivation`` for the talent-pool candidates it suits.
 
     Counts only (no personal data): how many were selected, and how many were not, by reason (see
-    :class:`outreach.enrollment.Reactivation`). Opening the same job again enrolls nobody twice.
+    :class:`outreach.pipeline.enrollment.Reactivation`). Opening the same job again enrolls nobody twice.
     """
     limit = body.limit if body else None
     with Session(runtime.engine, expire_on_commit=False) as session, session.begin():

@@ -8,10 +8,10 @@ from fastapi import APIRouter, Query
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from outreach.clock import utcnow
-from outreach.conversation import mark_answered, thread
-from outreach.errors import NotFoundError
-from outreach.models import Alert, Candidate
+from outreach.core.clock import utcnow
+from outreach.core.errors import NotFoundError
+from outreach.core.models import Alert, Candidate
+from outreach.inbound.conversation import mark_answered, thread
 from outreach.web.api import RuntimeDep
 from outreach.web.auth import ops_readable
 

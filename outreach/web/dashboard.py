@@ -12,7 +12,7 @@ against cross-site requests.
 channel and source, the funnel per source with its drop-off, the SLA table and open alerts, a message search
 with each message's status history and the policy decision that held or dropped it, the queue's depth and lag,
 and, when a provider sandbox runs (``outreach up`` without credentials), the messages it received. The figures
-come from :mod:`outreach.analytics`; this module only lays them out.
+come from :mod:`outreach.ops.analytics`; this module only lays them out.
 """
 
 from __future__ import annotations
@@ -33,10 +33,8 @@ from markupsafe import Markup
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from outreach.analytics import Bucket, Dimension, FunnelRow, funnel, queue, rates, sla
-from outreach.auth import Principal, Role, authenticate
-from outreach.clock import utcnow
-from outreach.models import (
+from outreach.core.clock import utcnow
+from outreach.core.models import (
     Alert,
     Candidate,
     Channel,
@@ -47,7 +45,9 @@ from outreach.models import (
     OutboundMessage,
     TrackedLink,
 )
-from outreach.runtime import Runtime
+from outreach.domain.auth import Principal, Role, authenticate
+from outreach.ops.analytics import Bucket, Dimension, FunnelRow, funnel, queue, rates, sla
+from outreach.service.runtime import Runtime
 from outreach.web.auth import COOKIE, principal_from
 
 __all__ = ["line_chart", "router"]

@@ -44,9 +44,9 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from outreach.clock import utcnow
-from outreach.replies import EmailResult, InboundEmail, handle_inbound_email
-from outreach.runtime import Runtime
+from outreach.core.clock import utcnow
+from outreach.inbound.replies import EmailResult, InboundEmail, handle_inbound_email
+from outreach.service.runtime import Runtime
 from outreach.web.webhooks import Rejected, WebhookSettings, get_webhook_settings
 
 __all__ = ["MAX_REQUEST_BYTES", "PATH", "InboundForm", "Rejected", "router", "to_email"]

@@ -2,7 +2,7 @@
 
 Every route here is :func:`~outreach.web.auth.ops_readable`: the answers hold counts, rates, durations,
 campaign and template names and opaque candidate external ids, never names, addresses, phones, salaries or
-message text. The figures come from :mod:`outreach.analytics` (its module notes define each one).
+message text. The figures come from :mod:`outreach.ops.analytics` (its module notes define each one).
 
 ``since`` and ``until`` take ``30d`` / ``12h`` / ``2w`` (that long ago) or an ISO date or datetime (UTC unless it
 says otherwise); ``since`` defaults to 30 days ago, ``until`` to now. A bad value answers 422 naming the parameter.
@@ -15,9 +15,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 
-from outreach import analytics
-from outreach.campaigns import Campaign
-from outreach.clock import utcnow
+from outreach.core.clock import utcnow
+from outreach.domain.campaigns import Campaign
+from outreach.ops import analytics
 from outreach.web.api import RuntimeDep
 from outreach.web.auth import ops_readable
 

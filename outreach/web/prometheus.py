@@ -44,8 +44,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from outreach.analytics import queue
-from outreach.models import AUTO_REPLY, DeliveryEvent, InboundMessage, MessageStatus, OutboundMessage
+from outreach.core.models import AUTO_REPLY, DeliveryEvent, InboundMessage, MessageStatus, OutboundMessage
+from outreach.ops.analytics import queue
 
 __all__ = ["CACHE_SECONDS", "OutboxCollector", "registry_for", "router"]
 

@@ -1,6 +1,6 @@
 """Tracked links: ``GET /r/{token}`` records the click and redirects to the link's stored target.
 
-Only links stored for a message we sent can be reached (see :mod:`outreach.links`): a token that is forged,
+Only links stored for a message we sent can be reached (see :mod:`outreach.pipeline.links`): a token that is forged,
 damaged, minted with another key or names no stored link gets a 404 page and records nothing, so this is no
 open redirect. ``HEAD`` requests (link checkers) and known scanners and link previewers (mail security gateways,
 chat apps unfurling an SMS link) are redirected without counting as a click.
@@ -14,8 +14,8 @@ from html import escape
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from outreach.links import follow
-from outreach.runtime import Runtime
+from outreach.pipeline.links import follow
+from outreach.service.runtime import Runtime
 
 router = APIRouter(include_in_schema=False)
 

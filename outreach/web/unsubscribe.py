@@ -12,11 +12,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 from sqlalchemy.orm import Session
 
-from outreach.clock import utcnow
-from outreach.models import Candidate
-from outreach.runtime import Runtime
-from outreach.suppression import Suppress, suppress
-from outreach.tokens import verify
+from outreach.core.clock import utcnow
+from outreach.core.models import Candidate
+from outreach.domain.tokens import verify
+from outreach.pipeline.suppression import Suppress, suppress
+from outreach.service.runtime import Runtime
 
 router = APIRouter(include_in_schema=False)
 

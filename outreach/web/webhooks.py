@@ -39,10 +39,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from twilio.request_validator import RequestValidator
 
-from outreach.clock import utcnow
-from outreach.config import Secret, Settings
-from outreach.errors import ConfigurationError
-from outreach.events import (
+from outreach.core.clock import utcnow
+from outreach.core.config import Secret, Settings
+from outreach.core.errors import ConfigurationError
+from outreach.inbound.events import (
     IngestResult,
     NormalizedEvent,
     UnsupportedEventError,
@@ -50,7 +50,7 @@ from outreach.events import (
     parse_sendgrid_batch,
     parse_twilio_status,
 )
-from outreach.runtime import Runtime
+from outreach.service.runtime import Runtime
 
 __all__ = ["WebhookSettings", "get_webhook_settings", "router"]
 
@@ -82,7 +82,7 @@ def _load_sendgrid_key(public_key: str) -> EventWebhook:
 
 @dataclass(frozen=True)
 class WebhookSettings:
-    """What the webhook routes need beyond :class:`~outreach.config.Settings`; read once per app.
+    """What the webhook routes need beyond :class:`~outreach.core.config.Settings`; read once per app.
 
     ``twilio_auth_token`` overrides ``Settings.twilio_auth_token`` (the provider sandbox signs with its own).
     An invalid SendGrid key fails here, at start, not on the first event.
@@ -361,7 +361,7 @@ async def twilio_inbound(request: Request, runtime: RuntimeDep, hooks: HooksDep)
             log.warning("twilio inbound rejected", extra={"reason": rejected.message})
         return rejected.response()
 
-    from outreach.inbound import InboundResult, InboundSms, handle_inbound_sms
+    from outreach.inbound.sms import InboundResult, InboundSms, handle_inbound_sms
 
     sms = InboundSms(
         provider_message_id=sid,

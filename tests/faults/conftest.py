@@ -36,14 +36,14 @@ import uvicorn
 from sqlalchemy import Engine, Table, func, insert, select
 from sqlalchemy.orm import Session
 
-from outreach.candidates import CandidateIn, JobIn, upsert_candidate, upsert_job
-from outreach.clock import utcnow
-from outreach.config import Secret, Settings
-from outreach.db import get_engine
-from outreach.enrollment import EventIn, record_event
-from outreach.models import Base, MessageStatus, OutboundMessage
-from outreach.runtime import Runtime
-from outreach.sandbox import SandboxMessage, SandboxServer
+from outreach.core.clock import utcnow
+from outreach.core.config import Secret, Settings
+from outreach.core.db import get_engine
+from outreach.core.models import Base, MessageStatus, OutboundMessage
+from outreach.domain.candidates import CandidateIn, JobIn, upsert_candidate, upsert_job
+from outreach.ops.sandbox import SandboxMessage, SandboxServer
+from outreach.pipeline.enrollment import EventIn, record_event
+from outreach.service.runtime import Runtime
 from outreach.web import create_app
 from outreach.web.webhooks import WebhookSettings
 from tests.conftest import REDIS_URL, ROOT, make_settings

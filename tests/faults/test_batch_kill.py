@@ -17,9 +17,9 @@ import pytest
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from outreach.broker import build_broker, enqueue_batch
-from outreach.clock import utcnow
-from outreach.models import Candidate, OutboundMessage
+from outreach.core.clock import utcnow
+from outreach.core.models import Candidate, OutboundMessage
+from outreach.service.broker import build_broker, enqueue_batch
 from tests.faults.conftest import Stack, count, outbox_id_of, scheduler_argv, wait_until, worker_argv
 
 pytestmark = pytest.mark.timeout(120)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 from sqlalchemy import func, select
 
-from outreach.models import MessageStatus, OutboundMessage
+from outreach.core.models import MessageStatus, OutboundMessage
 from tests.faults.conftest import (
     EMAIL_CAMPAIGN,
     Stack,

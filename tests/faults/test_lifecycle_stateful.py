@@ -1,7 +1,7 @@
 """Issue 7, item 6: a hypothesis state machine over the whole lifecycle, with the real campaigns and policies.
 
 Steps: add a candidate, an ATS event (applied, offer, decline, rejection), advance the virtual clock
-(:func:`outreach.clock.set_clock`), a scheduler tick with the deliveries it queues, provider webhooks for
+(:func:`outreach.core.clock.set_clock`), a scheduler tick with the deliveries it queues, provider webhooks for
 what the sandbox accepted (duplicated and reordered), a reply, an opt-out (STOP), and a worker killed after
 it wrote ``sending`` (the claim committed, no provider call). After every step:
 
@@ -40,17 +40,17 @@ from hypothesis.stateful import (
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from outreach.campaigns import Category
-from outreach.clock import set_clock
-from outreach.delivery import claim, deliver
-from outreach.events import ingest, parse_sendgrid_batch, parse_twilio_status
-from outreach.inbound import InboundSms, handle_inbound_sms
-from outreach.models import Candidate, MessageStatus, OutboundMessage
+from outreach.core.clock import set_clock
+from outreach.core.models import Candidate, MessageStatus, OutboundMessage
+from outreach.domain.campaigns import Category
+from outreach.inbound.events import ingest, parse_sendgrid_batch, parse_twilio_status
+from outreach.inbound.sms import InboundSms, handle_inbound_sms
+from outreach.ops.sandbox import SandboxServer
+from outreach.pipeline.delivery import claim, deliver
 from outreach.policy.caps import COUNTED
 from outreach.policy.config import load_policies
 from outreach.policy.engine import PolicyEngine
-from outreach.runtime import Runtime, set_runtime
-from outreach.sandbox import SandboxServer
+from outreach.service.runtime import Runtime, set_runtime
 from tests.conftest import ROOT, empty_tables, make_settings
 from tests.faults.conftest import SMS_FROM, outbox_id_of, size
 from tests.helpers import add_candidate, add_job, fire

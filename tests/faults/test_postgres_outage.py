@@ -27,7 +27,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.engine import make_url
 from twilio.request_validator import RequestValidator
 
-from outreach.models import CLAIMED_RULE, DeliveryEvent, MessageStatus, OutboundMessage
+from outreach.core.models import CLAIMED_RULE, DeliveryEvent, MessageStatus, OutboundMessage
 from tests.faults.conftest import (
     MIXED_CAMPAIGN,
     TERMINAL_OK,

@@ -5,7 +5,7 @@ after the provider accepted the message, a refused connection, and Twilio's perm
 after the request went out (a read timeout, a reset while waiting for the answer) is ambiguous: the row ends
 ``uncertain``, is never resent, and is reconciled from the provider's events or alerted to a person. Retries
 follow the declared policy: :func:`workers.actors.should_retry` on the actor, the provider's reset time or
-:func:`outreach.delivery.backoff` for the delay, ``max_retries`` attempts at most; 21610 suppresses the number.
+:func:`outreach.pipeline.delivery.backoff` for the delay, ``max_retries`` attempts at most; 21610 suppresses the number.
 
 Deliveries run in this process (``deliver`` and the actor's function, one attempt at a time, each retry at the
 time the previous attempt asked for); the sandbox and the webhook app are real servers.
@@ -23,15 +23,15 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from outreach.broker import build_broker, install_broker, installed_broker
-from outreach.clock import utcnow
-from outreach.config import Secret, Settings
-from outreach.delivery import Outcome, deliver
-from outreach.models import Alert, MessageStatus, OutboundMessage, Suppression
+from outreach.core.clock import utcnow
+from outreach.core.config import Secret, Settings
+from outreach.core.models import Alert, MessageStatus, OutboundMessage, Suppression
+from outreach.pipeline.delivery import Outcome, deliver
+from outreach.pipeline.scheduler import TickResult
+from outreach.pipeline.uncertain import ALERT_UNCERTAIN
 from outreach.providers.sendgrid import SendGridProvider
-from outreach.runtime import set_runtime
-from outreach.scheduler import TickResult
-from outreach.uncertain import ALERT_UNCERTAIN
+from outreach.service.broker import build_broker, install_broker, installed_broker
+from outreach.service.runtime import set_runtime
 from tests.faults.conftest import MIXED_CAMPAIGN, Stack, count, seed_enrollments, wait_until
 
 # The actors' module wants a broker installed first (the workers package builds one from the environment).

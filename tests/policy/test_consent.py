@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from outreach.delivery import deliver
+from outreach.ops.sandbox import SandboxServer
+from outreach.pipeline.delivery import deliver
 from outreach.policy.consent import with_opt_out_hint
-from outreach.runtime import Runtime
-from outreach.sandbox import SandboxServer
+from outreach.service.runtime import Runtime
 from tests.helpers import add_candidate
 from tests.policy.test_engine import queue_rows
 

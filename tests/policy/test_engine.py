@@ -14,16 +14,16 @@ from hypothesis import strategies as st
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from outreach.campaigns import Category
-from outreach.clock import set_clock, utcnow
-from outreach.delivery import deliver
-from outreach.enrollment import pause_for_out_of_office
-from outreach.models import Candidate, Enrollment, MessageStatus, OutboundMessage, new_id
+from outreach.core.clock import set_clock, utcnow
+from outreach.core.models import Candidate, Enrollment, MessageStatus, OutboundMessage, new_id
+from outreach.domain.campaigns import Category
+from outreach.domain.tokens import unsubscribe_url
+from outreach.ops.sandbox import SandboxServer
+from outreach.pipeline.delivery import deliver
+from outreach.pipeline.enrollment import pause_for_out_of_office
 from outreach.policy.config import CapSpec, EmailWindow, PolicySpec, QuietHoursSpec, Window
 from outreach.policy.engine import PolicyEngine
-from outreach.runtime import Runtime
-from outreach.sandbox import SandboxServer
-from outreach.tokens import unsubscribe_url
+from outreach.service.runtime import Runtime
 from outreach.web import create_app
 from tests.conftest import empty_tables
 from tests.helpers import add_candidate, add_job, api_client, fire

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlalchemy.orm import Session
 
-from outreach.calendar import BusinessCalendar, next_transition
-from outreach.campaigns import Category
+from outreach.domain.campaigns import Category
 from outreach.policy.base import Stage, Subject, Verdict
+from outreach.policy.calendar import BusinessCalendar, next_transition
 from outreach.policy.config import CalendarSpec, EmailWindow, QuietHoursSpec, Window
 from outreach.policy.quiet_hours import QuietHoursRule, next_allowed, spread_offset, validity_period, window_for
 

@@ -10,13 +10,13 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from outreach.clock import set_clock
-from outreach.delivery import deliver
-from outreach.models import OutboundMessage
+from outreach.core.clock import set_clock
+from outreach.core.models import OutboundMessage
+from outreach.ops.sandbox import SandboxServer
+from outreach.pipeline.delivery import deliver
 from outreach.policy.config import PolicySpec, Window
 from outreach.policy.engine import PolicyEngine
-from outreach.runtime import Runtime
-from outreach.sandbox import SandboxServer
+from outreach.service.runtime import Runtime
 from tests.conftest import empty_tables
 from tests.helpers import add_candidate
 from tests.policy.test_engine import queue_rows

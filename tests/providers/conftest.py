@@ -14,9 +14,9 @@ from typing import Any, cast
 
 import pytest
 
-from outreach.config import Secret, Settings
+from outreach.core.config import Secret, Settings
+from outreach.ops.sandbox import SandboxServer
 from outreach.providers import Providers, build_providers
-from outreach.sandbox import SandboxServer
 
 TOKEN = "provider-test-token"
 ACCOUNT_SID = "AC" + "1" * 32

@@ -13,14 +13,14 @@ import requests
 import urllib3
 from python_http_client.exceptions import BadRequestsError, HTTPError
 
-from outreach.config import Settings
-from outreach.errors import AmbiguousProviderError, TransientProviderError
+from outreach.core.config import Settings
+from outreach.core.errors import AmbiguousProviderError, TransientProviderError
+from outreach.ops.sandbox import SandboxServer
 from outreach.providers import Providers
 from outreach.providers.base import SmsMessage
 from outreach.providers.http import PooledClient, nothing_sent, pool_manager
 from outreach.providers.sendgrid import SendGridProvider
 from outreach.providers.twilio import TwilioProvider
-from outreach.sandbox import SandboxServer
 from tests.providers.test_sendgrid import email
 
 
@@ -46,7 +46,7 @@ def test_twilio_sends_one_after_another_on_one_connection(providers: Providers, 
 
 
 def test_connection_is_reused_after_a_rejected_request(providers: Providers, sandbox: SandboxServer) -> None:
-    from outreach.errors import PermanentProviderError
+    from outreach.core.errors import PermanentProviderError
 
     with pytest.raises(PermanentProviderError):
         providers.email.send_email(email(subject=""))

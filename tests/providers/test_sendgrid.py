@@ -12,18 +12,18 @@ from typing import TYPE_CHECKING
 import pytest
 from sendgrid.helpers.eventwebhook import EventWebhook
 
-from outreach.clock import utcnow
-from outreach.config import Secret, Settings
-from outreach.errors import (
+from outreach.core.clock import utcnow
+from outreach.core.config import Secret, Settings
+from outreach.core.errors import (
     AmbiguousProviderError,
     ConfigurationError,
     PermanentProviderError,
     TransientProviderError,
 )
+from outreach.ops.sandbox import SandboxServer
 from outreach.providers import Providers, build_providers
 from outreach.providers.base import EmailMessage, SmsMessage
 from outreach.providers.sendgrid import SendGridProvider
-from outreach.sandbox import SandboxServer
 
 if TYPE_CHECKING:
     from tests.providers.conftest import Receiver

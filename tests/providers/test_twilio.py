@@ -13,17 +13,17 @@ from urllib.parse import parse_qs
 import pytest
 from twilio.request_validator import RequestValidator
 
-from outreach.config import Secret, Settings
-from outreach.errors import (
+from outreach.core.config import Secret, Settings
+from outreach.core.errors import (
     AmbiguousProviderError,
     ConfigurationError,
     PermanentProviderError,
     TransientProviderError,
 )
+from outreach.ops.sandbox import SandboxServer
 from outreach.providers import Providers, build_providers
 from outreach.providers.base import SmsMessage
 from outreach.providers.twilio import TwilioProvider
-from outreach.sandbox import SandboxServer
 
 if TYPE_CHECKING:
     from tests.providers.conftest import Receiver

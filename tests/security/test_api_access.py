@@ -9,8 +9,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from outreach.models import Alert, Candidate
-from outreach.runtime import Runtime
+from outreach.core.models import Alert, Candidate
+from outreach.service.runtime import Runtime
 from outreach.web import create_app
 from outreach.web.auth import COOKIE
 from tests.helpers import add_candidate, api_key
@@ -103,7 +103,7 @@ def test_errors_name_no_internals(runtime: Runtime, client: TestClient) -> None:
 
 
 def test_a_revoked_or_expired_looking_key_never_reaches_data(runtime: Runtime, client: TestClient) -> None:
-    from outreach.auth import revoke_key
+    from outreach.domain.auth import revoke_key
 
     key = api_key(runtime, "hr")
     with Session(runtime.engine) as session, session.begin():

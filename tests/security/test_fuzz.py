@@ -17,10 +17,10 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from outreach.campaigns import load_campaign_file
 from outreach.cli import main
-from outreach.config import Secret
-from outreach.runtime import Runtime
+from outreach.core.config import Secret
+from outreach.domain.campaigns import load_campaign_file
+from outreach.service.runtime import Runtime
 from outreach.web.webhooks import WebhookSettings
 from tests.security.util import table_counts
 from tests.web.test_inbound_parse import form

@@ -10,7 +10,7 @@ import redis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from outreach.runtime import Runtime
+from outreach.service.runtime import Runtime
 from outreach.web import create_app
 from outreach.web.ratelimit import LocalLimiter, RedisLimiter
 from tests.conftest import REDIS_URL, require_server

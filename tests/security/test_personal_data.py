@@ -22,14 +22,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from outreach.cli import main
-from outreach.clock import utcnow
-from outreach.config import Secret, set_settings
-from outreach.delivery import deliver
-from outreach.errors import TemplateError
-from outreach.models import OutboundMessage
-from outreach.render import Renderer
-from outreach.runtime import Runtime
-from outreach.sandbox import SandboxServer
+from outreach.core.clock import utcnow
+from outreach.core.config import Secret, set_settings
+from outreach.core.errors import TemplateError
+from outreach.core.models import OutboundMessage
+from outreach.domain.render import Renderer
+from outreach.ops.sandbox import SandboxServer
+from outreach.pipeline.delivery import deliver
+from outreach.service.runtime import Runtime
 from outreach.web.webhooks import WebhookSettings
 from tests.helpers import add_job, fire
 from tests.security.conftest import (

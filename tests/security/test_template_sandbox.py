@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from outreach import render
-from outreach.errors import TemplateError
-from outreach.render import Renderer, sample_context
-from outreach.validation import validate_all
+from outreach.core.errors import TemplateError
+from outreach.domain import render
+from outreach.domain.render import Renderer, sample_context
+from outreach.service.validation import validate_all
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET = "email/final_thanks.en.txt"  # a template a seed campaign uses

@@ -9,14 +9,14 @@ from urllib.parse import quote
 
 from fastapi.testclient import TestClient
 
-from outreach.config import Secret
-from outreach.links import follow, link_id_from_token
-from outreach.runtime import Runtime
-from outreach.sandbox import SandboxServer
-from outreach.tokens import outbox_id_from_reply_address, sign, verify
+from outreach.core.config import Secret
+from outreach.domain.tokens import outbox_id_from_reply_address, sign, verify
+from outreach.ops.sandbox import SandboxServer
+from outreach.pipeline.links import follow, link_id_from_token
+from outreach.service.runtime import Runtime
 from outreach.web import create_app
+from tests.pipeline.test_links import BOOKING, send_jd_email, tracked_paths
 from tests.security.util import changed_rows, snapshot
-from tests.test_links import BOOKING, send_jd_email, tracked_paths
 
 BROWSER = {"user-agent": "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/126.0 Safari/537.36"}
 FORGERIES = 100_000

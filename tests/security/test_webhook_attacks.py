@@ -14,9 +14,9 @@ from fastapi.testclient import TestClient
 from starlette.datastructures import FormData, UploadFile
 from twilio.request_validator import RequestValidator
 
-from outreach.clock import utcnow
-from outreach.config import Secret
-from outreach.runtime import Runtime
+from outreach.core.clock import utcnow
+from outreach.core.config import Secret
+from outreach.service.runtime import Runtime
 from outreach.web.webhooks import WebhookSettings
 from tests.helpers import add_candidate
 from tests.security.util import changed_rows, snapshot

@@ -7,8 +7,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from outreach.models import Base
-from outreach.runtime import Runtime
+from outreach.core.models import Base
+from outreach.service.runtime import Runtime
 
 
 def table_counts(runtime: Runtime) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """A small, known history for the dashboard tests, and the figures it must show, computed here from the history.
 
 The expected figures are counted from the flags this module chose while writing the rows, not by calling
-:mod:`outreach.analytics`, so the pages are checked against an independent count. Every candidate carries
+:mod:`outreach.ops.analytics`, so the pages are checked against an independent count. Every candidate carries
 canary personal data (name, address, phone, message text) that the ``ops`` role must never see.
 """
 
@@ -12,9 +12,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
 
-from outreach.analytics import FUNNEL_STAGES
-from outreach.delivery import deliver
-from outreach.models import (
+from outreach.core.models import (
     Alert,
     Candidate,
     CandidateEvent,
@@ -23,7 +21,9 @@ from outreach.models import (
     OutboundMessage,
     StageChange,
 )
-from outreach.runtime import Runtime
+from outreach.ops.analytics import FUNNEL_STAGES
+from outreach.pipeline.delivery import deliver
+from outreach.service.runtime import Runtime
 from tests.helpers import add_candidate, add_job, fire
 
 CANARY_NAME = "Zebulon Canaryfield"

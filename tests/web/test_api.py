@@ -9,8 +9,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from outreach.models import Candidate, CandidateEvent, Enrollment
-from outreach.runtime import Runtime
+from outreach.core.models import Candidate, CandidateEvent, Enrollment
+from outreach.service.runtime import Runtime
 from tests.helpers import api_client
 
 

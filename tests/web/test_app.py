@@ -6,7 +6,7 @@ import gc
 
 from fastapi.testclient import TestClient
 
-from outreach.runtime import Runtime, freeze_startup_heap
+from outreach.service.runtime import Runtime, freeze_startup_heap
 from outreach.web import create_app
 
 

@@ -13,9 +13,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from outreach.clock import utcnow
-from outreach.models import InboundMessage, OutboundMessage
-from outreach.runtime import Runtime
+from outreach.core.clock import utcnow
+from outreach.core.models import InboundMessage, OutboundMessage
+from outreach.service.runtime import Runtime
 from outreach.web import create_app
 from tests.helpers import add_candidate, add_job, api_key
 
@@ -87,7 +87,7 @@ def test_ops_may_read_metrics_and_statuses_but_write_nothing(runtime: Runtime, a
 
 
 def test_writes_need_hr_and_a_revoked_key_stops_at_once(runtime: Runtime, app: FastAPI) -> None:
-    from outreach.auth import revoke_key
+    from outreach.domain.auth import revoke_key
 
     client = TestClient(app)
     hr = api_key(runtime, "hr", "lead")

@@ -14,12 +14,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from outreach.campaigns import Category
-from outreach.clock import utcnow
-from outreach.models import Candidate, Enrollment, IntentAssessment, StageChange, Suppression
+from outreach.core.clock import utcnow
+from outreach.core.models import Candidate, Enrollment, IntentAssessment, StageChange, Suppression
+from outreach.domain.campaigns import Category
 from outreach.policy.config import CapSpec
 from outreach.policy.engine import PolicyEngine
-from outreach.runtime import Runtime
+from outreach.service.runtime import Runtime
 from tests.helpers import add_candidate, add_job, api_client, past_nurture_send
 
 SCORES = {"career_goal_match": 5, "salary_fit": 4, "start_urgency": 4}

@@ -9,9 +9,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from outreach.auth import revoke_key
-from outreach.clock import utcnow
-from outreach.runtime import Runtime
+from outreach.core.clock import utcnow
+from outreach.domain.auth import revoke_key
+from outreach.service.runtime import Runtime
 from outreach.web import create_app
 from outreach.web.auth import COOKIE
 from outreach.web.dashboard import Series, line_chart

@@ -24,9 +24,9 @@ import pytest
 import uvicorn
 from playwright import sync_api as playwright_sync
 
-from outreach.analytics import FUNNEL_STAGES
-from outreach.clock import utcnow
-from outreach.runtime import Runtime
+from outreach.core.clock import utcnow
+from outreach.ops.analytics import FUNNEL_STAGES
+from outreach.service.runtime import Runtime
 from outreach.web import create_app
 from tests.conftest import ROOT
 from tests.helpers import api_key

@@ -16,13 +16,13 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from outreach import replies
-from outreach.clock import set_clock
-from outreach.config import Secret
-from outreach.models import Alert, Candidate, Enrollment, InboundMessage, OutboundMessage
-from outreach.replies import EmailResult, InboundEmail
-from outreach.runtime import Runtime
-from outreach.tokens import reply_address
+from outreach.core.clock import set_clock
+from outreach.core.config import Secret
+from outreach.core.models import Alert, Candidate, Enrollment, InboundMessage, OutboundMessage
+from outreach.domain.tokens import reply_address
+from outreach.inbound import replies
+from outreach.inbound.replies import EmailResult, InboundEmail
+from outreach.service.runtime import Runtime
 from outreach.web import create_app, inbound_parse
 from outreach.web.webhooks import WebhookSettings
 from tests.helpers import add_candidate, add_job, fire
@@ -68,7 +68,7 @@ def clock() -> Iterator[list[datetime]]:
 
 
 class FakeAutoReply:
-    """Stands in for :mod:`outreach.autoreply`: records its calls, plans nothing unless told to."""
+    """Stands in for :mod:`outreach.inbound.autoreply`: records its calls, plans nothing unless told to."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[int, str, int]] = []
@@ -84,9 +84,9 @@ class FakeAutoReply:
 @pytest.fixture
 def autoreply(monkeypatch: pytest.MonkeyPatch) -> FakeAutoReply:
     fake = FakeAutoReply()
-    module = types.ModuleType("outreach.autoreply")
+    module = types.ModuleType("outreach.inbound.autoreply")
     module.plan_auto_reply = fake.plan_auto_reply  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "outreach.autoreply", module)
+    monkeypatch.setitem(sys.modules, "outreach.inbound.autoreply", module)
     return fake
 
 
@@ -325,7 +325,7 @@ def test_a_planned_auto_reply_is_enqueued_after_commit(
 def test_out_of_hours_reply_gets_the_real_auto_reply(
     runtime: Runtime, client: TestClient, clock: list[datetime]
 ) -> None:
-    pytest.importorskip("outreach.autoreply")
+    pytest.importorskip("outreach.inbound.autoreply")
     applicant(runtime)
     clock[0] = EVENING
     answer = post(client, fixture_body())

@@ -9,8 +9,8 @@ from datetime import date, datetime, timedelta
 import pytest
 from fastapi.testclient import TestClient
 
-from outreach.clock import utcnow
-from outreach.runtime import Runtime
+from outreach.core.clock import utcnow
+from outreach.service.runtime import Runtime
 from tests import synthetic_history as synth
 from tests.helpers import api_client
 

@@ -9,9 +9,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
-from outreach.clock import utcnow
-from outreach.models import Candidate, DeliveryEvent, InboundMessage, OutboundMessage
-from outreach.runtime import Runtime
+from outreach.core.clock import utcnow
+from outreach.core.models import Candidate, DeliveryEvent, InboundMessage, OutboundMessage
+from outreach.service.runtime import Runtime
 from outreach.web import create_app
 from outreach.web.prometheus import OutboxCollector
 

@@ -6,14 +6,14 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from outreach.config import Secret
-from outreach.links import redirect_url
-from outreach.models import Candidate, LinkClick, TrackedLink
-from outreach.runtime import Runtime
-from outreach.sandbox import SandboxServer
-from outreach.tokens import sign
+from outreach.core.config import Secret
+from outreach.core.models import Candidate, LinkClick, TrackedLink
+from outreach.domain.tokens import sign
+from outreach.ops.sandbox import SandboxServer
+from outreach.pipeline.links import redirect_url
+from outreach.service.runtime import Runtime
 from outreach.web import create_app
-from tests.test_links import BOOKING, send_jd_email, tracked_paths
+from tests.pipeline.test_links import BOOKING, send_jd_email, tracked_paths
 
 BROWSER = {"user-agent": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 Mobile/15E148"}
 

@@ -6,9 +6,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from outreach.models import Candidate, Suppression
-from outreach.runtime import Runtime
-from outreach.tokens import unsubscribe_url
+from outreach.core.models import Candidate, Suppression
+from outreach.domain.tokens import unsubscribe_url
+from outreach.service.runtime import Runtime
 from outreach.web import create_app
 from tests.helpers import add_candidate
 
@@ -47,7 +47,7 @@ def test_ten_thousand_forged_tokens_unsubscribe_no_one(runtime: Runtime) -> None
     import base64
     import random
 
-    from outreach.tokens import verify
+    from outreach.domain.tokens import verify
 
     people = [add_candidate(runtime, f"c-{n}") for n in range(3)]
     real = unsubscribe_url(runtime.settings, "email", people[0].id).rsplit("/", 1)[1]

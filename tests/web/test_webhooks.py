@@ -24,15 +24,15 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from twilio.request_validator import RequestValidator
 
-from outreach import events
-from outreach.clock import utcnow
-from outreach.config import Secret
-from outreach.delivery import deliver
-from outreach.errors import ConfigurationError
-from outreach.events import IngestResult, NormalizedEvent
-from outreach.models import Candidate, DeliveryEvent, InboundMessage, OutboundMessage, Suppression
-from outreach.runtime import Runtime
-from outreach.sandbox import SandboxServer
+from outreach.core.clock import utcnow
+from outreach.core.config import Secret
+from outreach.core.errors import ConfigurationError
+from outreach.core.models import Candidate, DeliveryEvent, InboundMessage, OutboundMessage, Suppression
+from outreach.inbound import events
+from outreach.inbound.events import IngestResult, NormalizedEvent
+from outreach.ops.sandbox import SandboxServer
+from outreach.pipeline.delivery import deliver
+from outreach.service.runtime import Runtime
 from outreach.web import create_app, webhooks
 from outreach.web.webhooks import WebhookSettings, twiml
 from tests.helpers import add_candidate, add_job, fire

@@ -16,8 +16,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from outreach.models import DeliveryEvent, OutboundMessage
-from outreach.runtime import Runtime
+from outreach.core.models import DeliveryEvent, OutboundMessage
+from outreach.service.runtime import Runtime
 from outreach.web.webhooks import WebhookSettings
 from tests.helpers import add_candidate, wait_until_a_session_waits_for_a_lock
 from tests.web.test_webhooks import EVENTS_PATH, LiveServer, Signer, add_message, batch_for, count, make_app, row

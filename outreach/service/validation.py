@@ -1,0 +1,189 @@
+"""Cross-checks between campaigns and templates, run by ``outreach campaigns validate`` and at start-up.
+
+Loading a campaign file checks its own schema; this module checks what only the pair can tell: every step's
+template exists on the step's channel (in the default locale, and completely in every other locale), and
+renders with the context the campaign's trigger will actually provide:
+
+* every campaign is first rendered with the full sample context, so plain template bugs are named as such;
+* cron campaigns have no ``event`` and no ``job``;
+* event campaigns always have ``event``; only ``applied`` and ``job_opened`` always carry a ``job``, for the
+  other events it depends on the ATS, so the template must work both with and without one;
+* finally with only the required data (optional ``event.data`` items, reason, concerns, booking link and the
+  job's optional fields absent), which is what ``is defined`` / ``default`` guards are for.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from outreach.core.errors import CampaignError, Problem, TemplateError
+from outreach.domain.campaigns import Campaign, CampaignSet, EventType, field_line, load_campaigns
+from outreach.domain.render import EMAIL_PARTS, REQUIRED_EVENT_DATA, Renderer, sample_context
+
+# Triggers whose enrollment always knows the job: the application's job, or the job that just opened.
+JOB_BOUND_EVENTS = frozenset({EventType.APPLIED, EventType.JOB_OPENED})
+
+_OPTIONAL_JOB_FIELDS = ("department", "location", "booking_url", "salary_min", "salary_max")
+
+
+def _expected_files(channel: str, template: str, locale: str) -> str:
+    if channel == "email":
+        return ", ".join(f"email/{template}.{locale}.{part}" for part in EMAIL_PARTS)
+    return f"sms/{template}.{locale}.txt"
+
+
+def _minimal(context: Mapping[str, Any], event_type: str | None) -> dict[str, Any]:
+    """The context with everything optional taken away."""
+    out = copy.deepcopy(dict(context))
+    out["concerns"] = []
+    out["candidate"]["tags"] = []
+    out["candidate"]["timezone"] = None
+    out["candidate"]["source"] = None
+    out["links"]["booking"] = None
+    if out.get("job") is not None:
+        for key in _OPTIONAL_JOB_FIELDS:
+            out["job"][key] = None
+        out["job"]["description"] = ""
+        out["job"]["tags"] = []
+    if out.get("event") is not None:
+        data = out["event"]["data"]
+        required = REQUIRED_EVENT_DATA.get(event_type or "", ())
+        kept = {key: data[key] for key in required if key in data}
+        if isinstance(kept.get("hr_contact"), dict):
+            # A named contact is the promise; how to reach them may be left to a reply.
+            kept["hr_contact"] = {"name": kept["hr_contact"]["name"]}
+        out["event"]["data"] = kept
+        out["event"]["reason"] = None
+    return out
+
+
+def _variants(campaign: Campaign, locale: str) -> Iterator[tuple[str, dict[str, Any], str]]:
+    """(label, context, advice if only this variant fails) in order from most to least data."""
+    event = campaign.trigger.event
+    full = sample_context(locale, event_type=event.value if event else "offer_accepted")
+    full["campaign"] = {"name": campaign.name, "category": campaign.category.value}
+    yield "the full sample context", full, ""
+    shaped = copy.deepcopy(full)
+    if campaign.is_cron:
+        shaped["event"] = None
+        shaped["job"] = None
+        yield (
+            "no event and no job",
+            shaped,
+            "scheduled (cron) campaigns have no `event` and no `job`; remove them from the template or guard"
+            " them with {% if event %} / {% if job %}",
+        )
+    elif event is not None and event not in JOB_BOUND_EVENTS:
+        shaped["job"] = None
+        yield (
+            "no job",
+            shaped,
+            f"a {event.value} event may come without a job (only applied and job_opened"
+            " always carry one); guard the job parts with {% if job %}",
+        )
+    required = ", ".join(REQUIRED_EVENT_DATA.get(event.value, ())) if event else ""
+    yield (
+        "only the required data",
+        _minimal(shaped, event.value if event else None),
+        "optional data may be missing in a real send (event.data items"
+        + (f" other than {required}" if required else "")
+        + ", event.reason, concerns, links.booking, the job's department, location, salary and description);"
+        " guard them with `is defined`, `default(...)` or {% if ... %}",
+    )
+
+
+def _render(renderer: Renderer, channel: str, template: str, locale: str, context: Mapping[str, Any]) -> None:
+    if channel == "email":
+        renderer.render_email(template, locale, context)
+    else:
+        renderer.render_sms(template, locale, context)
+
+
+def _check_step(campaign: Campaign, source: Path | None, index: int, renderer: Renderer) -> list[Problem]:
+    step = campaign.steps[index]
+    channel = step.channel.value
+    template = step.template
+    file = str(source) if source is not None else campaign.name
+    line = field_line(source, ("steps", index, "template")) if source is not None else None
+    field = f"steps[{index}].template"
+    default = renderer.default_locale
+
+    def problem(message: str) -> Problem:
+        return Problem(file, line, field, message)
+
+    available = renderer.locales(channel, template)
+    incomplete = renderer.incomplete_locales(channel, template)
+    problems: list[Problem] = []
+    if not available and not incomplete:
+        return [
+            problem(
+                f"no {channel} template named {template!r}; create {_expected_files(channel, template, default)}"
+                " in the templates folder (or fix the name)"
+            )
+        ]
+    for locale, missing in incomplete.items():
+        problems.append(
+            problem(
+                f"{channel} template {template!r} in {locale} is incomplete: {', '.join(missing)} missing;"
+                f" add it, or until then {locale} candidates get the {default} version"
+            )
+        )
+    if default not in available:
+        problems.append(
+            problem(
+                f"{channel} template {template!r} has no version in the default locale {default}; create"
+                f" {_expected_files(channel, template, default)} (candidates whose language has no version"
+                " fall back to it)"
+            )
+        )
+    for locale in available:
+        for label, context, advice in _variants(campaign, locale):
+            try:
+                _render(renderer, channel, template, locale, context)
+            except TemplateError as exc:
+                message = f"{channel} template {template!r} ({locale}) does not render with {label}: {exc}"
+                problems.append(problem(f"{message}; {advice}" if advice else f"{message}; fix the template"))
+                break
+    return problems
+
+
+def check_templates(campaigns: CampaignSet, renderer: Renderer) -> list[Problem]:
+    """Every problem between the campaigns' steps and the templates they name (empty when all is well)."""
+    problems: list[Problem] = []
+    for campaign in campaigns:
+        source = campaigns.sources.get(campaign.name)
+        for index in range(len(campaign.steps)):
+            problems.extend(_check_step(campaign, source, index, renderer))
+    return problems
+
+
+def validate_all(
+    campaigns_dir: Path, templates_dir: Path, default_locale: str = "en"
+) -> tuple[CampaignSet | None, list[Problem]]:
+    """Load the campaigns and check them against the templates.
+
+    Returns the campaigns (None when a file is invalid) and every problem found; the service must not
+    start while the list is non-empty.
+    """
+    from outreach.domain.intent import intent_problems
+    from outreach.policy.config import load_policies
+
+    policy_problems: list[Problem] = []
+    try:
+        load_policies(campaigns_dir)
+    except CampaignError as exc:
+        policy_problems = list(exc.problems)
+    policy_problems += intent_problems(campaigns_dir)[1]
+    try:
+        campaigns = load_campaigns(campaigns_dir)
+    except CampaignError as exc:
+        return None, policy_problems + list(exc.problems)
+    if not templates_dir.is_dir():
+        return campaigns, [
+            *policy_problems,
+            Problem(str(templates_dir), None, "(folder)", "templates folder not found"),
+        ]
+    return campaigns, policy_problems + check_templates(campaigns, Renderer(templates_dir, default_locale))

@@ -1,0 +1,57 @@
+"""Settings from the environment: every bad value is refused with the variable's name."""
+
+from __future__ import annotations
+
+import pytest
+
+from outreach.core.config import MIN_SECRET_KEY_LENGTH, Settings
+from outreach.core.errors import ConfigurationError
+
+REAL_SENDGRID = {"SENDGRID_API_KEY": "SG.live-looking-key"}
+REAL_TWILIO = {"TWILIO_ACCOUNT_SID": "AC" + "1" * 32, "TWILIO_AUTH_TOKEN": "token"}
+KEY = "k" * MIN_SECRET_KEY_LENGTH
+
+
+def test_defaults_load_without_any_variable() -> None:
+    settings = Settings.from_env({})
+    assert not settings.talks_to_real_providers
+    assert settings.signing_key  # the development fallback
+
+
+@pytest.mark.parametrize("credentials", [REAL_SENDGRID, REAL_TWILIO], ids=["sendgrid", "twilio"])
+def test_real_providers_need_a_secret_key(credentials: dict[str, str]) -> None:
+    with pytest.raises(ConfigurationError, match="OUTREACH_SECRET_KEY"):
+        Settings.from_env(credentials)
+    with pytest.raises(ConfigurationError, match="at least 32 characters"):
+        Settings.from_env({**credentials, "OUTREACH_SECRET_KEY": "short"})
+    settings = Settings.from_env({**credentials, "OUTREACH_SECRET_KEY": KEY})
+    assert settings.talks_to_real_providers
+    assert settings.signing_key == KEY.encode()
+
+
+def test_credentials_for_a_sandbox_need_no_key() -> None:
+    """Benchmarks, fault tests and local stacks point real SDKs at the sandbox with made-up credentials."""
+    settings = Settings.from_env(
+        {
+            **REAL_SENDGRID,
+            **REAL_TWILIO,
+            "OUTREACH_SENDGRID_HOST": "http://127.0.0.1:8025",
+            "OUTREACH_TWILIO_BASE_URL": "http://127.0.0.1:8025",
+        }
+    )
+    assert not settings.talks_to_real_providers
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        ({"OUTREACH_COMPANY_TIMEZONE": "Mars/Olympus"}, "OUTREACH_COMPANY_TIMEZONE"),
+        ({"OUTREACH_BROKER_URL": "kafka://x"}, "OUTREACH_BROKER_URL"),
+        ({"TWILIO_ACCOUNT_SID": "AC" + "1" * 32}, "TWILIO_AUTH_TOKEN"),
+        ({"OUTREACH_LEASE_SECONDS": "soon"}, "OUTREACH_LEASE_SECONDS"),
+        ({"OUTREACH_CLAIM_BATCH": "-5"}, "OUTREACH_CLAIM_BATCH"),
+    ],
+)
+def test_bad_values_name_their_variable(environ: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigurationError, match=named):
+        Settings.from_env(environ)
