@@ -32,7 +32,7 @@ from outreach.inbound.events import (
 from outreach.service.runtime import Runtime
 from tests.helpers import add_candidate
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 BATCH: list[dict[str, Any]] = json.loads((FIXTURES / "sendgrid" / "event_webhook_batch.json").read_text())
 TWILIO_SID = "SM1f0e8ae6ade43cb3c0ce4525424e404f"
 

@@ -24,7 +24,7 @@ from twilio.rest import Client
 from outreach.core.clock import utcnow
 from outreach.ops.sandbox import SandboxMessage, SandboxServer, sms_segments
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 ACCOUNT_SID = "AC" + "3" * 32
 TOKEN = "sandbox-test-token"
 
