@@ -29,8 +29,8 @@ from outreach.core.models import Candidate, Channel, InboundMessage, OutboundMes
 from outreach.core.sql import insert_ignore
 from outreach.domain.tokens import outbox_id_from_reply_address
 from outreach.inbound.conversation import last_sent_to, notify_reply, stored_inbound_id
+from outreach.inbound.services import InboundServices
 from outreach.pipeline.enrollment import pause_for_out_of_office, record_reply
-from outreach.pipeline.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def _match(session: Session, settings: Settings, email: InboundEmail, sender: st
     return _Match(candidate, last_sent_to(session, candidate.id, Channel.EMAIL.value, email.received_at), first)
 
 
-def handle_inbound_email(session: Session, runtime: Services, email: InboundEmail) -> EmailResult:
+def handle_inbound_email(session: Session, runtime: InboundServices, email: InboundEmail) -> EmailResult:
     """Store the message once and act on it, in the caller's transaction.
 
     A real reply stops the candidate's campaigns that exit on a reply, raises a ``candidate_replied`` alert for HR
@@ -182,18 +182,11 @@ def handle_inbound_email(session: Session, runtime: Services, email: InboundEmai
 
 
 def _plan_auto_reply(
-    session: Session, runtime: Services, candidate: Candidate, inbound_id: int | None
+    session: Session, runtime: InboundServices, candidate: Candidate, inbound_id: int | None
 ) -> tuple[str, ...]:
-    """The out-of-hours auto-reply for a real reply, if one is due; skipped while :mod:`outreach.inbound.autoreply` is
-    not installed."""
-    try:
-        from outreach.inbound.autoreply import plan_auto_reply
-    except ModuleNotFoundError as exc:
-        if exc.name != "outreach.inbound.autoreply":
-            raise
-        return ()
+    """The out-of-hours auto-reply for a real reply, if one is due (the runtime's planner decides)."""
     inbound = session.get(InboundMessage, inbound_id) if inbound_id is not None else None
     if inbound is None:
         return ()
-    outbox_id: str | None = plan_auto_reply(session, runtime, candidate, Channel.EMAIL.value, inbound)
+    outbox_id = runtime.auto_reply(session, runtime, candidate, Channel.EMAIL.value, inbound)
     return (outbox_id,) if outbox_id else ()

@@ -40,8 +40,8 @@ from outreach.core.errors import TemplateError
 from outreach.core.models import Candidate, Channel, InboundMessage, OutboundMessage, Suppression
 from outreach.core.sql import insert_ignore
 from outreach.domain.candidates import normalise_phone
-from outreach.inbound.autoreply import plan_auto_reply
 from outreach.inbound.conversation import last_sent_to, notify_reply
+from outreach.inbound.services import InboundServices
 from outreach.pipeline.enrollment import record_reply
 from outreach.pipeline.services import Services
 from outreach.pipeline.suppression import Suppress, suppress
@@ -112,7 +112,7 @@ class InboundResult:
     queue: tuple[str, ...] = ()
 
 
-def handle_inbound_sms(session: Session, runtime: Services, sms: InboundSms) -> InboundResult:
+def handle_inbound_sms(session: Session, runtime: InboundServices, sms: InboundSms) -> InboundResult:
     """Store the message once, act on it, and say what to answer. Runs in the caller's transaction.
 
     ``kind`` is ``opt_out``, ``opt_in`` or ``help`` for keywords (from known and unknown numbers alike),
@@ -187,7 +187,7 @@ def handle_inbound_sms(session: Session, runtime: Services, sms: InboundSms) -> 
         extra["exited"] = record_reply(session, runtime.campaigns, candidate, received_at)
         message = _stored(session, sms.provider_message_id)
         notify_reply(session, candidate, Channel.SMS.value, message.id)
-        auto_reply = plan_auto_reply(session, runtime, candidate, Channel.SMS.value, message)
+        auto_reply = runtime.auto_reply(session, runtime, candidate, Channel.SMS.value, message)
         queue = (auto_reply,) if auto_reply is not None else ()
         extra["auto_reply"] = auto_reply
 

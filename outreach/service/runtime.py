@@ -22,6 +22,8 @@ from outreach.core.db import get_engine
 from outreach.core.errors import CampaignError
 from outreach.domain.campaigns import CampaignSet
 from outreach.domain.render import Renderer
+from outreach.inbound.autoreply import plan_auto_reply
+from outreach.inbound.services import AutoReplyPlanner
 from outreach.providers import Providers, build_providers
 
 if TYPE_CHECKING:
@@ -38,6 +40,8 @@ class Runtime:
     sandbox_url: str | None = None
     enqueue_override: Enqueue | None = None
     enqueue_batch_override: Enqueue | None = None
+    #: The out-of-hours auto-reply the inbound handlers call (a test may give another planner).
+    auto_reply: AutoReplyPlanner = plan_auto_reply
 
     @cached_property
     def engine(self) -> Engine:

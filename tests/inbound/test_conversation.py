@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -36,11 +34,9 @@ TUESDAY_22 = datetime(2026, 11, 24, 14, 0, tzinfo=UTC)
 
 
 @pytest.fixture(autouse=True)
-def no_auto_reply(monkeypatch: pytest.MonkeyPatch) -> None:
+def no_auto_reply(runtime: Runtime) -> None:
     """These tests are about people answering; the out-of-hours auto-reply has its own tests."""
-    module = types.ModuleType("outreach.inbound.autoreply")
-    module.plan_auto_reply = lambda *args: None  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "outreach.inbound.autoreply", module)
+    runtime.auto_reply = lambda *args: None
 
 
 @pytest.fixture

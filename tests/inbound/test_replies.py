@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -111,11 +109,9 @@ class RecordingAutoReply:
 
 
 @pytest.fixture
-def autoreply(monkeypatch: pytest.MonkeyPatch) -> RecordingAutoReply:
+def autoreply(runtime: Runtime) -> RecordingAutoReply:
     recorder = RecordingAutoReply(plan="f" * 32)
-    module = types.ModuleType("outreach.inbound.autoreply")
-    module.plan_auto_reply = recorder  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "outreach.inbound.autoreply", module)
+    runtime.auto_reply = recorder
     return recorder
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import sys
-import types
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -82,11 +80,9 @@ class FakeAutoReply:
 
 
 @pytest.fixture
-def autoreply(monkeypatch: pytest.MonkeyPatch) -> FakeAutoReply:
+def autoreply(runtime: Runtime) -> FakeAutoReply:
     fake = FakeAutoReply()
-    module = types.ModuleType("outreach.inbound.autoreply")
-    module.plan_auto_reply = fake.plan_auto_reply  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "outreach.inbound.autoreply", module)
+    runtime.auto_reply = fake.plan_auto_reply
     return fake
 
 
