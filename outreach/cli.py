@@ -316,7 +316,7 @@ def campaigns_validate() -> None:
 @click.option("--locale", default=None, help="Locale to render, e.g. zh-CN (default: the default locale).")
 def campaigns_preview(name: str, step: int, locale: str | None) -> None:
     """Render one step of a campaign with sample data."""
-    from outreach.domain.render import sample_context
+    from outreach.pipeline.samples import sample_context
 
     settings = _settings()
     runtime = Runtime(settings)

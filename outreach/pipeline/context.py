@@ -15,7 +15,7 @@ from outreach.domain.candidates import candidate_timezone
 from outreach.domain.tokens import unsubscribe_url
 from outreach.policy.calendar import BusinessCalendar
 
-__all__ = ["build_context", "format_reply_by", "reply_by"]
+__all__ = ["build_context", "format_reply_by", "reply_by", "shape_context"]
 
 _EN_WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 _EN_MONTHS = (
@@ -43,11 +43,48 @@ def build_context(
     enrollment: Enrollment | None,
     job: Job | None,
 ) -> dict[str, Any]:
-    """The variables a template sees (``calendar`` tells an auto-reply when a person will answer). Keep in step
-    with ``outreach.domain.render.sample_context``."""
+    """The variables a send's templates see (``calendar`` tells an auto-reply when a person will answer)."""
+    built = shape_context(
+        message,
+        candidate,
+        enrollment,
+        job,
+        company={"name": settings.company_name, "timezone": settings.company_timezone},
+        unsubscribe=unsubscribe_url(settings, message.channel, message.candidate_id),
+    )
+    if message.category == AUTO_REPLY:
+        # The out-of-hours answer names the next business opening, in the candidate's timezone.
+        built["reply_by"] = reply_by(settings, calendar, message.created_at, candidate)
+    return built
+
+
+def shape_context(
+    message: OutboundMessage,
+    candidate: Candidate,
+    enrollment: Enrollment | None,
+    job: Job | None,
+    *,
+    company: dict[str, Any],
+    unsubscribe: str,
+) -> dict[str, Any]:
+    """The one shape of a template context, from a message's rows (real ones, or the samples of
+    :mod:`outreach.pipeline.samples` that ``campaigns validate`` and previews render)::
+
+        candidate  {external_id, name, first_name, locale, timezone, stage, source, tags: [str]}
+        job        {external_id, title, department, location, description, booking_url,
+                    salary_min, salary_max, tags} or None
+        company    {name, timezone}
+        event      {type, reason, occurred_at (ISO string), data: {…from the ATS}} or None (cron campaigns)
+        links      {booking: str | None, unsubscribe: str}
+        message    {id}
+        campaign   {name, category}
+        concerns   [str]   from the candidate's "concern:<x>" tags
+
+    An auto-reply also gets ``reply_by`` (:func:`reply_by`).
+    """
     context = dict(enrollment.context) if enrollment is not None else {}
     name = candidate.name or ""
-    built: dict[str, Any] = {
+    return {
         "candidate": {
             "external_id": candidate.external_id,
             "name": name,
@@ -71,20 +108,13 @@ def build_context(
             "salary_max": job.salary_max,
             "tags": list(job.tags),
         },
-        "company": {"name": settings.company_name, "timezone": settings.company_timezone},
+        "company": company,
         "event": context.get("event"),
-        "links": {
-            "booking": job.booking_url if job is not None else None,
-            "unsubscribe": unsubscribe_url(settings, message.channel, message.candidate_id),
-        },
+        "links": {"booking": job.booking_url if job is not None else None, "unsubscribe": unsubscribe},
         "message": {"id": message.id},
         "campaign": {"name": message.campaign, "category": message.category},
         "concerns": [tag.split(":", 1)[1] for tag in candidate.tags if tag.startswith("concern:")],
     }
-    if message.category == AUTO_REPLY:
-        # The out-of-hours answer names the next business opening, in the candidate's timezone.
-        built["reply_by"] = reply_by(settings, calendar, message.created_at, candidate)
-    return built
 
 
 def format_reply_by(opening: datetime, zone_name: str, language: str) -> str:

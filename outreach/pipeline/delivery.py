@@ -15,16 +15,16 @@ one broker message. Per group, on one pooled connection:
    every row; two rows of one candidate are counted by the caps one after the other. Refused rows get their
    status, rule and reason; allowed ones are rendered and their tracked links stored (one insert for the group); a
    template error ends its row ``failed``. Commit.
-2. **Hand-off, then the call, per row.** One short autocommit update (:func:`outreach.pipeline.outbox.hand_off`)
-   clears the marker and counts the attempt (``attempts + 1``, the lease renewed) — only then is the provider called, one
-   request per message. A row whose hand-off finds it no longer claimed (the sweeper took it back after its lease
-   ran out) is skipped. The sweeper puts a ``sending`` row whose lease expired while still marked ``claimed`` back
-   to ``pending`` (it never reached a provider); one without the marker becomes ``uncertain`` (it may have).
-3. **Record.** Accepted rows are written ``sent`` (:func:`outreach.pipeline.outbox.record_sent`: provider id, what
-   went out) in bulk: on PostgreSQL in the next row's hand-off statement (a data-modifying CTE, so one commit per message)
-   and at the group's end, elsewhere every few sends; a provider event that already moved a row on keeps its status
-   and the row only gains the send's facts. A worker killed between a send and its record leaves the row
-   ``sending`` without the marker: ``uncertain``, reconciled from provider events, never resent.
+2. **Hand-off, then the call, per row.** One short autocommit update (:func:`outreach.pipeline.outbox.hand_off`) clears
+   the marker and counts the attempt (``attempts + 1``, the lease renewed) — only then is the provider called, one
+   request per message. A row whose hand-off finds it no longer claimed (the sweeper took it back after its lease ran
+   out) is skipped. The sweeper puts a ``sending`` row whose lease expired while still marked ``claimed`` back to
+   ``pending`` (it never reached a provider); one without the marker becomes ``uncertain`` (it may have).
+3. **Record.** Accepted rows are written ``sent`` (:func:`outreach.pipeline.outbox.record_sent`: provider id, what went
+   out) in bulk: on PostgreSQL in the next row's hand-off statement (a data-modifying CTE, so one commit per message)
+   and at the group's end, elsewhere every few sends; a provider event that already moved a row on keeps its status and
+   the row only gains the send's facts. A worker killed between a send and its record leaves the row ``sending`` without
+   the marker: ``uncertain``, reconciled from provider events, never resent.
 
 Provider outcomes per row: transient (429, 5xx, a connection that never opened) puts the row back to ``pending``
 with ``not_before`` at the provider's reset time (or a backoff) and asks the caller to wake that row again then

@@ -21,7 +21,8 @@ from typing import Any
 
 from outreach.core.errors import CampaignError, Problem, TemplateError
 from outreach.domain.campaigns import Campaign, CampaignSet, EventType, field_line, load_campaigns
-from outreach.domain.render import EMAIL_PARTS, REQUIRED_EVENT_DATA, Renderer, sample_context
+from outreach.domain.render import EMAIL_PARTS, REQUIRED_EVENT_DATA, Renderer
+from outreach.pipeline.samples import sample_context
 
 # Triggers whose enrollment always knows the job: the application's job, or the job that just opened.
 JOB_BOUND_EVENTS = frozenset({EventType.APPLIED, EventType.JOB_OPENED})

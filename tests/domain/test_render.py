@@ -15,9 +15,9 @@ from outreach.domain.render import (
     MAX_SMS_CHARS,
     REQUIRED_EVENT_DATA,
     Renderer,
-    sample_context,
     sms_segments,
 )
+from outreach.pipeline.samples import sample_context
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "templates"

@@ -25,13 +25,14 @@ from twilio.request_validator import RequestValidator
 
 from outreach.core.clock import set_clock
 from outreach.core.models import AUTO_REPLY, Candidate, InboundMessage, OutboundMessage
-from outreach.domain.render import Renderer, sample_context
+from outreach.domain.render import Renderer
 from outreach.inbound.autoreply import TEMPLATE, WINDOW, plan_auto_reply
 from outreach.inbound.replies import is_automatic
 from outreach.inbound.sms import InboundResult, InboundSms, handle_inbound_sms
 from outreach.ops.sandbox import SandboxServer
 from outreach.pipeline.context import format_reply_by, reply_by
 from outreach.pipeline.delivery import deliver
+from outreach.pipeline.samples import sample_context
 from outreach.policy.engine import OUTREACH_CATEGORIES
 from outreach.service.runtime import Runtime
 from outreach.web import create_app, webhooks

@@ -15,7 +15,8 @@ import pytest
 
 from outreach.core.errors import TemplateError
 from outreach.domain import render
-from outreach.domain.render import Renderer, sample_context
+from outreach.domain.render import Renderer
+from outreach.pipeline.samples import sample_context
 from outreach.service.validation import validate_all
 
 ROOT = Path(__file__).resolve().parents[2]
