@@ -297,7 +297,7 @@ def _measure(config: Config, queue: RedisQueue, stack: contextlib.ExitStack) -> 
     env = worker_environment(database_url, config.redis_url, queue.name, sandbox_url)
     warmup = queue.stage(GROUP_ACTOR, ((group,) for group in groups(ids[: config.warmup])))
     measured = queue.stage(GROUP_ACTOR, ((group,) for group in staged_groups(ids[config.warmup :])))
-    workers = stack.enter_context(dramatiq_workers("e2e-workers", "workers", queue.name, config, env, logs))
+    workers = stack.enter_context(dramatiq_workers("e2e-workers", "workers.main", queue.name, config, env, logs))
 
     check = alive(workers, sandbox)
 

@@ -152,7 +152,7 @@ def e2e_latencies(options: Options, samples: int, logs: Path) -> tuple[list[floa
         external_ids = _candidates(runtime, settings, total)
         env = worker_environment(database_url, options.redis_url, queue.name, sandbox_url)
         workers = stack.enter_context(
-            dramatiq_workers("latency-e2e-workers", "workers", queue.name, Config.of(options), env, logs)
+            dramatiq_workers("latency-e2e-workers", "workers.main", queue.name, Config.of(options), env, logs)
         )
         check = alive(workers, sandbox)
 

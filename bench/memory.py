@@ -150,7 +150,9 @@ def _e2e(config: Config, half: int, logs: Path) -> tuple[list[float], list[float
             queue.stage(GROUP_ACTOR, ((group,) for group in staged_groups(part))) for part in (ids[:half], ids[half:])
         ]
         env = worker_environment(database_url, config.redis_url, queue.name, sandbox_url)
-        workers = stack.enter_context(dramatiq_workers("memory-e2e-workers", "workers", queue.name, config, env, logs))
+        workers = stack.enter_context(
+            dramatiq_workers("memory-e2e-workers", "workers.main", queue.name, config, env, logs)
+        )
 
         check = alive(workers, sandbox)
 

@@ -203,7 +203,9 @@ def measure(options: Options, config: Config, recipients: int) -> Measurement:
         )
         staged = queue.stage(BATCH_ACTOR, ((ids,) for ids in [*warmup, *batches]))
         staged_warmup, staged_measured = staged[: len(warmup)], staged[len(warmup) :]
-        workers = stack.enter_context(dramatiq_workers("nurture-workers", "workers", queue.name, config, env, logs))
+        workers = stack.enter_context(
+            dramatiq_workers("nurture-workers", "workers.main", queue.name, config, env, logs)
+        )
 
         check = alive(workers, sandbox)
 

@@ -153,7 +153,6 @@ def _start_background(runtime: Runtime, threads: int) -> threading.Event:
     from outreach.pipeline.scheduler import run_forever
     from outreach.service.broker import build_broker, install_broker
 
-    # Installed before the workers package is imported, so it finds a broker and builds none from the environment.
     broker = install_broker(build_broker(runtime.settings))
     from workers.actors import declare_actors
 
@@ -198,7 +197,7 @@ def serve(host: str, port: int) -> None:
 @click.option("--processes", "-p", default=2, show_default=True, type=int)
 @click.option("--threads", "-t", default=8, show_default=True, type=int)
 def worker(processes: int, threads: int) -> None:
-    """Dramatiq worker processes (needs OUTREACH_BROKER_URL); the same as `dramatiq workers`."""
+    """Dramatiq worker processes (needs OUTREACH_BROKER_URL); the same as `dramatiq workers.main`."""
     settings = _settings()
     if not settings.broker_url:
         raise click.ClickException("OUTREACH_BROKER_URL must point at Redis or RabbitMQ for separate workers")
@@ -207,7 +206,7 @@ def worker(processes: int, threads: int) -> None:
         sys.executable,
         "-m",
         "dramatiq",
-        "workers",
+        "workers.main",
         "--processes",
         str(processes),
         "--threads",

@@ -75,7 +75,7 @@ def install_workers(broker: Broker) -> Broker:
 
 
 def worker_env(database_url: str, queue: str, sandbox_url: str, **extra: str) -> dict[str, str]:
-    """The environment of a ``dramatiq workers`` process on ``database_url`` and Redis ``queue``, sending to the
+    """The environment of a ``dramatiq workers.main`` process on ``database_url`` and Redis ``queue``, sending to the
     sandbox through the real SDKs, on this test's clock: none of this process's own settings leak in."""
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(("OUTREACH_", "SENDGRID_", "TWILIO_"))}
     return {

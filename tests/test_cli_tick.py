@@ -39,7 +39,7 @@ def utc(text: str) -> datetime:
 
 
 class TimeMachine:
-    """The service's database, a Redis broker with a ``dramatiq workers`` process on it, and the CLI."""
+    """The service's database, a Redis broker with a ``dramatiq workers.main`` process on it, and the CLI."""
 
     def __init__(self, database_url: str, sandbox: SandboxServer, queue: str) -> None:
         self.runtime = Runtime(make_settings(database_url), sandbox_url=sandbox.url)
@@ -105,7 +105,7 @@ def machine(pg_database_url: str, sandbox: SandboxServer) -> Iterator[TimeMachin
     queue = f"outreach_tick_{uuid.uuid4().hex[:8]}"
     machine = TimeMachine(pg_database_url, sandbox, queue)
     worker = subprocess.Popen(
-        [sys.executable, "-m", "dramatiq", "workers", "--processes", "1", "--threads", "2", "--queues", queue],
+        [sys.executable, "-m", "dramatiq", "workers.main", "--processes", "1", "--threads", "2", "--queues", queue],
         cwd=ROOT,
         env=worker_env(pg_database_url, queue, sandbox.url),
         stdout=subprocess.DEVNULL,

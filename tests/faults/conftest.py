@@ -1,6 +1,6 @@
 """Process helpers for the fault-injection tests: real workers, schedulers, Redis and PostgreSQL.
 
-The service runs as it does in production: ``dramatiq workers`` and ``outreach scheduler`` subprocesses on
+The service runs as it does in production: ``dramatiq workers.main`` and ``outreach scheduler`` subprocesses on
 the real PostgreSQL and Redis, sending through the provider sandbox (in this process, so a test can read the
 sandbox's own record and queue faults) and receiving its signed webhooks on the FastAPI app (uvicorn in a
 thread of this process). Every test ends by comparing the sandbox's record with the outbox and printing the
@@ -281,7 +281,7 @@ def worker_argv(queue: str, processes: int = 1, threads: int = 4) -> list[str]:
         sys.executable,
         "-m",
         "dramatiq",
-        "workers",
+        "workers.main",
         "--processes",
         str(processes),
         "--threads",

@@ -1,4 +1,4 @@
-"""`dramatiq workers` as its own process: the broker comes from the environment, actors deliver real rows."""
+"""`dramatiq workers.main` as its own process: the broker comes from the environment, actors deliver real rows."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_dramatiq_workers_process_delivers_queued_rows(pg_database_url: str, san
 
     env = worker_env(pg_database_url, queue, sandbox.url)  # on this test's clock, not the day the suite runs
     process = subprocess.Popen(
-        [sys.executable, "-m", "dramatiq", "workers", "--processes", "1", "--threads", "4", "--queues", queue],
+        [sys.executable, "-m", "dramatiq", "workers.main", "--processes", "1", "--threads", "4", "--queues", queue],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

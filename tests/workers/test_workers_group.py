@@ -44,7 +44,7 @@ def delayed(broker: StubBroker, queue_name: str) -> list[Message[object]]:
 def test_rate_limited_rows_come_back_as_a_delayed_group_of_their_own(
     runtime: Runtime, sandbox: SandboxServer, stub: StubBroker
 ) -> None:
-    from workers.actors import deliver_messages  # after a broker is installed (a worker process has one)
+    from workers.actors import deliver_messages
 
     ids = emails(queue(runtime, 3))
     sandbox.fail("sendgrid", "500")  # the first send only: that row alone is retried
