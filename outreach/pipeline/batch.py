@@ -76,7 +76,7 @@ from outreach.core.errors import (
     TemplateError,
     TransientProviderError,
 )
-from outreach.core.models import Base, Candidate, Channel, Enrollment, Job, OutboundMessage, TrackedLink
+from outreach.core.models import Base, Candidate, Channel, Enrollment, Job, TrackedLink
 from outreach.core.sql import any_of, chunks, one_of
 from outreach.domain.campaigns import Category
 from outreach.domain.tokens import unsubscribe_url
@@ -248,6 +248,10 @@ class _Recipient:
     job: Job | None = None
     substitutions: dict[str, str] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def candidate_id(self) -> int:
+        return self.candidate.id
 
 
 #: Positions in a claimed row (:data:`outreach.pipeline.outbox.CLAIMED_COLUMNS`, then the enrollment's facts).
@@ -486,20 +490,6 @@ def _groups(runtime: Services, recipients: Iterable[_Recipient]) -> list[list[_R
     return list(groups.values())
 
 
-def _transient_message(recipient: _Recipient) -> OutboundMessage:
-    return OutboundMessage(
-        id=recipient.id,
-        enrollment_id=recipient.enrollment_id,
-        candidate_id=recipient.candidate.id,
-        campaign=recipient.campaign,
-        step=recipient.step,
-        channel=recipient.channel,
-        template=recipient.template,
-        category=recipient.category,
-        created_at=recipient.created_at,
-    )
-
-
 def render_shared(runtime: Services, exemplar: _Recipient, plain: Collection[str] = ()) -> SharedEmail:
     """Render ``exemplar``'s template once, with substitution tags for every per-recipient value; the values named
     in ``plain`` print the same in HTML for every recipient, so the HTML part uses their text tags."""
@@ -511,7 +501,7 @@ def render_shared(runtime: Services, exemplar: _Recipient, plain: Collection[str
     if candidate is None:
         raise NotShareable("candidate gone")
     context = build_context(
-        runtime.settings, runtime.policy.calendar, _transient_message(exemplar), candidate, enrollment, exemplar.job
+        runtime.settings, runtime.policy.calendar, outbox.detached(exemplar), candidate, enrollment, exemplar.job
     )
     probe = _Probe({**context["candidate"], **{key: _Slot(key) for key in SUBSTITUTED}})
     concerns = _ProbeList(context.get("concerns") or [])

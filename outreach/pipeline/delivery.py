@@ -216,21 +216,6 @@ def _lock_people(
     return people
 
 
-def _message(row: Any) -> OutboundMessage:
-    """The claimed row as the template context and link tracking see it (not attached to any session)."""
-    return OutboundMessage(
-        id=row.id,
-        candidate_id=row.candidate_id,
-        enrollment_id=row.enrollment_id,
-        campaign=row.campaign,
-        step=row.step,
-        channel=row.channel,
-        template=row.template,
-        category=row.category,
-        created_at=row.created_at,
-    )
-
-
 def _claim_and_prepare(
     runtime: Services, connection: Connection, ids: Sequence[str], now: datetime, outcomes: dict[str, Outcome]
 ) -> list[_Send]:
@@ -273,7 +258,7 @@ def _claim_and_prepare(
                     stopped.append(outbox.refused(row.id, verdict, row.not_before, now))
                     outcomes[row.id] = Outcome(verdict.status.value)
                     continue
-                message = _message(row)
+                message = outbox.detached(row)
                 context = build_context(runtime.settings, policy.calendar, message, candidate, enrollment, job)
                 validity = policy.sms_validity(subject) if row.channel == Channel.SMS.value else None
                 try:

@@ -65,7 +65,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
-from outreach.core.models import CLAIMED_RULE, Base, Channel, MessageStatus, UTCDateTime
+from outreach.core.models import CLAIMED_RULE, Base, Channel, MessageStatus, OutboundMessage, UTCDateTime
 from outreach.core.sql import CHUNK, any_of, array_of, chunks, one_of
 from outreach.policy.engine import Outcome as Verdict
 
@@ -110,6 +110,26 @@ CLAIMED_COLUMNS = (
     "created_at",
     "not_before",
 )
+
+#: What the template context and link tracking read of a claimed row.
+_MESSAGE_FIELDS = (
+    "id",
+    "candidate_id",
+    "enrollment_id",
+    "campaign",
+    "step",
+    "channel",
+    "template",
+    "category",
+    "created_at",
+)
+
+
+def detached(row: Any) -> OutboundMessage:
+    """A claimed row (a result row of :func:`claim`, or anything with those attributes) as the template context and
+    link tracking see it: an :class:`OutboundMessage` attached to no session."""
+    return OutboundMessage(**{name: getattr(row, name) for name in _MESSAGE_FIELDS})
+
 
 #: Facts about a send worth keeping even when a provider event already moved the row on.
 _SEND_FACTS = ("provider", "provider_message_id", "locale", "segments", "subject", "body")
