@@ -58,7 +58,7 @@ from bench.stack import (
 )
 from outreach.core.clock import utcnow
 from outreach.core.models import MessageStatus, OutboundMessage
-from outreach.pipeline.batch import MAX_PERSONALIZATIONS
+from outreach.providers.sendgrid_payload import MAX_PERSONALIZATIONS
 from outreach.service.broker import BATCH_ACTOR
 
 POLL_INTERVAL = 0.05

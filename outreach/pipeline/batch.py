@@ -98,15 +98,18 @@ from outreach.policy.base import Stage
 from outreach.policy.bulk import PolicyReads
 from outreach.policy.engine import Outcome as Verdict
 from outreach.providers.base import ProviderPipeline
-from outreach.providers.sendgrid import address_field
+from outreach.providers.sendgrid_payload import (
+    MAX_PERSONALIZATION_BYTES,
+    MAX_PERSONALIZATIONS,
+    OUTBOX_ID_ARG,
+    address_field,
+    content,
+    personalization_bytes,
+)
 
-__all__ = ["MAX_PERSONALIZATIONS", "MAX_PERSONALIZATION_BYTES", "BatchOutcome", "deliver_batch"]
+__all__ = ["BatchOutcome", "deliver_batch"]
 
 log = logging.getLogger(__name__)
-
-#: SendGrid's limits: personalizations per request, and bytes of substitutions, headers and custom args in one.
-MAX_PERSONALIZATIONS = 1000
-MAX_PERSONALIZATION_BYTES = 10_000
 
 #: Candidate fields that may differ between the recipients of one rendering (they are substituted).
 SUBSTITUTED = frozenset({"name", "first_name"})
@@ -666,12 +669,13 @@ def _personalization_bytes(recipient: _Recipient) -> int:
     bound = 100 + _WORST_PER_CHAR * (characters + 6 * (len(substitutions) + len(headers)))
     if bound <= MAX_PERSONALIZATION_BYTES:
         return bound
-    extra = {
-        "substitutions": recipient.substitutions,
-        "custom_args": {"outreach_id": recipient.id},
-        "headers": recipient.headers,
-    }
-    return len(json.dumps(extra, ensure_ascii=False).encode("utf-8"))
+    return personalization_bytes(
+        {
+            "substitutions": recipient.substitutions,
+            "custom_args": {OUTBOX_ID_ARG: recipient.id},
+            "headers": recipient.headers,
+        }
+    )
 
 
 # -- the request ---------------------------------------------------------------------------------------------
@@ -685,7 +689,7 @@ def build_payload(runtime: Services, shared: SharedEmail, chunk: Sequence[_Recip
     for recipient in chunk:
         personalization: dict[str, Any] = {
             "to": [{"email": recipient.candidate.email or ""}],
-            "custom_args": {"outreach_id": recipient.id},
+            "custom_args": {OUTBOX_ID_ARG: recipient.id},
         }
         if recipient.substitutions:
             personalization["substitutions"] = recipient.substitutions
@@ -696,11 +700,7 @@ def build_payload(runtime: Services, shared: SharedEmail, chunk: Sequence[_Recip
         "personalizations": personalizations,
         "from": address_field(settings.email_from),
         "subject": shared.subject,
-        "content": [
-            {"type": kind, "value": value}
-            for kind, value in (("text/plain", shared.text), ("text/html", shared.html))
-            if value
-        ],
+        "content": content(shared.text, shared.html),
         "categories": list(dict.fromkeys((first.campaign, first.template))),
     }
     if settings.email_reply_to:

@@ -68,6 +68,7 @@ from sqlalchemy.orm import Session
 from outreach.core.models import CLAIMED_RULE, Base, Channel, MessageStatus, OutboundMessage, UTCDateTime
 from outreach.core.sql import CHUNK, any_of, array_of, chunks, one_of
 from outreach.policy.engine import Outcome as Verdict
+from outreach.providers.sendgrid_payload import substitute
 
 __all__ = [
     "CLAIMED_COLUMNS",
@@ -370,14 +371,6 @@ class SharedSend:
             }
             for outbox_id, substitutions in self.rows
         ]
-
-
-def substitute(text: str, substitutions: Mapping[str, str]) -> str:
-    """``text`` with each tag replaced by its value, in the order given (what SendGrid does)."""
-    for tag, value in substitutions.items():
-        if tag in text:
-            text = text.replace(tag, value)
-    return text
 
 
 _RECORD_COLUMNS: dict[str, Any] = {

@@ -16,13 +16,10 @@ out (a read timeout, a reset while waiting for the answer) is ambiguous
 
 from __future__ import annotations
 
-import functools
 import http.client
 import json
-import re
 import urllib.error
 from collections.abc import Mapping
-from email.utils import parseaddr
 from typing import Any
 
 import urllib3
@@ -40,6 +37,7 @@ from outreach.core.errors import (
 )
 from outreach.providers.base import EmailMessage, EmailProvider, ProviderPipeline, SendResult, redact
 from outreach.providers.http import PooledClient, nothing_sent, pool_manager
+from outreach.providers.sendgrid_payload import MESSAGE_ID_HEADER, OUTBOX_ID_ARG, address_field, content
 
 __all__ = ["SendGridProvider"]
 
@@ -48,28 +46,6 @@ _NAME = "sendgrid"
 POOL_SIZE = 32
 #: The longest wait a rate-limit reset may ask for, in seconds.
 MAX_RESET_WAIT = 900.0
-
-
-#: Characters that make an address more than a bare ``local@domain`` (a display name, a comment, a list ...).
-_NOT_BARE = re.compile(r"""[\s<>"(),;:\[\]\\]""")
-
-
-def address_field(value: str) -> dict[str, str]:
-    """A v3 ``{"email", "name"}`` object from ``Name <email>`` or a bare address."""
-    if not _NOT_BARE.search(value):
-        return {"email": value}  # what parseaddr answers for a bare address, without its tokenizer
-    return dict(_parsed(value))  # a copy: the caller may change it
-
-
-@functools.lru_cache(maxsize=256)
-def _parsed(value: str) -> tuple[tuple[str, str], ...]:
-    """``Name <email>`` parsed once per process (the sender and reply-to addresses of every message)."""
-    name, email = parseaddr(value)
-    # Leave malformed addresses as they are: SendGrid's own validation gives the better error.
-    result = {"email": email or value.strip()}
-    if name:
-        result["name"] = name
-    return tuple(result.items())
 
 
 def _error_detail(body: Any) -> str:
@@ -146,19 +122,13 @@ class SendGridProvider(ProviderPipeline[EmailMessage, dict[str, Any], Any], Emai
     def build_payload(self, message: EmailMessage) -> dict[str, Any]:
         personalization: dict[str, Any] = {
             "to": [address_field(message.to)],
-            "custom_args": {**message.custom_args, "outreach_id": message.message_id},
+            "custom_args": {**message.custom_args, OUTBOX_ID_ARG: message.message_id},
         }
-        # SendGrid requires text/plain before text/html and rejects empty blocks.
-        content = [
-            {"type": kind, "value": value}
-            for kind, value in (("text/plain", message.text), ("text/html", message.html))
-            if value
-        ]
         payload: dict[str, Any] = {
             "personalizations": [personalization],
             "from": address_field(message.from_email),
             "subject": message.subject,
-            "content": content,
+            "content": content(message.text, message.html),
         }
         reply_to = message.reply_to or self._default_reply_to
         if reply_to:
@@ -174,7 +144,7 @@ class SendGridProvider(ProviderPipeline[EmailMessage, dict[str, Any], Any], Emai
         return self._send.post(request_body=payload)
 
     def parse_result(self, response: Any) -> str:
-        return str(response.headers.get("X-Message-Id") or "")
+        return str(response.headers.get(MESSAGE_ID_HEADER) or "")
 
     def map_error(self, exc: Exception) -> ProviderError | None:
         if isinstance(exc, HTTPError):

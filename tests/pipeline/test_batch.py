@@ -25,10 +25,11 @@ from outreach.domain.campaigns import Category
 from outreach.domain.tokens import unsubscribe_url
 from outreach.inbound.events import ingest, parse_sendgrid_batch
 from outreach.ops.sandbox import SandboxServer
-from outreach.pipeline.batch import MAX_PERSONALIZATION_BYTES, deliver_batch
+from outreach.pipeline.batch import deliver_batch
 from outreach.pipeline.scheduler import TickResult
 from outreach.policy.config import CapSpec
 from outreach.policy.engine import PolicyEngine
+from outreach.providers.sendgrid_payload import MAX_PERSONALIZATION_BYTES
 from outreach.service.runtime import Runtime
 from tests.conftest import ROOT, open_policy
 from tests.helpers import add_candidate, add_job, fire, resolved_links

@@ -249,7 +249,7 @@ def test_host_with_version_suffix_is_accepted(provider_settings: Settings, sandb
 def test_address_field_answers_as_the_parser_does_for_bare_and_named_addresses(value: str) -> None:
     from email.utils import parseaddr
 
-    from outreach.providers.sendgrid import address_field
+    from outreach.providers.sendgrid_payload import address_field
 
     name, address = parseaddr(value)
     expected = {"email": address or value.strip(), **({"name": name} if name else {})}
