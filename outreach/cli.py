@@ -328,6 +328,7 @@ def campaigns_preview(name: str, step: int, locale: str | None) -> None:
     context = sample_context(
         locale or settings.default_locale,
         event_type=campaign.trigger.event.value if campaign.trigger.event else "offer_accepted",
+        contract=runtime.campaigns.events,
     )
     if campaign.is_cron:
         context = {**context, "event": None, "job": None}

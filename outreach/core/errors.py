@@ -18,6 +18,7 @@ Messages never contain personal data: they name fields, ids and provider codes, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -56,10 +57,19 @@ class TemplateError(OutreachError):
 
 
 class ValidationError(OutreachError):
-    def __init__(self, field: str, message: str) -> None:
+    """Bad input, naming the field; ``errors`` holds every problem found (the first is ``field``/``message``)."""
+
+    def __init__(self, field: str, message: str, *, more: Sequence[tuple[str, str]] = ()) -> None:
         self.field = field
         self.message = message
-        super().__init__(f"{field}: {message}")
+        self.errors: list[tuple[str, str]] = [(field, message), *more]
+        super().__init__("; ".join(f"{where}: {what}" for where, what in self.errors))
+
+    @classmethod
+    def of(cls, errors: Sequence[tuple[str, str]]) -> ValidationError:
+        """One error for several problems (at least one)."""
+        (field, message), *more = errors
+        return cls(field, message, more=more)
 
 
 class NotFoundError(OutreachError):

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import yaml
 from croniter import croniter
@@ -45,7 +45,10 @@ from pydantic import ValidationError as PydanticValidationError
 from outreach.core.errors import CampaignError, Problem
 from outreach.core.models import Channel, Stage
 
-NOT_CAMPAIGNS = {"policies.yaml", "policies.yml", "intent.yaml", "intent.yml"}
+if TYPE_CHECKING:
+    from outreach.domain.event_data import EventContract
+
+NOT_CAMPAIGNS = {"policies.yaml", "policies.yml", "intent.yaml", "intent.yml", "events.yaml", "events.yml"}
 
 #: An intent level a campaign can target: a candidate's latest assessment (``outreach.domain.intent``), or
 #: ``unassessed`` for candidates nobody has assessed yet.
@@ -208,6 +211,8 @@ class CampaignSet:
 
     campaigns: Mapping[str, Campaign]
     sources: Mapping[str, Path]
+    #: The event data contract beside the campaigns (``events.yaml``), when it was loaded with them.
+    events: EventContract | None = None
 
     def __getitem__(self, name: str) -> Campaign:
         return self.campaigns[name]

@@ -55,7 +55,7 @@ __all__ = [
     "EMAIL_PARTS",
     "MAX_EMAIL_BYTES",
     "MAX_SMS_CHARS",
-    "REQUIRED_EVENT_DATA",
+    "DataRead",
     "RenderedEmail",
     "RenderedSms",
     "Renderer",
@@ -70,12 +70,6 @@ EMAIL_PARTS = ("subject.txt", "txt", "html")
 MAX_EMAIL_BYTES = 256 * 1024
 MAX_SUBJECT_CHARS = 998  # RFC 5322 line length
 MAX_SMS_CHARS = 1600
-
-# Event data a template may rely on without `is defined` guards; the ATS integration must reject events
-# that lack them. Everything else in ``event.data`` is optional.
-REQUIRED_EVENT_DATA: Mapping[str, tuple[str, ...]] = {
-    "offer_accepted": ("start_date", "start_place", "hr_contact"),
-}
 
 _FILE_NAME = re.compile(
     r"^(?P<name>[a-z0-9_]+)\.(?P<locale>[A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8})*)\.(?P<part>subject\.txt|txt|html)$"
@@ -427,6 +421,57 @@ def _scan(root: Path) -> dict[tuple[str, str], dict[str, set[str]]]:
     return index
 
 
+@dataclass(frozen=True)
+class DataRead:
+    """A template reading ``event.data.<path>`` at ``file``:``line``."""
+
+    file: str
+    line: int
+    path: tuple[str, ...]
+
+
+#: Mapping methods a template may call on the data without naming a field.
+_MAPPING_METHODS = frozenset({"get", "items", "keys", "values"})
+
+
+def _data_reads(tree: nodes.Template) -> list[tuple[int, tuple[str, ...]]]:
+    """(line, path below ``event.data``) for every attribute or key read under it, in source order."""
+    names: dict[str, tuple[str, ...]] = {"event": ("event",)}
+
+    def resolve(node: nodes.Node) -> tuple[str, ...] | None:
+        if isinstance(node, nodes.Name):
+            return names.get(node.name)
+        if isinstance(node, nodes.Getattr):
+            base = resolve(node.node)
+            return None if base is None else (*base, node.attr)
+        if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
+            base = resolve(node.node)
+            if base is None:
+                return None
+            return (*base, "[]") if isinstance(node.arg.value, int) else (*base, str(node.arg.value))
+        if isinstance(node, nodes.Filter) and node.name == "default" and node.node is not None:
+            return resolve(node.node)
+        return None
+
+    reads: list[tuple[int, tuple[str, ...]]] = []
+    for node in tree.find_all((nodes.Assign, nodes.For, nodes.Getattr, nodes.Getitem)):
+        if isinstance(node, nodes.Assign) and isinstance(node.target, nodes.Name):
+            path = resolve(node.node)
+            if path is not None and path[:2] == ("event", "data"):
+                names[node.target.name] = path
+        elif isinstance(node, nodes.For) and isinstance(node.target, nodes.Name):
+            path = resolve(node.iter)
+            if path is not None and path[:2] == ("event", "data"):
+                names[node.target.name] = (*path, "[]")
+        elif isinstance(node, nodes.Getattr | nodes.Getitem):
+            path = resolve(node)
+            if path is not None and path[:2] == ("event", "data") and len(path) > 2:
+                below = path[2:]
+                if below[-1] not in _MAPPING_METHODS:
+                    reads.append((node.lineno, below))
+    return reads
+
+
 class Renderer:
     """Compiles each template once (``auto_reload`` is off: templates change with a deploy, not at run time).
 
@@ -481,6 +526,24 @@ class Renderer:
             for locale, parts in sorted(entry.items())
             if not set(EMAIL_PARTS) <= parts
         }
+
+    def data_reads(self, channel: str, template: str, locale: str) -> list[DataRead]:
+        """Every place the template's files (in ``locale``) read ``event.data``, found in their syntax trees.
+
+        Reads through a name are followed (``{% set data = event.data %}`` then ``data.hr_contact.name``, also
+        through ``default(...)`` and ``{% for item in data.documents %}``); a list's item is ``[]`` in the path.
+        Partials a file includes are not followed (rendering still checks them)."""
+        parts = EMAIL_PARTS if channel == "email" else ("txt",)
+        reads: list[DataRead] = []
+        for part in parts:
+            name = f"{channel}/{template}.{locale}.{part}"
+            try:
+                source, _, _ = self.environment.loader.get_source(self.environment, name)  # type: ignore[union-attr]
+                tree = self.environment.parse(source)
+            except (OSError, JinjaTemplateError):
+                continue
+            reads.extend(DataRead(name, line, path) for line, path in dict.fromkeys(_data_reads(tree)))
+        return reads
 
     def template_names(self, channel: str) -> list[str]:
         return sorted(name for (ch, name) in self._index if ch == channel)

@@ -46,7 +46,6 @@ from outreach.domain.intent import (
     level_of,
     move_stage,
 )
-from outreach.domain.render import REQUIRED_EVENT_DATA
 from outreach.pipeline.timing import step_due
 from outreach.policy.calendar import BusinessCalendar
 
@@ -172,16 +171,19 @@ def record_event(
     candidate = session.scalar(select(Candidate).where(Candidate.external_id == external_id))
     if candidate is None:
         raise NotFoundError(f"candidate {external_id!r} not found")
+    problems: list[tuple[str, str]] = []
     job: Job | None = None
     if event_in.job_id:
         job = session.scalar(select(Job).where(Job.external_id == event_in.job_id))
         if job is None:
-            raise ValidationError("job_id", "unknown job; create it first with POST /api/v1/jobs")
-    if event_in.type is EventType.JOB_OPENED and job is None:
-        raise ValidationError("job_id", "job_opened needs the job that opened")
-    for key in REQUIRED_EVENT_DATA.get(event_in.type.value, ()):
-        if event_in.data.get(key) in (None, "", {}, []):
-            raise ValidationError(f"data.{key}", f"required for {event_in.type.value} (the templates print it)")
+            problems.append(("job_id", "unknown job; create it first with POST /api/v1/jobs"))
+    elif event_in.type is EventType.JOB_OPENED:
+        problems.append(("job_id", "job_opened needs the job that opened"))
+    if campaigns.events is not None:
+        # The event data contract (events.yaml): every problem at once, nothing stored.
+        problems += campaigns.events.check(event_in.type.value, event_in.data)
+    if problems:
+        raise ValidationError.of(problems)
     occurred_at = as_utc(event_in.occurred_at) if event_in.occurred_at else utcnow()
 
     event = CandidateEvent(

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from outreach.core.models import Candidate, Channel, Enrollment, Job, OutboundMessage
+from outreach.domain.event_data import EventContract
 from outreach.pipeline.context import shape_context
 
 __all__ = ["sample_context"]
@@ -112,12 +113,16 @@ _SAMPLE_EVENT_DATA: Mapping[str, tuple[str | None, tuple[str, ...]]] = {
 }
 
 
-def sample_context(locale: str | None = None, *, event_type: str = "offer_accepted") -> dict[str, Any]:
+def sample_context(
+    locale: str | None = None, *, event_type: str = "offer_accepted", contract: EventContract | None = None
+) -> dict[str, Any]:
     """A realistic context with every key a real send provides (for ``campaigns validate`` and previews): sample
     rows, shaped by :func:`outreach.pipeline.context.shape_context` like every send.
 
     ``locale`` picks a Chinese or English sample person; ``event_type`` shapes ``event`` (the offer letter's
-    data by default). The result is a fresh copy each call.
+    data by default). With the event data ``contract``, ``event.data`` holds exactly the fields it declares: the
+    sample person's value where it has one of the declared type, else the contract's example. The result is a fresh
+    copy each call.
     """
     person = _SAMPLE_PEOPLE["zh" if (locale or "").lower().startswith("zh") else "en"]
     concerns = ["growth", "pay", "remote"]
@@ -151,12 +156,14 @@ def sample_context(locale: str | None = None, *, event_type: str = "offer_accept
         "respond_by": "2026-02-13",
     }
     reason, data_keys = _SAMPLE_EVENT_DATA.get(event_type, (None, ()))
-    event = {
-        "type": event_type,
-        "reason": reason,
-        "occurred_at": "2026-02-09T09:30:00+08:00",
-        "data": {key: offer_data[key] for key in data_keys},
-    }
+    if contract is None:
+        data = {key: offer_data[key] for key in data_keys}
+    else:
+        data = contract.example(event_type)
+        for key in data:
+            if key in offer_data and not contract.check(event_type, {**data, key: offer_data[key]}):
+                data[key] = offer_data[key]
+    event = {"type": event_type, "reason": reason, "occurred_at": "2026-02-09T09:30:00+08:00", "data": data}
     message = OutboundMessage(
         id=SAMPLE_MESSAGE_ID,
         candidate_id=0,

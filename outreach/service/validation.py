@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from outreach.core.errors import CampaignError, Problem, TemplateError
 from outreach.domain.campaigns import Campaign, CampaignSet, EventType, field_line, load_campaigns
-from outreach.domain.render import EMAIL_PARTS, REQUIRED_EVENT_DATA, Renderer
+from outreach.domain.event_data import EVENTS_FILE, EventContract, contract_problems
+from outreach.domain.render import EMAIL_PARTS, Renderer
 from outreach.pipeline.samples import sample_context
 
 # Triggers whose enrollment always knows the job: the application's job, or the job that just opened.
@@ -36,7 +38,7 @@ def _expected_files(channel: str, template: str, locale: str) -> str:
     return f"sms/{template}.{locale}.txt"
 
 
-def _minimal(context: Mapping[str, Any], event_type: str | None) -> dict[str, Any]:
+def _minimal(context: Mapping[str, Any], event_type: str | None, contract: EventContract | None) -> dict[str, Any]:
     """The context with everything optional taken away."""
     out = copy.deepcopy(dict(context))
     out["concerns"] = []
@@ -50,21 +52,20 @@ def _minimal(context: Mapping[str, Any], event_type: str | None) -> dict[str, An
         out["job"]["description"] = ""
         out["job"]["tags"] = []
     if out.get("event") is not None:
-        data = out["event"]["data"]
-        required = REQUIRED_EVENT_DATA.get(event_type or "", ())
-        kept = {key: data[key] for key in required if key in data}
-        if isinstance(kept.get("hr_contact"), dict):
-            # A named contact is the promise; how to reach them may be left to a reply.
-            kept["hr_contact"] = {"name": kept["hr_contact"]["name"]}
-        out["event"]["data"] = kept
+        if contract is not None:
+            out["event"]["data"] = contract.example(event_type or "", required_only=True)
+        else:
+            out["event"]["data"] = {}
         out["event"]["reason"] = None
     return out
 
 
-def _variants(campaign: Campaign, locale: str) -> Iterator[tuple[str, dict[str, Any], str]]:
+def _variants(
+    campaign: Campaign, locale: str, contract: EventContract | None
+) -> Iterator[tuple[str, dict[str, Any], str]]:
     """(label, context, advice if only this variant fails) in order from most to least data."""
     event = campaign.trigger.event
-    full = sample_context(locale, event_type=event.value if event else "offer_accepted")
+    full = sample_context(locale, event_type=event.value if event else "offer_accepted", contract=contract)
     full["campaign"] = {"name": campaign.name, "category": campaign.category.value}
     yield "the full sample context", full, ""
     shaped = copy.deepcopy(full)
@@ -85,10 +86,10 @@ def _variants(campaign: Campaign, locale: str) -> Iterator[tuple[str, dict[str, 
             f"a {event.value} event may come without a job (only applied and job_opened"
             " always carry one); guard the job parts with {% if job %}",
         )
-    required = ", ".join(REQUIRED_EVENT_DATA.get(event.value, ())) if event else ""
+    required = ", ".join(contract.required(event.value)) if event and contract is not None else ""
     yield (
         "only the required data",
-        _minimal(shaped, event.value if event else None),
+        _minimal(shaped, event.value if event else None, contract),
         "optional data may be missing in a real send (event.data items"
         + (f" other than {required}" if required else "")
         + ", event.reason, concerns, links.booking, the job's department, location, salary and description);"
@@ -103,7 +104,9 @@ def _render(renderer: Renderer, channel: str, template: str, locale: str, contex
         renderer.render_sms(template, locale, context)
 
 
-def _check_step(campaign: Campaign, source: Path | None, index: int, renderer: Renderer) -> list[Problem]:
+def _check_step(
+    campaign: Campaign, source: Path | None, index: int, renderer: Renderer, contract: EventContract | None
+) -> list[Problem]:
     step = campaign.steps[index]
     channel = step.channel.value
     template = step.template
@@ -140,8 +143,26 @@ def _check_step(campaign: Campaign, source: Path | None, index: int, renderer: R
                 " fall back to it)"
             )
         )
+    event = campaign.trigger.event
+    event_name = event.value if event is not None else ""
     for locale in available:
-        for label, context, advice in _variants(campaign, locale):
+        undeclared = [
+            read
+            for read in (renderer.data_reads(channel, template, locale) if event and contract else ())
+            if contract is not None and not contract.declared(event_name, read.path)
+        ]
+        for read in undeclared:
+            field_name = "event.data." + ".".join(read.path).replace(".[]", "[]")
+            where = f"{renderer.templates_dir / read.file}:{read.line}"
+            problems.append(
+                problem(
+                    f"{where} reads {field_name}, which {EVENTS_FILE} does not declare for {event_name};"
+                    " declare it there (with an example) or fix the name"
+                )
+            )
+        if undeclared:
+            continue
+        for label, context, advice in _variants(campaign, locale, contract):
             try:
                 _render(renderer, channel, template, locale, context)
             except TemplateError as exc:
@@ -152,12 +173,14 @@ def _check_step(campaign: Campaign, source: Path | None, index: int, renderer: R
 
 
 def check_templates(campaigns: CampaignSet, renderer: Renderer) -> list[Problem]:
-    """Every problem between the campaigns' steps and the templates they name (empty when all is well)."""
+    """Every problem between the campaigns' steps, the templates they name and the event data contract the
+    campaigns were loaded with (empty when all is well)."""
+    contract = campaigns.events
     problems: list[Problem] = []
     for campaign in campaigns:
         source = campaigns.sources.get(campaign.name)
         for index in range(len(campaign.steps)):
-            problems.extend(_check_step(campaign, source, index, renderer))
+            problems.extend(_check_step(campaign, source, index, renderer, contract))
     return problems
 
 
@@ -178,8 +201,11 @@ def validate_all(
     except CampaignError as exc:
         policy_problems = list(exc.problems)
     policy_problems += intent_problems(campaigns_dir)[1]
+    contract, contract_found = contract_problems(campaigns_dir / EVENTS_FILE)
+    policy_problems += contract_found
     try:
-        campaigns = load_campaigns(campaigns_dir)
+        # A broken contract is reported as such, not as every template reading undeclared fields.
+        campaigns = replace(load_campaigns(campaigns_dir), events=None if contract_found else contract)
     except CampaignError as exc:
         return None, policy_problems + list(exc.problems)
     if not templates_dir.is_dir():

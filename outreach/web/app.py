@@ -75,7 +75,7 @@ def create_app(runtime: Runtime, webhook_settings: WebhookSettings | None = None
                 "error": "invalid",
                 "field": exc.field,
                 "message": exc.message,
-                "errors": [{"field": exc.field, "message": exc.message}],
+                "errors": [{"field": field, "message": message} for field, message in exc.errors],
             },
         )
 

@@ -10,10 +10,10 @@ import pytest
 
 from outreach.core.errors import TemplateError
 from outreach.domain.campaigns import load_campaigns
+from outreach.domain.event_data import load_event_contract
 from outreach.domain.render import (
     MAX_EMAIL_BYTES,
     MAX_SMS_CHARS,
-    REQUIRED_EVENT_DATA,
     Renderer,
     sms_segments,
 )
@@ -171,7 +171,9 @@ def test_offer_letter_checklist_and_concern_sections(renderer: Renderer, locale:
 def test_offer_letter_renders_with_only_required_data_and_fails_without_it(renderer: Renderer, locale: str) -> None:
     context = context_for("offer_letter", "transactional", locale, "offer_accepted")
     full = context["event"]["data"]
-    context["event"]["data"] = {key: full[key] for key in REQUIRED_EVENT_DATA["offer_accepted"]}
+    required = load_event_contract(CAMPAIGNS).required("offer_accepted")
+    assert set(required) == {"start_date", "start_place", "hr_contact"}
+    context["event"]["data"] = {key: full[key] for key in required}
     context["event"]["data"]["hr_contact"] = {"name": "Li Na"}
     context["job"] = None
     context["concerns"] = []
