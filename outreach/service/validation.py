@@ -52,10 +52,8 @@ def _minimal(context: Mapping[str, Any], event_type: str | None, contract: Event
         out["job"]["description"] = ""
         out["job"]["tags"] = []
     if out.get("event") is not None:
-        if contract is not None:
+        if contract is not None:  # without a readable contract nothing is known to be optional
             out["event"]["data"] = contract.example(event_type or "", required_only=True)
-        else:
-            out["event"]["data"] = {}
         out["event"]["reason"] = None
     return out
 

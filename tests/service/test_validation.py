@@ -151,6 +151,54 @@ def test_optional_data_used_without_guard_is_a_problem(seeds: tuple[Path, Path])
     assert "is defined" in problem.message
 
 
+def test_a_template_reading_an_undeclared_field_names_file_line_and_field(seeds: tuple[Path, Path]) -> None:
+    campaigns_dir, templates_dir = seeds
+    text = templates_dir / "email" / "offer_letter.en.txt"
+    lines = text.read_text().splitlines()
+    # Read through a name, as the seed templates do, and guarded: undeclared is undeclared, guard or not.
+    lines.insert(1, "{% set d = event.data %}{% if d.wechat_id is defined %}WeChat: {{ d.wechat_id }}{% endif %}")
+    text.write_text("\n".join(lines) + "\n")
+    _, problems = validate_all(campaigns_dir, templates_dir)
+    problem = only(problems)
+    assert problem.file == str(campaigns_dir / "offer_letter.yaml")
+    assert f"{text}:2 reads event.data.wechat_id" in problem.message
+    assert "events.yaml does not declare" in problem.message
+
+
+def test_declaring_the_field_in_the_contract_is_all_a_template_needs(seeds: tuple[Path, Path]) -> None:
+    campaigns_dir, templates_dir = seeds
+    contract = campaigns_dir / "events.yaml"
+    declared = "    wechat_id: {type: string, example: lina_hr}\n"
+    contract.write_text(contract.read_text().replace("    salary:", declared + "    salary:"))
+    for locale in ("en", "zh-CN"):
+        text = templates_dir / "email" / f"offer_letter.{locale}.txt"
+        text.write_text(
+            text.read_text() + "\n{% if event.data.wechat_id is defined %}{{ event.data.wechat_id }}{% endif %}\n"
+        )
+    campaigns, problems = validate_all(campaigns_dir, templates_dir)
+    assert problems == []
+    assert campaigns is not None and campaigns.events is not None
+    assert campaigns.events.declared("offer_accepted", ("wechat_id",))
+
+
+def test_a_declared_optional_field_read_without_a_guard_is_a_problem(seeds: tuple[Path, Path]) -> None:
+    campaigns_dir, templates_dir = seeds
+    text = templates_dir / "email" / "offer_letter.en.txt"
+    text.write_text(text.read_text() + "\nBring: {{ event.data.documents|join(', ') }}\n")
+    problem = only(validate_all(campaigns_dir, templates_dir)[1])
+    assert "only the required data" in problem.message and "documents" in problem.message
+
+
+def test_a_broken_contract_is_reported_alone(seeds: tuple[Path, Path]) -> None:
+    campaigns_dir, templates_dir = seeds
+    contract = campaigns_dir / "events.yaml"
+    contract.write_text(contract.read_text().replace("start_date: {type: date", "start_date: {type: day", 1))
+    problem = only(validate_all(campaigns_dir, templates_dir)[1])
+    assert problem.file == str(contract)
+    assert problem.field == "offer_accepted.data.start_date.type"
+    assert problem.line == line_of(contract, "start_date: {type: day")
+
+
 def test_incomplete_locale_and_missing_default_are_problems(seeds: tuple[Path, Path]) -> None:
     campaigns_dir, templates_dir = seeds
     (templates_dir / "email" / "final_thanks.zh-CN.html").unlink()

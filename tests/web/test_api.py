@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from outreach.core.models import Candidate, CandidateEvent, Enrollment
+from outreach.core.models import Candidate, CandidateEvent, Enrollment, OutboundMessage
 from outreach.service.runtime import Runtime
 from tests.helpers import api_client
 
@@ -180,3 +180,26 @@ def test_offer_accepted_without_the_onboarding_data_is_refused(client: TestClien
     )
     assert (response.status_code, response.json()["field"]) == (422, "data.start_place")
     assert count(runtime, CandidateEvent) == 0
+
+
+def test_a_wrongly_shaped_offer_is_refused_with_every_field_at_once(client: TestClient, runtime: Runtime) -> None:
+    client.post("/api/v1/candidates", json=CANDIDATE)
+    stage = client.get("/api/v1/candidates/ats-1001").json()["stage"]
+    response = client.post(
+        "/api/v1/candidates/ats-1001/events",
+        json={
+            "type": "offer_accepted",
+            "job_id": "no-such-job",
+            "data": {"start_date": "next Monday", "hr_contact": "Li Wei", "documents": "ID card"},
+        },
+    )
+    assert response.status_code == 422
+    errors = {error["field"]: error["message"] for error in response.json()["errors"]}
+    assert set(errors) == {"job_id", "data.start_date", "data.start_place", "data.hr_contact", "data.documents"}
+    assert errors["data.hr_contact"] == "expected an object with name, got text"
+    assert "Li Wei" not in response.text and "next Monday" not in response.text
+    # Nothing is stored: no event, no enrollment, no outbox row, the stage unchanged.
+    assert count(runtime, CandidateEvent) == 0
+    assert count(runtime, Enrollment) == 0
+    assert count(runtime, OutboundMessage) == 0
+    assert client.get("/api/v1/candidates/ats-1001").json()["stage"] == stage
