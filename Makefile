@@ -64,4 +64,4 @@ soak: install services
 	$(BIN)/pytest tests/faults -q -s --timeout=3600
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache outreach.core.db*
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache outreach.db*

@@ -132,7 +132,7 @@ def postgres_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'outreach.core.db'}"
+    url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'outreach.db'}"
     upgrade(url)
     return url
 

@@ -86,7 +86,7 @@ MIN_SECRET_KEY_LENGTH = 32
 
 @dataclass(frozen=True)
 class Settings:
-    database_url: str = "sqlite:///outreach.core.db"
+    database_url: str = "sqlite:///outreach.db"
     broker_url: str = ""
     campaigns_dir: Path = Path("campaigns")
     templates_dir: Path = Path("templates")
