@@ -357,12 +357,16 @@ class Alert(Base):
     candidate_id: Mapped[int | None] = mapped_column(ForeignKey("candidates.id", ondelete="CASCADE"))
     enrollment_id: Mapped[int | None] = mapped_column(ForeignKey("enrollments.id", ondelete="CASCADE"))
     campaign: Mapped[str | None] = mapped_column(String(64))
+    #: The outbound message the alert is about, for alerts raised once per message (``message_failed``,
+    #: ``message_uncertain``).
+    outbox_id: Mapped[str | None] = mapped_column(String(32))
     message: Mapped[str] = mapped_column(String(500))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     resolved_at: Mapped[datetime | None]
 
     __table_args__ = (
         UniqueConstraint("enrollment_id", "kind", name="uq_alerts_enrollment_kind"),
+        UniqueConstraint("outbox_id", "kind", name="uq_alerts_outbox_kind"),
         Index("ix_alerts_open", "resolved_at", "created_at"),
     )
 

@@ -38,13 +38,13 @@ from __future__ import annotations
 import re
 from bisect import bisect_left, bisect_right
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, Engine, Select, case, func, literal, select
+from sqlalchemy import ColumnElement, Engine, Select, and_, case, func, literal, or_, select
 from sqlalchemy.orm import Session
 
 from outreach.core.clock import utcnow
@@ -63,6 +63,7 @@ from outreach.core.models import (
     TrackedLink,
     UTCDateTime,
 )
+from outreach.domain.campaigns import Category
 
 __all__ = [
     "FUNNEL_STAGES",
@@ -277,6 +278,8 @@ class SlaBreach:
     due_at: datetime
     done_at: datetime | None
     late_seconds: float
+    #: Why it is breached before its time: the answer failed and will not be retried (the message's reason).
+    reason: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -285,6 +288,7 @@ class SlaBreach:
             "due_at": self.due_at.isoformat(),
             "done_at": self.done_at.isoformat() if self.done_at else None,
             "late_seconds": self.late_seconds,
+            "reason": self.reason,
         }
 
 
@@ -620,6 +624,10 @@ def funnel(
 
 #: What answers an offer, for the unanswered-offer promise: the candidate accepting or declining it.
 _OFFER_ANSWERS = ("offer_accepted", "offer_declined")
+#: Messages that answer a promise: attempted and not refused by the provider (a failed one is a broken promise).
+_ANSWERED = tuple(status for status in ATTEMPTED if status != MessageStatus.FAILED.value)
+#: Statuses that end a transactional answer for good.
+_BROKEN = (MessageStatus.FAILED.value, MessageStatus.SUPPRESSED.value)
 
 
 def _first_after(times: Sequence[datetime], moment: datetime) -> datetime | None:
@@ -667,7 +675,7 @@ def sla(
         messages = session.execute(
             select(OutboundMessage.candidate_id, OutboundMessage.campaign, OutboundMessage.sent_at).where(
                 OutboundMessage.category != AUTO_REPLY,
-                OutboundMessage.status.in_(ATTEMPTED),
+                OutboundMessage.status.in_(_ANSWERED),
                 OutboundMessage.sent_at >= start,
             )
         )
@@ -675,6 +683,28 @@ def sla(
             if sent_at is not None:
                 sent_any[sent_to].append(sent_at)
                 sent_by_campaign[(sent_to, campaign)].append(sent_at)
+        # Transactional answers that ended failed, suppressed or without an address: nothing will retry them, so
+        # the promise is broken the moment they fail (the alert a person gets is message_failed).
+        failures: dict[tuple[int, str], list[tuple[datetime, str]]] = defaultdict(list)
+        for failed_for, campaign, failed_at, rule, reason in session.execute(
+            select(
+                OutboundMessage.candidate_id,
+                OutboundMessage.campaign,
+                OutboundMessage.updated_at,
+                OutboundMessage.rule,
+                OutboundMessage.reason,
+            ).where(
+                OutboundMessage.category == Category.TRANSACTIONAL.value,
+                OutboundMessage.updated_at >= start,
+                or_(
+                    OutboundMessage.status.in_(_BROKEN),
+                    and_(OutboundMessage.status == MessageStatus.SKIPPED.value, OutboundMessage.rule == "address"),
+                ),
+            )
+        ):
+            failures[(failed_for, campaign)].append(
+                (failed_at, f"{campaign} {rule or 'failed'}: {reason or 'no reason'}")
+            )
         alerts: dict[tuple[int, str], list[datetime]] = defaultdict(list)
         for alerted, kind, created_at in session.execute(
             select(Alert.candidate_id, Alert.kind, Alert.created_at).where(
@@ -707,9 +737,11 @@ def sla(
     for table in (sent_any, sent_by_campaign, alerts, answers):
         for times in table.values():
             times.sort()
+    for failed in failures.values():
+        failed.sort()
     reports = []
     for spec in specs:
-        cases: list[tuple[str, datetime, datetime, datetime | None]] = []
+        cases: list[tuple[str, datetime, datetime, datetime | None, str | None]] = []
         for event_type, candidate_id, occurred_at, external_id in events:
             if event_type != spec.event:
                 continue
@@ -724,24 +756,47 @@ def sla(
                 done = min((f for f in found if f is not None), default=None)
             else:
                 done = _first_after(sent_any.get(candidate_id, []), occurred_at)
-            cases.append((external_id, occurred_at, due, done))
+            broken = None
+            if spec.alert is None and done is None:
+                broken = _first_failure(failures, candidate_id, spec.campaigns, occurred_at)
+            cases.append((external_id, occurred_at, due, done, broken))
         reports.append(_sla_report(spec, cases, now, limit))
     return reports
 
 
+def _first_failure(
+    failures: Mapping[tuple[int, str], Sequence[tuple[datetime, str]]],
+    candidate_id: int,
+    campaigns: Sequence[str],
+    after: datetime,
+) -> str | None:
+    """The reason of the first failed answer after ``after`` (from ``campaigns``, or any when none are named)."""
+    found = [
+        (failed_at, reason)
+        for (failed_for, campaign), failed in failures.items()
+        if failed_for == candidate_id and (not campaigns or campaign in campaigns)
+        for failed_at, reason in failed
+        if failed_at >= after
+    ]
+    return min(found)[1] if found else None
+
+
 def _sla_report(
-    spec: SlaSpec, cases: Sequence[tuple[str, datetime, datetime, datetime | None]], now: datetime, limit: int
+    spec: SlaSpec,
+    cases: Sequence[tuple[str, datetime, datetime, datetime | None, str | None]],
+    now: datetime,
+    limit: int,
 ) -> SlaReport:
     met = pending = 0
     breaches: list[SlaBreach] = []
-    for external_id, event_at, due, done in cases:
+    for external_id, event_at, due, done, broken in cases:
         if done is not None and done <= due:
             met += 1
-        elif done is None and now < due:
+        elif done is None and now < due and broken is None:
             pending += 1
         else:
-            late = ((done or now) - due).total_seconds()
-            breaches.append(SlaBreach(external_id, event_at, due, done, late))
+            late = max(0.0, ((done or now) - due).total_seconds())
+            breaches.append(SlaBreach(external_id, event_at, due, done, late, broken if done is None else None))
     decided = met + len(breaches)
     breaches.sort(key=lambda b: (b.event_at, b.candidate), reverse=True)
     return SlaReport(

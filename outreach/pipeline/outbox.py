@@ -68,6 +68,7 @@ from sqlalchemy.orm import Session
 from outreach.core.models import CLAIMED_RULE, Base, Channel, MessageStatus, OutboundMessage, UTCDateTime
 from outreach.core.sql import CHUNK, any_of, array_of, chunks, one_of
 from outreach.policy.engine import Outcome as Verdict
+from outreach.providers.base import redact
 from outreach.providers.sendgrid_payload import substitute
 
 __all__ = [
@@ -538,6 +539,14 @@ def _finish(connection: Connection, ids: Sequence[str], now: datetime, values: M
         )
 
 
+#: The reason a failed row gives, in words, before the error's own detail.
+_FAILED_BECAUSE = {
+    "template": "the template could not be rendered",
+    "retries": "the provider kept failing until the retries ran out",
+    "provider": "the provider refused the message",
+}
+
+
 def fail(
     db: Db,
     ids: Sequence[str],
@@ -550,14 +559,17 @@ def fail(
     **facts: Any,
 ) -> None:
     """Rows in flight end ``failed`` by ``rule`` (``template``, ``retries``, ``provider``) with the error's code
-    and detail; ``facts`` are other columns to set (``sent_at=None`` for a row that never went out)."""
+    and detail, and a reason in words (the detail with addresses and numbers taken out); ``facts`` are other
+    columns to set (``sent_at=None`` for a row that never went out)."""
     if not ids:
         return
+    detail = redact(detail, 500)
     values: dict[str, Any] = {
         "status": MessageStatus.FAILED.value,
         "rule": rule,
+        "reason": f"{_FAILED_BECAUSE.get(rule, rule)}: {detail}"[:500],
         "error_code": code[:32],
-        "error_detail": detail[:500],
+        "error_detail": detail,
         **facts,
     }
     if provider is not None:

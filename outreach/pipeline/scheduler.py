@@ -17,7 +17,7 @@ lease still marked claimed (a single send's group or a batch, never handed to a 
 and those handed off become ``uncertain``: the provider may have accepted them, so they are reconciled from
 provider events instead of being sent a second time (:func:`outreach.pipeline.outbox.sweep_claimed`,
 :func:`outreach.pipeline.outbox.sweep_lost`). Uncertain rows that no event reconciled within
-``OUTREACH_UNCERTAIN_ALERT_AFTER`` get one ``message_uncertain`` alert each (:mod:`outreach.pipeline.uncertain`).
+``OUTREACH_UNCERTAIN_ALERT_AFTER`` get one ``message_uncertain`` alert each (:mod:`outreach.pipeline.message_alerts`).
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ from outreach.core.sql import insert_ignore, insert_ignore_many, one_of
 from outreach.domain.campaigns import Campaign, CampaignSet, Category, ExitCondition, Step
 from outreach.pipeline import outbox
 from outreach.pipeline.enrollment import audience_matches, enroll, exit_enrollments
+from outreach.pipeline.message_alerts import alert_messages
 from outreach.pipeline.timing import step_due
-from outreach.pipeline.uncertain import alert_uncertain_messages
 from outreach.policy.base import Stage as PolicyStage
 from outreach.policy.bulk import PolicyReads
 from outreach.policy.config import PolicySpec
@@ -785,7 +785,7 @@ class Scheduler:
         result.requeued.extend(requeued)
         self.enqueue(requeued)
         # Uncertain rows no provider event reconciled in time go to a person; they are never resent.
-        result.alerts += alert_uncertain_messages(
+        result.alerts += alert_messages(
             self.engine, now, timedelta(seconds=self.settings.uncertain_alert_after), self.settings.claim_batch
         )
 

@@ -82,6 +82,7 @@ def message_out(message: OutboundMessage, external_id: str) -> dict[str, Any]:
         "provider": message.provider,
         "provider_message_id": message.provider_message_id,
         "error_code": message.error_code,
+        "error_detail": message.error_detail,
         "locale": message.locale,
         "segments": message.segments,
         "not_before": message.not_before.isoformat(),

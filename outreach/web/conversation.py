@@ -53,6 +53,7 @@ def alert_out(alert: Alert, external_id: str | None) -> dict[str, Any]:
         "kind": alert.kind,
         "candidate": external_id,
         "campaign": alert.campaign,
+        "outbox_id": alert.outbox_id,
         "message": alert.message,
         "created_at": alert.created_at.isoformat(),
         "resolved_at": alert.resolved_at.isoformat() if alert.resolved_at else None,

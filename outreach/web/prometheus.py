@@ -24,6 +24,8 @@ Series (every label value is a provider, channel, status, rule, error code or ev
   de-duplication.
 - ``outreach_inbound_messages_total{channel,kind}``: inbound messages stored (replies, keywords, auto-replies).
 - ``outreach_auto_replies_sent_total{channel}``: our auto-replies a provider accepted.
+- ``outreach_alerts_open{kind}``: alerts nobody has resolved yet, by kind (``message_failed``,
+  ``message_uncertain``, ``offer_unanswered`` …): alert on ``outreach_alerts_open{kind="message_failed"} > 0``.
 
 ``/metrics`` needs no key, like ``/healthz``: it holds no personal data and Prometheus scrapes without
 credentials in most deployments. Keep it off the public internet (scrape it on the internal network, or let
@@ -44,7 +46,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from outreach.core.models import AUTO_REPLY, DeliveryEvent, InboundMessage, MessageStatus, OutboundMessage
+from outreach.core.models import AUTO_REPLY, Alert, DeliveryEvent, InboundMessage, MessageStatus, OutboundMessage
 from outreach.ops.analytics import queue
 
 __all__ = ["CACHE_SECONDS", "OutboxCollector", "registry_for", "router"]
@@ -75,6 +77,7 @@ class Snapshot:
     webhook_events: dict[Labels, int] = field(default_factory=dict)
     inbound: dict[Labels, int] = field(default_factory=dict)
     auto_replies: dict[Labels, int] = field(default_factory=dict)
+    open_alerts: dict[Labels, int] = field(default_factory=dict)
 
 
 def _label(value: object) -> str:
@@ -140,6 +143,9 @@ def take_snapshot(engine: Engine) -> Snapshot:
             auto_replies=_grouped(
                 session,
                 select(m.channel, func.count()).where(accepted, m.category == AUTO_REPLY).group_by(m.channel),
+            ),
+            open_alerts=_grouped(
+                session, select(Alert.kind, func.count()).where(Alert.resolved_at.is_(None)).group_by(Alert.kind)
             ),
         )
     report = queue(engine)
@@ -232,6 +238,13 @@ class OutboxCollector(Collector):
             "Auto-replies a provider accepted.",
             ("channel",),
             s.auto_replies,
+        )
+        yield _family(
+            GaugeMetricFamily,
+            "outreach_alerts_open",
+            "Alerts nobody has resolved yet, by kind (message_failed: a transactional message will not arrive).",
+            ("kind",),
+            s.open_alerts,
         )
 
 

@@ -27,8 +27,8 @@ from outreach.core.clock import utcnow
 from outreach.core.config import Secret, Settings
 from outreach.core.models import Alert, MessageStatus, OutboundMessage, Suppression
 from outreach.pipeline.delivery import Outcome, deliver
+from outreach.pipeline.message_alerts import ALERT_UNCERTAIN
 from outreach.pipeline.scheduler import TickResult
-from outreach.pipeline.uncertain import ALERT_UNCERTAIN
 from outreach.providers.sendgrid import SendGridProvider
 from outreach.service.broker import build_broker, install_broker, installed_broker
 from outreach.service.runtime import set_runtime

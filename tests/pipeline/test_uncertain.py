@@ -9,8 +9,9 @@ from sqlalchemy.orm import Session
 
 from outreach.core.models import Alert, OutboundMessage
 from outreach.inbound.events import ingest, parse_sendgrid_batch, parse_twilio_status
+from outreach.pipeline import message_alerts
+from outreach.pipeline.message_alerts import ALERT_UNCERTAIN, raise_uncertain_alerts
 from outreach.pipeline.scheduler import TickResult
-from outreach.pipeline.uncertain import ALERT_UNCERTAIN, raise_uncertain_alerts
 from outreach.service.runtime import Runtime
 from tests.helpers import add_candidate, add_job, fire
 
@@ -18,8 +19,9 @@ T0 = datetime(2026, 11, 25, 2, 0, tzinfo=UTC)
 WINDOW = timedelta(minutes=30)
 
 
-def uncertain_rows(runtime: Runtime, since: datetime) -> list[str]:
-    """jd_intro's email and SMS of one enrollment, both left ``uncertain`` (the answer lost) at ``since``."""
+def uncertain_rows(runtime: Runtime, since: datetime, category: str = "nurture") -> list[str]:
+    """jd_intro's email and SMS of one enrollment, both left ``uncertain`` (the answer lost) at ``since``, counted
+    as ``category`` (nurture rows wait for the window, transactional ones do not)."""
     add_candidate(runtime, name="Wei Zhang")
     add_job(runtime)
     fire(runtime, "c-1", "applied", at=T0, job="j-1")
@@ -29,7 +31,14 @@ def uncertain_rows(runtime: Runtime, since: datetime) -> list[str]:
         session.execute(
             update(OutboundMessage)
             .where(OutboundMessage.id.in_(ids))
-            .values(status="uncertain", rule="ambiguous", provider="sendgrid", attempts=1, updated_at=since)
+            .values(
+                status="uncertain",
+                rule="ambiguous",
+                provider="sendgrid",
+                attempts=1,
+                updated_at=since,
+                category=category,
+            )
         )
     assert len(ids) == 2
     return ids
@@ -53,7 +62,7 @@ def test_one_alert_per_uncertain_row_after_the_window_only(runtime: Runtime) -> 
     assert sweep(runtime, T0 + WINDOW) == (2, 0)
     assert sweep(runtime, T0 + WINDOW + timedelta(hours=5)) == (0, 0)
     raised = alerts(runtime)
-    assert sorted(a.message.rsplit("[outbox ", 1)[1] for a in raised) == sorted(f"{i}]" for i in (email, sms))
+    assert sorted(a.outbox_id for a in raised) == sorted((email, sms))
     assert {a.campaign for a in raised} == {"jd_intro"} and {a.enrollment_id for a in raised} == {None}
     assert all(a.candidate_id is not None and a.resolved_at is None for a in raised)
     text = " ".join(a.message for a in raised)
@@ -82,7 +91,7 @@ def test_events_before_the_window_mean_no_alert_and_after_it_resolve_it(runtime:
         ingest(session, parse_sendgrid_batch([{**processed, "sg_event_id": "p1", "sg_message_id": "XMSG.f.1"}]))
     assert sweep(runtime, T0 + WINDOW) == (1, 0)
     (alert,) = alerts(runtime)
-    assert alert.message.endswith(f"[outbox {sms}]")
+    assert alert.outbox_id == sms
     # The SMS's callback arrives late: its alert is resolved on the next pass.
     callback = parse_twilio_status({"MessageSid": "SM" + "0" * 32, "MessageStatus": "delivered"}, sms)
     with Session(runtime.engine) as session, session.begin():
@@ -99,3 +108,23 @@ def test_the_scheduler_sweep_raises_it_with_the_setting(runtime: Runtime) -> Non
     result = TickResult()
     runtime.scheduler.sweep(T0 + window + timedelta(seconds=1), result)
     assert result.alerts == 2 and len(alerts(runtime)) == 2
+
+
+def test_a_transactional_row_is_alerted_at_once(runtime: Runtime) -> None:
+    email, sms = uncertain_rows(runtime, T0, category="transactional")
+    assert sweep(runtime, T0) == (2, 0)
+    assert sorted(a.outbox_id for a in alerts(runtime)) == sorted((email, sms))
+    assert sweep(runtime, T0 + 2 * WINDOW) == (0, 0)
+
+
+def test_two_passes_racing_raise_one_alert_per_row(runtime: Runtime) -> None:
+    """Two schedulers both found the rows before either wrote its alerts: the alert's key keeps one per row."""
+    uncertain_rows(runtime, T0)
+    query = select(OutboundMessage).where(OutboundMessage.status == "uncertain")
+    with Session(runtime.engine) as session:
+        found = session.execute(select(*message_alerts._COLUMNS).where(query.whereclause)).all()  # type: ignore[arg-type]
+    raised = []
+    for _ in range(2):  # the second pass writes what it found before the first committed
+        with Session(runtime.engine) as session, session.begin():
+            raised.append(message_alerts._raise(session, T0, ALERT_UNCERTAIN, found, lambda row: "lost answer"))
+    assert raised == [2, 0] and len(alerts(runtime)) == 2

@@ -50,12 +50,13 @@ FaultKind = Literal[
     "failed",
     "bounce",
     "dropped",
+    "400",
 ]
 
 _COMMON_FAULTS = frozenset({"429", "500", "slow", "reset", "hang", "accept_reset"})
 #: The kinds each provider knows.
 KINDS: dict[str, frozenset[str]] = {
-    "sendgrid": _COMMON_FAULTS | {"bounce", "dropped"},
+    "sendgrid": _COMMON_FAULTS | {"bounce", "dropped", "400"},
     "twilio": _COMMON_FAULTS | {"21211", "21610", "undelivered", "failed"},
 }
 
@@ -84,7 +85,8 @@ def checked(provider: str, kind: str, times: int, *, reset_after: float, delay: 
 
 
 def sendgrid_rejection(fault: Fault) -> Rejection | None:
-    """The error SendGrid answers for ``fault`` (``429``, ``500``); ``None`` for one that lets the request in."""
+    """The error SendGrid answers for ``fault`` (``429``, ``500``, ``400``: a request it refuses for good); ``None``
+    for one that lets the request in."""
     if fault.kind == "429":
         reset = math.ceil(utcnow().timestamp() + fault.reset_after)
         return (
@@ -98,6 +100,9 @@ def sendgrid_rejection(fault: Fault) -> Rejection | None:
         )
     if fault.kind == "500":
         return 500, to_json({"errors": [sendgrid.error("Internal Server Error")]}), []
+    if fault.kind == "400":
+        refused = sendgrid.error("Does not contain a valid address.", "personalizations.0.to.0.email")
+        return 400, to_json({"errors": [refused]}), []
     return None
 
 
