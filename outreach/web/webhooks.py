@@ -42,11 +42,10 @@ from twilio.request_validator import RequestValidator
 from outreach.core.clock import utcnow
 from outreach.core.config import Secret, Settings
 from outreach.core.errors import ConfigurationError
-from outreach.inbound.events import (
-    IngestResult,
+from outreach.inbound.events import IngestResult, ingest
+from outreach.inbound.provider_events import (
     NormalizedEvent,
     UnsupportedEventError,
-    ingest,
     parse_sendgrid_batch,
     parse_twilio_status,
 )

@@ -43,7 +43,8 @@ from sqlalchemy.orm import Session
 from outreach.core.clock import set_clock
 from outreach.core.models import Candidate, MessageStatus, OutboundMessage
 from outreach.domain.campaigns import Category
-from outreach.inbound.events import ingest, parse_sendgrid_batch, parse_twilio_status
+from outreach.inbound.events import ingest
+from outreach.inbound.provider_events import parse_sendgrid_batch, parse_twilio_status
 from outreach.inbound.sms import InboundSms, handle_inbound_sms
 from outreach.ops.sandbox import SandboxServer
 from outreach.pipeline.delivery import claim, deliver

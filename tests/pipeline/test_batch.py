@@ -23,7 +23,8 @@ from outreach.core.clock import utcnow
 from outreach.core.models import Candidate, DeliveryEvent, MessageStatus, OutboundMessage, Suppression, TrackedLink
 from outreach.domain.campaigns import Category
 from outreach.domain.tokens import unsubscribe_url
-from outreach.inbound.events import ingest, parse_sendgrid_batch
+from outreach.inbound.events import ingest
+from outreach.inbound.provider_events import parse_sendgrid_batch
 from outreach.ops.sandbox import SandboxServer
 from outreach.pipeline.batch import deliver_batch
 from outreach.pipeline.scheduler import TickResult

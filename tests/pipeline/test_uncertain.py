@@ -8,7 +8,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from outreach.core.models import Alert, OutboundMessage
-from outreach.inbound.events import ingest, parse_sendgrid_batch, parse_twilio_status
+from outreach.inbound.events import ingest
+from outreach.inbound.provider_events import parse_sendgrid_batch, parse_twilio_status
 from outreach.pipeline import message_alerts
 from outreach.pipeline.message_alerts import ALERT_UNCERTAIN, raise_uncertain_alerts
 from outreach.pipeline.scheduler import TickResult

@@ -14,7 +14,7 @@ from outreach.domain.auth import revoke_key
 from outreach.service.runtime import Runtime
 from outreach.web import create_app
 from outreach.web.auth import COOKIE
-from outreach.web.dashboard import Series, line_chart
+from outreach.web.dashboard.charts import Series, line_chart
 from tests.helpers import api_key
 from tests.web.dashboard_data import CANARIES, CANARY_ERROR, CANARY_NAME, Expected, seed
 

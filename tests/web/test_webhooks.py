@@ -29,7 +29,8 @@ from outreach.core.config import Secret
 from outreach.core.errors import ConfigurationError
 from outreach.core.models import Candidate, DeliveryEvent, InboundMessage, OutboundMessage, Suppression
 from outreach.inbound import events
-from outreach.inbound.events import IngestResult, NormalizedEvent
+from outreach.inbound.events import IngestResult
+from outreach.inbound.provider_events import NormalizedEvent
 from outreach.ops.sandbox import SandboxServer
 from outreach.pipeline.delivery import deliver
 from outreach.service.runtime import Runtime

@@ -1,35 +1,27 @@
-"""The operations dashboard at ``/dashboard``: server-rendered pages over the outbox, the analytics and the sandbox.
-
-**Who may look.** The same API keys as ``/api`` (:mod:`outreach.web.auth`): a key pasted into the login form
-becomes an HttpOnly, SameSite=Strict cookie scoped to ``/dashboard``; a Bearer header works too. Both roles see
-every page, but the ``ops`` role never sees personal data: candidates appear by external id only, never a name,
-address, phone number, subject, body or provider error text (which can quote an address). Pages for ``hr`` add
-those. Without a valid key every page redirects to the login form. Forms that change something (login, logout)
-are POSTs whose ``Origin`` (or ``Referer``) must be this site; with the SameSite=Strict cookie that is enough
-against cross-site requests.
+"""The dashboard's pages: the overview, funnel, SLA and queue, the message search and detail, and the sandbox inbox.
 
 **What is shown.** Rates over time as inline SVG charts (with the same figures in tables), rates by campaign,
 channel and source, the funnel per source with its drop-off, the SLA table and open alerts, a message search
 with each message's status history and the policy decision that held or dropped it, the queue's depth and lag,
 and, when a provider sandbox runs (``outreach up`` without credentials), the messages it received. The figures
 come from :mod:`outreach.ops.analytics`; this module only lays them out.
+
+Every page takes the :func:`~outreach.web.dashboard.login.viewer` dependency: the ``ops`` role never sees personal
+data (candidates by external id only), ``hr`` pages add it.
 """
 
 from __future__ import annotations
 
-import html
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 import requests
-from fastapi import APIRouter, Depends, Form, HTTPException, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from jinja2 import Environment, PackageLoader, select_autoescape
-from markupsafe import Markup
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
@@ -45,328 +37,21 @@ from outreach.core.models import (
     OutboundMessage,
     TrackedLink,
 )
-from outreach.domain.auth import Principal, Role, authenticate
+from outreach.domain.auth import Role
 from outreach.ops.analytics import Bucket, Dimension, FunnelRow, funnel, queue, rates, sla
-from outreach.service.runtime import Runtime
-from outreach.web.auth import COOKIE, principal_from
+from outreach.web.dashboard.charts import Series, bar_chart, line_chart
+from outreach.web.dashboard.login import ViewerDep
+from outreach.web.dashboard.render import PREFIX, format_when, render_page, runtime_of
 
-__all__ = ["line_chart", "router"]
+__all__ = ["fetch_inbox", "router"]
 
-PREFIX = "/dashboard"
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
-#: How long the login cookie lives; the key itself stays valid until revoked.
-SESSION_SECONDS = 8 * 3600
 PAGE_SIZE = 50
 SANDBOX_TIMEOUT = 3.0
 #: Statuses that mean a policy rule stopped the message for now (held) or for good (dropped).
 HELD = frozenset({MessageStatus.HELD.value})
 DROPPED = frozenset({MessageStatus.SUPPRESSED.value, MessageStatus.SKIPPED.value, MessageStatus.CANCELLED.value})
-
-_env = Environment(
-    loader=PackageLoader("outreach.web", "templates"),
-    autoescape=select_autoescape(default=True, default_for_string=True),
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
-
-
-def _when(value: datetime | None) -> str:
-    if value is None:
-        return "—"
-    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _percent(value: float | None, digits: int = 1) -> str:
-    if value is None:
-        return "—"
-    return f"{value * 100:.{digits}f}%"
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    seconds = max(0.0, float(seconds))
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} d"
-
-
-_env.filters["when"] = _when
-_env.filters["percent"] = _percent
-_env.filters["duration"] = _duration
-
-
-# -- who is looking ---------------------------------------------------------------------------------------------
-
-
-class _LoginRequired(HTTPException):
-    def __init__(self, location: str) -> None:
-        super().__init__(status_code=303, detail="login required", headers={"Location": location})
-
-
-def _safe_next(target: str | None) -> str:
-    """Only a path on the dashboard itself: never an absolute URL (no open redirect)."""
-    if not target:
-        return PREFIX
-    parts = urlsplit(target)
-    if parts.scheme or parts.netloc or "\\" in target or not parts.path.startswith(PREFIX):
-        return PREFIX
-    return target
-
-
-def viewer(request: Request) -> Principal:
-    """The dependency on every page: the key's principal, or a redirect to the login form."""
-    principal = principal_from(request, cookie=True)
-    if principal is None:
-        here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        raise _LoginRequired(f"{PREFIX}/login?next={quote(here, safe='')}")
-    return principal
-
-
-ViewerDep = Annotated[Principal, Depends(viewer)]
-
-
-def _runtime(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
-    return runtime
-
-
-def _same_origin(request: Request) -> bool:
-    """A POST from a page of this site: its Origin (or, lacking one, Referer) names this host."""
-    own = f"{request.url.scheme}://{request.url.netloc}"
-    allowed = {own}
-    public = _runtime(request).settings.public_url.rstrip("/")
-    if public:
-        parts = urlsplit(public)
-        allowed.add(f"{parts.scheme}://{parts.netloc}")
-    origin = request.headers.get("origin")
-    if origin is not None:
-        return origin in allowed
-    referer = request.headers.get("referer")
-    if referer is not None:
-        parts = urlsplit(referer)
-        return f"{parts.scheme}://{parts.netloc}" in allowed
-    return True  # not a browser (browsers send Origin on every POST); the cookie is SameSite=Strict anyway
-
-
-def _page(
-    request: Request, template: str, principal: Principal | None, status_code: int = 200, **context: Any
-) -> HTMLResponse:
-    runtime = _runtime(request)
-    body = _env.get_template(f"dashboard/{template}").render(
-        principal=principal,
-        hr=principal is not None and principal.role is Role.HR,
-        path=request.url.path,
-        prefix=PREFIX,
-        sandbox=bool(runtime.sandbox_url),
-        now=utcnow(),
-        **context,
-    )
-    return HTMLResponse(body, status_code=status_code, headers=_headers())
-
-
-def _headers() -> dict[str, str]:
-    return {
-        "Cache-Control": "no-store",
-        "X-Frame-Options": "DENY",
-        "X-Content-Type-Options": "nosniff",
-        "Referrer-Policy": "same-origin",
-        "Content-Security-Policy": (
-            "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; "
-            "frame-ancestors 'none'; base-uri 'none'"
-        ),
-    }
-
-
-@router.get("/login", response_class=HTMLResponse)
-def login_form(request: Request, next: str | None = None) -> Response:
-    if principal_from(request, cookie=True) is not None:
-        return RedirectResponse(_safe_next(next), status_code=303)
-    return _page(request, "login.html", None, next=_safe_next(next), error=None)
-
-
-@router.post("/login", response_class=HTMLResponse)
-def login(request: Request, key: Annotated[str, Form()] = "", next: Annotated[str, Form()] = "") -> Response:
-    if not _same_origin(request):
-        error = "This form must be sent from this site."
-        return _page(request, "login.html", None, 403, next=_safe_next(next), error=error)
-    key = key.strip()
-    principal = None
-    if key:
-        with Session(_runtime(request).engine) as session, session.begin():
-            principal = authenticate(session, key)
-    if principal is None:
-        # Never echo the key back, not even a wrong one.
-        message = "Paste an API key." if not key else "Unknown or revoked key."
-        return _page(request, "login.html", None, 401, next=_safe_next(next), error=message)
-    response = RedirectResponse(_safe_next(next), status_code=303)
-    response.set_cookie(
-        COOKIE,
-        key,
-        max_age=SESSION_SECONDS,
-        path=PREFIX,
-        httponly=True,
-        samesite="strict",
-        secure=request.url.scheme == "https",
-    )
-    return response
-
-
-@router.post("/logout")
-def logout(request: Request) -> Response:
-    if not _same_origin(request):
-        return HTMLResponse("This form must be sent from this site.", status_code=403)
-    response = RedirectResponse(f"{PREFIX}/login", status_code=303)
-    response.delete_cookie(COOKIE, path=PREFIX, httponly=True, samesite="strict")
-    return response
-
-
-# -- charts -----------------------------------------------------------------------------------------------------
-
-#: Okabe–Ito colours (told apart with colour-blindness) and a dash pattern each, so lines differ without colour.
-_COLOURS = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#000000")
-_DASHES = ("", "6 3", "2 3", "8 3 2 3", "4 4", "1 2", "10 4")
-
-
-def _e(value: object) -> str:
-    return html.escape(str(value), quote=True)
-
-
-@dataclass(frozen=True)
-class Series:
-    name: str
-    values: Sequence[float | None]
-
-
-def _nice_ceiling(value: float) -> float:
-    if value <= 0:
-        return 1.0
-    magnitude = 10.0 ** math.floor(math.log10(value))
-    for step in (1.0, 2.0, 2.5, 5.0, 10.0):
-        if value <= step * magnitude:
-            return step * magnitude
-    return 10.0 * magnitude  # pragma: no cover - the loop always returns
-
-
-def line_chart(
-    title: str,
-    labels: Sequence[str],
-    series: Sequence[Series],
-    *,
-    x_label: str,
-    y_label: str,
-    percent: bool = True,
-    width: int = 720,
-    height: int = 280,
-) -> Markup:
-    """An accessible SVG line chart: a title and description, labelled axes, a tooltip on every point.
-
-    Values are fractions when ``percent`` (shown as %), else counts; ``None`` leaves a gap.
-    """
-    left, right, top, bottom = 56, 12, 16, 52
-    plot_w, plot_h = width - left - right, height - top - bottom
-    known = [v for s in series for v in s.values if v is not None]
-    top_value = _nice_ceiling(max(known, default=0.0))
-    if percent:
-        top_value = min(top_value, 1.0) if max(known, default=0.0) <= 1.0 else top_value
-
-    def x(i: int) -> float:
-        return left + (plot_w * (i + 0.5) / max(len(labels), 1))
-
-    def y(v: float) -> float:
-        return top + plot_h * (1 - v / top_value)
-
-    def fmt(v: float) -> str:
-        return _percent(v) if percent else f"{v:g}"
-
-    slug = "".join(c if c.isalnum() else "-" for c in title.lower()).strip("-")
-    desc = f"{len(series)} series over {len(labels)} periods; the figures are also in the table below."
-    out = [
-        f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-        f'aria-labelledby="{slug}-t {slug}-d" data-chart="{_e(slug)}">',
-        f'<title id="{slug}-t">{_e(title)}</title><desc id="{slug}-d">{_e(desc)}</desc>',
-    ]
-    for k in range(5):
-        tick = top_value * k / 4
-        out.append(
-            f'<line x1="{left}" x2="{width - right}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" stroke="#ddd" />'
-            f'<text x="{left - 6}" y="{y(tick) + 4:.1f}" text-anchor="end" font-size="11">{_e(fmt(tick))}</text>'
-        )
-    every = max(1, math.ceil(len(labels) / 10))
-    for i, label in enumerate(labels):
-        if i % every == 0:
-            out.append(
-                f'<text x="{x(i):.1f}" y="{top + plot_h + 16}" text-anchor="middle" font-size="11">{_e(label)}</text>'
-            )
-    out.append(
-        f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + plot_h}" stroke="#555" />'
-        f'<line x1="{left}" x2="{width - right}" y1="{top + plot_h}" y2="{top + plot_h}" stroke="#555" />'
-        f'<text x="{left + plot_w / 2:.1f}" y="{height - 8}" text-anchor="middle" font-size="12">{_e(x_label)}</text>'
-        f'<text transform="translate(14 {top + plot_h / 2:.1f}) rotate(-90)" text-anchor="middle" '
-        f'font-size="12">{_e(y_label)}</text>'
-    )
-    for n, s in enumerate(series):
-        colour, dash = _COLOURS[n % len(_COLOURS)], _DASHES[n % len(_DASHES)]
-        segments: list[list[tuple[float, float]]] = [[]]
-        for i, v in enumerate(s.values):
-            if v is None:
-                segments.append([])
-            else:
-                segments[-1].append((x(i), y(v)))
-        out.append(f'<g class="series" data-series="{_e(s.name)}">')
-        for points in segments:
-            if len(points) > 1:
-                path = " ".join(f"{px:.1f},{py:.1f}" for px, py in points)
-                dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
-                out.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"{dash_attr} />')
-        for i, v in enumerate(s.values):
-            if v is not None:
-                out.append(
-                    f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="3" fill="{colour}">'
-                    f"<title>{_e(s.name)}, {_e(labels[i])}: {_e(fmt(v))}</title></circle>"
-                )
-        out.append("</g>")
-    out.append("</svg>")
-    legend = "".join(
-        f'<li><svg width="28" height="10" aria-hidden="true"><line x1="0" x2="28" y1="5" y2="5" '
-        f'stroke="{_COLOURS[n % len(_COLOURS)]}" stroke-width="2"'
-        + (f' stroke-dasharray="{_DASHES[n % len(_DASHES)]}"' if _DASHES[n % len(_DASHES)] else "")
-        + f" /></svg> {_e(s.name)}</li>"
-        for n, s in enumerate(series)
-    )
-    return Markup(f'<figure>{"".join(out)}<figcaption><ul class="legend">{legend}</ul></figcaption></figure>')
-
-
-def bar_chart(title: str, bars: Sequence[tuple[str, float]], *, x_label: str, width: int = 720) -> Markup:
-    """Horizontal bars (counts), one per label, each with its number written next to it."""
-    row, left, right, top = 24, 120, 60, 8
-    height = top + row * len(bars) + 36
-    plot_w = width - left - right
-    top_value = max((v for _, v in bars), default=0.0) or 1.0
-    slug = "".join(c if c.isalnum() else "-" for c in title.lower()).strip("-")
-    out = [
-        f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-        f'aria-labelledby="{slug}-t" data-chart="{_e(slug)}"><title id="{slug}-t">{_e(title)}</title>'
-    ]
-    for i, (label, value) in enumerate(bars):
-        y0 = top + i * row
-        w = plot_w * value / top_value
-        out.append(
-            f'<text x="{left - 6}" y="{y0 + 16}" text-anchor="end" font-size="12">{_e(label)}</text>'
-            f'<rect x="{left}" y="{y0 + 3}" width="{w:.1f}" height="{row - 6}" fill="{_COLOURS[0]}">'
-            f"<title>{_e(label)}: {value:g}</title></rect>"
-            f'<text x="{left + w + 4:.1f}" y="{y0 + 16}" font-size="12">{value:g}</text>'
-        )
-    out.append(
-        f'<text x="{left + plot_w / 2:.1f}" y="{height - 6}" text-anchor="middle" font-size="12">{_e(x_label)}</text>'
-        "</svg>"
-    )
-    return Markup("".join(out))
 
 
 # -- message search and detail ----------------------------------------------------------------------------------
@@ -441,13 +126,13 @@ def messages(
             query = query.where(OutboundMessage.created_at >= _day_start(start))
         if end:
             query = query.where(OutboundMessage.created_at < _day_start(end) + timedelta(days=1))
-        with Session(_runtime(request).engine) as session:
+        with Session(runtime_of(request).engine) as session:
             total = int(session.scalar(select(func.count()).select_from(query.subquery())) or 0)
             listed = query.order_by(OutboundMessage.created_at.desc(), OutboundMessage.id)
             listed = listed.offset((page_number - 1) * PAGE_SIZE).limit(PAGE_SIZE)
             rows = [(message, external) for message, external in session.execute(listed)]
     try:
-        campaigns = sorted(_runtime(request).campaigns.campaigns)
+        campaigns = sorted(runtime_of(request).campaigns.campaigns)
     except Exception:  # an invalid campaigns folder must not take the search down
         campaigns = []
     query_without_page = "&".join(
@@ -462,7 +147,7 @@ def messages(
         )
         if v
     )
-    return _page(
+    return render_page(
         request,
         "messages.html",
         principal,
@@ -502,10 +187,12 @@ def _decision(message: OutboundMessage) -> tuple[str, str] | None:
 @router.get("/messages/{message_id}", response_class=HTMLResponse)
 def message_detail(request: Request, principal: ViewerDep, message_id: str) -> HTMLResponse:
     hr = principal.role is Role.HR
-    with Session(_runtime(request).engine) as session:
+    with Session(runtime_of(request).engine) as session:
         message = session.get(OutboundMessage, message_id[:32])
         if message is None:
-            return _page(request, "not_found.html", principal, 404, what=f"No message with id {message_id[:32]!r}.")
+            return render_page(
+                request, "not_found.html", principal, 404, what=f"No message with id {message_id[:32]!r}."
+            )
         candidate = session.get(Candidate, message.candidate_id)
         events = list(
             session.scalars(
@@ -529,7 +216,9 @@ def message_detail(request: Request, principal: ViewerDep, message_id: str) -> H
                 .order_by(LinkClick.clicked_at)
             )
         )
-        history = [HistoryEntry(message.created_at, "created", "outbox", f"not before {_when(message.not_before)}")]
+        history = [
+            HistoryEntry(message.created_at, "created", "outbox", f"not before {format_when(message.not_before)}")
+        ]
         if message.enqueued_at:
             history.append(HistoryEntry(message.enqueued_at, "enqueued", "outbox"))
         if message.sent_at:
@@ -553,7 +242,7 @@ def message_detail(request: Request, principal: ViewerDep, message_id: str) -> H
         if hr and candidate is not None:
             context["candidate_name"] = candidate.name
             context["reply_bodies"] = [(r.received_at, r.kind, r.subject, r.body) for r in replies]
-    return _page(request, "message.html", principal, **context)
+    return render_page(request, "message.html", principal, **context)
 
 
 # -- sandbox inbox ----------------------------------------------------------------------------------------------
@@ -619,7 +308,7 @@ def fetch_inbox(sandbox_url: str, limit: int = 200) -> list[InboxItem]:
 
 @router.get("/inbox", response_class=HTMLResponse)
 def inbox(request: Request, principal: ViewerDep) -> HTMLResponse:
-    sandbox_url = _runtime(request).sandbox_url
+    sandbox_url = runtime_of(request).sandbox_url
     items: list[InboxItem] = []
     error = None
     if sandbox_url:
@@ -627,7 +316,7 @@ def inbox(request: Request, principal: ViewerDep) -> HTMLResponse:
             items = fetch_inbox(sandbox_url)
         except (requests.RequestException, ValueError):
             error = "The provider sandbox did not answer."
-    return _page(request, "inbox.html", principal, items=items, error=error, sandbox_url=sandbox_url)
+    return render_page(request, "inbox.html", principal, items=items, error=error, sandbox_url=sandbox_url)
 
 
 # -- overview, funnel, SLA, queue -------------------------------------------------------------------------------
@@ -713,7 +402,7 @@ EXTRA_BREAKDOWNS = (Dimension.STEP, Dimension.TEMPLATE, Dimension.LOCALE)
 
 @router.get("", response_class=HTMLResponse)
 def overview(request: Request, principal: ViewerDep, bucket: str = "day", days: str = "", by: str = "") -> HTMLResponse:
-    engine = _runtime(request).engine
+    engine = runtime_of(request).engine
     now = utcnow()
     errors: dict[str, str] = {}
     window = _range(bucket, days, errors, now)
@@ -745,7 +434,7 @@ def overview(request: Request, principal: ViewerDep, bucket: str = "day", days: 
     elif by and by not in {d.value for d in BREAKDOWNS}:
         errors["by"] = f"by: use one of {', '.join(extra)}"
     breakdowns = [(d.value, d.value.capitalize(), rates(engine, by=d, since=window.since)) for d in dimensions]
-    return _page(
+    return render_page(
         request,
         "overview.html",
         principal,
@@ -766,7 +455,7 @@ def overview(request: Request, principal: ViewerDep, bucket: str = "day", days: 
 
 @router.get("/funnel", response_class=HTMLResponse)
 def funnel_page(request: Request, principal: ViewerDep, days: str = "") -> HTMLResponse:
-    engine = _runtime(request).engine
+    engine = runtime_of(request).engine
     errors: dict[str, str] = {}
     since = _since_days(days, errors)
     report = funnel(engine, since=since)
@@ -776,7 +465,9 @@ def funnel_page(request: Request, principal: ViewerDep, days: str = "") -> HTMLR
         x_label="candidates",
     )
     worst = {row.source: _worst_drop(row) for row in (report.total, *report.by_source)}
-    return _page(request, "funnel.html", principal, errors=errors, report=report, chart=chart, worst=worst, days=days)
+    return render_page(
+        request, "funnel.html", principal, errors=errors, report=report, chart=chart, worst=worst, days=days
+    )
 
 
 def _worst_drop(row: FunnelRow) -> str | None:
@@ -787,14 +478,16 @@ def _worst_drop(row: FunnelRow) -> str | None:
 
 @router.get("/sla", response_class=HTMLResponse)
 def sla_page(request: Request, principal: ViewerDep, days: str = "") -> HTMLResponse:
-    engine = _runtime(request).engine
+    engine = runtime_of(request).engine
     errors: dict[str, str] = {}
     since = _since_days(days, errors)
     reports = sla(engine, since=since, limit=50)
-    return _page(request, "sla.html", principal, errors=errors, reports=reports, alerts=_open_alerts(engine), days=days)
+    return render_page(
+        request, "sla.html", principal, errors=errors, reports=reports, alerts=_open_alerts(engine), days=days
+    )
 
 
 @router.get("/queue", response_class=HTMLResponse)
 def queue_page(request: Request, principal: ViewerDep) -> HTMLResponse:
-    report = queue(_runtime(request).engine)
-    return _page(request, "queue.html", principal, report=report)
+    report = queue(runtime_of(request).engine)
+    return render_page(request, "queue.html", principal, report=report)
