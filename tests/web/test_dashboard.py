@@ -7,9 +7,11 @@ from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from outreach.core.clock import utcnow
+from outreach.core.models import OutboundMessage
 from outreach.domain.auth import revoke_key
 from outreach.service.runtime import Runtime
 from outreach.web import create_app
@@ -220,3 +222,37 @@ def test_line_chart_is_labelled_and_leaves_gaps() -> None:
     assert "<title" in svg and 'role="img"' in svg and ">rate<" in svg and ">day<" in svg
     assert "delivery, 11-03: 100.0%" in svg
     assert "<polyline" not in svg  # two points separated by a gap: no line drawn between them
+
+
+@pytest.mark.parametrize(
+    ("status", "rule", "pill", "words"),
+    [
+        ("failed", "template", "failed", "Not delivered (failed by template, code template): the template could not"),
+        ("failed", "provider", "failed", "Not delivered (failed by provider, code 400)"),
+        ("uncertain", "ambiguous", "uncertain", "May or may not have been sent (ambiguous)"),
+        ("sent", "quiet_hours", "passed", "Held earlier by quiet_hours"),
+    ],
+)
+def test_a_message_that_did_not_go_out_is_never_called_passed(
+    client: TestClient, runtime: Runtime, history: Expected, status: str, rule: str, pill: str, words: str
+) -> None:
+    """Found by an operator: a failed offer letter said "passed — held earlier by template ()"."""
+    codes = {"template": "template", "provider": "400"}
+    with Session(runtime.engine) as session, session.begin():
+        session.execute(
+            update(OutboundMessage)
+            .where(OutboundMessage.id == history.held_id)
+            .values(
+                status=status,
+                rule=rule,
+                reason="the template could not be rendered: x" if rule == "template" else None,
+                error_code=codes.get(rule),
+                error_detail="Does not contain a valid address." if rule == "provider" else None,
+            )
+        )
+    login(client, api_key(runtime, "ops"))
+    page = client.get(f"/dashboard/messages/{history.held_id}").text
+    decision = page.split('id="decision"', 1)[1].split("</section>", 1)[0]
+    assert f'class="pill {pill}"' in decision and words in decision
+    if pill != "passed":
+        assert "passed" not in decision

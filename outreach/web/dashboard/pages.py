@@ -52,6 +52,7 @@ SANDBOX_TIMEOUT = 3.0
 #: Statuses that mean a policy rule stopped the message for now (held) or for good (dropped).
 HELD = frozenset({MessageStatus.HELD.value})
 DROPPED = frozenset({MessageStatus.SUPPRESSED.value, MessageStatus.SKIPPED.value, MessageStatus.CANCELLED.value})
+NOT_DELIVERED = frozenset({MessageStatus.FAILED.value, MessageStatus.BOUNCED.value, MessageStatus.UNDELIVERED.value})
 
 
 # -- message search and detail ----------------------------------------------------------------------------------
@@ -172,15 +173,21 @@ class HistoryEntry:
 
 
 def _decision(message: OutboundMessage) -> tuple[str, str] | None:
-    """What the policy did with it: ("held"|"dropped"|"passed", sentence), or None when no rule was recorded."""
+    """What became of it: ("held"|"dropped"|"failed"|"uncertain"|"passed", sentence), or None when no rule was
+    recorded. "passed" only for a message that has gone on (queued again, sent or delivered) after a hold."""
     if message.rule is None and message.reason is None:
         return None
     rule = message.rule or "(unnamed rule)"
-    reason = message.reason or ""
+    reason = message.reason or message.error_detail or "no reason recorded"
     if message.status in HELD:
         return "held", f"Held by {rule}: {reason}"
     if message.status in DROPPED:
         return "dropped", f"Dropped ({message.status}) by {rule}: {reason}"
+    if message.status in NOT_DELIVERED:
+        code = f", code {message.error_code}" if message.error_code else ""
+        return "failed", f"Not delivered ({message.status} by {rule}{code}): {reason}"
+    if message.status == MessageStatus.UNCERTAIN.value:
+        return "uncertain", f"May or may not have been sent ({rule}): {reason}; never resent automatically"
     return "passed", f"Held earlier by {rule} ({reason}); it has since gone on"
 
 
