@@ -66,5 +66,5 @@ def unsubscribe(request: Request, token: str) -> HTMLResponse:
             address = candidate.email if channel == "email" else candidate.phone
             if address:
                 # Recorded only: the send-time rules refuse whatever is queued to the address.
-                suppress(session, [Suppress(channel, address, "unsubscribed", "link")], utcnow(), cancel=False)
+                suppress(session, [Suppress(channel, address, "unsubscribed", "link", channel)], utcnow(), cancel=False)
     return _page("You are unsubscribed", "You will not receive these messages any more. 您已成功退订。")
