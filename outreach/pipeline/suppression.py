@@ -1,9 +1,9 @@
 """Suppressions: the one way an address is recorded as not to be messaged, and what is queued for it ended.
 
 Every source goes through :func:`suppress`: a provider's bounce, spam report or unsubscribe event, an SMS opt-out
-keyword, a one-click unsubscribe link, a provider refusing a number for good (Twilio 21610).
-Each says what it stops (its :class:`~outreach.core.models.SuppressionScope`): nurture messages only, or
-everything on the channel (the candidate asked: ``email`` / ``sms``; the provider will not
+keyword, a one-click unsubscribe link (:func:`unsubscribe`), a provider refusing a number for good (Twilio 21610).
+Each says what it stops (its :class:`~outreach.core.models.SuppressionScope`): nurture messages only (the
+unsubscribe link), or everything on the channel (the candidate asked: ``email`` / ``sms``; the provider will not
 deliver: ``provider``). Addresses are keyed one way (:func:`outreach.policy.consent.suppression_address`: emails
 lowercased, phones as given in E.164). There is one row per address and channel, written once (``INSERT … ON
 CONFLICT``): a channel-wide suppression replaces a ``nurture`` one, nothing ever narrows one. Unless the caller
@@ -21,11 +21,11 @@ from typing import Any
 from sqlalchemy import Table, func, select
 from sqlalchemy.orm import Session
 
-from outreach.core.models import Candidate, Channel, Suppression, SuppressionScope
+from outreach.core.models import Candidate, Channel, OutboundMessage, Suppression, SuppressionScope
 from outreach.core.sql import CHUNK, chunks, insert_or_replace_many
 from outreach.domain.campaigns import Category
 from outreach.pipeline import outbox
-from outreach.policy.consent import suppressed_reason, suppression_address
+from outreach.policy.consent import NO_CONSENT_REASON, NurtureConsentRule, suppressed_reason, suppression_address
 
 #: The rule a message ended by a suppression carries.
 SUPPRESSION_RULE = "suppression"
@@ -124,3 +124,48 @@ def suppress(
                 category=Category.NURTURE.value if scope == _NURTURE_SCOPE else None,
             )
     return result
+
+
+@dataclass(frozen=True)
+class Unsubscribed:
+    """What an unsubscribe link did: the channel of the message it came in, and the queued messages it ended."""
+
+    channel: str
+    cancelled: list[str]
+
+
+def unsubscribe(session: Session, outbox_id: str, now: datetime, *, everything: bool = False) -> Unsubscribed | None:
+    """What the unsubscribe link of the message stored as ``outbox_id`` does; None when there is no such message.
+
+    The candidate's nurture consent is withdrawn, their address on the message's channel is suppressed for nurture
+    (or, with ``everything``, for all messages on that channel: the page's explicit second choice), and the
+    messages queued that this stops end ``suppressed``: nurture ones on every channel (the consent rule's reason on
+    the other channel), and with ``everything`` all of them on this channel. Mail about an application or offer
+    still goes unless ``everything``.
+    """
+    found = session.execute(
+        select(OutboundMessage.candidate_id, OutboundMessage.channel).where(OutboundMessage.id == outbox_id)
+    ).first()
+    if found is None:
+        return None
+    candidate_id, channel = found
+    candidate = session.get(Candidate, candidate_id)
+    if candidate is None:
+        return None
+    candidate.nurture_consent = False
+    address = candidate.email if channel == Channel.EMAIL.value else candidate.phone
+    scope = channel if everything else _NURTURE_SCOPE
+    cancelled: list[str] = []
+    if address:
+        cancelled += suppress(session, [Suppress(channel, address, "unsubscribed", "link", scope)], now).cancelled
+    for other in Channel:
+        cancelled += outbox.suppress_queued(
+            session,
+            other.value,
+            [candidate.id],
+            now,
+            rule=NurtureConsentRule.name,
+            reason=NO_CONSENT_REASON,
+            category=Category.NURTURE.value,
+        )
+    return Unsubscribed(channel, cancelled)
