@@ -121,6 +121,21 @@ class Channel(StrEnum):
     SMS = "sms"
 
 
+class SuppressionScope(StrEnum):
+    """What a suppression stops on its channel.
+
+    ``nurture``: nurture messages only (a one-click unsubscribe from a nurture mail); mail about an application or
+    offer still goes. ``email`` / ``sms``: everything on that channel, as the candidate asked (the unsubscribe
+    page's "stop everything", an SMS opt-out keyword). ``provider``: everything on that channel, because the
+    provider will not deliver there (hard bounce, spam report, the provider's own unsubscribe list, Twilio 21610).
+    """
+
+    NURTURE = "nurture"
+    EMAIL = "email"
+    SMS = "sms"
+    PROVIDER = "provider"
+
+
 class Candidate(Base):
     __tablename__ = "candidates"
 
@@ -331,8 +346,14 @@ class DeliveryEvent(Base):
     __table_args__ = (UniqueConstraint("provider", "provider_event_id", name="uq_delivery_events_provider_event"),)
 
 
+def _whole_channel(context: Any) -> str:
+    """A suppression written without a scope stops everything on its channel (``email`` or ``sms``)."""
+    return str(context.get_current_parameters()["channel"])
+
+
 class Suppression(Base):
-    """An address we must not write to again on that channel (opt-out, hard bounce, spam report …)."""
+    """An address we must not write to again on that channel (opt-out, hard bounce, spam report …), or, with scope
+    ``nurture``, not with nurture messages. One row per address and channel: a wider scope replaces ``nurture``."""
 
     __tablename__ = "suppressions"
 
@@ -341,6 +362,8 @@ class Suppression(Base):
     address: Mapped[str] = mapped_column(String(320))
     reason: Mapped[str] = mapped_column(String(64))
     source: Mapped[str | None] = mapped_column(String(64))
+    #: A :class:`SuppressionScope`; the whole channel when not given.
+    scope: Mapped[str] = mapped_column(String(16), default=_whole_channel)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     confirmed_at: Mapped[datetime | None]
 

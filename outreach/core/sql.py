@@ -2,14 +2,15 @@
 
 - :func:`one_of` / :func:`any_of`: ``column IN (…)``, as one array parameter on PostgreSQL.
 - :func:`insert_ignore` / :func:`insert_ignore_many`: ``INSERT … ON CONFLICT DO NOTHING`` returning what was
-  written; many rows go to PostgreSQL as one JSON document (:func:`json_records`).
+  written; many rows go to PostgreSQL as one JSON document (:func:`json_records`). :func:`insert_or_replace_many`:
+  the same, replacing conflicting rows that meet a condition.
 - :func:`chunks`: slices of a list for databases without arrays.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar, cast
 
@@ -93,6 +94,30 @@ def insert_ignore_many(
     SQLite: one cached statement run as an executemany, which SQLAlchemy batches into multi-row INSERTs.
     Every row must have the same keys.
     """
+    return _insert_many(session, model, rows, returning, None)
+
+
+def insert_or_replace_many(
+    session: Session,
+    model: type[Any],
+    rows: Sequence[dict[str, Any]],
+    *returning: Any,
+    conflict: Sequence[str],
+    replace: Sequence[str],
+    when: Callable[[Table, Any], Any],
+) -> list[Any]:
+    """Like :func:`insert_ignore_many`, but a row that conflicts (on the unique columns ``conflict``) with a stored
+    row for which ``when(table, excluded)`` holds replaces that row's ``replace`` columns (``INSERT … ON CONFLICT
+    (…) DO UPDATE … WHERE …``); the rows written or replaced. No two rows may share their ``conflict`` values."""
+    return _insert_many(session, model, rows, returning, (conflict, replace, when))
+
+
+_Replace = tuple[Sequence[str], Sequence[str], Callable[[Table, Any], Any]]
+
+
+def _insert_many(
+    session: Session, model: type[Any], rows: Sequence[dict[str, Any]], returning: tuple[Any, ...], on: _Replace | None
+) -> list[Any]:
     if not rows:
         return []
     table = cast(Table, model.__table__)
@@ -100,10 +125,24 @@ def insert_ignore_many(
     if session.get_bind().dialect.name == "postgresql":
         names = list(rows[0])
         source = json_records(session, {name: table.c[name].type for name in names}, rows)
-        statement = postgresql.insert(table).from_select(names, select(*(source.c[name] for name in names)))
-        return list(session.execute(statement.on_conflict_do_nothing().returning(*returning)).all())
-    statement = sqlite.insert(table).on_conflict_do_nothing()
+        statement = _on_conflict(
+            postgresql.insert(table).from_select(names, select(*(source.c[name] for name in names))), table, on
+        )
+        return list(session.execute(statement.returning(*returning)).all())
+    statement = _on_conflict(sqlite.insert(table), table, on)
     return list(session.execute(statement.returning(*returning), list(rows)).all())
+
+
+def _on_conflict(statement: Any, table: Table, on: _Replace | None) -> Any:
+    if on is None:
+        return statement.on_conflict_do_nothing()
+    conflict, replace, when = on
+    excluded = statement.excluded
+    return statement.on_conflict_do_update(
+        index_elements=list(conflict),
+        set_={name: excluded[name] for name in replace},
+        where=when(table, excluded),
+    )
 
 
 def _json_scalar(value: Any) -> Any:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 from outreach.core.config import Settings
@@ -48,9 +50,34 @@ def verify(settings: Settings, purpose: str, token: str) -> str | None:
     return payload if hmac.compare_digest(given, _mac(settings, purpose, payload)) else None
 
 
-def unsubscribe_url(settings: Settings, channel: str, candidate_id: int) -> str:
-    token = sign(settings, "unsubscribe", f"{channel}:{candidate_id}")
+#: How long an unsubscribe link works after the message carrying it was rendered. Generous on purpose: RFC 8058
+#: links must keep working while the mail is likely to be read (and laws ask for at least 30 days); a nurture mail
+#: goes out at most every 60 days, so a candidate always holds a working link.
+UNSUBSCRIBE_VALIDITY = timedelta(days=180)
+
+_OUTBOX_ID = re.compile(r"[0-9a-f]{32}")
+_SECONDS = re.compile(r"[0-9]{1,11}")  # until the year 5138: within what datetime takes
+
+
+def unsubscribe_url(settings: Settings, outbox_id: str, issued_at: datetime) -> str:
+    """The one-click unsubscribe link of the message stored as ``outbox_id`` (a random id: the link names no
+    candidate and no address), rendered at ``issued_at``; it works for :data:`UNSUBSCRIBE_VALIDITY`."""
+    token = sign(settings, "unsubscribe", f"{outbox_id}:{int(issued_at.timestamp())}")
     return f"{settings.public_url}/unsubscribe/{token}"
+
+
+def unsubscribe_message_id(settings: Settings, token: str, now: datetime) -> str | None:
+    """The outbox id an unsubscribe token names, if we minted it less than :data:`UNSUBSCRIBE_VALIDITY` before
+    ``now``; None for anything forged, damaged or expired, and for the old tokens that named a candidate."""
+    payload = verify(settings, "unsubscribe", token)
+    if payload is None:
+        return None
+    outbox_id, _, issued = payload.partition(":")
+    if not _OUTBOX_ID.fullmatch(outbox_id) or not _SECONDS.fullmatch(issued):
+        return None
+    if datetime.fromtimestamp(int(issued), UTC) < now - UNSUBSCRIBE_VALIDITY:
+        return None
+    return outbox_id
 
 
 def reply_address(settings: Settings, outbox_id: str) -> str | None:

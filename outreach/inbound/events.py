@@ -321,7 +321,7 @@ def _apply_moves(session: Session, moves: Mapping[str, tuple[_Move, _Row]], now:
 def _suppress(session: Session, events: Sequence[NormalizedEvent], now: datetime, result: IngestResult) -> None:
     """Record suppressions and end the queued messages to those addresses (a suppression applies at once)."""
     entries = [
-        Suppress(event.channel, event.recipient, event.suppress_reason, event.provider)
+        Suppress(event.channel, event.recipient, event.suppress_reason, event.provider, "provider")
         for event in sorted(events, key=_sort_key)
         if event.suppress_reason is not None and event.recipient
     ]

@@ -7,8 +7,9 @@ inside its own transaction; whatever text comes back in :attr:`InboundResult.rep
   provider retries is a ``duplicate`` and changes nothing.
 * The sender is matched to a candidate by phone number. Several candidate records may share a number; the one
   we last texted (or else the one last updated) is the one the message belongs to.
-* An opt-out keyword suppresses the *number* (suppressions are per address, so an unknown sender is honoured
-  too) and cancels the SMS already queued for it, for every candidate with that number. The confirmation is
+* An opt-out keyword suppresses the *number* for all SMS from us, its carrier meaning (scope ``sms``;
+  suppressions are per address, so an unknown sender is honoured too) and cancels the SMS already queued for it,
+  for every candidate with that number. The confirmation is
   sent at most once per opt-out: ``suppressions.confirmed_at`` records it.
 * An opt-in keyword lifts only an opt-out made by keyword (reason ``opt_out``). Suppressions from the provider
   (Twilio 21610), from bounces or from the unsubscribe link stay: the keyword does not prove the number may
@@ -37,7 +38,7 @@ from sqlalchemy.orm import Session
 
 from outreach.core.clock import utcnow
 from outreach.core.errors import TemplateError
-from outreach.core.models import Candidate, Channel, InboundMessage, OutboundMessage, Suppression
+from outreach.core.models import Candidate, Channel, InboundMessage, OutboundMessage, Suppression, SuppressionScope
 from outreach.core.sql import insert_ignore
 from outreach.domain.candidates import normalise_phone
 from outreach.inbound.conversation import last_sent_to, notify_reply
@@ -263,7 +264,7 @@ def _has_opt_out(session: Session, address: str) -> bool:
 def _opt_out(session: Session, address: str) -> int:
     """Suppress the number and cancel what is queued for it; returns how many outbox rows were cancelled.
     Outbox rows name the candidate, not the number: every candidate with this number loses its queued SMS."""
-    opt_out = Suppress(Channel.SMS.value, address, OPT_OUT_REASON, OPT_OUT_SOURCE)
+    opt_out = Suppress(Channel.SMS.value, address, OPT_OUT_REASON, OPT_OUT_SOURCE, SuppressionScope.SMS.value)
     return len(suppress(session, [opt_out], utcnow(), rule=CONSENT_RULE, reason=CONSENT_REASON).cancelled)
 
 

@@ -35,6 +35,7 @@ from outreach.core.models import (
     OutboundMessage,
     StageChange,
     Suppression,
+    SuppressionScope,
     new_id,
 )
 from outreach.policy.consent import address_hash, suppression_address
@@ -181,9 +182,11 @@ def _hash_suppression(session: Session, settings: Settings, channel: str, addres
     if row is None:
         return 0
     hashed = address_hash(settings.signing_key, channel, address)
-    kept = select(Suppression.id).where(Suppression.channel == channel, Suppression.address == hashed)
-    already = session.scalar(kept)
-    if already is not None:
+    kept = session.scalar(select(Suppression).where(Suppression.channel == channel, Suppression.address == hashed))
+    if kept is not None:
+        if kept.scope == SuppressionScope.NURTURE.value != row.scope:
+            # The wider of the two stays: an address suppressed for everything is never narrowed to nurture.
+            kept.scope, kept.reason, kept.source = row.scope, row.reason, row.source
         session.delete(row)
     else:
         row.address = hashed

@@ -581,6 +581,7 @@ def _personalize(runtime: Services, shared: SharedEmail, group: Sequence[_Recipi
         if text in shared.tags or tagged in shared.tags
     ]
     shared_unsubscribe = text_tag("unsubscribe") in shared.tags
+    issued_at = utcnow()
     fitting: list[_Recipient] = []
     for recipient in group:
         name = recipient.candidate.name or ""
@@ -588,7 +589,7 @@ def _personalize(runtime: Services, shared: SharedEmail, group: Sequence[_Recipi
         values = {
             "name": name,
             "first_name": words[0] if words else name,
-            "unsubscribe": unsubscribe_url(settings, recipient.channel, recipient.candidate.id),
+            "unsubscribe": unsubscribe_url(settings, recipient.id, issued_at),  # each recipient's own message
             "message_id": recipient.id,
         }
         for index, url in enumerate(link_urls.get(recipient.id, ())):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from outreach.core.clock import utcnow
 from outreach.core.config import Settings
 from outreach.core.models import AUTO_REPLY, Candidate, Enrollment, Job, OutboundMessage
 from outreach.domain.candidates import candidate_timezone
@@ -50,7 +51,7 @@ def build_context(
         enrollment,
         job,
         company={"name": settings.company_name, "timezone": settings.company_timezone},
-        unsubscribe=unsubscribe_url(settings, message.channel, message.candidate_id),
+        unsubscribe=unsubscribe_url(settings, message.id, utcnow()),
     )
     if message.category == AUTO_REPLY:
         # The out-of-hours answer names the next business opening, in the candidate's timezone.

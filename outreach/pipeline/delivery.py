@@ -65,6 +65,7 @@ from outreach.core.models import (
     Job,
     MessageStatus,
     OutboundMessage,
+    SuppressionScope,
 )
 from outreach.core.sql import one_of
 from outreach.domain.campaigns import Category
@@ -507,7 +508,9 @@ def _send_one(
         )
         if exc.suppress:
             channel = Channel.EMAIL.value if email else Channel.SMS.value
-            refused_for_good = Suppress(channel, payload.to, f"{exc.provider} {exc.code}", "provider")
+            refused_for_good = Suppress(
+                channel, payload.to, f"{exc.provider} {exc.code}", "provider", SuppressionScope.PROVIDER.value
+            )
             with Session(bind=connection) as session:
                 suppress(session, [refused_for_good], utcnow(), cancel=False)
         log.warning(

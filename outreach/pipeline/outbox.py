@@ -724,15 +724,19 @@ def sweep_lost(db: Db, now: datetime) -> int:
 # -- suppressed while queued ----------------------------------------------------------------------------------
 
 
-def suppress_queued(db: Db, channel: str, candidates: Any, now: datetime, *, rule: str, reason: str) -> list[str]:
+def suppress_queued(
+    db: Db, channel: str, candidates: Any, now: datetime, *, rule: str, reason: str, category: str | None = None
+) -> list[str]:
     """The ``channel`` messages still queued (``pending`` or ``held``) for the candidates ``candidates`` selects
-    become ``suppressed`` with ``rule`` and ``reason`` (:mod:`outreach.pipeline.suppression` calls this); their ids."""
+    (only those of ``category``, when given) become ``suppressed`` with ``rule`` and ``reason``
+    (:mod:`outreach.pipeline.suppression` calls this); their ids."""
     statement = (
         update(_OUTBOX)
         .where(
             _OUTBOX.c.status.in_([MessageStatus.PENDING.value, MessageStatus.HELD.value]),
             _OUTBOX.c.channel == channel,
             _OUTBOX.c.candidate_id.in_(candidates),
+            *([_OUTBOX.c.category == category] if category is not None else []),
         )
         .values(
             status=MessageStatus.SUPPRESSED.value,

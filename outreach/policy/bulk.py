@@ -26,7 +26,7 @@ from outreach.core.models import OutboundMessage, Suppression
 from outreach.core.sql import CHUNK, any_of, array_of, is_postgres
 from outreach.policy.base import ALLOW, CandidateFacts, Decision, Subject
 from outreach.policy.caps import COUNTED, FrequencyCaps, RecentSend
-from outreach.policy.consent import EnrollmentActiveRule, NurtureConsentRule, SuppressionRule
+from outreach.policy.consent import EnrollmentActiveRule, NurtureConsentRule, SuppressionRule, applying
 from outreach.policy.engine import OUTREACH_CATEGORIES, PolicyEngine
 from outreach.policy.quiet_hours import QuietHoursRule
 
@@ -36,8 +36,8 @@ _Step = Callable[[Session, Subject, CandidateFacts], Decision]
 
 
 @lru_cache(maxsize=4)
-def _suppressions_query(postgres: bool) -> Select[str, str]:
-    return select(Suppression.address, Suppression.reason).where(
+def _suppressions_query(postgres: bool) -> Select[str, str, str]:
+    return select(Suppression.address, Suppression.scope, Suppression.reason).where(
         Suppression.channel == bindparam("channel"), any_of(postgres, Suppression.address, "keys")
     )
 
@@ -63,7 +63,8 @@ class PolicyReads:
 
     engine: PolicyEngine
     now: datetime
-    suppressed: dict[tuple[str, str], str] = field(default_factory=dict)
+    #: (channel, suppression key) → (scope, reason) of the suppression stored under it.
+    suppressed: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
     sends: dict[int, list[RecentSend]] = field(default_factory=lambda: defaultdict(list))
     #: The suppression keys of each (channel, address) met in :meth:`load`, so :meth:`evaluate` hashes nothing.
     keys: dict[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
@@ -100,8 +101,8 @@ class PolicyReads:
                 listed = sorted(found)
                 for start in range(0, len(listed), CHUNK):
                     keyed = {"channel": channel, "keys": listed[start : start + CHUNK]}
-                    for key, reason in session.execute(_suppressions_query(postgres), keyed):
-                        reads.suppressed[(channel, key)] = reason
+                    for key, scope, reason in session.execute(_suppressions_query(postgres), keyed):
+                        reads.suppressed[(channel, key)] = (scope, reason)
         caps = next((r for r in engine._outreach_rules if isinstance(r, FrequencyCaps)), None)
         if caps is not None and caps.rules and people:
             postgres = is_postgres(session)
@@ -205,14 +206,11 @@ class PolicyReads:
 
         return asked
 
-    def _suppression(self, rule: SuppressionRule, subject: Subject) -> str | None:
+    def _suppression(self, rule: SuppressionRule, subject: Subject) -> tuple[str, str] | None:
+        """The (scope, reason) of the address's suppression that applies to the subject's category, if any."""
         if not subject.address:
             return None
         keys = self.keys.get((subject.channel, subject.address))
         if keys is None:
             keys = rule.lookup_keys(subject.channel, subject.address)
-        for key in keys:
-            reason = self.suppressed.get((subject.channel, key))
-            if reason is not None:
-                return reason
-        return None
+        return applying((self.suppressed.get((subject.channel, key)) for key in keys), subject.category)

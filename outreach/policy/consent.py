@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Iterable
 from functools import lru_cache
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from outreach.core.config import get_settings
-from outreach.core.models import Candidate, Enrollment, EnrollmentStatus, Suppression
+from outreach.core.models import Candidate, Enrollment, EnrollmentStatus, Suppression, SuppressionScope
 from outreach.domain.campaigns import Category
 from outreach.policy.base import Decision, Subject
 
@@ -22,6 +23,36 @@ def suppression_address(channel: str, address: str) -> str:
 
 _NURTURE = Category.NURTURE.value
 _EXITED = EnrollmentStatus.EXITED.value
+_NURTURE_SCOPE = SuppressionScope.NURTURE.value
+
+#: The reason a nurture message carries when its candidate withdrew nurture consent.
+NO_CONSENT_REASON = "no consent to nurture messages"
+
+
+def scope_applies(scope: str, category: str) -> bool:
+    """Whether a suppression of ``scope`` stops a message of ``category`` on its channel: a ``nurture`` one stops
+    nurture messages only, every other scope (all email, all SMS, a provider block) stops everything."""
+    return scope != _NURTURE_SCOPE or category == _NURTURE
+
+
+def applying(suppressions: Iterable[tuple[str, str] | None], category: str) -> tuple[str, str] | None:
+    """Of an address's suppressions (``(scope, reason)``; None: none under that key), the one that stops a message
+    of ``category``: a channel-wide one before a nurture one; None when none does."""
+    found = None
+    for suppression in suppressions:
+        if suppression is not None and scope_applies(suppression[0], category):
+            if suppression[0] != _NURTURE_SCOPE:
+                return suppression
+            found = found or suppression
+    return found
+
+
+def suppressed_reason(scope: str, reason: str) -> str:
+    """The reason a message stopped by a suppression of ``scope`` (recorded for ``reason``) carries."""
+    if scope == _NURTURE_SCOPE:
+        return f"address suppressed for nurture: {reason}"
+    return f"address suppressed: {reason}"
+
 
 #: Suppressions kept after an erasure are stored under a keyed hash of the address, with this prefix.
 HASH_PREFIX = "hmac:"
@@ -45,7 +76,8 @@ def _hashed(keyed: hmac.HMAC, channel: str, normalised: str) -> str:
 
 
 class SuppressionRule:
-    """An address that opted out, bounced hard or complained is never written to again on that channel.
+    """An address that opted out, bounced hard or complained is never written to again on that channel; one that
+    only unsubscribed from nurture gets no more nurture messages (:func:`scope_applies`).
 
     The address is looked up in clear and under its keyed hash, so an opt-out outlives the candidate's erasure.
     """
@@ -64,25 +96,24 @@ class SuppressionRule:
     def check(self, session: Session, subject: Subject) -> Decision:
         if not subject.address:
             return self.decide(subject, None)
-        reason = session.scalar(
-            select(Suppression.reason)
-            .where(
+        found = session.execute(
+            select(Suppression.scope, Suppression.reason).where(
                 Suppression.channel == subject.channel,
                 Suppression.address.in_(self.lookup_keys(subject.channel, subject.address)),
             )
-            .limit(1)
-        )
-        return self.decide(subject, reason)
+        ).all()
+        return self.decide(subject, applying(((s, r) for s, r in found), subject.category))
 
-    def decide(self, subject: Subject, reason: str | None) -> Decision:
-        """The decision once the address's suppression ``reason`` (None: not suppressed) is known; the bulk reader
-        (:class:`outreach.policy.bulk.PolicyReads`) asks this too, with its own reads."""
+    def decide(self, subject: Subject, suppression: tuple[str, str] | None) -> Decision:
+        """The decision once the address's suppression that applies to the subject's category is known, as
+        ``(scope, reason)`` (None: none applies); the bulk reader (:class:`outreach.policy.bulk.PolicyReads`) asks
+        this too, with its own reads."""
         if not subject.address:
             return Decision.suppress(
                 "address", f"candidate has no {'email' if subject.channel == 'email' else 'phone'}"
             )
-        if reason is not None:
-            return Decision.suppress(self.name, f"address suppressed: {reason}")
+        if suppression is not None:
+            return Decision.suppress(self.name, suppressed_reason(*suppression))
         return Decision.allow()
 
 
@@ -103,7 +134,7 @@ class NurtureConsentRule:
         """The decision once the candidate's current consent is known."""
         if subject.category != _NURTURE or consent:
             return Decision.allow()
-        return Decision.suppress(self.name, "no consent to nurture messages")
+        return Decision.suppress(self.name, NO_CONSENT_REASON)
 
 
 class EnrollmentActiveRule:

@@ -1,15 +1,24 @@
-"""The migrations build exactly the schema the models describe, on both databases, from one head."""
+"""The migrations build exactly the schema the models describe, on both databases, from one head; data
+migrations give existing rows what they mean."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.engine import make_url
 
-from outreach.core.db import alembic_config, get_engine
+from outreach.core.db import alembic_config, get_engine, normalise_url, upgrade
 from outreach.core.models import Base
+from tests.conftest import POSTGRES_URL, require_server
 
 #: Expression indexes only PostgreSQL can build; the migrations create them there, the models cannot say them.
 POSTGRES_ONLY_INDEXES = {"ix_candidates_tags_gin"}
@@ -38,3 +47,72 @@ def test_migrated_schema_matches_the_models(database_url: str) -> None:
     with get_engine(database_url).connect() as connection:
         diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     assert _meaningful(diff) == []
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def blank_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database of its own, for migrating step by step."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'steps.db'}"
+        return
+    require_server("PostgreSQL", POSTGRES_URL, 5432)
+    name = f"outreach_steps_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(normalise_url(POSTGRES_URL), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(normalise_url(POSTGRES_URL)).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+#: Suppressions as 0007 stored them (channel, address, reason, source) and the scope 0008 gives each.
+SUPPRESSIONS_BEFORE_0008 = [
+    (("email", "link@example.org", "unsubscribed", "link"), "nurture"),
+    (("sms", "+8613800138001", "unsubscribed", "link"), "nurture"),
+    (("email", "bounce@example.org", "bounced", "sendgrid"), "provider"),
+    (("email", "spam@example.org", "complained", "sendgrid"), "provider"),
+    (("email", "sg-unsub@example.org", "unsubscribed", "sendgrid"), "provider"),
+    (("sms", "+8613800138002", "unsubscribed", "twilio"), "provider"),
+    (("sms", "+8613800138003", "twilio 21610", "provider"), "provider"),
+    (("sms", "+8613800138004", "opt_out", "keyword"), "sms"),
+    (("email", "hmac:0123abcd", "bounced", None), "email"),
+    (("email", "by-hand@example.org", "asked by phone", "hr"), "email"),
+]
+
+
+SCOPES = "SELECT address, scope FROM suppressions"
+
+
+def test_0008_gives_existing_suppressions_their_scope(blank_url: str) -> None:
+    upgrade(blank_url, "0007")
+    engine = create_engine(normalise_url(blank_url))
+    try:
+        with engine.begin() as connection:
+            for (channel, address, reason, source), _ in SUPPRESSIONS_BEFORE_0008:
+                connection.execute(
+                    text(
+                        "INSERT INTO suppressions (channel, address, reason, source, created_at)"
+                        " VALUES (:channel, :address, :reason, :source, CURRENT_TIMESTAMP)"
+                    ),
+                    {"channel": channel, "address": address, "reason": reason, "source": source},
+                )
+        upgrade(blank_url, "0008")
+        with engine.connect() as connection:
+            scopes = {address: scope for address, scope in connection.execute(text(SCOPES))}
+            assert not next(c for c in inspect(connection).get_columns("suppressions") if c["name"] == "scope")[
+                "nullable"
+            ]
+        assert scopes == {row[1]: scope for row, scope in SUPPRESSIONS_BEFORE_0008}
+        # Down and up again: the column goes, the rows stay, and the scopes come back the same.
+        command.downgrade(alembic_config(blank_url), "0007")
+        with engine.connect() as connection:
+            assert "scope" not in {c["name"] for c in inspect(connection).get_columns("suppressions")}
+            assert connection.execute(text("SELECT count(*) FROM suppressions")).scalar() == len(scopes)
+        upgrade(blank_url, "head")
+        with engine.connect() as connection:
+            assert {address: scope for address, scope in connection.execute(text(SCOPES))} == scopes
+    finally:
+        engine.dispose()

@@ -121,11 +121,12 @@ def test_stop_suppresses_every_queued_sms_of_the_number_and_confirms_once(runtim
     assert statuses(runtime, already_sent) == {("sent", None, None)}
     assert statuses(runtime, someone_else) == {("pending", None, None)}
     [suppression] = suppressions(runtime)
-    assert (suppression.channel, suppression.address, suppression.reason, suppression.source) == (
+    assert (suppression.channel, suppression.address, suppression.reason, suppression.source, suppression.scope) == (
         "sms",
         PHONE,
         "opt_out",
         "keyword",
+        "sms",  # its carrier meaning: no SMS from us at all, not only nurture
     )
     assert suppression.confirmed_at is not None
     [message] = inbound(runtime)
@@ -148,6 +149,20 @@ def test_stop_suppresses_every_queued_sms_of_the_number_and_confirms_once(runtim
     assert [m.kind for m in inbound(runtime)] == ["opt_out", "opt_out"]
     # A keyword is not a conversation: nothing counts as a reply.
     assert reload(runtime, candidate).last_reply_at is None
+
+
+def test_stop_after_a_nurture_unsubscribe_stops_all_sms_and_start_lifts_it(runtime: Runtime) -> None:
+    candidate = add_candidate(runtime)
+    with Session(runtime.engine) as session, session.begin():
+        session.add(Suppression(channel="sms", address=PHONE, reason="unsubscribed", source="link", scope="nurture"))
+    queued_sms = queue(runtime, candidate, "sms", 2)
+    result = handle(runtime, sms("STOP", at=T0))
+    assert result == InboundResult("opt_out", "c-1", OPT_OUT_EN)  # confirmed: the nurture row never was
+    assert statuses(runtime, queued_sms) == {("suppressed", "consent", "opted out by SMS keyword")}
+    [suppression] = suppressions(runtime)
+    assert (suppression.reason, suppression.source, suppression.scope) == ("opt_out", "keyword", "sms")
+    assert handle(runtime, sms("START", at=T0 + timedelta(minutes=1))).kind == "opt_in"
+    assert suppressions(runtime) == []
 
 
 def test_stop_is_not_a_reply_and_leaves_campaigns_running(runtime: Runtime) -> None:

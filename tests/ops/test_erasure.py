@@ -157,3 +157,20 @@ def test_erasing_an_unknown_candidate_is_404_and_writes_nothing(runtime: Runtime
     assert api_client(runtime).delete("/api/v1/candidates/nobody").status_code == 404
     assert "ottoline" in everything_in_the_database(runtime)
     assert len(everything_in_the_database(runtime)) >= len(before) - 200  # only the new key's row differs
+
+
+def test_erasing_again_keeps_the_wider_suppression_of_an_address(runtime: Runtime) -> None:
+    client = api_client(runtime)
+    add_candidate(runtime, "c-1", name=NAME, email=EMAIL)
+    with Session(runtime.engine) as session, session.begin():
+        session.add(Suppression(channel="email", address=EMAIL, reason="unsubscribed", source="link", scope="nurture"))
+    assert client.delete("/api/v1/candidates/c-1").status_code == 200
+    # The same address comes back on a new record and bounces hard; that record is erased too.
+    add_candidate(runtime, "c-2", name=NAME, email=EMAIL)
+    with Session(runtime.engine) as session, session.begin():
+        session.add(Suppression(channel="email", address=EMAIL, reason="bounced", source="sendgrid", scope="provider"))
+    assert client.delete("/api/v1/candidates/c-2").status_code == 200
+    with Session(runtime.engine) as session:
+        [kept] = session.scalars(select(Suppression))
+        assert kept.address.startswith(HASH_PREFIX)
+        assert (kept.scope, kept.reason, kept.source) == ("provider", "bounced", "sendgrid")

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from outreach.core.clock import utcnow
 from outreach.core.models import Candidate, DeliveryEvent, MessageStatus, OutboundMessage, Suppression, TrackedLink
 from outreach.domain.campaigns import Category
-from outreach.domain.tokens import unsubscribe_url
+from outreach.domain.tokens import unsubscribe_message_id
 from outreach.inbound.events import ingest
 from outreach.inbound.provider_events import parse_sendgrid_batch
 from outreach.ops.sandbox import SandboxServer
@@ -107,7 +107,10 @@ def test_nurture_run_goes_out_in_batches_with_each_recipients_substitutions(
         assert record.to == candidate.email
         assert row.provider_message_id == record.id  # the request's X-Message-Id, shared by its recipients
         first = candidate.name.split()[0]
-        link = unsubscribe_url(pg_runtime.settings, "email", candidate.id)
+        link = record.headers["List-Unsubscribe"].removeprefix("<").removesuffix(">")
+        # Each recipient's own link, naming the message it came in (no candidate id).
+        token = link.removeprefix(f"{pg_runtime.settings.public_url}/unsubscribe/")
+        assert unsubscribe_message_id(pg_runtime.settings, token, utcnow()) == outbox_id
         greeting = f"{candidate.name}，" if candidate.locale == "zh-CN" else f"Hi {first},"
         assert greeting in record.text and greeting in (row.body or "")
         assert link in record.text and html.escape(link) in record.html

@@ -1,4 +1,5 @@
-"""One way to suppress an address: keyed alike from every source, written once, and what is queued for it ended."""
+"""One way to suppress an address: keyed alike from every source, written once (widened, never narrowed), and what
+is queued for it that its scope stops ended."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from outreach.service.runtime import Runtime
 from tests.helpers import add_candidate
 
 
-def queued(runtime: Runtime, candidate_id: int, channel: str, status: str) -> str:
+def queued(runtime: Runtime, candidate_id: int, channel: str, status: str, category: str = "transactional") -> str:
     with Session(runtime.engine) as session, session.begin():
         row = OutboundMessage(
             candidate_id=candidate_id,
@@ -20,7 +21,7 @@ def queued(runtime: Runtime, candidate_id: int, channel: str, status: str) -> st
             step=0,
             channel=channel,
             template="jd_intro",
-            category="transactional",
+            category=category,
             status=status,
         )
         session.add(row)
@@ -30,10 +31,15 @@ def queued(runtime: Runtime, candidate_id: int, channel: str, status: str) -> st
 
 def test_every_source_keys_an_address_the_same_way_and_writes_it_once(runtime: Runtime) -> None:
     with Session(runtime.engine) as session, session.begin():
-        first = suppress(session, [Suppress("email", " Alex@Example.org ", "bounced", "sendgrid")], utcnow())
+        first = suppress(
+            session, [Suppress("email", " Alex@Example.org ", "bounced", "sendgrid", "provider")], utcnow()
+        )
         again = suppress(
             session,
-            [Suppress("email", "alex@example.org", "unsubscribed", "link"), Suppress("sms", "", "x", "y")],
+            [
+                Suppress("email", "alex@example.org", "unsubscribed", "link", "email"),
+                Suppress("sms", "", "x", "y", "sms"),
+            ],
             utcnow(),
             cancel=False,
         )
@@ -53,7 +59,9 @@ def test_queued_messages_to_the_address_end_suppressed_and_nothing_else_moves(ru
     sms = queued(runtime, alex.id, "sms", MessageStatus.PENDING.value)
     someone_else = queued(runtime, other.id, "email", MessageStatus.PENDING.value)
     with Session(runtime.engine) as session, session.begin():
-        done = suppress(session, [Suppress("email", "alex@example.org", "complained", "sendgrid")], utcnow())
+        done = suppress(
+            session, [Suppress("email", "alex@example.org", "complained", "sendgrid", "provider")], utcnow()
+        )
     assert sorted(done.cancelled) == sorted([pending, held])
     with Session(runtime.engine) as session:
         rows = {row.id: row for row in session.scalars(select(OutboundMessage))}
@@ -70,8 +78,76 @@ def test_recording_only_leaves_the_queue_to_the_send_time_rules(runtime: Runtime
     pending = queued(runtime, alex.id, "sms", MessageStatus.PENDING.value)
     with Session(runtime.engine) as session, session.begin():
         done = suppress(
-            session, [Suppress("sms", alex.phone or "", "twilio 21610", "provider")], utcnow(), cancel=False
+            session, [Suppress("sms", alex.phone or "", "twilio 21610", "provider", "provider")], utcnow(), cancel=False
         )
     assert done.written == 1 and done.cancelled == []
     with Session(runtime.engine) as session:
         assert session.get(OutboundMessage, pending).status == "pending"  # type: ignore[union-attr]
+
+
+def stored(runtime: Runtime) -> list[tuple[str, str, str, str]]:
+    with Session(runtime.engine) as session:
+        return [
+            (s.address, s.scope, s.reason, s.source)
+            for s in session.scalars(select(Suppression).order_by(Suppression.channel, Suppression.address))
+        ]
+
+
+def test_a_nurture_scope_ends_only_queued_nurture(runtime: Runtime) -> None:
+    alex = add_candidate(runtime, "c-1")
+    nurture = queued(runtime, alex.id, "email", MessageStatus.PENDING.value, category="nurture")
+    transactional = queued(runtime, alex.id, "email", MessageStatus.PENDING.value)
+    with Session(runtime.engine) as session, session.begin():
+        done = suppress(session, [Suppress("email", "c-1@example.org", "unsubscribed", "link", "nurture")], utcnow())
+    assert (done.written, done.cancelled) == (1, [nurture])
+    with Session(runtime.engine) as session:
+        ended = session.get(OutboundMessage, nurture)
+        assert ended is not None
+        assert (ended.status, ended.rule, ended.reason) == (
+            "suppressed",
+            "suppression",
+            "address suppressed for nurture: unsubscribed",
+        )
+        assert session.get(OutboundMessage, transactional).status == "pending"  # type: ignore[union-attr]
+
+
+def test_a_wider_scope_replaces_nurture_and_nothing_narrows_one(runtime: Runtime) -> None:
+    alex = add_candidate(runtime, "c-1")
+    transactional = queued(runtime, alex.id, "email", MessageStatus.PENDING.value)
+    with Session(runtime.engine) as session, session.begin():
+        nurture = suppress(session, [Suppress("email", "c-1@example.org", "unsubscribed", "link", "nurture")], utcnow())
+    with Session(runtime.engine) as session, session.begin():
+        bounce = suppress(session, [Suppress("email", "C-1@example.org", "bounced", "sendgrid", "provider")], utcnow())
+    assert (nurture.written, bounce.written, bounce.cancelled) == (1, 1, [transactional])
+    assert stored(runtime) == [("c-1@example.org", "provider", "bounced", "sendgrid")]
+    with Session(runtime.engine) as session, session.begin():
+        again = suppress(
+            session,
+            [
+                Suppress("email", "c-1@example.org", "unsubscribed", "link", "nurture"),
+                Suppress("email", "c-1@example.org", "unsubscribed", "link", "email"),
+            ],
+            utcnow(),
+        )
+    assert again.written == 0  # already stopped for everything: neither narrowed nor rewritten
+    assert stored(runtime) == [("c-1@example.org", "provider", "bounced", "sendgrid")]
+
+
+def test_in_one_call_the_widest_entry_for_an_address_wins(runtime: Runtime) -> None:
+    with Session(runtime.engine) as session, session.begin():
+        done = suppress(
+            session,
+            [
+                Suppress("email", "kim@example.org", "unsubscribed", "link", "nurture"),
+                Suppress("email", "Kim@example.org", "complained", "sendgrid", "provider"),
+                Suppress("email", "kim@example.org", "bounced", "sendgrid", "provider"),
+                Suppress("sms", "+8613800138000", "opt_out", "keyword", "sms"),
+                Suppress("sms", "+8613800138000", "unsubscribed", "link", "nurture"),
+            ],
+            utcnow(),
+        )
+    assert done.written == 2
+    assert stored(runtime) == [
+        ("kim@example.org", "provider", "complained", "sendgrid"),
+        ("+8613800138000", "sms", "opt_out", "keyword"),
+    ]

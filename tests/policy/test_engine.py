@@ -230,11 +230,12 @@ def test_withdrawn_consent_suppresses_queued_nurture(runtime: Runtime, sandbox: 
     candidate = add_candidate(runtime, stage="talent_pool", nurture_consent=True)
     ids = queue_rows(runtime, candidate.id, 100)
     client = TestClient(create_app(runtime))
-    path = unsubscribe_url(runtime.settings, "email", candidate.id).removeprefix(runtime.settings.public_url)
+    path = unsubscribe_url(runtime.settings, ids[0], utcnow()).removeprefix(runtime.settings.public_url)
     assert client.get(path).status_code == 200
     assert statuses(runtime)[0] == ("pending", None)  # a GET changes nothing
     assert client.post(path).status_code == 200
-    assert {deliver(runtime, i).status for i in ids} == {"suppressed"}
+    assert set(statuses(runtime)) == {("suppressed", "suppression")}  # ended at once
+    assert {deliver(runtime, i).status for i in ids} == {"not-pending"}
     assert sandbox.messages() == []
 
 

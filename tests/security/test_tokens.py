@@ -1,16 +1,27 @@
-"""Unsubscribe, redirect and reply tokens: 100,000 forgeries change nothing; /r/ is no open redirect."""
+"""Unsubscribe, redirect and reply tokens: 100,000 forgeries change nothing; /r/ is no open redirect;
+unsubscribe tokens name a message, not a candidate, and expire."""
 
 from __future__ import annotations
 
 import base64
 import random
 from collections.abc import Iterator
+from datetime import timedelta
 from urllib.parse import quote
 
 from fastapi.testclient import TestClient
 
+from outreach.core.clock import utcnow
 from outreach.core.config import Secret
-from outreach.domain.tokens import outbox_id_from_reply_address, sign, verify
+from outreach.core.models import new_id
+from outreach.domain.tokens import (
+    UNSUBSCRIBE_VALIDITY,
+    outbox_id_from_reply_address,
+    sign,
+    unsubscribe_message_id,
+    unsubscribe_url,
+    verify,
+)
 from outreach.ops.sandbox import SandboxServer
 from outreach.pipeline.links import follow, link_id_from_token
 from outreach.service.runtime import Runtime
@@ -74,7 +85,8 @@ def test_a_hundred_thousand_forged_tokens_change_nothing(pg_runtime: Runtime, sa
     redirect_tokens = [path.rsplit("/", 1)[1] for path in paths.values()]
     link_ids = [link_id for token in redirect_tokens if (link_id := link_id_from_token(runtime.settings, token))]
     candidate_id = 1
-    unsubscribe_tokens = [sign(runtime.settings, "unsubscribe", f"{c}:{candidate_id}") for c in ("email", "sms")]
+    outbox_id = mail.custom_args["outreach_id"]
+    unsubscribe_tokens = [unsubscribe_url(runtime.settings, outbox_id, utcnow()).rsplit("/", 1)[1]]
     real = redirect_tokens + unsubscribe_tokens
     before = snapshot(runtime)
 
@@ -90,6 +102,7 @@ def test_a_hundred_thousand_forged_tokens_change_nothing(pg_runtime: Runtime, sa
         if n % 10 != 4:  # kind 4 includes genuine reply tokens, which are not forgeries for that purpose
             accepted += outbox_id_from_reply_address(runtime.settings, f"replies+{token}@example.com") is not None
         accepted += follow(runtime, token) is not None
+        accepted += unsubscribe_message_id(runtime.settings, token, utcnow()) is not None
     print(f"tokens tried: {tried}, accepted: {accepted}, rows changed: {changed_rows(before, snapshot(runtime))}")
     assert tried == FORGERIES and accepted == 0
 
@@ -143,3 +156,20 @@ def test_the_redirect_is_not_open(runtime: Runtime, sandbox: SandboxServer) -> N
         response = client.get(attempt, follow_redirects=False)
         assert response.status_code == 404, attempt
         assert "location" not in response.headers, attempt
+
+
+def test_unsubscribe_tokens_name_a_message_and_expire(runtime: Runtime) -> None:
+    settings = runtime.settings
+    outbox_id, issued = new_id(), utcnow()
+    token = unsubscribe_url(settings, outbox_id, issued).rsplit("/", 1)[1]
+    assert verify(settings, "unsubscribe", token) == f"{outbox_id}:{int(issued.timestamp())}"
+    assert unsubscribe_message_id(settings, token, issued) == outbox_id
+    assert unsubscribe_message_id(settings, token, issued + UNSUBSCRIBE_VALIDITY - timedelta(seconds=1)) == outbox_id
+    assert unsubscribe_message_id(settings, token, issued + UNSUBSCRIBE_VALIDITY + timedelta(seconds=1)) is None
+    other_key = settings.with_overrides(secret_key=Secret("another deployment's key"))
+    assert unsubscribe_message_id(other_key, token, issued) is None
+    # The old tokens named the channel and our sequential candidate id; they are refused, not misread.
+    for old in (sign(settings, "unsubscribe", "email:1"), sign(settings, "unsubscribe", "sms:42")):
+        assert (
+            verify(settings, "unsubscribe", old) is not None and unsubscribe_message_id(settings, old, issued) is None
+        )

@@ -160,6 +160,34 @@ def test_documented_fixture_batch_passes(runtime: Runtime, client: TestClient, s
     assert count(runtime, Suppression) == 5
 
 
+def test_a_hard_bounce_blocks_all_email_even_after_a_nurture_unsubscribe(
+    runtime: Runtime, client: TestClient, signer: Signer
+) -> None:
+    candidate = add_candidate(runtime)
+    with Session(runtime.engine) as session, session.begin():
+        session.add(Suppression(channel="email", address="c-1@example.org", reason="unsubscribed", scope="nurture"))
+    sent_id = add_message(runtime, candidate)
+    queued_id = add_message(runtime, candidate, status="pending")  # transactional, not yet sent
+    bounce = {
+        "email": "c-1@example.org",
+        "timestamp": int(utcnow().timestamp()),
+        "event": "bounce",
+        "type": "bounce",
+        "reason": "550 5.1.1 no such user",
+        "status": "5.1.1",
+        "sg_event_id": "Ym91bmNl",
+        "sg_message_id": "XMSG.filter0001.16648.5515E0B88.0",
+        "outreach_id": sent_id,
+    }
+    body = json.dumps([bounce]).encode()
+    assert client.post(EVENTS_PATH, content=body, headers=signer.headers(body)).status_code == 200
+    with Session(runtime.engine) as session:
+        [suppression] = session.scalars(select(Suppression)).all()
+        assert (suppression.scope, suppression.reason, suppression.source) == ("provider", "bounced", "sendgrid")
+    queued = row(runtime, queued_id)
+    assert (queued.status, queued.rule, queued.reason) == ("suppressed", "suppression", "address suppressed: bounced")
+
+
 def forged_requests(signer: Signer, body: bytes) -> Iterator[tuple[str, bytes, dict[str, str]]]:
     good = signer.headers(body)
     tampered = bytearray(body)
