@@ -336,10 +336,11 @@ _TEXT_CHECKS = {
 }
 
 
-def contract_problems(path: Path) -> tuple[EventContract, list[Problem]]:
-    """The contract in ``path`` (an empty one when the file does not exist) and every problem, with its line."""
+def contract_problems(path: Path) -> tuple[EventContract | None, list[Problem]]:
+    """The contract in ``path`` and every problem, with its line; None when the file does not exist (a campaigns
+    folder from before the contract: event data is then stored unchecked and templates may read any of it)."""
     if not path.exists():
-        return EventContract(), []
+        return None, []
     file = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -371,15 +372,16 @@ def contract_problems(path: Path) -> tuple[EventContract, list[Problem]]:
 
 
 @lru_cache(maxsize=8)
-def _load(path: str, _mtime_ns: int) -> EventContract:
+def _load(path: str, _mtime_ns: int) -> EventContract | None:
     contract, problems = contract_problems(Path(path))
     if problems:
         raise CampaignError(problems)
     return contract
 
 
-def load_event_contract(campaigns_dir: Path) -> EventContract:
-    """``events.yaml`` in ``campaigns_dir`` (once per version of the file), or raise :class:`CampaignError`."""
+def load_event_contract(campaigns_dir: Path) -> EventContract | None:
+    """``events.yaml`` in ``campaigns_dir`` (once per version of the file; None without one), or raise
+    :class:`CampaignError`."""
     path = campaigns_dir / EVENTS_FILE
     try:
         mtime = path.stat().st_mtime_ns
