@@ -1125,20 +1125,19 @@ class _ShardResult:
 def _run_shard(job: _ShardJob) -> _ShardResult:
     """Build the service on a fresh in-memory database, live through the span, and read back what happened."""
     engine = _memory_engine()
-    runtime = Runtime(job.settings)
+    queue: list[str] = []
+    ids = _seeded_ids(random.Random(f"{job.seed}:ids:{job.shard}"))
+    runtime = Runtime(job.settings, enqueue_override=queue.extend, new_id=ids)
     runtime.engine = engine
     runtime.campaigns = job.campaigns
     policy = _RecordingPolicy(job.spec, job.settings)
     runtime.policy = policy
     calls: list[str] = []
     runtime.providers = Providers(email=_FakeEmail(calls), sms=_FakeSms(calls))
-    queue: list[str] = []
-    runtime.enqueue_override = queue.extend
     world = _World(runtime, policy, job.people, job.timeline, queue)
     clock = FixedClock(job.start)
     previous = current()
     try:
-        runtime.scheduler.new_id = _seeded_ids(random.Random(f"{job.seed}:ids:{job.shard}"))
         with _quiet_logs():
             set_clock(clock)
             world.create_people()

@@ -38,6 +38,8 @@ class Runtime:
     sandbox_url: str | None = None
     enqueue_override: Enqueue | None = None
     enqueue_batch_override: Enqueue | None = None
+    #: Where the scheduler's outbox ids come from (None: random ids; the simulator passes a seeded source).
+    new_id: Callable[[], str] | None = None
 
     @cached_property
     def engine(self) -> Engine:
@@ -90,6 +92,7 @@ class Runtime:
             policy=self.policy,
             enqueue_batch=self.enqueue_batch if batching else None,
             checks=(self._unanswered_replies,),
+            new_id=self.new_id,
         )
 
     def _unanswered_replies(self, now: datetime) -> int:
