@@ -359,7 +359,7 @@ def campaigns_simulate(
     import time
 
     from outreach.core.errors import CampaignError
-    from outreach.ops.simulate import simulate
+    from outreach.ops.simulate.run import simulate
 
     settings = _settings()
     start = None

@@ -53,8 +53,8 @@ from outreach.core.models import (
     OutboundMessage,
     TrackedLink,
     UTCDateTime,
-    new_id,
 )
+from outreach.core.models import new_id as random_id
 from outreach.core.sql import insert_ignore, insert_ignore_many, one_of
 from outreach.domain.campaigns import Campaign, CampaignSet, Category, ExitCondition, Step
 from outreach.pipeline import outbox
@@ -314,6 +314,7 @@ class Scheduler:
         enqueue_batch: Callable[[Sequence[str]], None] | None = None,
         batch_size: int = MAX_BATCH,
         checks: Sequence[Callable[[datetime], int]] = (),
+        new_id: Callable[[], str] | None = None,
     ) -> None:
         self.engine = engine
         self.campaigns = campaigns
@@ -328,8 +329,9 @@ class Scheduler:
         self.checks = tuple(checks)
         self.policy = policy or PolicyEngine(PolicySpec(), settings)
         self.sqlite = is_sqlite(engine)
-        #: Where the outbox ids the passes write come from (the simulator seeds its own, for repeatable runs).
-        self.new_id: Callable[[], str] = new_id
+        #: Where the outbox ids the passes write come from: random by default (the simulator passes a seeded
+        #: source, for repeatable runs).
+        self.new_id: Callable[[], str] = new_id or random_id
         #: Decide each pass from reads shared by all its steps (:class:`PolicyReads`). False asks the engine one
         #: message at a time: slower, and the reference the shared reads are tested against.
         self.shared_reads = True

@@ -42,6 +42,8 @@ class Runtime:
     enqueue_batch_override: Enqueue | None = None
     #: The out-of-hours auto-reply the inbound handlers call (a test may give another planner).
     auto_reply: AutoReplyPlanner = plan_auto_reply
+    #: Where the scheduler's outbox ids come from (None: random ids; the simulator passes a seeded source).
+    new_id: Callable[[], str] | None = None
 
     @cached_property
     def engine(self) -> Engine:
@@ -94,6 +96,7 @@ class Runtime:
             policy=self.policy,
             enqueue_batch=self.enqueue_batch if batching else None,
             checks=(self._unanswered_replies,),
+            new_id=self.new_id,
         )
 
     def _unanswered_replies(self, now: datetime) -> int:

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from outreach.core.clock import current
-from outreach.ops.simulate import CampaignStats, SimulationReport, simulate
+from outreach.ops.simulate.report import CampaignStats, SimulationReport
+from outreach.ops.simulate.run import simulate
 from outreach.policy.engine import PolicyEngine
 from tests.conftest import ROOT
 

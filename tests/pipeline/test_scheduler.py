@@ -42,6 +42,19 @@ def test_applied_runs_jd_intro_steps_on_time(runtime: Runtime) -> None:
         assert enrollment.next_run_at is None
 
 
+def test_outbox_ids_come_from_the_runtimes_id_source(runtime: Runtime) -> None:
+    """A runtime built with ``new_id`` hands it to its scheduler: every outbox id the passes write comes from it."""
+    minted = iter(range(1, 100))
+    seeded = Runtime(runtime.settings, enqueue_override=runtime.enqueue_override, new_id=lambda: f"{next(minted):032x}")
+    seeded.policy = runtime.policy
+    add_candidate(seeded)
+    add_job(seeded)
+    fire(seeded, "c-1", "applied", at=T0, job="j-1")
+    seeded.scheduler.tick(T0)
+    seeded.scheduler.tick(T0 + timedelta(hours=1))
+    assert [m.id for m in rows(seeded)] == [f"{1:032x}", f"{2:032x}"]
+
+
 def test_reply_stops_campaign_and_cancels_pending(runtime: Runtime) -> None:
     add_candidate(runtime)
     add_job(runtime)
