@@ -116,3 +116,30 @@ def test_0008_gives_existing_suppressions_their_scope(blank_url: str) -> None:
             assert {address: scope for address, scope in connection.execute(text(SCOPES))} == scopes
     finally:
         engine.dispose()
+
+
+def test_0007_gives_alerts_raised_per_message_their_outbox_id(blank_url: str) -> None:
+    """Before 0007 a per-message alert named its row at the end of its text; a duplicate keeps only its text."""
+    upgrade(blank_url, "0006")
+    engine = create_engine(normalise_url(blank_url))
+    texts = [
+        ("message_uncertain", "jd_intro step 1 email: may or may not have been sent [outbox 3f2a9c]"),
+        ("message_uncertain", "jd_intro step 1 email: the same row again [outbox 3f2a9c]"),
+        ("message_uncertain", "offer_letter step 1 email: lost answer [outbox 77aa01]"),
+        ("offer_unanswered", "c-9 has not answered the offer for 3 days"),
+    ]
+    try:
+        with engine.begin() as connection:
+            for kind, message in texts:
+                connection.execute(
+                    text("INSERT INTO alerts (kind, message, created_at) VALUES (:kind, :message, CURRENT_TIMESTAMP)"),
+                    {"kind": kind, "message": message},
+                )
+        upgrade(blank_url, "0007")
+        with engine.connect() as connection:
+            keys = [row[0] for row in connection.execute(text("SELECT outbox_id FROM alerts ORDER BY id"))]
+        assert keys == ["3f2a9c", None, "77aa01", None]
+        command.downgrade(alembic_config(blank_url), "0006")
+        upgrade(blank_url, "head")
+    finally:
+        engine.dispose()
