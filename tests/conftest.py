@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import pytest
 from dramatiq import Broker
+from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -30,6 +31,9 @@ from outreach.policy.config import EmailWindow, PolicySpec, QuietHoursSpec, Wind
 from outreach.policy.engine import PolicyEngine
 from outreach.service.broker import install_broker
 from outreach.service.runtime import Runtime, set_runtime
+from outreach.web import create_app
+from outreach.web.webhooks import WebhookSettings
+from tests.helpers import INBOUND_TOKEN, PUBLIC_URL, Signer, api_client
 
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_URL = os.environ.get("OUTREACH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -285,3 +289,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         relative = Path(str(item.path)).relative_to(tests).as_posix()
         if any(relative == name or relative.startswith(name) for name in CLOCK_SENSITIVE if name):
             item.add_marker(pytest.mark.clock)
+
+
+@pytest.fixture(scope="session")
+def signer() -> Signer:
+    """Signs SendGrid event batches; the ``client`` fixture's app holds its public key."""
+    return Signer()
+
+
+@pytest.fixture
+def client(runtime: Runtime, signer: Signer) -> Iterator[TestClient]:
+    """The app on ``runtime`` as a browser or a provider reaches it: no key, redirects not followed, server errors
+    answered (as 500) rather than raised; public at :data:`PUBLIC_URL`, SendGrid events signed by ``signer``, the
+    inbound token :data:`INBOUND_TOKEN`, and no rate limit (tests of the limit build an app of their own)."""
+    runtime.settings = runtime.settings.with_overrides(public_url=PUBLIC_URL, public_rate_limit=0.0)
+    hooks = WebhookSettings(sendgrid_public_key=signer.public_key, inbound_token=Secret(INBOUND_TOKEN))
+    with TestClient(create_app(runtime, hooks), raise_server_exceptions=False, follow_redirects=False) as test:
+        yield test
+
+
+@pytest.fixture
+def hr(runtime: Runtime) -> Iterator[TestClient]:
+    """The API as HR calls it: a new ``hr`` key on every request; server errors answered (as 500), not raised."""
+    with api_client(runtime, raise_server_exceptions=False) as test:
+        yield test

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 from datetime import datetime
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy.orm import Session
 
+from outreach.core.clock import utcnow
 from outreach.core.models import Candidate, Enrollment, Job, MessageStatus, OutboundMessage
 from outreach.domain.candidates import CandidateIn, JobIn, upsert_candidate, upsert_job
 from outreach.pipeline.enrollment import EventIn, record_event
@@ -147,3 +151,28 @@ def wait_until_a_session_waits_for_a_lock(engine: Any, timeout: float = 10.0) ->
             if time.monotonic() > deadline:
                 raise AssertionError(f"no session waited for a lock within {timeout} s")
             time.sleep(0.01)
+
+
+#: Where the service is public in the web tests (Twilio signs this URL) and the inbound-parse token they use.
+PUBLIC_URL = "https://hooks.example.com"
+INBOUND_TOKEN = "inbound-test-token"
+
+
+class Signer:
+    """Signs like SendGrid: ECDSA P-256 / SHA-256 over timestamp + body, base64 DER; the key as SendGrid shows it."""
+
+    def __init__(self) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        der = self.key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        self.public_key = base64.b64encode(der).decode("ascii")
+
+    def headers(self, body: bytes, timestamp: int | None = None) -> dict[str, str]:
+        stamp = str(int(utcnow().timestamp()) if timestamp is None else timestamp)
+        signature = self.key.sign(stamp.encode() + body, ec.ECDSA(hashes.SHA256()))
+        return {
+            "Content-Type": "application/json",
+            "X-Twilio-Email-Event-Webhook-Signature": base64.b64encode(signature).decode("ascii"),
+            "X-Twilio-Email-Event-Webhook-Timestamp": stamp,
+        }

@@ -432,7 +432,14 @@ def expected_sla(
         "final_note": ("final_interview_failed", timedelta(hours=24), "final_thanks", None),
         "offer_unanswered_alert": ("offer_extended", timedelta(days=3), None, "offer_unanswered"),
     }
-    sent = [m for m in counted_messages(h) if m["sent_at"] is not None]
+    # A failed message does not keep a promise; a transactional one that failed or was dropped breaks it at once.
+    sent = [m for m in counted_messages(h) if m["sent_at"] is not None and m["status"] != "failed"]
+    broken = [
+        m
+        for m in h.messages
+        if m["category"] == "transactional"
+        and (m["status"] in ("failed", "suppressed") or (m["status"] == "skipped" and m.get("rule") == "address"))
+    ]
     result: dict[str, dict[str, int]] = {}
     for name, (event_type, within, campaign, alert) in specs.items():
         counts = {"total": 0, "met": 0, "breached": 0, "pending": 0}
@@ -476,10 +483,20 @@ def expected_sla(
                     ),
                     default=None,
                 )
+            failed = (
+                not alert
+                and done is None
+                and any(
+                    m["candidate_id"] == cid
+                    and m["updated_at"] >= at
+                    and (campaign is None or m["campaign"] == campaign)
+                    for m in broken
+                )
+            )
             counts["total"] += 1
             if done is not None and done <= due:
                 counts["met"] += 1
-            elif done is None and now < due:
+            elif done is None and now < due and not failed:
                 counts["pending"] += 1
             else:
                 counts["breached"] += 1

@@ -4,22 +4,15 @@ tests/web/test_auth.py walks every route with canaries; rate and size limits: te
 
 from __future__ import annotations
 
-import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from outreach.core.models import Alert, Candidate
 from outreach.service.runtime import Runtime
-from outreach.web import create_app
 from outreach.web.auth import COOKIE
 from tests.helpers import add_candidate, api_key
 from tests.security.util import changed_rows, snapshot
-
-
-@pytest.fixture
-def client(runtime: Runtime) -> TestClient:
-    return TestClient(create_app(runtime), raise_server_exceptions=False)
 
 
 def bearer(key: str) -> dict[str, str]:

@@ -18,17 +18,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from outreach.cli import main
-from outreach.core.config import Secret
 from outreach.domain.campaigns import load_campaign_file
 from outreach.service.runtime import Runtime
-from outreach.web.webhooks import WebhookSettings
+from tests.helpers import INBOUND_TOKEN, PUBLIC_URL, Signer
 from tests.security.util import table_counts
 from tests.web.test_inbound_parse import form
-from tests.web.test_webhooks import EVENTS_PATH, PUBLIC_URL, Signer, fixture_form, make_app
+from tests.web.test_webhooks import EVENTS_PATH, fixture_form
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = (ROOT / "campaigns" / "jd_intro.yaml").read_text(encoding="utf-8")
-INBOUND_TOKEN = "fuzz-token"
 
 FUZZ = settings(
     max_examples=int(os.environ.get("OUTREACH_FUZZ_EXAMPLES", "120")),
@@ -208,18 +206,6 @@ def test_csv_import_is_all_or_nothing_and_names_the_line(
 # -- webhooks ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def signer() -> Signer:
-    return Signer()
-
-
-@pytest.fixture
-def hook_client(runtime: Runtime, signer: Signer) -> TestClient:
-    runtime.settings = runtime.settings.with_overrides(public_url=PUBLIC_URL, public_rate_limit=0.0)
-    hooks = WebhookSettings(sendgrid_public_key=signer.public_key, inbound_token=Secret(INBOUND_TOKEN))
-    return TestClient(make_app(runtime, hooks), raise_server_exceptions=False)
-
-
 EVENT_KEYS = [
     "email",
     "timestamp",
@@ -261,9 +247,9 @@ def sendgrid_batches(draw: st.DrawFn) -> bytes:
 
 @FUZZ
 @given(body=sendgrid_batches())
-def test_sendgrid_event_parser(runtime: Runtime, hook_client: TestClient, signer: Signer, body: bytes) -> None:
+def test_sendgrid_event_parser(runtime: Runtime, client: TestClient, signer: Signer, body: bytes) -> None:
     before = table_counts(runtime)
-    answer = hook_client.post(EVENTS_PATH, content=body, headers=signer.headers(body))
+    answer = client.post(EVENTS_PATH, content=body, headers=signer.headers(body))
     tally("sendgrid events", str(answer.status_code))
     assert answer.status_code in (200, 400), (answer.status_code, answer.text)
     if answer.status_code == 400:
@@ -293,7 +279,7 @@ STATUS_KEYS = ["MessageSid", "SmsSid", "MessageStatus", "SmsStatus", "ErrorCode"
 )
 def test_twilio_parsers(
     runtime: Runtime,
-    hook_client: TestClient,
+    client: TestClient,
     base: str,
     changes: list[tuple[str, str]],
     drop: list[str],
@@ -305,7 +291,7 @@ def test_twilio_parsers(
     if route == "status" and outreach_id is not None:
         path += "?" + urlencode({"outreach_id": outreach_id})
     before = table_counts(runtime)
-    answer = twilio_post(hook_client, path, params)
+    answer = twilio_post(client, path, params)
     tally(f"twilio {route}", str(answer.status_code))
     assert answer.status_code in (200, 400), (answer.status_code, answer.text)
     if answer.status_code == 400:
@@ -330,7 +316,7 @@ CHARSETS = st.sampled_from(["utf-8", "gb2312", "x-bogus", "", "utf-7"])
     ),
 )
 def test_inbound_parse_parser(
-    runtime: Runtime, hook_client: TestClient, parts: list[tuple[str, bytes]], envelope: str | None,
+    runtime: Runtime, client: TestClient, parts: list[tuple[str, bytes]], envelope: str | None,
     charsets: str | None,
 ) -> None:  # fmt: skip
     fields = list(parts)
@@ -340,7 +326,7 @@ def test_inbound_parse_parser(
         fields.append(("charsets", charsets.encode()))
     body = form(*fields)
     before = table_counts(runtime)
-    answer = hook_client.post(
+    answer = client.post(
         f"/webhooks/sendgrid/inbound?token={INBOUND_TOKEN}",
         content=body,
         headers={"Content-Type": "multipart/form-data; boundary=xYzZY"},

@@ -30,8 +30,9 @@ from outreach.domain.render import Renderer
 from outreach.ops.sandbox import SandboxServer
 from outreach.pipeline.delivery import deliver
 from outreach.service.runtime import Runtime
+from outreach.web import create_app
 from outreach.web.webhooks import WebhookSettings
-from tests.helpers import add_job, fire
+from tests.helpers import PUBLIC_URL, Signer, add_job, fire
 from tests.security.conftest import (
     CANARY_EMAIL,
     CANARY_NAME,
@@ -45,7 +46,6 @@ from tests.security.conftest import (
 )
 from tests.security.test_webhook_attacks import twilio_signed
 from tests.web.test_inbound_parse import form
-from tests.web.test_webhooks import PUBLIC_URL, Signer, make_app
 
 INBOUND_TOKEN = "canary-inbound-token"
 OPAQUE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
@@ -121,7 +121,7 @@ def test_canaries_stay_out_of_logs_errors_and_provider_metadata(
     # Webhooks: SendGrid events naming the canary's address, Twilio status callbacks, an SMS reply and a STOP,
     # an email reply through Inbound Parse.
     hooks = WebhookSettings(sendgrid_public_key=signer.public_key, inbound_token=Secret(INBOUND_TOKEN))
-    client = TestClient(make_app(runtime, hooks), raise_server_exceptions=False)
+    client = TestClient(create_app(runtime, hooks), raise_server_exceptions=False)
     now = int(utcnow().timestamp())
     batch = json.dumps([
         {"email": CANARY_EMAIL, "timestamp": now, "event": event, "sg_event_id": f"ev{n}", "outreach_id": emails[0].id,
@@ -174,7 +174,7 @@ def test_canaries_stay_out_of_logs_errors_and_provider_metadata(
     with pytest.raises(TemplateError) as failure:
         Renderer(root).render_sms("bad", "en", {"candidate": {"name": CANARY_NAME}, "data": {}})
     outputs.append(str(failure.value))
-    app = make_app(runtime, hooks)
+    app = create_app(runtime, hooks)
 
     @app.get("/boom")
     def boom() -> None:

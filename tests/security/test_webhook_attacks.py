@@ -9,42 +9,23 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode
 
-import pytest
 from fastapi.testclient import TestClient
 from starlette.datastructures import FormData, UploadFile
 from twilio.request_validator import RequestValidator
 
 from outreach.core.clock import utcnow
-from outreach.core.config import Secret
 from outreach.service.runtime import Runtime
-from outreach.web.webhooks import WebhookSettings
-from tests.helpers import add_candidate
+from tests.helpers import INBOUND_TOKEN, PUBLIC_URL, Signer, add_candidate
 from tests.security.util import changed_rows, snapshot
 from tests.web.test_webhooks import (
     EVENTS_PATH,
-    PUBLIC_URL,
     TOKEN,
-    Signer,
     add_message,
     batch_for,
     fixture_form,
-    make_app,
 )
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
-INBOUND_TOKEN = "inbound-s3cret"
-
-
-@pytest.fixture(scope="module")
-def signer() -> Signer:
-    return Signer()
-
-
-@pytest.fixture
-def client(runtime: Runtime, signer: Signer) -> TestClient:
-    runtime.settings = runtime.settings.with_overrides(public_url=PUBLIC_URL, public_rate_limit=0.0)
-    hooks = WebhookSettings(sendgrid_public_key=signer.public_key, inbound_token=Secret(INBOUND_TOKEN))
-    return TestClient(make_app(runtime, hooks))
 
 
 def sendgrid_attacks(signer: Signer, body: bytes) -> Iterator[tuple[str, bytes, dict[str, str]]]:

@@ -71,6 +71,8 @@ class Expected:
     first_contact_breached: int = 0
     first_contact_met: int = 0
     open_alerts: int = 0
+    #: Transactional messages a rule dropped: the first scheduler pass raises a message_failed alert for each.
+    dropped_transactional: int = 0
     #: source -> counts reaching each funnel stage
     funnel: dict[str, list[int]] = field(default_factory=dict)
     #: outbox ids worth opening: a held one, a suppressed one, a bounced one (with a canary error text)
@@ -193,6 +195,7 @@ def seed(runtime: Runtime, now: datetime, *, pipeline: bool = True) -> Expected:
         add_job(runtime)
         fire(runtime, PIPELINE_ID, "applied", at=now - timedelta(hours=2), job="j-1")
         runtime.scheduler.tick(now)
+        expected.open_alerts += expected.dropped_transactional
         with Session(runtime.engine) as session:
             ids = [
                 m.id
@@ -239,6 +242,7 @@ def _message(
         expected.held += 1
     elif outcome == "suppressed":
         message.rule, message.reason = "consent", "address suppressed: unsubscribed"
+        expected.dropped_transactional += 1
     elif outcome == "bounced":
         message.error_code, message.error_detail = "bounce", CANARY_ERROR
     session.add(message)

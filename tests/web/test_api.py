@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
@@ -11,14 +9,6 @@ from sqlalchemy.orm import Session
 
 from outreach.core.models import Candidate, CandidateEvent, Enrollment, OutboundMessage
 from outreach.service.runtime import Runtime
-from tests.helpers import api_client
-
-
-@pytest.fixture
-def client(runtime: Runtime) -> Iterator[TestClient]:
-    with api_client(runtime, raise_server_exceptions=False) as test_client:
-        yield test_client
-
 
 CANDIDATE = {
     "external_id": "ats-1001",
@@ -37,22 +27,22 @@ def count(runtime: Runtime, model: type) -> int:
         return int(session.scalar(select(func.count()).select_from(model)) or 0)
 
 
-def test_candidate_upsert_normalises_and_reads_back(client: TestClient) -> None:
-    created = client.post("/api/v1/candidates", json=CANDIDATE)
+def test_candidate_upsert_normalises_and_reads_back(hr: TestClient) -> None:
+    created = hr.post("/api/v1/candidates", json=CANDIDATE)
     assert created.status_code == 201
     body = created.json()
     assert body["phone"] == "+447911123456"
     assert body["email"] == "Priya.Raman@example.org"
     assert body["tags"] == ["stack:java", "status:passive"]
     assert body["locale"] == "en-GB"
-    updated = client.post("/api/v1/candidates", json={"external_id": "ats-1001", "source": "referral"})
+    updated = hr.post("/api/v1/candidates", json={"external_id": "ats-1001", "source": "referral"})
     assert updated.status_code == 200
-    fetched = client.get("/api/v1/candidates/ats-1001").json()
+    fetched = hr.get("/api/v1/candidates/ats-1001").json()
     assert (fetched["source"], fetched["name"], fetched["stage"]) == ("referral", "Priya Raman", "applied")
 
 
-def test_unknown_candidate_is_404(client: TestClient) -> None:
-    response = client.get("/api/v1/candidates/nobody")
+def test_unknown_candidate_is_404(hr: TestClient) -> None:
+    response = hr.get("/api/v1/candidates/nobody")
     assert response.status_code == 404
 
 
@@ -69,9 +59,9 @@ def test_unknown_candidate_is_404(client: TestClient) -> None:
     ],
 )
 def test_bad_candidate_field_is_named_and_nothing_written(
-    client: TestClient, runtime: Runtime, field: str, value: object, message: str
+    hr: TestClient, runtime: Runtime, field: str, value: object, message: str
 ) -> None:
-    response = client.post("/api/v1/candidates", json={**CANDIDATE, field: value})
+    response = hr.post("/api/v1/candidates", json={**CANDIDATE, field: value})
     assert response.status_code == 422
     body = response.json()
     assert body["field"] == field
@@ -80,7 +70,7 @@ def test_bad_candidate_field_is_named_and_nothing_written(
     assert count(runtime, Candidate) == 0
 
 
-def test_job_upsert_and_salary_range(client: TestClient) -> None:
+def test_job_upsert_and_salary_range(hr: TestClient) -> None:
     job = {
         "external_id": "be-1",
         "title": "Backend Engineer",
@@ -89,28 +79,28 @@ def test_job_upsert_and_salary_range(client: TestClient) -> None:
         "booking_url": "https://cal.example.com/be",
         "tags": ["stack:java"],
     }
-    assert client.post("/api/v1/jobs", json=job).status_code == 201
-    assert client.post("/api/v1/jobs", json={**job, "title": "Senior Backend Engineer"}).status_code == 200
-    bad = client.post("/api/v1/jobs", json={**job, "salary_max": 100})
+    assert hr.post("/api/v1/jobs", json=job).status_code == 201
+    assert hr.post("/api/v1/jobs", json={**job, "title": "Senior Backend Engineer"}).status_code == 200
+    bad = hr.post("/api/v1/jobs", json={**job, "salary_max": 100})
     assert (bad.status_code, bad.json()["field"]) == (422, "salary_max")
-    bad_url = client.post("/api/v1/jobs", json={**job, "booking_url": "javascript:alert(1)"})
+    bad_url = hr.post("/api/v1/jobs", json={**job, "booking_url": "javascript:alert(1)"})
     assert (bad_url.status_code, bad_url.json()["field"]) == (422, "booking_url")
 
 
-def test_event_enrolls_and_queues_the_first_step(client: TestClient, runtime: Runtime) -> None:
-    client.post("/api/v1/jobs", json={"external_id": "be-1", "title": "Backend Engineer"})
-    client.post("/api/v1/candidates", json=CANDIDATE)
-    response = client.post("/api/v1/candidates/ats-1001/events", json={"type": "applied", "job_id": "be-1"})
+def test_event_enrolls_and_queues_the_first_step(hr: TestClient, runtime: Runtime) -> None:
+    hr.post("/api/v1/jobs", json={"external_id": "be-1", "title": "Backend Engineer"})
+    hr.post("/api/v1/candidates", json=CANDIDATE)
+    response = hr.post("/api/v1/candidates/ats-1001/events", json={"type": "applied", "job_id": "be-1"})
     assert response.status_code == 202
     body = response.json()
     assert [e["campaign"] for e in body["enrollments"]] == ["jd_intro"]
     assert body["queued"] == 1
     assert runtime.queued  # type: ignore[attr-defined]
-    messages = client.get("/api/v1/messages", params={"candidate": "ats-1001"}).json()["items"]
+    messages = hr.get("/api/v1/messages", params={"candidate": "ats-1001"}).json()["items"]
     assert [(m["campaign"], m["step"], m["channel"], m["status"]) for m in messages] == [
         ("jd_intro", 0, "email", "pending")
     ]
-    again = client.post("/api/v1/candidates/ats-1001/events", json={"type": "applied", "job_id": "be-1"})
+    again = hr.post("/api/v1/candidates/ats-1001/events", json={"type": "applied", "job_id": "be-1"})
     assert again.json()["enrollments"] == []  # same application: no second JD mail
     assert count(runtime, Enrollment) == 1
 
@@ -129,36 +119,36 @@ def test_event_enrolls_and_queues_the_first_step(client: TestClient, runtime: Ru
     ],
 )
 def test_bad_event_is_refused_and_nothing_written(
-    client: TestClient, runtime: Runtime, payload: dict[str, object], field: str, status: int
+    hr: TestClient, runtime: Runtime, payload: dict[str, object], field: str, status: int
 ) -> None:
-    client.post("/api/v1/candidates", json=CANDIDATE)
-    response = client.post("/api/v1/candidates/ats-1001/events", json=payload)
+    hr.post("/api/v1/candidates", json=CANDIDATE)
+    response = hr.post("/api/v1/candidates/ats-1001/events", json=payload)
     assert response.status_code == status
     assert response.json()["field"] == field
     assert count(runtime, CandidateEvent) == 0
     assert count(runtime, Enrollment) == 0
 
 
-def test_event_for_unknown_candidate_is_404(client: TestClient) -> None:
-    response = client.post("/api/v1/candidates/ghost/events", json={"type": "applied"})
+def test_event_for_unknown_candidate_is_404(hr: TestClient) -> None:
+    response = hr.post("/api/v1/candidates/ghost/events", json={"type": "applied"})
     assert response.status_code == 404
 
 
-def test_healthz(client: TestClient) -> None:
-    response = client.get("/healthz")
+def test_healthz(hr: TestClient) -> None:
+    response = hr.get("/healthz")
     assert response.status_code == 200
     assert response.json()["status"] == "ok"
 
 
-def test_openapi_docs_are_served(client: TestClient) -> None:
-    assert client.get("/docs").status_code == 200
-    paths = client.get("/openapi.json").json()["paths"]
+def test_openapi_docs_are_served(hr: TestClient) -> None:
+    assert hr.get("/docs").status_code == 200
+    paths = hr.get("/openapi.json").json()["paths"]
     assert "/api/v1/candidates/{external_id}/events" in paths
 
 
-def test_messages_filter_by_status_campaign_and_since(client: TestClient) -> None:
-    client.post("/api/v1/candidates", json=CANDIDATE)
-    client.post("/api/v1/candidates/ats-1001/events", json={"type": "final_interview_failed"})
+def test_messages_filter_by_status_campaign_and_since(hr: TestClient) -> None:
+    hr.post("/api/v1/candidates", json=CANDIDATE)
+    hr.post("/api/v1/candidates/ats-1001/events", json={"type": "final_interview_failed"})
     for params, expected in [
         ({"status": "pending"}, 1),
         ({"status": "sent"}, 0),
@@ -167,14 +157,14 @@ def test_messages_filter_by_status_campaign_and_since(client: TestClient) -> Non
         ({"since": "2000-01-01T00:00:00"}, 1),
         ({"since": "2999-01-01T00:00:00+08:00"}, 0),
     ]:
-        response = client.get("/api/v1/messages", params=params)
+        response = hr.get("/api/v1/messages", params=params)
         assert response.status_code == 200, response.text
         assert response.json()["count"] == expected, params
 
 
-def test_offer_accepted_without_the_onboarding_data_is_refused(client: TestClient, runtime: Runtime) -> None:
-    client.post("/api/v1/candidates", json=CANDIDATE)
-    response = client.post(
+def test_offer_accepted_without_the_onboarding_data_is_refused(hr: TestClient, runtime: Runtime) -> None:
+    hr.post("/api/v1/candidates", json=CANDIDATE)
+    response = hr.post(
         "/api/v1/candidates/ats-1001/events",
         json={"type": "offer_accepted", "data": {"start_date": "2027-01-04", "hr_contact": {"name": "Li Na"}}},
     )
@@ -182,10 +172,10 @@ def test_offer_accepted_without_the_onboarding_data_is_refused(client: TestClien
     assert count(runtime, CandidateEvent) == 0
 
 
-def test_a_wrongly_shaped_offer_is_refused_with_every_field_at_once(client: TestClient, runtime: Runtime) -> None:
-    client.post("/api/v1/candidates", json=CANDIDATE)
-    stage = client.get("/api/v1/candidates/ats-1001").json()["stage"]
-    response = client.post(
+def test_a_wrongly_shaped_offer_is_refused_with_every_field_at_once(hr: TestClient, runtime: Runtime) -> None:
+    hr.post("/api/v1/candidates", json=CANDIDATE)
+    stage = hr.get("/api/v1/candidates/ats-1001").json()["stage"]
+    response = hr.post(
         "/api/v1/candidates/ats-1001/events",
         json={
             "type": "offer_accepted",
@@ -202,4 +192,4 @@ def test_a_wrongly_shaped_offer_is_refused_with_every_field_at_once(client: Test
     assert count(runtime, CandidateEvent) == 0
     assert count(runtime, Enrollment) == 0
     assert count(runtime, OutboundMessage) == 0
-    assert client.get("/api/v1/candidates/ats-1001").json()["stage"] == stage
+    assert hr.get("/api/v1/candidates/ats-1001").json()["stage"] == stage

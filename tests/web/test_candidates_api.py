@@ -5,7 +5,6 @@ Every route is hr-only: an ops key gets 403 and nothing changes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,12 +22,6 @@ from outreach.service.runtime import Runtime
 from tests.helpers import add_candidate, add_job, api_client, past_nurture_send
 
 SCORES = {"career_goal_match": 5, "salary_fit": 4, "start_urgency": 4}
-
-
-@pytest.fixture
-def client(runtime: Runtime) -> Iterator[TestClient]:
-    with api_client(runtime, raise_server_exceptions=False) as test_client:
-        yield test_client
 
 
 def count(runtime: Runtime, model: type) -> int:
@@ -63,26 +56,26 @@ def test_ops_may_use_none_of_these_routes(runtime: Runtime) -> None:
     assert count(runtime, StageChange) == count(runtime, IntentAssessment) == count(runtime, Enrollment) == 0
 
 
-def test_stage_moves_are_checked_and_kept_in_the_history(runtime: Runtime, client: TestClient) -> None:
+def test_stage_moves_are_checked_and_kept_in_the_history(runtime: Runtime, hr: TestClient) -> None:
     add_candidate(runtime)
-    moved = client.post("/api/v1/candidates/c-1/stage", json={"stage": "contacted", "reason": "phone screen"})
+    moved = hr.post("/api/v1/candidates/c-1/stage", json={"stage": "contacted", "reason": "phone screen"})
     assert moved.status_code == 200, moved.text
     assert moved.json()["candidate"]["stage"] == "contacted"
-    impossible = client.post("/api/v1/candidates/c-1/stage", json={"stage": "hired"})
+    impossible = hr.post("/api/v1/candidates/c-1/stage", json={"stage": "hired"})
     assert impossible.status_code == 422
     assert impossible.json()["field"] == "stage" and "contacted" in impossible.json()["message"]
-    unknown = client.post("/api/v1/candidates/c-1/stage", json={"stage": "lost"})
+    unknown = hr.post("/api/v1/candidates/c-1/stage", json={"stage": "lost"})
     assert (unknown.status_code, unknown.json()["field"]) == (422, "stage")
-    assert client.post("/api/v1/candidates/nobody/stage", json={"stage": "contacted"}).status_code == 404
+    assert hr.post("/api/v1/candidates/nobody/stage", json={"stage": "contacted"}).status_code == 404
 
     before = utcnow()
-    pooled = client.post("/api/v1/candidates/c-1/stage", json={"stage": "talent_pool"})
+    pooled = hr.post("/api/v1/candidates/c-1/stage", json={"stage": "talent_pool"})
     assert pooled.status_code == 200, pooled.text
     stage, recontact, _ = stage_of(runtime)
     assert stage == "talent_pool" and recontact is not None
     assert timedelta(days=90) <= recontact - before < timedelta(days=90, minutes=5)  # from campaigns/intent.yaml
 
-    history = client.get("/api/v1/candidates/c-1/history").json()
+    history = hr.get("/api/v1/candidates/c-1/history").json()
     assert [(h["from"], h["to"], h["reason"]) for h in history["stages"]] == [
         ("applied", "contacted", "phone screen"),
         ("contacted", "talent_pool", None),
@@ -91,15 +84,15 @@ def test_stage_moves_are_checked_and_kept_in_the_history(runtime: Runtime, clien
     assert history["recontact_at"] is not None
 
 
-def test_recontact_date_may_be_given_and_declines_get_a_reason_tag(runtime: Runtime, client: TestClient) -> None:
+def test_recontact_date_may_be_given_and_declines_get_a_reason_tag(runtime: Runtime, hr: TestClient) -> None:
     add_candidate(runtime, stage="offer")
     when = "2027-06-01T09:00:00+08:00"
-    wrong = client.post("/api/v1/candidates/c-1/stage", json={"stage": "accepted", "recontact_at": when})
+    wrong = hr.post("/api/v1/candidates/c-1/stage", json={"stage": "accepted", "recontact_at": when})
     assert (wrong.status_code, wrong.json()["field"]) == (422, "recontact_at")
-    naive = client.post("/api/v1/candidates/c-1/stage", json={"stage": "declined", "recontact_at": "2027-06-01T09:00"})
+    naive = hr.post("/api/v1/candidates/c-1/stage", json={"stage": "declined", "recontact_at": "2027-06-01T09:00"})
     assert (naive.status_code, naive.json()["field"]) == (422, "recontact_at")
     assert count(runtime, StageChange) == 0
-    declined = client.post(
+    declined = hr.post(
         "/api/v1/candidates/c-1/stage",
         json={"stage": "declined", "reason": "Counter offer", "recontact_at": when},
     )
@@ -109,20 +102,20 @@ def test_recontact_date_may_be_given_and_declines_get_a_reason_tag(runtime: Runt
     assert "decline_reason:counter_offer" in tags
 
 
-def test_assessment_sets_the_level_and_is_kept_with_who_and_when(runtime: Runtime, client: TestClient) -> None:
+def test_assessment_sets_the_level_and_is_kept_with_who_and_when(runtime: Runtime, hr: TestClient) -> None:
     add_candidate(runtime)
-    created = client.post("/api/v1/candidates/c-1/assessments", json={"scores": SCORES})
+    created = hr.post("/api/v1/candidates/c-1/assessments", json={"scores": SCORES})
     assert created.status_code == 201, created.text
     body = created.json()
     assert (body["level"], body["mean"]) == ("high", pytest.approx(13 / 3, abs=1e-3))
     assert body["by"].startswith("api:")
-    assert client.get("/api/v1/candidates?intent=high").json()["count"] == 1
-    medium = client.post(
+    assert hr.get("/api/v1/candidates?intent=high").json()["count"] == 1
+    medium = hr.post(
         "/api/v1/candidates/c-1/assessments",
         json={"scores": {"career_goal_match": 3, "salary_fit": 2, "start_urgency": 4}},
     )
     assert medium.json()["level"] == "medium"
-    history = client.get("/api/v1/candidates/c-1/history").json()
+    history = hr.get("/api/v1/candidates/c-1/history").json()
     assert [a["level"] for a in history["assessments"]] == ["high", "medium"]
     assert history["intent_level"] == "medium"
 
@@ -137,26 +130,26 @@ def test_assessment_sets_the_level_and_is_kept_with_who_and_when(runtime: Runtim
     ],
 )
 def test_bad_assessments_name_the_field_and_write_nothing(
-    runtime: Runtime, client: TestClient, scores: dict[str, Any], field: str
+    runtime: Runtime, hr: TestClient, scores: dict[str, Any], field: str
 ) -> None:
     add_candidate(runtime)
-    response = client.post("/api/v1/candidates/c-1/assessments", json={"scores": scores})
+    response = hr.post("/api/v1/candidates/c-1/assessments", json={"scores": scores})
     assert (response.status_code, response.json()["field"]) == (422, field)
     assert count(runtime, IntentAssessment) == 0
     with Session(runtime.engine) as session:
         assert session.scalar(select(Candidate.intent_level)) is None
 
 
-def test_tags_are_added_and_removed(runtime: Runtime, client: TestClient) -> None:
+def test_tags_are_added_and_removed(runtime: Runtime, hr: TestClient) -> None:
     add_candidate(runtime)
-    added = client.post("/api/v1/candidates/c-1/tags", json={"tags": ["stack:java", "status:passive"]})
+    added = hr.post("/api/v1/candidates/c-1/tags", json={"tags": ["stack:java", "status:passive"]})
     assert added.json()["tags"] == ["stack:python", "stack:java", "status:passive"]
-    replaced = client.post("/api/v1/candidates/c-1/tags", json={"tags": ["status:active"]})
+    replaced = hr.post("/api/v1/candidates/c-1/tags", json={"tags": ["status:active"]})
     assert replaced.json()["tags"] == ["stack:python", "stack:java", "status:active"]  # status is single-valued
-    bad = client.post("/api/v1/candidates/c-1/tags", json={"tags": ["stack:go", "Stack:java"]})
+    bad = hr.post("/api/v1/candidates/c-1/tags", json={"tags": ["stack:go", "Stack:java"]})
     assert (bad.status_code, bad.json()["field"]) == (422, "tags.1")
     assert "lowercase" in bad.json()["message"]
-    removed = client.delete("/api/v1/candidates/c-1/tags?tag=stack:python&tag=nothing:here")
+    removed = hr.delete("/api/v1/candidates/c-1/tags?tag=stack:python&tag=nothing:here")
     assert removed.json()["tags"] == ["stack:java", "status:active"]
     assert stage_of(runtime)[2] == ["stack:java", "status:active"]
 
@@ -180,42 +173,42 @@ def plant_search_population(runtime: Runtime) -> None:
         )
 
 
-def found(client: TestClient, query: str) -> list[str]:
-    response = client.get(f"/api/v1/candidates?{query}")
+def found(hr: TestClient, query: str) -> list[str]:
+    response = hr.get(f"/api/v1/candidates?{query}")
     assert response.status_code == 200, response.text
     return [item["external_id"] for item in response.json()["items"]]
 
 
-def test_search_by_stage_tags_intent_recontact_and_source(runtime: Runtime, client: TestClient) -> None:
+def test_search_by_stage_tags_intent_recontact_and_source(runtime: Runtime, hr: TestClient) -> None:
     plant_search_population(runtime)
     soon = (utcnow() + timedelta(days=30)).isoformat().replace("+00:00", "Z")
-    assert found(client, "") == ["java-pool", "java-active", "go-pool", "python"]
-    assert found(client, "stage=talent_pool") == ["java-pool", "go-pool"]
-    assert found(client, "tag=stack:java") == ["java-pool", "java-active"]
-    assert found(client, "tag=stack:java&tag=status:passive") == ["java-pool"]  # all must match
-    assert found(client, "tag_any=stack:go&tag_any=stack:python") == ["go-pool", "python"]
-    assert found(client, "tag_any=stack:go,stack:java&tag=status:passive") == ["java-pool", "go-pool"]
-    assert found(client, "intent=high,medium") == ["java-pool", "go-pool"]
-    assert found(client, "intent=unassessed") == ["java-active", "python"]
-    assert found(client, f"recontact_before={soon}") == ["java-pool"]
-    assert found(client, f"recontact_after={soon}") == ["go-pool"]
-    assert found(client, "source=referral") == ["java-pool"]
-    assert found(client, "tag=stack:rust") == []
-    assert found(client, "tag=city:上海") == found(client, 'tag=nick:"q"') == ["python"]  # stored JSON-escaped
-    assert found(client, "tag=city:上") == found(client, "tag=stack:pyth") == []  # whole tags only
-    item = client.get("/api/v1/candidates?tag=stack:java&intent=high").json()["items"][0]
+    assert found(hr, "") == ["java-pool", "java-active", "go-pool", "python"]
+    assert found(hr, "stage=talent_pool") == ["java-pool", "go-pool"]
+    assert found(hr, "tag=stack:java") == ["java-pool", "java-active"]
+    assert found(hr, "tag=stack:java&tag=status:passive") == ["java-pool"]  # all must match
+    assert found(hr, "tag_any=stack:go&tag_any=stack:python") == ["go-pool", "python"]
+    assert found(hr, "tag_any=stack:go,stack:java&tag=status:passive") == ["java-pool", "go-pool"]
+    assert found(hr, "intent=high,medium") == ["java-pool", "go-pool"]
+    assert found(hr, "intent=unassessed") == ["java-active", "python"]
+    assert found(hr, f"recontact_before={soon}") == ["java-pool"]
+    assert found(hr, f"recontact_after={soon}") == ["go-pool"]
+    assert found(hr, "source=referral") == ["java-pool"]
+    assert found(hr, "tag=stack:rust") == []
+    assert found(hr, "tag=city:上海") == found(hr, 'tag=nick:"q"') == ["python"]  # stored JSON-escaped
+    assert found(hr, "tag=city:上") == found(hr, "tag=stack:pyth") == []  # whole tags only
+    item = hr.get("/api/v1/candidates?tag=stack:java&intent=high").json()["items"][0]
     assert (item["intent_level"], item["stage"], item["email"]) == ("high", "talent_pool", "java-pool@example.org")
     for query, field in [("intent=hot", "intent"), ("tag=Stack:java", "tag.0"), ("stage=lost", "stage")]:
-        bad = client.get(f"/api/v1/candidates?{query}")
+        bad = hr.get(f"/api/v1/candidates?{query}")
         assert (bad.status_code, bad.json()["field"]) == (422, field), query
-    assert client.get("/api/v1/candidates?cursor=nonsense").json()["field"] == "cursor"
+    assert hr.get("/api/v1/candidates?cursor=nonsense").json()["field"] == "cursor"
 
 
-def test_search_pages_with_a_cursor(runtime: Runtime, client: TestClient) -> None:
+def test_search_pages_with_a_cursor(runtime: Runtime, hr: TestClient) -> None:
     plant_search_population(runtime)
-    first = client.get("/api/v1/candidates?limit=3").json()
+    first = hr.get("/api/v1/candidates?limit=3").json()
     assert [i["external_id"] for i in first["items"]] == ["java-pool", "java-active", "go-pool"]
-    second = client.get(f"/api/v1/candidates?limit=3&cursor={first['next_cursor']}").json()
+    second = hr.get(f"/api/v1/candidates?limit=3&cursor={first['next_cursor']}").json()
     assert ([i["external_id"] for i in second["items"]], second["next_cursor"]) == (["python"], None)
 
 
@@ -251,12 +244,12 @@ def plant_pool(runtime: Runtime) -> dict[str, str]:
 
 
 def test_opening_a_job_reactivates_exactly_the_matching_consenting_uncapped_pool(
-    runtime: Runtime, client: TestClient
+    runtime: Runtime, hr: TestClient
 ) -> None:
     caps = (CapSpec(name="nurture_60d", max=1, per=timedelta(days=60), categories=(Category.NURTURE,)),)
     runtime.policy = PolicyEngine(runtime.policy.spec.model_copy(update={"caps": caps}), runtime.settings)
     expected = plant_pool(runtime)
-    opened = client.post("/api/v1/jobs/j-9/open")
+    opened = hr.post("/api/v1/jobs/j-9/open")
     assert opened.status_code == 200, opened.text
     body = opened.json()
     selected = sorted(name for name, outcome in expected.items() if outcome == "selected")
@@ -279,15 +272,15 @@ def test_opening_a_job_reactivates_exactly_the_matching_consenting_uncapped_pool
     assert [name for name, _ in enrolled][:2] == ["pool-high", "pool-medium"]  # high intent first
     assert body["queued"] == 5  # the first step is due at once
 
-    again = client.post("/api/v1/jobs/j-9/open").json()
+    again = hr.post("/api/v1/jobs/j-9/open").json()
     assert again["selected"] == 0 and again["excluded"]["already_enrolled"] == 5
     assert count(runtime, Enrollment) == 5
 
 
-def test_opening_with_a_limit_and_unknown_jobs(runtime: Runtime, client: TestClient) -> None:
+def test_opening_with_a_limit_and_unknown_jobs(runtime: Runtime, hr: TestClient) -> None:
     plant_pool(runtime)
-    limited = client.post("/api/v1/jobs/j-9/open", json={"limit": 1}).json()
+    limited = hr.post("/api/v1/jobs/j-9/open", json={"limit": 1}).json()
     assert (limited["selected"], limited["excluded"]["over_limit"]) == (1, 5)  # no caps in the test policy
-    assert client.post("/api/v1/jobs/nope/open").status_code == 404
-    bad = client.post("/api/v1/jobs/j-9/open", json={"limit": 0})
+    assert hr.post("/api/v1/jobs/nope/open").status_code == 404
+    bad = hr.post("/api/v1/jobs/j-9/open", json={"limit": 0})
     assert (bad.status_code, bad.json()["field"]) == (422, "limit")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
@@ -14,7 +13,6 @@ from outreach.core.clock import utcnow
 from outreach.core.models import OutboundMessage
 from outreach.domain.auth import revoke_key
 from outreach.service.runtime import Runtime
-from outreach.web import create_app
 from outreach.web.auth import COOKIE
 from outreach.web.dashboard.charts import Series, line_chart
 from tests.helpers import api_key
@@ -29,12 +27,6 @@ PAGES = (
     "/dashboard/inbox",
 )
 SITE = "http://testserver"
-
-
-@pytest.fixture
-def client(runtime: Runtime) -> Iterator[TestClient]:
-    with TestClient(create_app(runtime), follow_redirects=False) as test_client:
-        yield test_client
 
 
 def login(client: TestClient, key: str, next_page: str = "") -> None:

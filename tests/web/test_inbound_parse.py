@@ -23,12 +23,12 @@ from outreach.inbound.replies import EmailResult, InboundEmail
 from outreach.service.runtime import Runtime
 from outreach.web import create_app, inbound_parse
 from outreach.web.webhooks import WebhookSettings
-from tests.helpers import add_candidate, add_job, fire
+from tests.helpers import INBOUND_TOKEN, add_candidate, add_job, fire
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "sendgrid" / "inbound_parse_reply.form"
 PATH = "/webhooks/sendgrid/inbound"
 FORM = "multipart/form-data; boundary=xYzZY"
-TOKEN = "t0k"
+TOKEN = INBOUND_TOKEN
 # Tuesday 24 November 2026, 10:14 in Shanghai: business hours, so no out-of-hours auto-reply.
 AT = datetime(2026, 11, 24, 2, 14, tzinfo=UTC)
 # The same Tuesday, 22:00 in Shanghai: the company is closed.
@@ -88,11 +88,6 @@ def autoreply(runtime: Runtime) -> FakeAutoReply:
 
 def hooks(**changes: Any) -> WebhookSettings:
     return WebhookSettings(inbound_token=Secret(TOKEN), **changes)
-
-
-@pytest.fixture
-def client(runtime: Runtime) -> TestClient:
-    return TestClient(create_app(runtime, hooks()))
 
 
 def post(client: TestClient, body: bytes, *, token: str | None = TOKEN, **headers: str) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import socket
 import threading
@@ -15,8 +14,6 @@ from urllib.parse import parse_qsl, urlencode
 
 import pytest
 import uvicorn
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
@@ -36,52 +33,12 @@ from outreach.pipeline.delivery import deliver
 from outreach.service.runtime import Runtime
 from outreach.web import create_app, webhooks
 from outreach.web.webhooks import WebhookSettings, twiml
-from tests.helpers import add_candidate, add_job, fire
+from tests.helpers import PUBLIC_URL, Signer, add_candidate, add_job, fire
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 EVENTS_PATH = "/webhooks/sendgrid/events"
-PUBLIC_URL = "https://hooks.example.com"
 TOKEN = "test-token"  # the auth token tests/conftest.py gives Twilio
 SID = "SM1f0e8ae6ade43cb3c0ce4525424e404f"
-
-
-class Signer:
-    """Signs like SendGrid: ECDSA P-256 / SHA-256 over timestamp + body, base64 DER; the key as SendGrid shows it."""
-
-    def __init__(self) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        der = self.key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        self.public_key = base64.b64encode(der).decode("ascii")
-
-    def headers(self, body: bytes, timestamp: int | None = None) -> dict[str, str]:
-        stamp = str(int(utcnow().timestamp()) if timestamp is None else timestamp)
-        signature = self.key.sign(stamp.encode() + body, ec.ECDSA(hashes.SHA256()))
-        return {
-            "Content-Type": "application/json",
-            "X-Twilio-Email-Event-Webhook-Signature": base64.b64encode(signature).decode("ascii"),
-            "X-Twilio-Email-Event-Webhook-Timestamp": stamp,
-        }
-
-
-@pytest.fixture(scope="module")
-def signer() -> Signer:
-    return Signer()
-
-
-def make_app(runtime: Runtime, hooks: WebhookSettings) -> FastAPI:
-    app = create_app(runtime)
-    if not any(getattr(route, "path", "").startswith("/webhooks/") for route in app.routes):
-        app.include_router(webhooks.router)
-    app.state.webhook_settings = hooks
-    return app
-
-
-@pytest.fixture
-def client(runtime: Runtime, signer: Signer) -> TestClient:
-    runtime.settings = runtime.settings.with_overrides(public_url=PUBLIC_URL)
-    return TestClient(make_app(runtime, WebhookSettings(sendgrid_public_key=signer.public_key)))
 
 
 def count(runtime: Runtime, model: type[Any]) -> int:
@@ -229,7 +186,7 @@ def test_malformed_signed_bodies_are_400(runtime: Runtime, client: TestClient, s
 
 def test_oversized_body_is_413(runtime: Runtime, signer: Signer) -> None:
     small = WebhookSettings(sendgrid_public_key=signer.public_key, max_body_bytes=1024)
-    client = TestClient(make_app(runtime, small))
+    client = TestClient(create_app(runtime, small))
     body = json.dumps([{"event": "open", "timestamp": 1, "sg_event_id": str(n)} for n in range(100)]).encode()
     assert client.post(EVENTS_PATH, content=body, headers=signer.headers(body)).status_code == 413
 
@@ -242,7 +199,7 @@ def test_oversized_body_is_413(runtime: Runtime, signer: Signer) -> None:
 
 
 def test_without_a_public_key_the_hook_is_unavailable(runtime: Runtime, signer: Signer) -> None:
-    client = TestClient(make_app(runtime, WebhookSettings()))
+    client = TestClient(create_app(runtime, WebhookSettings()))
     body = b"[]"
     answer = client.post(EVENTS_PATH, content=body, headers=signer.headers(body))
     assert answer.status_code == 503
@@ -418,7 +375,7 @@ def test_sends_through_the_sandbox_end_delivered(runtime: Runtime) -> None:
     # The app first: its URL is the public URL the status callbacks and the event webhook are posted to.
     sandbox = SandboxServer("127.0.0.1", 0, twilio_auth_token=TOKEN)
     hooks = WebhookSettings(sendgrid_public_key=sandbox.sendgrid_public_key)
-    app = make_app(runtime, hooks)
+    app = create_app(runtime, hooks)
     with LiveServer(app) as server:
         runtime.settings = runtime.settings.with_overrides(public_url=server.url)
         sandbox.sendgrid_event_url = server.url + EVENTS_PATH

@@ -9,7 +9,6 @@ import time
 from typing import Any
 from urllib.parse import urlparse
 
-import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event as sa_event
 from sqlalchemy import select
@@ -18,14 +17,10 @@ from sqlalchemy.orm import Session
 
 from outreach.core.models import DeliveryEvent, OutboundMessage
 from outreach.service.runtime import Runtime
+from outreach.web import create_app
 from outreach.web.webhooks import WebhookSettings
-from tests.helpers import add_candidate, wait_until_a_session_waits_for_a_lock
-from tests.web.test_webhooks import EVENTS_PATH, LiveServer, Signer, add_message, batch_for, count, make_app, row
-
-
-@pytest.fixture(scope="module")
-def signer() -> Signer:
-    return Signer()
+from tests.helpers import Signer, add_candidate, wait_until_a_session_waits_for_a_lock
+from tests.web.test_webhooks import EVENTS_PATH, LiveServer, add_message, batch_for, count, row
 
 
 def fail_when(runtime: Runtime, prefix: str) -> Any:
@@ -40,7 +35,7 @@ def fail_when(runtime: Runtime, prefix: str) -> Any:
 
 
 def test_a_batch_failing_half_way_stores_nothing_and_its_retry_stores_it_once(runtime: Runtime, signer: Signer) -> None:
-    client = TestClient(make_app(runtime, WebhookSettings(sendgrid_public_key=signer.public_key)))
+    client = TestClient(create_app(runtime, WebhookSettings(sendgrid_public_key=signer.public_key)))
     outbox_id = add_message(runtime, add_candidate(runtime))
     body = batch_for(outbox_id)
     # The events are inserted, then the connection goes while the outbox row is being moved.
@@ -73,7 +68,7 @@ def test_a_batch_waiting_for_a_row_does_not_hold_up_other_batches(pg_runtime: Ru
     runtime = pg_runtime
     blocked_id = add_message(runtime, add_candidate(runtime, "c-1"))
     free_id = add_message(runtime, add_candidate(runtime, "c-2"))
-    app = make_app(runtime, WebhookSettings(sendgrid_public_key=signer.public_key))
+    app = create_app(runtime, WebhookSettings(sendgrid_public_key=signer.public_key))
     answers: list[tuple[int, dict[str, Any]]] = []
     with LiveServer(app) as server, Session(runtime.engine) as other, other.begin():
         # Another transaction is moving the first batch's row: that batch must wait for it …
@@ -104,7 +99,7 @@ def test_a_lone_surrogate_in_a_genuine_batch_is_stored_as_a_replacement_characte
 ) -> None:
     """PostgreSQL cannot hold a lone surrogate; refusing the batch would only make SendGrid post it for days."""
     runtime = pg_runtime
-    client = TestClient(make_app(runtime, WebhookSettings(sendgrid_public_key=signer.public_key)))
+    client = TestClient(create_app(runtime, WebhookSettings(sendgrid_public_key=signer.public_key)))
     outbox_id = add_message(runtime, add_candidate(runtime))
     events = json.loads(batch_for(outbox_id))
     events[1]["response"] = "250 OK \ud800 queued"
