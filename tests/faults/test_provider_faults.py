@@ -251,7 +251,7 @@ def test_ambiguous_failure_is_not_resent_when_events_are_late(make_stack: Callab
         stack.runtime.scheduler.sweep(later, TickResult())
     with Session(stack.engine) as session:
         (alert,) = session.scalars(select(Alert).where(Alert.kind == ALERT_UNCERTAIN)).all()
-    assert alert.campaign == row(stack, outbox_id).campaign and outbox_id in alert.message
+    assert alert.campaign == row(stack, outbox_id).campaign and alert.outbox_id == outbox_id
     assert row(stack, outbox_id).status == MessageStatus.UNCERTAIN.value
 
 
