@@ -137,9 +137,16 @@ def up(host: str, port: int, threads: int) -> None:
     click.echo(f"outreach API: http://{host}:{port}/docs")
     click.echo(f"dashboard: http://{host}:{port}/dashboard  (log in with an API key)")
     from outreach.web import create_app
+    from outreach.web.ratelimit import proxy_options
 
     try:
-        uvicorn.run(create_app(runtime, hooks), host=host, port=port, log_level=settings.log_level.lower())
+        uvicorn.run(
+            create_app(runtime, hooks),
+            host=host,
+            port=port,
+            log_level=settings.log_level.lower(),
+            **proxy_options(settings.trusted_proxies),
+        )
     finally:
         stop.set()
         if sandbox is not None:
@@ -181,6 +188,7 @@ def serve(host: str, port: int) -> None:
     import uvicorn
 
     from outreach.web import create_app
+    from outreach.web.ratelimit import proxy_options
 
     settings = _settings()
     runtime = Runtime(settings)
@@ -190,7 +198,13 @@ def serve(host: str, port: int) -> None:
         _external_broker(runtime)
     else:
         _start_background(runtime, 4)
-    uvicorn.run(create_app(runtime), host=host, port=port, log_level=settings.log_level.lower())
+    uvicorn.run(
+        create_app(runtime),
+        host=host,
+        port=port,
+        log_level=settings.log_level.lower(),
+        **proxy_options(settings.trusted_proxies),
+    )
 
 
 @main.command()

@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -193,3 +195,76 @@ def test_up_answers_healthz_and_sends_the_jd_mail_within_five_seconds(env: dict[
     finally:
         process.terminate()
         process.wait(timeout=20)
+
+
+@contextmanager
+def serving(env: dict[str, str]) -> Iterator[str]:
+    """``outreach serve`` on a free loopback port (uvicorn as in production), once it answers; yields its URL."""
+    migrated = outreach("db", "upgrade", env=env)
+    assert migrated.returncode == 0, migrated.stderr
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "outreach", "serve", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    api = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{api}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            assert time.monotonic() < deadline, "outreach serve did not answer /healthz within 60 s"
+            time.sleep(0.2)
+        yield api
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+#: The login form's bucket: 100 tries per address, then one per 100 s (no refill while a test runs).
+LOGIN_LIMIT = {"OUTREACH_PUBLIC_RATE_LIMIT": "0.01", "OUTREACH_PUBLIC_RATE_BURST": "100"}
+WRONG_KEY = "ork_" + "x" * 43
+
+
+def wrong_logins(api: str, forwarded_for: list[str]) -> list[int]:
+    """One wrong-key login per address, each claiming to come from that address in X-Forwarded-For."""
+    with httpx.Client(base_url=api, timeout=10) as client:
+        return [
+            client.post("/dashboard/login", data={"key": WRONG_KEY}, headers={"X-Forwarded-For": ip}).status_code
+            for ip in forwarded_for
+        ]
+
+
+def fresh_addresses(count: int, network: int = 0) -> list[str]:
+    return [f"10.{network}.{i // 200}.{i % 200 + 1}" for i in range(count)]
+
+
+@pytest.mark.slow
+def test_serve_ignores_x_forwarded_for_by_default(env: dict[str, str]) -> None:
+    # uvicorn's own default believes X-Forwarded-For from 127.0.0.1, i.e. from anyone on this host: a fresh
+    # address per request would have been a fresh bucket per request, and no login ever limited.
+    with serving({**env, **LOGIN_LIMIT}) as api:
+        answers = wrong_logins(api, fresh_addresses(300))
+    print(f"wrong-key logins: {len(answers)}, 401: {answers.count(401)}, 429: {answers.count(429)}")
+    assert set(answers) == {401, 429}
+    assert answers.count(429) >= 190 and answers[:100] == [401] * 100
+
+
+@pytest.mark.slow
+def test_serve_takes_the_client_address_from_a_trusted_proxy_only(env: dict[str, str]) -> None:
+    with serving({**env, **LOGIN_LIMIT, "OUTREACH_TRUSTED_PROXIES": "192.0.2.0/24, 127.0.0.1"}) as api:
+        # Through the trusted proxy (127.0.0.1 here), each forwarded address has a bucket of its own ...
+        assert wrong_logins(api, fresh_addresses(300)) == [401] * 300
+        # ... and that address is what counts: one of them over its budget is limited, another is not.
+        assert wrong_logins(api, ["203.0.113.7"] * 101)[-1] == 429
+        # A client cannot escape its bucket by writing a made-up address in front of its own: the proxy appends
+        # the address it saw, and the nearest address that is not a trusted proxy counts.
+        assert wrong_logins(api, ["198.51.100.1, 203.0.113.7", "203.0.113.8"]) == [429, 401]

@@ -8,6 +8,7 @@ traceback. The README lists every variable; keep the two in step.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -78,6 +79,21 @@ def _instant(raw: str, name: str) -> datetime | None:
         raise ConfigurationError(f"{name} {exc}") from None
 
 
+def _networks(raw: str, name: str) -> tuple[str, ...]:
+    """Comma-separated IP addresses or CIDR networks, each written the one way Python spells it."""
+    found: list[str] = []
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        try:
+            found.append(str(ipaddress.ip_network(part)) if "/" in part else str(ipaddress.ip_address(part)))
+        except ValueError:
+            raise ConfigurationError(
+                f"{name}: {part!r} is not an IP address or a network such as 10.0.0.0/8 (host bits must be zero)"
+            ) from None
+    return tuple(found)
+
+
 REAL_SENDGRID_HOST = "https://api.sendgrid.com"
 REAL_TWILIO_BASE_URL = "https://api.twilio.com"
 #: The shortest OUTREACH_SECRET_KEY accepted when the real providers are configured (a 256-bit key in hex is 64).
@@ -134,6 +150,8 @@ class Settings:
     webhook_rate_limit: float = 500.0
     webhook_rate_burst: int = 5000
     rate_limit_redis_url: str = ""
+    #: Reverse proxies whose ``X-Forwarded-For``/``-Proto`` are believed (IPs or CIDR networks); nobody's by default.
+    trusted_proxies: tuple[str, ...] = ()
     max_request_bytes: int = 1024 * 1024
     max_webhook_bytes: int = 5 * 1024 * 1024
 
@@ -209,6 +227,7 @@ class Settings:
                 1, int(_number(text("OUTREACH_WEBHOOK_RATE_BURST", "5000"), "OUTREACH_WEBHOOK_RATE_BURST"))
             ),
             rate_limit_redis_url=text("OUTREACH_RATE_LIMIT_REDIS_URL", ""),
+            trusted_proxies=_networks(text("OUTREACH_TRUSTED_PROXIES", ""), "OUTREACH_TRUSTED_PROXIES"),
             max_request_bytes=int(_number(text("OUTREACH_MAX_REQUEST_BYTES", "1048576"), "OUTREACH_MAX_REQUEST_BYTES")),
             max_webhook_bytes=int(_number(text("OUTREACH_MAX_WEBHOOK_BYTES", "5242880"), "OUTREACH_MAX_WEBHOOK_BYTES")),
         )

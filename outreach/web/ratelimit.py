@@ -11,9 +11,13 @@ honours by retrying. The bucket lives in this process, or in Redis when
 ``OUTREACH_RATE_LIMIT_REDIS_URL`` is set, so that every API replica shares it. A Redis that cannot be reached
 lets requests through (a lost webhook is worse than an unmetered one) and logs a warning.
 
-The client IP is the ASGI peer address. Behind a reverse proxy, run uvicorn with ``--proxy-headers
---forwarded-allow-ips=<the proxy>``: it then takes the address from ``X-Forwarded-For`` of that proxy only; we
-never read the header ourselves, so a client cannot pick its own bucket.
+**The client IP** is the ASGI peer address (``scope["client"]``); we never read ``X-Forwarded-For`` ourselves, so a
+client cannot pick its own bucket. Behind a reverse proxy, list it in ``OUTREACH_TRUSTED_PROXIES`` (IPs or CIDR
+networks): ``outreach serve`` and ``up`` run uvicorn with :func:`proxy_options`, so uvicorn replaces the peer address
+with the nearest address in ``X-Forwarded-For`` that is not itself a trusted proxy (and the scheme with
+``X-Forwarded-Proto``) on connections from those proxies only. Empty (the default) turns uvicorn's forwarded-header
+handling off altogether: its own default believes any connection from 127.0.0.1, which is every request on a host
+where something else on the machine (a sidecar, an SSH tunnel, a misconfigured proxy) relays for anyone.
 
 **Request size.** A body over the limit is refused with ``413`` and a JSON message naming the limit, before the
 route reads it: ``OUTREACH_MAX_REQUEST_BYTES`` (1 MiB) for the API and the pages, ``OUTREACH_MAX_WEBHOOK_BYTES``
@@ -34,9 +38,9 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -49,6 +53,7 @@ __all__ = [
     "RateLimit",
     "RedisLimiter",
     "make_limiter",
+    "proxy_options",
 ]
 
 log = logging.getLogger(__name__)
@@ -125,6 +130,25 @@ def make_limiter(per_second: float, burst: int, redis_url: str = "") -> Limiter 
     return LocalLimiter(per_second, burst)
 
 
+class ProxyOptions(TypedDict):
+    proxy_headers: bool
+    forwarded_allow_ips: list[str]
+
+
+def proxy_options(trusted_proxies: Sequence[str]) -> ProxyOptions:
+    """uvicorn's forwarded-header options for ``OUTREACH_TRUSTED_PROXIES``: on for those addresses only, else off.
+
+    Always explicit: left unset, uvicorn would trust ``$FORWARDED_ALLOW_IPS`` or 127.0.0.1.
+    """
+    return {"proxy_headers": bool(trusted_proxies), "forwarded_allow_ips": list(trusted_proxies)}
+
+
+def client_ip(scope: Scope) -> str:
+    """The address a request's budget is kept under: the peer, as the server (and only a trusted proxy) set it."""
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
 def _is_public(path: str) -> bool:
     return path.startswith(PUBLIC_PREFIXES)
 
@@ -159,9 +183,7 @@ class RateLimit:
         if limiter is None or scope["type"] != "http" or not _is_public(path):
             await self.app(scope, receive, send)
             return
-        client = scope.get("client")
-        ip = client[0] if client else "unknown"
-        decision = limiter.hit(ip)
+        decision = limiter.hit(client_ip(scope))
         if decision.allowed:
             await self.app(scope, receive, send)
             return

@@ -50,8 +50,17 @@ def test_credentials_for_a_sandbox_need_no_key() -> None:
         ({"TWILIO_ACCOUNT_SID": "AC" + "1" * 32}, "TWILIO_AUTH_TOKEN"),
         ({"OUTREACH_LEASE_SECONDS": "soon"}, "OUTREACH_LEASE_SECONDS"),
         ({"OUTREACH_CLAIM_BATCH": "-5"}, "OUTREACH_CLAIM_BATCH"),
+        ({"OUTREACH_TRUSTED_PROXIES": "10.0.0.1/8"}, "OUTREACH_TRUSTED_PROXIES"),
+        ({"OUTREACH_TRUSTED_PROXIES": "proxy.internal"}, "OUTREACH_TRUSTED_PROXIES"),
+        ({"OUTREACH_TRUSTED_PROXIES": "*"}, "OUTREACH_TRUSTED_PROXIES"),
     ],
 )
 def test_bad_values_name_their_variable(environ: dict[str, str], named: str) -> None:
     with pytest.raises(ConfigurationError, match=named):
         Settings.from_env(environ)
+
+
+def test_trusted_proxies_are_nobody_by_default_and_parsed_as_addresses_and_networks() -> None:
+    assert Settings.from_env({}).trusted_proxies == ()
+    settings = Settings.from_env({"OUTREACH_TRUSTED_PROXIES": " 10.0.0.0/8,, 127.0.0.1 ,2001:DB8::1,fd00::/8 "})
+    assert settings.trusted_proxies == ("10.0.0.0/8", "127.0.0.1", "2001:db8::1", "fd00::/8")
