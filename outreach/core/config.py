@@ -98,6 +98,8 @@ REAL_SENDGRID_HOST = "https://api.sendgrid.com"
 REAL_TWILIO_BASE_URL = "https://api.twilio.com"
 #: The shortest OUTREACH_SECRET_KEY accepted when the real providers are configured (a 256-bit key in hex is 64).
 MIN_SECRET_KEY_LENGTH = 32
+#: The longest a dashboard session may last or idle (seconds).
+MAX_SESSION_SECONDS = 366 * 86400
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,11 @@ class Settings:
     trusted_proxies: tuple[str, ...] = ()
     max_request_bytes: int = 1024 * 1024
     max_webhook_bytes: int = 5 * 1024 * 1024
+
+    #: Dashboard logins (server-side sessions): they end after this many seconds without a request ...
+    dashboard_idle_seconds: float = 12 * 3600.0
+    #: ... and this many after the login, however busy.
+    dashboard_session_seconds: float = 7 * 86400.0
 
     @property
     def has_sendgrid_credentials(self) -> bool:
@@ -230,6 +237,12 @@ class Settings:
             trusted_proxies=_networks(text("OUTREACH_TRUSTED_PROXIES", ""), "OUTREACH_TRUSTED_PROXIES"),
             max_request_bytes=int(_number(text("OUTREACH_MAX_REQUEST_BYTES", "1048576"), "OUTREACH_MAX_REQUEST_BYTES")),
             max_webhook_bytes=int(_number(text("OUTREACH_MAX_WEBHOOK_BYTES", "5242880"), "OUTREACH_MAX_WEBHOOK_BYTES")),
+            dashboard_idle_seconds=_number(
+                text("OUTREACH_DASHBOARD_IDLE_SECONDS", "43200"), "OUTREACH_DASHBOARD_IDLE_SECONDS"
+            ),
+            dashboard_session_seconds=_number(
+                text("OUTREACH_DASHBOARD_SESSION_SECONDS", "604800"), "OUTREACH_DASHBOARD_SESSION_SECONDS"
+            ),
         )
         settings.validate()
         return settings
@@ -244,6 +257,12 @@ class Settings:
         scheme = self.broker_url.split("://", 1)[0] if self.broker_url else ""
         if scheme not in {"", "redis", "rediss", "amqp", "amqps"}:
             raise ConfigurationError(f"OUTREACH_BROKER_URL: expected redis://… or amqp://…, got scheme {scheme!r}")
+        for name, seconds in (
+            ("OUTREACH_DASHBOARD_IDLE_SECONDS", self.dashboard_idle_seconds),
+            ("OUTREACH_DASHBOARD_SESSION_SECONDS", self.dashboard_session_seconds),
+        ):
+            if not 0 < seconds <= MAX_SESSION_SECONDS:
+                raise ConfigurationError(f"{name} must be more than 0 and at most {MAX_SESSION_SECONDS} (a year)")
         if self.twilio_account_sid and not self.twilio_auth_token:
             raise ConfigurationError("TWILIO_AUTH_TOKEN is required when TWILIO_ACCOUNT_SID is set")
         if self.talks_to_real_providers and len(self.secret_key.reveal()) < MIN_SECRET_KEY_LENGTH:

@@ -222,6 +222,27 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None]
 
 
+class DashboardSession(Base):
+    """A dashboard login: its cookie holds a random id, this row only that id's hash.
+
+    It ends at logout (the row is deleted), when its key is revoked, after a spell of idleness or at ``expires_at``,
+    whichever comes first.
+    """
+
+    __tablename__ = "dashboard_sessions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    session_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    #: The key's role when the session began; a session whose key has another role by now is refused.
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: Written at most once a minute (``outreach.domain.auth.LAST_USED_RESOLUTION``); idleness counts from it.
+    last_seen_at: Mapped[datetime]
+    #: The absolute end, however busy the session is.
+    expires_at: Mapped[datetime]
+
+
 class Job(Base):
     __tablename__ = "jobs"
 

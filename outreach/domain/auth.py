@@ -4,6 +4,12 @@ Two roles: ``hr`` reads and writes everything; ``ops`` reads metrics, message st
 never sees personal data. A key is ``ork_`` plus 32 random bytes (URL-safe base64); only its SHA-256 is stored
 (the key has 256 bits of entropy, so a fast hash is enough and a slow one would only cost every request). The key
 itself is shown once, when it is created.
+
+**Dashboard sessions.** Logging in to the dashboard with a key opens a session: a random id
+(``secrets.token_urlsafe``, 256 bits) that goes into the browser's cookie, stored here by its SHA-256 only, with the
+key it belongs to and its role. The key never leaves the login form. A session ends at logout (its row is deleted),
+as soon as its key is revoked, after ``idle`` without a request, or ``lifetime`` after the login, whichever is first;
+each is checked on every request, against the one clock.
 """
 
 from __future__ import annotations
@@ -15,12 +21,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from outreach.core.clock import utcnow
 from outreach.core.errors import NotFoundError, ValidationError
-from outreach.core.models import ApiKey
+from outreach.core.models import ApiKey, DashboardSession
 
 KEY_PREFIX = "ork_"
 #: How much of a key listings show, so people can tell keys apart without seeing them.
@@ -87,6 +93,77 @@ def authenticate(session: Session, key: str, now: datetime | None = None) -> Pri
     return Principal(key_id=row.id, name=row.name, role=Role(row.role))
 
 
+@dataclass(frozen=True)
+class SessionLimits:
+    """How long a dashboard session lasts: ``idle`` without a request, ``lifetime`` after the login at most."""
+
+    idle: timedelta
+    lifetime: timedelta
+
+
+def open_dashboard_session(
+    session: Session, principal: Principal, limits: SessionLimits, now: datetime | None = None
+) -> str:
+    """A new session for ``principal``'s key; returns its id in clear (for the cookie; only its hash is stored).
+
+    Sessions that have ended on their own are deleted on the way, so the table holds live ones only.
+    """
+    now = now or utcnow()
+    session.execute(
+        delete(DashboardSession).where(
+            or_(DashboardSession.expires_at <= now, DashboardSession.last_seen_at <= now - limits.idle)
+        )
+    )
+    token = secrets.token_urlsafe(32)
+    session.add(
+        DashboardSession(
+            session_hash=hash_key(token),
+            key_id=principal.key_id,
+            role=principal.role.value,
+            created_at=now,
+            last_seen_at=now,
+            expires_at=now + limits.lifetime,
+        )
+    )
+    session.flush()
+    return token
+
+
+def dashboard_principal(
+    session: Session, token: str, limits: SessionLimits, now: datetime | None = None
+) -> Principal | None:
+    """The principal of a live dashboard session, or None: unknown, ended, idle too long, or its key revoked.
+
+    Only ids this function's sibling minted are found, so an API key (which cookies from before sessions held) is
+    refused like any other unknown value.
+    """
+    if not token or len(token) > 200:
+        return None
+    found = session.execute(
+        select(DashboardSession, ApiKey)
+        .join(ApiKey, ApiKey.id == DashboardSession.key_id)
+        .where(DashboardSession.session_hash == hash_key(token))
+    ).first()
+    if found is None:
+        return None
+    row, key = found
+    now = now or utcnow()
+    if key.revoked_at is not None or key.role != row.role:
+        return None
+    if now >= row.expires_at or now - row.last_seen_at >= limits.idle:
+        return None
+    if now - row.last_seen_at >= LAST_USED_RESOLUTION:
+        session.execute(update(DashboardSession).where(DashboardSession.id == row.id).values(last_seen_at=now))
+        session.execute(update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=now))
+    return Principal(key_id=key.id, name=key.name, role=Role(key.role))
+
+
+def close_dashboard_session(session: Session, token: str) -> None:
+    """Logout: the session's row goes, so its cookie is worth nothing even if it was copied."""
+    if token:
+        session.execute(delete(DashboardSession).where(DashboardSession.session_hash == hash_key(token)))
+
+
 def list_keys(session: Session) -> list[ApiKey]:
     return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
 
@@ -107,6 +184,8 @@ def revoke_key(session: Session, ident: str) -> ApiKey:
     row = rows[0]
     if row.revoked_at is None:
         row.revoked_at = utcnow()
+    # Its dashboard sessions would be refused anyway (the key is checked on every request); drop them.
+    session.execute(delete(DashboardSession).where(DashboardSession.key_id == row.id))
     return row
 
 

@@ -5,24 +5,40 @@ the app's routes and fails if one is not. Routes are ``hr``-only unless their en
 :func:`ops_readable`: safe by default, so a new route never leaks personal data to ``ops`` by accident. Only
 GET/HEAD are ever open to ``ops``.
 
-The dashboard accepts the same keys, either as a Bearer header or from the ``outreach_key`` cookie its login
-form sets (HttpOnly, SameSite=Strict).
+The dashboard accepts the same keys as a Bearer header, and otherwise its own login sessions: the login form
+trades a key for a session (:func:`outreach.domain.auth.open_dashboard_session`) whose random id is the
+``outreach_session`` cookie. That cookie is never an API credential, and an API key is never a session.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from outreach.domain.auth import Principal, Role, authenticate
+from outreach.core.config import Settings
+from outreach.domain.auth import Principal, Role, SessionLimits, authenticate, dashboard_principal
 from outreach.service.runtime import Runtime
 
-__all__ = ["COOKIE", "Forbidden", "PrincipalDep", "Unauthorized", "authorize", "ops_readable", "principal_from"]
+__all__ = [
+    "COOKIE",
+    "LEGACY_COOKIE",
+    "Forbidden",
+    "PrincipalDep",
+    "Unauthorized",
+    "authorize",
+    "ops_readable",
+    "principal_from",
+    "session_limits",
+]
 
-COOKIE = "outreach_key"
+#: The dashboard session's cookie: a random session id, never a key.
+COOKIE = "outreach_session"
+#: Where the dashboard kept the API key itself before it had sessions; never read, only cleared.
+LEGACY_COOKIE = "outreach_key"
 _OPS_READABLE: set[Callable[..., Any]] = set()
 _READ_METHODS = frozenset({"GET", "HEAD"})
 
@@ -47,23 +63,33 @@ def is_ops_readable(endpoint: Callable[..., Any]) -> bool:
     return endpoint in _OPS_READABLE
 
 
-def presented_key(request: Request, *, cookie: bool = False) -> str | None:
+def presented_key(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
-    if cookie:
-        return request.cookies.get(COOKIE) or None
     return None
 
 
+def session_limits(settings: Settings) -> SessionLimits:
+    return SessionLimits(
+        idle=timedelta(seconds=settings.dashboard_idle_seconds),
+        lifetime=timedelta(seconds=settings.dashboard_session_seconds),
+    )
+
+
 def principal_from(request: Request, *, cookie: bool = False) -> Principal | None:
-    key = presented_key(request, cookie=cookie)
-    if key is None:
-        return None
+    """Who is calling: a Bearer key, or (``cookie``: the dashboard) a live session from the session cookie."""
     runtime: Runtime = request.app.state.runtime
+    key = presented_key(request)
+    if key is not None:
+        with Session(runtime.engine) as session, session.begin():
+            return authenticate(session, key)
+    token = request.cookies.get(COOKIE) if cookie else None
+    if not token:
+        return None
     with Session(runtime.engine) as session, session.begin():
-        return authenticate(session, key)
+        return dashboard_principal(session, token, session_limits(runtime.settings))
 
 
 def check_role(principal: Principal, request: Request) -> None:

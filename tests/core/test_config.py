@@ -53,6 +53,8 @@ def test_credentials_for_a_sandbox_need_no_key() -> None:
         ({"OUTREACH_TRUSTED_PROXIES": "10.0.0.1/8"}, "OUTREACH_TRUSTED_PROXIES"),
         ({"OUTREACH_TRUSTED_PROXIES": "proxy.internal"}, "OUTREACH_TRUSTED_PROXIES"),
         ({"OUTREACH_TRUSTED_PROXIES": "*"}, "OUTREACH_TRUSTED_PROXIES"),
+        ({"OUTREACH_DASHBOARD_IDLE_SECONDS": "0"}, "OUTREACH_DASHBOARD_IDLE_SECONDS"),
+        ({"OUTREACH_DASHBOARD_SESSION_SECONDS": "1e12"}, "OUTREACH_DASHBOARD_SESSION_SECONDS"),
     ],
 )
 def test_bad_values_name_their_variable(environ: dict[str, str], named: str) -> None:

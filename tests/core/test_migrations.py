@@ -143,3 +143,30 @@ def test_0007_gives_alerts_raised_per_message_their_outbox_id(blank_url: str) ->
         upgrade(blank_url, "head")
     finally:
         engine.dispose()
+
+
+def test_0009_adds_dashboard_sessions_and_a_downgrade_ends_them(blank_url: str) -> None:
+    upgrade(blank_url, "0009")
+    engine = create_engine(normalise_url(blank_url))
+    try:
+        with engine.begin() as connection:
+            assert "dashboard_sessions" in inspect(connection).get_table_names()
+            connection.execute(
+                text(
+                    "INSERT INTO api_keys (name, role, prefix, key_hash, created_at)"
+                    " VALUES ('k', 'hr', 'ork_abc', 'h', CURRENT_TIMESTAMP)"
+                )
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO dashboard_sessions (session_hash, key_id, role, created_at, last_seen_at, expires_at)"
+                    " SELECT 's', id, role, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP FROM api_keys"
+                )
+            )
+        command.downgrade(alembic_config(blank_url), "0008")
+        with engine.connect() as connection:
+            assert "dashboard_sessions" not in inspect(connection).get_table_names()
+            assert connection.execute(text("SELECT count(*) FROM api_keys")).scalar() == 1
+        upgrade(blank_url, "head")
+    finally:
+        engine.dispose()

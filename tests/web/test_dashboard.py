@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from outreach.core.clock import utcnow
-from outreach.core.models import OutboundMessage
-from outreach.domain.auth import revoke_key
+from outreach.core.clock import FixedClock, set_clock, utcnow
+from outreach.core.models import DashboardSession, OutboundMessage
+from outreach.domain.auth import hash_key, revoke_key
 from outreach.service.runtime import Runtime
-from outreach.web.auth import COOKIE
+from outreach.web.auth import COOKIE, LEGACY_COOKIE
 from outreach.web.dashboard.charts import Series, line_chart
-from tests.helpers import api_key
+from tests.helpers import PUBLIC_URL, api_key
 from tests.web.dashboard_data import CANARIES, CANARY_ERROR, CANARY_NAME, Expected, seed
 
 PAGES = (
@@ -26,12 +28,25 @@ PAGES = (
     "/dashboard/queue",
     "/dashboard/inbox",
 )
-SITE = "http://testserver"
+SITE = "https://testserver"
+
+
+@pytest.fixture
+def client(client: TestClient) -> TestClient:
+    """The shared client, over https like its public URL (``tests.helpers.PUBLIC_URL``): the cookie is Secure."""
+    client.base_url = httpx.URL(SITE)
+    return client
 
 
 def login(client: TestClient, key: str, next_page: str = "") -> None:
     answer = client.post("/dashboard/login", data={"key": key, "next": next_page}, headers={"Origin": SITE})
     assert answer.status_code == 303, answer.text
+
+
+def session_cookie(client: TestClient) -> str:
+    value = client.cookies.get(COOKIE)
+    assert value, "no session cookie"
+    return value
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -101,6 +116,106 @@ def test_logout_forgets_the_cookie_and_a_revoked_key_logs_out(client: TestClient
     with Session(runtime.engine) as session, session.begin():
         revoke_key(session, key[:12])
     assert client.get("/dashboard").status_code == 303
+
+
+# -- sessions -------------------------------------------------------------------------------------------------
+
+
+def test_the_cookie_holds_a_random_session_id_stored_only_as_its_hash(client: TestClient, runtime: Runtime) -> None:
+    key = api_key(runtime, "ops", name="night-shift")
+    answer = client.post("/dashboard/login", data={"key": key}, headers={"Origin": SITE})
+    assert key not in answer.headers["set-cookie"]
+    token = session_cookie(client)
+    assert token != key and not token.startswith("ork_") and len(token) >= 43
+    with Session(runtime.engine) as session:
+        row = session.scalars(select(DashboardSession)).one()
+        stored = [str(getattr(row, column.key)) for column in DashboardSession.__table__.columns]
+    assert row.session_hash == hash_key(token) and row.role == "ops"
+    assert not any(token in value or key in value for value in stored)
+    assert row.expires_at - row.created_at == timedelta(days=7)
+
+
+def test_a_cookie_copied_before_logout_is_worthless_after_it(client: TestClient, runtime: Runtime) -> None:
+    login(client, api_key(runtime, "hr"))
+    copied = session_cookie(client)
+    assert client.post("/dashboard/logout", headers={"Origin": SITE}).status_code == 303
+    with Session(runtime.engine) as session:
+        assert session.scalars(select(DashboardSession)).all() == []
+    client.cookies.set(COOKIE, copied)
+    answer = client.get("/dashboard/queue")
+    assert answer.status_code == 303 and answer.headers["location"].startswith("/dashboard/login?next=")
+
+
+def test_two_sessions_of_one_key_are_independent(client: TestClient, runtime: Runtime) -> None:
+    key = api_key(runtime, "hr")
+    other = TestClient(client.app, base_url=SITE, follow_redirects=False)
+    login(client, key)
+    login(other, key)
+    assert session_cookie(client) != session_cookie(other)
+    assert client.post("/dashboard/logout", headers={"Origin": SITE}).status_code == 303
+    assert client.get("/dashboard").status_code == 303
+    assert other.get("/dashboard").status_code == 200
+
+
+def test_revoking_the_key_ends_every_session_at_once(client: TestClient, runtime: Runtime) -> None:
+    key = api_key(runtime, "ops")
+    other = TestClient(client.app, base_url=SITE, follow_redirects=False)
+    login(client, key)
+    login(other, key)
+    copied = session_cookie(client)
+    with Session(runtime.engine) as session, session.begin():
+        revoke_key(session, key[:12])
+    assert client.get("/dashboard").status_code == 303
+    assert other.get("/dashboard").status_code == 303
+    client.cookies.set(COOKIE, copied)
+    assert client.get("/dashboard").status_code == 303
+
+
+def test_a_session_ends_after_12_idle_hours_and_7_days_in_any_case(client: TestClient, runtime: Runtime) -> None:
+    clock = FixedClock(utcnow())
+    set_clock(clock)  # the app runs in another thread: the process's clock, not a thread's override
+    key = api_key(runtime, "hr")
+    login(client, key)
+    # Busy: a page every 11 hours keeps it alive, but not past 7 days after the login.
+    for _ in range(15):
+        clock.advance(timedelta(hours=11))
+        assert client.get("/dashboard/queue").status_code == 200, clock.now()
+    clock.advance(timedelta(hours=3))  # 7 days and 8 hours after the login, 3 hours after the last page
+    assert client.get("/dashboard/queue").status_code == 303
+    # Idle: 12 hours without a page.
+    login(client, key)
+    clock.advance(timedelta(hours=11, minutes=59))
+    assert client.get("/dashboard/queue").status_code == 200
+    clock.advance(timedelta(hours=12))
+    assert client.get("/dashboard/queue").status_code == 303
+
+
+def test_the_cookie_is_secure_whenever_the_public_url_is_https(client: TestClient, runtime: Runtime) -> None:
+    key = api_key(runtime, "hr")
+    # Behind a TLS proxy the request may arrive as plain http; the public URL (https) decides.
+    public = {"Origin": PUBLIC_URL}
+    over_http = client.post("http://testserver/dashboard/login", data={"key": key}, headers=public)
+    assert over_http.status_code == 303
+    assert "Secure" in over_http.headers["set-cookie"]
+    runtime.settings = runtime.settings.with_overrides(public_url="http://127.0.0.1:8000")
+    own = {"Origin": "http://testserver"}
+    plain = client.post("http://testserver/dashboard/login", data={"key": key}, headers=own)
+    assert plain.status_code == 303
+    cookie = plain.headers["set-cookie"]
+    assert "Secure" not in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
+
+
+def test_an_old_cookie_holding_the_key_itself_is_refused_and_cleared(client: TestClient, runtime: Runtime) -> None:
+    key = api_key(runtime, "hr")
+    client.cookies.set(LEGACY_COOKIE, key)
+    client.cookies.set(COOKIE, key)  # nor is a key in the new cookie a session
+    answer = client.get("/dashboard")
+    assert answer.status_code == 303 and answer.headers["location"].startswith("/dashboard/login")
+    form = client.get(answer.headers["location"])
+    assert form.status_code == 200
+    cleared = form.headers.get_list("set-cookie")
+    assert any(c.startswith(f"{LEGACY_COOKIE}=") and "Max-Age=0" in c for c in cleared), cleared
+    assert any(c.startswith(f"{COOKIE}=") and "Max-Age=0" in c for c in cleared), cleared
 
 
 def test_a_bearer_header_works_too(client: TestClient, runtime: Runtime) -> None:

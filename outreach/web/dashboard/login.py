@@ -1,7 +1,12 @@
 """Who is looking at the dashboard: the login form, its cookie, and the ``viewer`` dependency every page takes.
 
-**Who may look.** The same API keys as ``/api`` (:mod:`outreach.web.auth`): a key pasted into the login form
-becomes an HttpOnly, SameSite=Strict cookie scoped to ``/dashboard``; a Bearer header works too. Both roles see
+**Who may look.** The same API keys as ``/api`` (:mod:`outreach.web.auth`): a key pasted into the login form opens
+a server-side session (:func:`outreach.domain.auth.open_dashboard_session`) whose random id becomes an HttpOnly,
+SameSite=Strict cookie scoped to ``/dashboard`` — ``Secure`` whenever ``OUTREACH_PUBLIC_URL`` is https, whatever
+scheme the request arrived on behind a proxy. The key itself is never stored in the browser. Logout deletes the
+session, so a copied cookie dies with it; revoking the key ends its sessions at once; otherwise a session ends
+after ``OUTREACH_DASHBOARD_IDLE_SECONDS`` without a request or ``OUTREACH_DASHBOARD_SESSION_SECONDS`` after the
+login. A Bearer header works too. Both roles see
 every page, but the ``ops`` role never sees personal data: candidates appear by external id only, never a name,
 address, phone number, subject, body or provider error text (which can quote an address). Pages for ``hr`` add
 those. Without a valid key every page redirects to the login form. Forms that change something (login, logout)
@@ -18,16 +23,13 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy.orm import Session
 
-from outreach.domain.auth import Principal, authenticate
-from outreach.web.auth import COOKIE, principal_from
+from outreach.domain.auth import Principal, authenticate, close_dashboard_session, open_dashboard_session
+from outreach.web.auth import COOKIE, LEGACY_COOKIE, principal_from, session_limits
 from outreach.web.dashboard.render import PREFIX, render_page, runtime_of
 
 __all__ = ["ViewerDep", "router", "viewer"]
 
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
-
-#: How long the login cookie lives; the key itself stays valid until revoked.
-SESSION_SECONDS = 8 * 3600
 
 
 class _LoginRequired(HTTPException):
@@ -75,11 +77,25 @@ def _same_origin(request: Request) -> bool:
     return True  # not a browser (browsers send Origin on every POST); the cookie is SameSite=Strict anyway
 
 
+def _secure(request: Request) -> bool:
+    """Cookies only over https when the site is public on https (a TLS proxy may talk plain http to us)."""
+    return runtime_of(request).settings.public_url.lower().startswith("https://") or request.url.scheme == "https"
+
+
+def _forget_cookies(request: Request, response: Response, names: tuple[str, ...] = (COOKIE, LEGACY_COOKIE)) -> Response:
+    """Clear the session cookie and the key a dashboard from before sessions left in the browser, if present."""
+    for name in names:
+        if name in request.cookies:
+            response.delete_cookie(name, path=PREFIX, httponly=True, samesite="strict", secure=_secure(request))
+    return response
+
+
 @router.get("/login", response_class=HTMLResponse)
 def login_form(request: Request, next: str | None = None) -> Response:
     if principal_from(request, cookie=True) is not None:
         return RedirectResponse(_safe_next(next), status_code=303)
-    return render_page(request, "login.html", None, next=_safe_next(next), error=None)
+    page = render_page(request, "login.html", None, next=_safe_next(next), error=None)
+    return _forget_cookies(request, page)  # an ended session's cookie, or an old one holding a key
 
 
 @router.post("/login", response_class=HTMLResponse)
@@ -88,23 +104,28 @@ def login(request: Request, key: Annotated[str, Form()] = "", next: Annotated[st
         error = "This form must be sent from this site."
         return render_page(request, "login.html", None, 403, next=_safe_next(next), error=error)
     key = key.strip()
-    principal = None
+    runtime = runtime_of(request)
+    limits = session_limits(runtime.settings)
+    token = None
     if key:
-        with Session(runtime_of(request).engine) as session, session.begin():
+        with Session(runtime.engine) as session, session.begin():
             principal = authenticate(session, key)
-    if principal is None:
+            if principal is not None:
+                close_dashboard_session(session, request.cookies.get(COOKIE, ""))  # logging in again: one session
+                token = open_dashboard_session(session, principal, limits)
+    if token is None:
         # Never echo the key back, not even a wrong one.
         message = "Paste an API key." if not key else "Unknown or revoked key."
         return render_page(request, "login.html", None, 401, next=_safe_next(next), error=message)
-    response = RedirectResponse(_safe_next(next), status_code=303)
+    response = _forget_cookies(request, RedirectResponse(_safe_next(next), status_code=303), (LEGACY_COOKIE,))
     response.set_cookie(
         COOKIE,
-        key,
-        max_age=SESSION_SECONDS,
+        token,
+        max_age=int(limits.lifetime.total_seconds()),
         path=PREFIX,
         httponly=True,
         samesite="strict",
-        secure=request.url.scheme == "https",
+        secure=_secure(request),
     )
     return response
 
@@ -113,6 +134,8 @@ def login(request: Request, key: Annotated[str, Form()] = "", next: Annotated[st
 def logout(request: Request) -> Response:
     if not _same_origin(request):
         return HTMLResponse("This form must be sent from this site.", status_code=403)
-    response = RedirectResponse(f"{PREFIX}/login", status_code=303)
-    response.delete_cookie(COOKIE, path=PREFIX, httponly=True, samesite="strict")
-    return response
+    token = request.cookies.get(COOKIE)
+    if token:
+        with Session(runtime_of(request).engine) as session, session.begin():
+            close_dashboard_session(session, token)
+    return _forget_cookies(request, RedirectResponse(f"{PREFIX}/login", status_code=303))
