@@ -700,7 +700,12 @@ def _report_csv(rates: list[Any], funnel: Any, slas: list[Any]) -> str:
     default=None,
     help="Group the rates (default: one total).",
 )
-@click.option("--bucket", type=click.Choice(["day", "week"]), default=None, help="Also split the rates by period.")
+@click.option(
+    "--bucket",
+    type=click.Choice(["day", "week", "month"]),
+    default=None,
+    help="Also split the rates by period: UTC days, Monday weeks, or months in the company timezone.",
+)
 @click.option(
     "--format", "output_format", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True
 )
@@ -723,7 +728,9 @@ def report(since_text: str, until_text: str | None, by: str | None, bucket: str 
     dimension = analytics.parse_dimension(by)
     period = analytics.parse_bucket(bucket)
     engine = get_engine(settings.database_url)
-    rates = analytics.rates(engine, by=dimension, since=since, until=until, bucket=period)
+    rates = analytics.rates(
+        engine, by=dimension, since=since, until=until, bucket=period, timezone=settings.company_timezone
+    )
     funnel = analytics.funnel(engine, since=since, until=until)
     slas = analytics.sla(engine, since=since, until=until, now=now)
     if output_format == "json":
