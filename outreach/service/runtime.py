@@ -43,6 +43,11 @@ class Runtime:
     #: The out-of-hours auto-reply the inbound handlers call (a test may give another planner).
     auto_reply: AutoReplyPlanner = plan_auto_reply
 
+    def __post_init__(self) -> None:
+        # OUTREACH_SANDBOX_URL stands in for the providers while their credentials are not both set.
+        if self.sandbox_url is None and self.settings.sandbox_url and not self.settings.has_all_credentials:
+            self.sandbox_url = self.settings.sandbox_url
+
     @cached_property
     def engine(self) -> Engine:
         return get_engine(self.settings.database_url)
