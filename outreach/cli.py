@@ -17,8 +17,9 @@ import click
 
 from outreach.core.clock import check_instant
 from outreach.core.config import Settings, set_settings
-from outreach.core.errors import OutreachError, ValidationError
+from outreach.core.errors import CampaignError, ConfigurationError, OutreachError, ValidationError
 from outreach.core.logs import configure_logging
+from outreach.providers import SANDBOX_TWILIO_AUTH_TOKEN
 from outreach.service.runtime import Runtime, set_runtime, start_clock
 
 if TYPE_CHECKING:
@@ -95,7 +96,6 @@ def _beside_sandbox(settings: Settings) -> tuple[Settings, str]:
     when the credentials are not both set and OUTREACH_SANDBOX_URL names no sandbox; also why none was found ("" if
     one was, or none was looked for). Its service's public URL comes along unless OUTREACH_PUBLIC_URL is set, so
     links and status callbacks point where that service listens."""
-    from outreach.core.errors import ConfigurationError
     from outreach.ops.sandbox.discovery import find_sandbox
 
     if settings.has_all_credentials or settings.sandbox_url:
@@ -115,7 +115,6 @@ def _beside_sandbox(settings: Settings) -> tuple[Settings, str]:
 def _require_sending(runtime: Runtime, why_no_sandbox: str) -> None:
     """Refuse now, before anything is written, when this process could not send what it queues: no credentials
     and no sandbox, or a sandbox that does not answer."""
-    from outreach.core.errors import ConfigurationError
     from outreach.ops.sandbox.discovery import answers
 
     if runtime.sandbox_url and not answers(runtime.sandbox_url):
@@ -210,8 +209,6 @@ class _Guarded(click.Group):
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except OutreachError as exc:
-            from outreach.core.errors import CampaignError
-
             if isinstance(exc, CampaignError):
                 raise Refused(
                     f"{len(exc.problems)} problem(s) in the campaigns: run `outreach campaigns validate`"
@@ -257,7 +254,7 @@ def up(host: str, port: int, threads: int) -> None:
         if not settings.has_all_credentials:
             from outreach.ops.sandbox import SandboxServer
 
-            token = settings.twilio_auth_token.reveal() or SANDBOX_TOKEN
+            token = settings.twilio_auth_token.reveal() or SANDBOX_TWILIO_AUTH_TOKEN
             sandbox = _started(
                 SandboxServer(
                     "127.0.0.1",
@@ -309,10 +306,6 @@ def _port_free(host: str, port: int, setting: str = "--port") -> None:
             f"cannot listen on {host}:{port} ({exc.strerror or exc}): another `outreach up` or `outreach serve`"
             f" may be running; stop it or choose another port ({setting})"
         ) from None
-
-
-#: The Twilio auth token the sandbox signs its status callbacks with when TWILIO_AUTH_TOKEN is not set.
-SANDBOX_TOKEN = "sandbox-token"
 
 
 def _started(server: SandboxServer, port_setting: str) -> SandboxServer:
@@ -384,7 +377,7 @@ def _sandbox_webhooks(settings: Settings, sandbox_url: str) -> WebhookSettings:
     from outreach.web.webhooks import WebhookSettings
 
     key = settings.sendgrid_webhook_public_key or sandbox_public_key(sandbox_url)
-    token = settings.twilio_auth_token.reveal() or SANDBOX_TOKEN
+    token = settings.twilio_auth_token.reveal() or SANDBOX_TWILIO_AUTH_TOKEN
     return WebhookSettings(
         sendgrid_public_key=key, inbound_token=settings.inbound_token, twilio_auth_token=Secret(token)
     )
@@ -484,7 +477,7 @@ def sandbox(host: str, port: int | None, events_to: str | None, no_sendgrid_even
         SandboxServer(
             host,
             settings.sandbox_port if port is None else port,
-            twilio_auth_token=settings.twilio_auth_token.reveal() or SANDBOX_TOKEN,
+            twilio_auth_token=settings.twilio_auth_token.reveal() or SANDBOX_TWILIO_AUTH_TOKEN,
             sendgrid_event_url=event_url,
             signing_key=signing_key(folder),
         ),
@@ -612,7 +605,6 @@ def campaigns_simulate(
     """
     import time
 
-    from outreach.core.errors import CampaignError
     from outreach.ops.simulate import simulate
 
     settings = _settings()
