@@ -29,8 +29,9 @@ from outreach.core.config import Settings, set_settings
 #: The Twilio auth token the sandbox signs with and the workers' SDK is given.
 SANDBOX_TOKEN = "sandbox-token"
 
-#: ``python -m`` arguments that serve the shipped sandbox; the port is appended.
-SANDBOX_COMMAND = ("outreach", "sandbox", "--host", "127.0.0.1", "--port")
+#: ``python -m`` arguments that serve the shipped sandbox; the port is appended. No SendGrid events: the benchmarks
+#: measure sending, and no service listens for them.
+SANDBOX_COMMAND = ("outreach", "sandbox", "--host", "127.0.0.1", "--no-sendgrid-events", "--port")
 
 
 # -- the sandbox -------------------------------------------------------------------------------------------

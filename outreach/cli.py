@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -10,22 +11,37 @@ import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from outreach.core.clock import check_instant
 from outreach.core.config import Settings, set_settings
-from outreach.core.errors import OutreachError, ValidationError
+from outreach.core.errors import CampaignError, ConfigurationError, OutreachError, ValidationError
 from outreach.core.logs import configure_logging
+from outreach.providers import SANDBOX_TWILIO_AUTH_TOKEN
 from outreach.service.runtime import Runtime, set_runtime, start_clock
+
+if TYPE_CHECKING:
+    from outreach.ops.sandbox import SandboxServer
+    from outreach.web.webhooks import WebhookSettings
+
+
+class Refused(click.ClickException):
+    """The command cannot do its job as things are set up: one line naming what to set or fix, exit code 2 (as for
+    a usage error). Raised before anything is written whenever the problem can be known that early."""
+
+    exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__("; ".join(line.strip() for line in message.splitlines() if line.strip()))
 
 
 def _settings() -> Settings:
     try:
         settings = Settings.from_env()
     except OutreachError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise Refused(str(exc)) from None
     set_settings(settings)
     start_clock(settings)
     configure_logging(settings.log_level)
@@ -55,7 +71,7 @@ def _check_campaigns(runtime: Runtime) -> None:
     if problems:
         for problem in problems:
             click.echo(str(problem), err=True)
-        raise click.ClickException(f"{len(problems)} problem(s) in the campaigns; refusing to start")
+        raise Refused(f"{len(problems)} problem(s) in the campaigns (above); fix them and start again")
 
 
 def _inline_delivery(runtime: Runtime) -> None:
@@ -75,19 +91,136 @@ def _external_broker(runtime: Runtime) -> None:
     install_broker(build_broker(runtime.settings), runtime.settings.queue_name)
 
 
+def _beside_sandbox(settings: Settings) -> tuple[Settings, str]:
+    """``settings`` sending to the sandbox that ``outreach up`` or ``outreach sandbox`` runs for this data folder,
+    when the credentials are not both set and OUTREACH_SANDBOX_URL names no sandbox; also why none was found ("" if
+    one was, or none was looked for). Its service's public URL comes along unless OUTREACH_PUBLIC_URL is set, so
+    links and status callbacks point where that service listens."""
+    from outreach.ops.sandbox.discovery import find_sandbox
+
+    if settings.has_all_credentials or settings.sandbox_url:
+        return settings, ""
+    try:
+        found = find_sandbox(settings.database_url)
+    except ConfigurationError as exc:
+        return settings, str(exc)
+    changes: dict[str, Any] = {"sandbox_url": found.url}
+    if found.public_url and "OUTREACH_PUBLIC_URL" not in os.environ:
+        changes["public_url"] = found.public_url
+    settings = settings.with_overrides(**changes)
+    set_settings(settings)
+    return settings, ""
+
+
+def _require_sending(runtime: Runtime, why_no_sandbox: str) -> None:
+    """Refuse now, before anything is written, when this process could not send what it queues: no credentials
+    and no sandbox, or a sandbox that does not answer."""
+    from outreach.ops.sandbox.discovery import answers
+
+    if runtime.sandbox_url and not answers(runtime.sandbox_url):
+        named = "OUTREACH_SANDBOX_URL" if runtime.sandbox_url == os.environ.get("OUTREACH_SANDBOX_URL") else "found"
+        raise Refused(f"cannot send: the sandbox at {runtime.sandbox_url} ({named}) does not answer; start it again")
+    try:
+        _ = runtime.providers  # built now, so a missing setting is named before anything is stored
+    except ConfigurationError as exc:
+        advice = "set the provider credentials"
+        if why_no_sandbox:
+            advice = (
+                f"{why_no_sandbox}: start `outreach up` (or `outreach sandbox`) for this folder, set"
+                f" OUTREACH_SANDBOX_URL, or {advice}"
+            )
+        raise Refused(f"cannot send: {exc}; {advice}") from None
+
+
 def _runtime_for_commands(settings: Settings) -> Runtime:
+    """The runtime of a command that queues messages, its campaigns checked: for the workers (OUTREACH_BROKER_URL),
+    or sent in this process through the providers or the sandbox found for this folder (checked before anything
+    is written)."""
+    why_no_sandbox = ""
+    if not settings.broker_url:
+        settings, why_no_sandbox = _beside_sandbox(settings)
     runtime = Runtime(settings)
     set_runtime(runtime)
+    _check_campaigns(runtime)
     if settings.broker_url:
         _external_broker(runtime)
     else:
-        if not settings.has_sendgrid_credentials or not settings.has_twilio_credentials:
-            runtime.sandbox_url = os.environ.get("OUTREACH_SANDBOX_URL") or None
+        _require_sending(runtime, why_no_sandbox)
         _inline_delivery(runtime)
     return runtime
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _database_problem(exc: Exception) -> str:
+    """What to do about a database error, in words: the driver's own message is never shown (it may quote the
+    personal data of a row)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, NoSuchModuleError, OperationalError
+
+    raw = os.environ.get("OUTREACH_DATABASE_URL", "").strip() or Settings().database_url
+    try:
+        where = make_url(raw).render_as_string(hide_password=True)
+    except ArgumentError:
+        where = ""
+    if isinstance(exc, ArgumentError | NoSuchModuleError) or not where:
+        return (
+            "OUTREACH_DATABASE_URL is not a database URL outreach can use; give one like"
+            " postgresql://user@host/outreach or sqlite:///outreach.core.db"
+        )
+    original = getattr(exc, "orig", None)
+    state = getattr(original, "sqlstate", None) or ""
+    text = str(original) if original is not None and type(original).__module__ == "sqlite3" else ""
+    if state in {"42P01", "42703"} or text.startswith(("no such table", "no such column")):
+        return f"the database {where} has no outreach tables, or old ones: run `outreach db upgrade`"
+    if isinstance(exc, OperationalError | InterfaceError):
+        return (
+            f"cannot use the database {where} ({type(original or exc).__name__}): check OUTREACH_DATABASE_URL"
+            " and that the server runs and can be reached (for SQLite: that the folder exists and is writable)"
+        )
+    if isinstance(exc, DBAPIError):
+        return (
+            f"the database {where} refused the command ({type(original or exc).__name__}); its message is not"
+            " shown because it may quote personal data"
+        )
+    return f"database error ({type(exc).__name__}) with {where}"
+
+
+def _unexpected(exc: BaseException, command: str) -> str:
+    """An error nobody planned for, named by its type and where it was raised (its message may hold data)."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [f for f in frames if "/outreach/" in f.filename or "/workers/" in f.filename] or frames
+    where = f" at {Path(ours[-1].filename).name}:{ours[-1].lineno}" if ours else ""
+    return (
+        f"`outreach {command}` stopped on an unexpected {type(exc).__name__}{where}; its message is not shown"
+        " (it may hold personal data): please report it with the command you ran"
+    )
+
+
+class _Guarded(click.Group):
+    """The entry point: no command ends in a traceback. The project's own errors and database failures become one
+    line (exit 2) saying what to set or fix; anything else one line naming the error's type and place."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except OutreachError as exc:
+            if isinstance(exc, CampaignError):
+                raise Refused(
+                    f"{len(exc.problems)} problem(s) in the campaigns: run `outreach campaigns validate`"
+                ) from None
+            raise Refused(str(exc)) from None
+        except SQLAlchemyError as exc:
+            raise Refused(_database_problem(exc)) from None
+        except Exception as exc:
+            raise Refused(_unexpected(exc, ctx.invoked_subcommand or "")) from None
+
+
+@click.group(cls=_Guarded, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """outreach: timed, personal email and SMS for recruiting teams."""
 
@@ -110,36 +243,56 @@ def up(host: str, port: int, threads: int) -> None:
         # Locally the public URL is where this process listens: the sandbox posts its callbacks there.
         settings = settings.with_overrides(public_url=f"http://{host}:{port}")
         set_settings(settings)
-    upgrade(settings.database_url)
     runtime = Runtime(settings)
     set_runtime(runtime)
+    # What can be known before anything is written: the campaigns, the ports.
     _check_campaigns(runtime)
-    _first_start_key(runtime)
-    sandbox = None
+    _port_free(host, port)
     hooks = None
-    if not (settings.has_sendgrid_credentials and settings.has_twilio_credentials):
-        from outreach.core.config import Secret
-        from outreach.ops.sandbox import SandboxServer
-        from outreach.web.webhooks import WebhookSettings
+    with contextlib.ExitStack() as stack:
+        sandbox = None
+        if not settings.has_all_credentials:
+            from outreach.ops.sandbox import SandboxServer
 
-        token = settings.twilio_auth_token.reveal() or "sandbox-token"
-        sandbox = SandboxServer(
-            "127.0.0.1",
-            settings.sandbox_port,
-            twilio_auth_token=token,
-            sendgrid_event_url=f"{settings.public_url}/webhooks/sendgrid/events",
-        ).start()
-        runtime.sandbox_url = sandbox.url
-        # The sandbox signs its events and callbacks with keys of its own; the webhooks check against those.
-        hooks = WebhookSettings(sendgrid_public_key=sandbox.sendgrid_public_key, twilio_auth_token=Secret(token))
-        click.echo(f"provider sandbox: {sandbox.url}/  (messages sent show up here)")
-    stop = _start_background(runtime, threads)
-    click.echo(f"outreach API: http://{host}:{port}/docs")
-    click.echo(f"dashboard: http://{host}:{port}/dashboard  (log in with an API key)")
-    from outreach.web import create_app
-    from outreach.web.ratelimit import proxy_options
+            token = settings.twilio_auth_token.reveal() or SANDBOX_TWILIO_AUTH_TOKEN
+            sandbox = _started(
+                SandboxServer(
+                    "127.0.0.1",
+                    settings.sandbox_port,
+                    twilio_auth_token=token,
+                    sendgrid_event_url=f"{settings.public_url}/webhooks/sendgrid/events",
+                ),
+                "OUTREACH_SANDBOX_PORT",
+            )
+            stack.callback(sandbox.stop)
+        upgrade(settings.database_url)
+        _first_start_key(runtime)
+        if sandbox is not None:
+            from outreach.core.config import Secret
+            from outreach.ops.sandbox.discovery import RunningSandbox, data_folder, database_fingerprint, published
+            from outreach.web.webhooks import WebhookSettings
 
-    try:
+            runtime.sandbox_url = sandbox.url
+            # The sandbox signs its events and callbacks with keys of its own; the webhooks check against those.
+            hooks = WebhookSettings(
+                sendgrid_public_key=sandbox.sendgrid_public_key,
+                inbound_token=settings.inbound_token,
+                twilio_auth_token=Secret(sandbox.twilio_auth_token),
+            )
+            # The other commands run for this data folder (event, tick, …) find the sandbox here and send to it.
+            found = RunningSandbox(
+                sandbox.url, os.getpid(), "up", settings.public_url, database_fingerprint(settings.database_url)
+            )
+            stack.enter_context(published(data_folder(settings.database_url), found, replace_running=True))
+            click.echo(f"provider sandbox: {sandbox.url}/  (messages sent show up here)")
+        stop = _start_background(runtime, threads)
+        stack.callback(stop.set)
+        click.echo(f"outreach API: http://{host}:{port}/docs")
+        click.echo(f"dashboard: http://{host}:{port}/dashboard  (log in with an API key)")
+        sys.stdout.flush()
+        from outreach.web import create_app
+        from outreach.web.ratelimit import proxy_options
+
         uvicorn.run(
             create_app(runtime, hooks),
             host=host,
@@ -147,10 +300,30 @@ def up(host: str, port: int, threads: int) -> None:
             log_level=settings.log_level.lower(),
             **proxy_options(settings.trusted_proxies),
         )
-    finally:
-        stop.set()
-        if sandbox is not None:
-            sandbox.stop()
+
+
+def _port_free(host: str, port: int, setting: str = "--port") -> None:
+    """Refuse at once, before anything is written, when the API's port is taken."""
+    import socket
+
+    try:
+        socket.create_server((host, port)).close()
+    except OSError as exc:
+        raise Refused(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}): another `outreach up` or `outreach serve`"
+            f" may be running; stop it or choose another port ({setting})"
+        ) from None
+
+
+def _started(server: SandboxServer, port_setting: str) -> SandboxServer:
+    """``server``, listening; one line naming the port and the setting when it cannot listen."""
+    try:
+        return server.start()
+    except OSError as exc:
+        raise Refused(
+            f"the provider sandbox cannot listen on {server.host}:{server.port} ({exc.strerror or exc}): another"
+            f" `outreach up` or `outreach sandbox` may be running; stop it or choose another port ({port_setting})"
+        ) from None
 
 
 def _start_background(runtime: Runtime, threads: int) -> threading.Event:
@@ -190,20 +363,37 @@ def serve(host: str, port: int) -> None:
     from outreach.web import create_app
     from outreach.web.ratelimit import proxy_options
 
-    settings = _settings()
+    settings, why_no_sandbox = _beside_sandbox(_settings())
     runtime = Runtime(settings)
     set_runtime(runtime)
     _check_campaigns(runtime)
+    _port_free(host, port)
+    hooks = _sandbox_webhooks(settings, runtime.sandbox_url) if runtime.sandbox_url else None
     if settings.broker_url:
         _external_broker(runtime)
     else:
+        _require_sending(runtime, why_no_sandbox)
         _start_background(runtime, 4)
     uvicorn.run(
-        create_app(runtime),
+        create_app(runtime, hooks),
         host=host,
         port=port,
         log_level=settings.log_level.lower(),
         **proxy_options(settings.trusted_proxies),
+    )
+
+
+def _sandbox_webhooks(settings: Settings, sandbox_url: str) -> WebhookSettings:
+    """The webhook checks of an API beside a sandbox, as under ``outreach up``: SendGrid events verified with the
+    sandbox's key (unless OUTREACH_SENDGRID_WEBHOOK_PUBLIC_KEY names one), Twilio callbacks with its token."""
+    from outreach.core.config import Secret
+    from outreach.ops.sandbox.discovery import sandbox_public_key
+    from outreach.web.webhooks import WebhookSettings
+
+    key = settings.sendgrid_webhook_public_key or sandbox_public_key(sandbox_url)
+    token = settings.twilio_auth_token.reveal() or SANDBOX_TWILIO_AUTH_TOKEN
+    return WebhookSettings(
+        sendgrid_public_key=key, inbound_token=settings.inbound_token, twilio_auth_token=Secret(token)
     )
 
 
@@ -214,8 +404,14 @@ def worker(processes: int, threads: int) -> None:
     """Dramatiq worker processes (needs OUTREACH_BROKER_URL); the same as `dramatiq workers.main`."""
     settings = _settings()
     if not settings.broker_url:
-        raise click.ClickException("OUTREACH_BROKER_URL must point at Redis or RabbitMQ for separate workers")
+        raise Refused("OUTREACH_BROKER_URL must point at Redis or RabbitMQ for separate workers")
     _check_campaigns(Runtime(settings))
+    settings, why_no_sandbox = _beside_sandbox(settings)
+    _require_sending(Runtime(settings), why_no_sandbox)
+    if settings.sandbox_url:
+        # The workers read their settings from the environment: hand them the sandbox this command found.
+        os.environ["OUTREACH_SANDBOX_URL"] = settings.sandbox_url
+        os.environ["OUTREACH_PUBLIC_URL"] = settings.public_url
     args = [
         sys.executable,
         "-m",
@@ -238,7 +434,6 @@ def scheduler() -> None:
 
     settings = _settings()
     runtime = _runtime_for_commands(settings)
-    _check_campaigns(runtime)
     click.echo(f"scheduler ticking every {settings.tick_interval}s")
     run_forever(runtime.scheduler, settings.tick_interval)
 
@@ -261,21 +456,68 @@ def tick(now_text: str | None) -> None:
     if now is not None and settings.broker_url:
         settings = settings.with_overrides(broker_url="")
     runtime = _runtime_for_commands(settings)
-    _check_campaigns(runtime)
     result = runtime.scheduler.tick(now)
     click.echo(json.dumps({**result.summary(), **outcome_of(runtime.engine, [*result.written, *result.requeued])}))
 
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8025, show_default=True, type=int)
-def sandbox(host: str, port: int) -> None:
-    """A local SendGrid + Twilio stand-in that keeps what it receives (browse it at /)."""
-    from outreach.ops.sandbox import serve as serve_sandbox
+@click.option("--port", default=None, type=int, help="Default: OUTREACH_SANDBOX_PORT (8025).")
+@click.option(
+    "--events-to",
+    "events_to",
+    default=None,
+    help="The service's public URL, where SendGrid events are posted (default: OUTREACH_PUBLIC_URL).",
+)
+@click.option("--no-sendgrid-events", is_flag=True, help="Post no SendGrid events (benchmarks of sending alone).")
+def sandbox(host: str, port: int | None, events_to: str | None, no_sendgrid_events: bool) -> None:
+    """A local SendGrid + Twilio stand-in that keeps what it receives (browse it at /).
+
+    Like the sandbox of `outreach up`, it posts signed SendGrid events to the service (and Twilio status callbacks
+    where each message asks), and the commands run for the same data folder (event, tick, scheduler, worker,
+    serve) find it and send to it. Its SendGrid signing key is kept in the data folder's .outreach/, so a restart
+    signs as before.
+    """
+    import signal
+
+    from outreach.ops.sandbox import SandboxServer
+    from outreach.ops.sandbox.discovery import RunningSandbox, data_folder, published, signing_key
 
     settings = _settings()
-    click.echo(f"provider sandbox on http://{host}:{port}/")
-    serve_sandbox(host, port, settings.twilio_auth_token.reveal() or "sandbox-token", None)
+    folder = data_folder(settings.database_url)
+    public_url = (events_to or settings.public_url).rstrip("/")
+    event_url = None if no_sendgrid_events else f"{public_url}/webhooks/sendgrid/events"
+    server = _started(
+        SandboxServer(
+            host,
+            settings.sandbox_port if port is None else port,
+            twilio_auth_token=settings.twilio_auth_token.reveal() or SANDBOX_TWILIO_AUTH_TOKEN,
+            sendgrid_event_url=event_url,
+            signing_key=signing_key(folder),
+        ),
+        "--port or OUTREACH_SANDBOX_PORT",
+    )
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)  # stopped like Ctrl-C: the state file goes with it
+    try:
+        with published(folder, RunningSandbox(server.url, os.getpid(), "sandbox", public_url)) as recorded:
+            click.echo(f"provider sandbox on {server.url}/  (messages sent show up here)")
+            if recorded is None:
+                click.echo(
+                    f"(another sandbox runs for {folder}: the commands run there keep sending to it;"
+                    " OUTREACH_SANDBOX_URL points them here)"
+                )
+            click.echo(f"SendGrid events to {event_url}" if event_url else "SendGrid events: not posted")
+            click.echo(f"SendGrid event webhook public key: {server.sendgrid_public_key}")
+            sys.stdout.flush()
+            server.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
 
 
 # -- database ----------------------------------------------------------------------------------------------
@@ -290,10 +532,15 @@ def db() -> None:
 @click.argument("revision", default="head")
 def db_upgrade(revision: str) -> None:
     """Apply migrations (Alembic) up to REVISION."""
+    from alembic.util.exc import CommandError
+
     from outreach.core.db import upgrade
 
     settings = _settings()
-    upgrade(settings.database_url, revision)
+    try:
+        upgrade(settings.database_url, revision)
+    except CommandError as exc:
+        raise Refused(f"cannot upgrade to {revision!r}: {exc}") from None
     click.echo(f"database at {revision}")
 
 
@@ -372,7 +619,6 @@ def campaigns_simulate(
     """
     import time
 
-    from outreach.core.errors import CampaignError
     from outreach.ops.simulate.run import simulate
 
     settings = _settings()
@@ -447,9 +693,11 @@ def candidates_import(path: Path) -> None:
     Columns: external_id (required), name, email, phone, locale, timezone, source, tags (separated by ; or |),
     nurture_consent (yes/no).
     """
+    from sqlalchemy import select
     from sqlalchemy.orm import Session
 
     from outreach.core.db import get_engine
+    from outreach.core.models import Candidate
     from outreach.domain.candidates import CandidateIn, parse_candidate, upsert_candidate
 
     settings = _settings()
@@ -480,13 +728,11 @@ def candidates_import(path: Path) -> None:
             click.echo(line, err=True)
         raise click.ClickException(f"{len(errors)} invalid row(s); nothing was imported")
     engine = get_engine(settings.database_url)
-    with (
-        Session(engine) as session,
-        session.begin(),
-        click.progressbar(parsed, label="importing", file=sys.stderr) as bar,
-    ):
-        for candidate in bar:
-            upsert_candidate(session, candidate, settings)
+    with Session(engine) as session, session.begin():
+        session.execute(select(Candidate.id).limit(1))  # the database and its tables answer before progress shows
+        with click.progressbar(parsed, label="importing", file=sys.stderr) as bar:
+            for candidate in bar:
+                upsert_candidate(session, candidate, settings)
     click.echo(f"imported {len(parsed)} candidate(s)")
 
 
@@ -513,14 +759,20 @@ def event(
     from outreach.pipeline.enrollment import EventIn, record_event
 
     settings = _settings()
-    runtime = _runtime_for_commands(settings)
     try:
         data = json.loads(data_text) if data_text else {}
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON ({exc.msg} at character {exc.pos})", param_hint="--data") from None
+    try:
         event_in = EventIn(
             type=event_type, job_id=job_id, reason=reason, occurred_at=_parse_when(at_text, "--at"), data=data
         )
-    except (PydanticError, json.JSONDecodeError) as exc:
-        raise click.ClickException(f"invalid event: {exc}") from None
+    except PydanticError as exc:
+        # Fields and what is wrong with them; never the values given (they may be personal data).
+        wrong = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'event'}: {e['msg']}" for e in exc.errors())
+        raise click.ClickException(f"invalid event: {wrong}") from None
+    # Only then the providers or the sandbox: a command that could not send stops before the event is stored.
+    runtime = _runtime_for_commands(settings)
     try:
         with Session(runtime.engine, expire_on_commit=False) as session, session.begin():
             recorded, enrollments = record_event(
@@ -714,7 +966,12 @@ def _report_csv(rates: list[Any], funnel: Any, slas: list[Any]) -> str:
     default=None,
     help="Group the rates (default: one total).",
 )
-@click.option("--bucket", type=click.Choice(["day", "week"]), default=None, help="Also split the rates by period.")
+@click.option(
+    "--bucket",
+    type=click.Choice(["day", "week", "month"]),
+    default=None,
+    help="Also split the rates by period: UTC days, Monday weeks, or months in the company timezone.",
+)
 @click.option(
     "--format", "output_format", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True
 )
@@ -737,7 +994,9 @@ def report(since_text: str, until_text: str | None, by: str | None, bucket: str 
     dimension = analytics.parse_dimension(by)
     period = analytics.parse_bucket(bucket)
     engine = get_engine(settings.database_url)
-    rates = analytics.rates(engine, by=dimension, since=since, until=until, bucket=period)
+    rates = analytics.rates(
+        engine, by=dimension, since=since, until=until, bucket=period, timezone=settings.company_timezone
+    )
     funnel = analytics.funnel(engine, since=since, until=until)
     slas = analytics.sla(engine, since=since, until=until, now=now)
     if output_format == "json":

@@ -22,7 +22,7 @@ def history(runtime: Runtime) -> synth.History:
     return h
 
 
-def run(runtime: Runtime, *args: str) -> str:
+def run(runtime: Runtime, *args: str, company_timezone: str = "Asia/Shanghai") -> str:
     env = {k: v for k, v in os.environ.items() if k.startswith("OUTREACH_")}
     env = dict.fromkeys(env, None)  # type: ignore[arg-type]
     env.update(
@@ -31,6 +31,7 @@ def run(runtime: Runtime, *args: str) -> str:
             "OUTREACH_CAMPAIGNS_DIR": str(runtime.settings.campaigns_dir),
             "OUTREACH_TEMPLATES_DIR": str(runtime.settings.templates_dir),
             "OUTREACH_LOG_LEVEL": "WARNING",
+            "OUTREACH_COMPANY_TIMEZONE": company_timezone,
         }
     )
     result = CliRunner().invoke(main, ["report", *args], env=env, catch_exceptions=False)
@@ -87,3 +88,57 @@ def test_bad_since_names_the_option(runtime: Runtime) -> None:
     assert result.exit_code == 2 and "--until" in result.output
     result = CliRunner().invoke(main, ["report", "--format", "xml"], env=env)
     assert result.exit_code == 2 and "--format" in result.output
+
+
+def sent_at(runtime: Runtime, *moments: str) -> None:
+    """One delivered email per instant (UTC ISO), to one candidate."""
+    from datetime import datetime
+
+    from sqlalchemy.orm import Session
+
+    from tests.helpers import add_candidate, past_nurture_send
+
+    candidate = add_candidate(runtime, "month-1")
+    with Session(runtime.engine) as session, session.begin():
+        for moment in moments:
+            session.add(past_nurture_send(candidate.id, datetime.fromisoformat(moment)))
+
+
+def test_month_buckets_are_the_company_calendar_months(runtime: Runtime) -> None:
+    # Shanghai is UTC+8 all year: 16:00 UTC is already the next day there.
+    sent_at(
+        runtime,
+        "2027-12-31T15:59:59+00:00",  # 31 December, 23:59:59 in Shanghai
+        "2027-12-31T16:00:00+00:00",  # 1 January 2028, 00:00 in Shanghai: the next year's first month
+        "2028-01-31T15:59:59+00:00",  # 31 January (a 31-day month), the last second in Shanghai
+        "2028-02-28T23:00:00+00:00",  # 29 February 2028 (a leap year), 07:00 in Shanghai
+        "2028-02-29T15:59:59+00:00",  # 29 February, 23:59:59 in Shanghai
+        "2028-02-29T16:00:00+00:00",  # 1 March in Shanghai, still 29 February in UTC
+        "2028-03-31T15:00:00+00:00",  # 31 March, 23:00 in Shanghai
+    )
+    window = ("--since", "2027-12-01T00:00:00+08:00", "--until", "2028-04-01T00:00:00+08:00")
+    document = json.loads(run(runtime, *window, "--by", "period", "--bucket", "month", "--format", "json"))
+    assert [(row["period"], row["messages"]) for row in document["rates"]] == [
+        ("2027-12-01", 1),
+        ("2028-01-01", 2),
+        ("2028-02-01", 2),
+        ("2028-03-01", 2),
+    ]
+    # Another timezone draws the lines elsewhere: UTC keeps 29 February's last hours in February. (No --until:
+    # the months run to the last message.)
+    since = ("--since", "2027-01-01")
+    document = json.loads(run(runtime, *since, "--bucket", "month", "--format", "json", company_timezone="UTC"))
+    assert [(row["period"], row["messages"]) for row in document["rates"]] == [
+        ("2027-12-01", 2),
+        ("2028-01-01", 1),
+        ("2028-02-01", 3),
+        ("2028-03-01", 1),
+    ]
+    table = run(runtime, *window, "--bucket", "month")
+    assert "2028-02-01" in table and "2027-12-01" in table
+
+
+def test_month_is_offered_and_a_wrong_bucket_named(runtime: Runtime) -> None:
+    env = {"OUTREACH_DATABASE_URL": runtime.settings.database_url}
+    result = CliRunner().invoke(main, ["report", "--bucket", "fortnight"], env=env)
+    assert result.exit_code == 2 and "'day', 'week', 'month'" in result.output

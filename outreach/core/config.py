@@ -131,6 +131,8 @@ class Settings:
     default_phone_region: str = "CN"
 
     sandbox_port: int = 8025
+    #: A running provider sandbox that both SDKs send to while the credentials of either provider are missing.
+    sandbox_url: str = ""
     tick_interval: float = 1.0
     claim_batch: int = 1000
     lease_seconds: float = 120.0
@@ -169,6 +171,11 @@ class Settings:
     @property
     def has_twilio_credentials(self) -> bool:
         return bool(self.twilio_account_sid and self.twilio_auth_token)
+
+    @property
+    def has_all_credentials(self) -> bool:
+        """Both providers' credentials are set: no sandbox is used (``outreach up`` starts none)."""
+        return self.has_sendgrid_credentials and self.has_twilio_credentials
 
     def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -210,6 +217,7 @@ class Settings:
             ),
             default_phone_region=text("OUTREACH_DEFAULT_PHONE_REGION", defaults.default_phone_region).upper(),
             sandbox_port=int(_number(text("OUTREACH_SANDBOX_PORT", "8025"), "OUTREACH_SANDBOX_PORT")),
+            sandbox_url=text("OUTREACH_SANDBOX_URL", "").rstrip("/"),
             tick_interval=_number(text("OUTREACH_TICK_INTERVAL", "1.0"), "OUTREACH_TICK_INTERVAL"),
             claim_batch=int(_number(text("OUTREACH_CLAIM_BATCH", "1000"), "OUTREACH_CLAIM_BATCH")),
             lease_seconds=_number(text("OUTREACH_LEASE_SECONDS", "120"), "OUTREACH_LEASE_SECONDS"),

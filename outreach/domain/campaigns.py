@@ -41,6 +41,7 @@ import yaml
 from croniter import croniter
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic import ValidationError as PydanticValidationError
+from pydantic_core import ErrorDetails
 
 from outreach.core.errors import CampaignError, Problem
 from outreach.core.models import Channel, Stage
@@ -267,6 +268,15 @@ def _field_name(loc: Iterable[Any]) -> str:
     return out or "(file)"
 
 
+def _follow_on(error: ErrorDetails, errors: Iterable[ErrorDetails]) -> bool:
+    """A list's length error caused by its own invalid items: pydantic counts a list's items after dropping the
+    ones that failed, so one invalid step also reports "steps: should have at least 1 item … not 0"."""
+    if error["type"] != "too_short":
+        return False
+    loc = tuple(error["loc"])
+    return any(len(other["loc"]) > len(loc) and tuple(other["loc"][: len(loc)]) == loc for other in errors)
+
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -355,7 +365,10 @@ def load_yaml_model(path: Path, model: type[M], expected: str) -> tuple[M | None
         return model.model_validate(data), [], lines
     except PydanticValidationError as exc:
         problems = []
-        for error in exc.errors():
+        errors = exc.errors()
+        for error in errors:
+            if _follow_on(error, errors):
+                continue
             loc = tuple(part for part in error["loc"] if not (isinstance(part, str) and "[" in part))
             message = error["msg"].removeprefix("Value error, ")
             if error["type"] == "extra_forbidden":
@@ -384,17 +397,49 @@ def campaign_files(directory: Path) -> list[Path]:
     )
 
 
-def load_campaigns(directory: Path) -> CampaignSet:
-    """Load every campaign in ``directory``; raise :class:`CampaignError` listing every problem."""
+class _StepsOnly(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    steps: list[Any] = []
+
+
+def readable_steps(path: Path) -> list[tuple[int, Step]]:
+    """The steps of a campaign file that are valid on their own, with their 0-based indexes (for a file with
+    problems elsewhere, whose templates are still worth checking); none when the file is not a readable mapping."""
+    found, _, _ = load_yaml_model(path, _StepsOnly, "steps")
+    if found is None:
+        return []
+    steps: list[tuple[int, Step]] = []
+    for index, raw in enumerate(found.steps):
+        try:
+            steps.append((index, Step.model_validate(raw)))
+        except PydanticValidationError:
+            continue
+    return steps
+
+
+@dataclass(frozen=True)
+class CampaignScan:
+    """What a campaigns folder holds: the valid campaigns, every problem, and the readable steps of the files
+    that have problems (``(file, step index, step)``), so one pass can still check their templates."""
+
+    campaigns: CampaignSet
+    problems: list[Problem]
+    steps_of_invalid: tuple[tuple[Path, int, Step], ...] = ()
+
+
+def scan_campaigns(directory: Path) -> CampaignScan:
+    """Load every campaign file in ``directory``, keeping the valid ones beside the problems of the others."""
     problems: list[Problem] = []
     campaigns: dict[str, Campaign] = {}
     sources: dict[str, Path] = {}
+    invalid: list[tuple[Path, int, Step]] = []
     if not directory.is_dir():
-        raise CampaignError([Problem(str(directory), None, "(folder)", "campaigns folder not found")])
+        problems.append(Problem(str(directory), None, "(folder)", "campaigns folder not found"))
     for path in campaign_files(directory):
         campaign, found = load_campaign_file(path)
         problems.extend(found)
         if campaign is None:
+            invalid.extend((path, index, step) for index, step in readable_steps(path))
             continue
         if campaign.name in campaigns:
             problems.append(
@@ -403,9 +448,15 @@ def load_campaigns(directory: Path) -> CampaignSet:
             continue
         campaigns[campaign.name] = campaign
         sources[campaign.name] = path
-    if problems:
-        raise CampaignError(problems)
-    return CampaignSet(campaigns=campaigns, sources=sources)
+    return CampaignScan(CampaignSet(campaigns=campaigns, sources=sources), problems, tuple(invalid))
+
+
+def load_campaigns(directory: Path) -> CampaignSet:
+    """Load every campaign in ``directory``; raise :class:`CampaignError` listing every problem."""
+    scan = scan_campaigns(directory)
+    if scan.problems:
+        raise CampaignError(scan.problems)
+    return scan.campaigns
 
 
 def field_line(path: Path, loc: tuple[Any, ...]) -> int | None:

@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Literal
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import ColumnElement, Engine, Select, and_, case, func, literal, or_, select
 from sqlalchemy.orm import Session
@@ -101,7 +102,7 @@ class Dimension(StrEnum):
     PERIOD = "period"
 
 
-Bucket = Literal["day", "week"]
+Bucket = Literal["day", "week", "month"]
 
 #: The value a group gets when the dimension is empty (a candidate without a source, a row without a locale).
 UNKNOWN = "unknown"
@@ -117,7 +118,8 @@ class RateRow:
 
     ``key`` is the dimension's value as text (a campaign name, a channel …; for steps the outbox's 0-based step
     index, as ``GET /api/v1/messages`` shows it, so "0" is a campaign's first step); ``period`` is the first day
-    of the bucket (a Monday for weeks, UTC) when a bucket was asked for.
+    of the bucket when a bucket was asked for: the UTC day, the Monday of the week (UTC), or the 1st of the month
+    in the timezone :func:`rates` was given (the company's: a monthly review counts the company's months).
     """
 
     key: str | None
@@ -375,7 +377,9 @@ def parse_bucket(value: str | None, field_name: str = "bucket") -> Bucket | None
         return "day"
     if value.strip() == "week":
         return "week"
-    raise ValidationError(field_name, "must be day or week")
+    if value.strip() == "month":
+        return "month"
+    raise ValidationError(field_name, "must be day, week or month")
 
 
 def check_window(since: datetime | None, until: datetime | None) -> None:
@@ -404,13 +408,43 @@ def _message_time() -> ColumnElement[datetime]:
     return func.coalesce(OutboundMessage.sent_at, OutboundMessage.created_at, type_=UTCDateTime())
 
 
-def _period(engine: Engine, moment: ColumnElement[datetime], bucket: Bucket) -> ColumnElement[str]:
-    """The bucket's first day as ``YYYY-MM-DD`` text, computed by the database (weeks start on Monday)."""
+def _period(engine: Engine, moment: ColumnElement[datetime], bucket: Literal["day", "week"]) -> ColumnElement[str]:
+    """The bucket's first day as ``YYYY-MM-DD`` text, computed by the database in UTC (weeks start on Monday)."""
     if engine.dialect.name == "sqlite":
         if bucket == "week":
             return func.date(moment, "weekday 0", "-6 days")
         return func.date(moment)
     return func.to_char(func.date_trunc(bucket, moment), "YYYY-MM-DD")
+
+
+def _month_starts(first: date, last: date) -> list[date]:
+    """The 1st of every month from ``first``'s to ``last``'s, and of the month after."""
+    starts = [first.replace(day=1)]
+    while starts[-1] <= last:
+        previous = starts[-1]
+        starts.append(date(previous.year + previous.month // 12, previous.month % 12 + 1, 1))
+    return starts
+
+
+def _month(
+    engine: Engine, moment: ColumnElement[datetime], scope: Sequence[ColumnElement[bool]], timezone: str
+) -> ColumnElement[str]:
+    """The first day (``YYYY-MM-DD``) of the calendar month in ``timezone`` that ``moment`` falls in.
+
+    Neither SQLite nor the query can be told a timezone's rules, so the months' boundaries are computed here, as
+    UTC instants between the first and the last message in ``scope``, and compared in one ``CASE``: a message
+    sent at 23:30 UTC on 31 January is in February in Shanghai.
+    """
+    zone = ZoneInfo(timezone)
+    with Session(engine) as session:
+        first, last = session.execute(select(func.min(moment), func.max(moment)).where(*scope)).one()
+    if first is None or last is None:
+        return literal(None)
+    starts = _month_starts(first.astimezone(zone).date(), last.astimezone(zone).date())
+    # The local midnight that starts each month, as an instant; the last one ends the last month.
+    bounds = [datetime(d.year, d.month, d.day, tzinfo=zone).astimezone(UTC) for d in starts]
+    labels = [d.isoformat() for d in starts]
+    return case(*((moment < bounds[i + 1], labels[i]) for i in range(len(starts) - 1)), else_=labels[-1])
 
 
 def _attributed(kind: str, since: datetime | None) -> Select[Any]:
@@ -461,12 +495,14 @@ def rates(
     since: datetime | None = None,
     until: datetime | None = None,
     bucket: Bucket | None = None,
+    timezone: str = "UTC",
 ) -> list[RateRow]:
     """Counts and rates of the messages sent in ``[since, until)``, grouped by ``by`` and/or period ``bucket``.
 
     ``by=Dimension.PERIOD`` groups by ``bucket`` alone (``day`` when not given). Groups are sorted by period,
-    then key. Without ``by`` and ``bucket`` there is one row (``key`` None) even when nothing was sent. See the
-    module notes for what every count means.
+    then key. Without ``by`` and ``bucket`` there is one row (``key`` None) even when nothing was sent. Day and
+    week buckets are UTC days and Monday weeks; month buckets are calendar months in ``timezone`` (callers pass
+    the company's). See the module notes for what every count means.
     """
     if by is Dimension.PERIOD:
         bucket, by = bucket or "day", None
@@ -493,7 +529,16 @@ def rates(
     elif by is Dimension.SOURCE:
         key = func.coalesce(Candidate.source, UNKNOWN)
         query_from = m.__table__.join(Candidate.__table__, Candidate.id == m.candidate_id)
-    period: ColumnElement[Any] = _period(engine, moment, bucket) if bucket else literal(None)
+    scope = [m.category != AUTO_REPLY, m.status.in_(ATTEMPTED)]
+    if since is not None:
+        scope.append(moment >= since)
+    if until is not None:
+        scope.append(moment < until)
+    period: ColumnElement[Any] = literal(None)
+    if bucket == "month":
+        period = _month(engine, moment, scope, timezone)
+    elif bucket:
+        period = _period(engine, moment, bucket)
     query = (
         select(
             period.label("period"),
@@ -508,12 +553,8 @@ def rates(
             _count(m.id.in_(_with_event(since, "bounced"))),
         )
         .select_from(query_from)
-        .where(m.category != AUTO_REPLY, m.status.in_(ATTEMPTED))
+        .where(*scope)
     )
-    if since is not None:
-        query = query.where(moment >= since)
-    if until is not None:
-        query = query.where(moment < until)
     grouped = by is not None or bucket is not None
     if grouped:
         groups = [g for g, used in ((period, bucket), (key, by)) if used]

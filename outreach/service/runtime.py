@@ -45,6 +45,11 @@ class Runtime:
     #: Where the scheduler's outbox ids come from (None: random ids; the simulator passes a seeded source).
     new_id: Callable[[], str] | None = None
 
+    def __post_init__(self) -> None:
+        # OUTREACH_SANDBOX_URL stands in for the providers while their credentials are not both set.
+        if self.sandbox_url is None and self.settings.sandbox_url and not self.settings.has_all_credentials:
+            self.sandbox_url = self.settings.sandbox_url
+
     @cached_property
     def engine(self) -> Engine:
         return get_engine(self.settings.database_url)

@@ -15,13 +15,13 @@ renders with the context the campaign's trigger will actually provide:
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from outreach.core.errors import CampaignError, Problem, TemplateError
-from outreach.domain.campaigns import Campaign, CampaignSet, EventType, field_line, load_campaigns
+from outreach.domain.campaigns import Campaign, CampaignSet, EventType, Step, field_line, scan_campaigns
 from outreach.domain.event_data import EVENTS_FILE, EventContract, contract_problems
 from outreach.domain.render import EMAIL_PARTS, Renderer
 from outreach.pipeline.samples import sample_context
@@ -102,23 +102,11 @@ def _render(renderer: Renderer, channel: str, template: str, locale: str, contex
         renderer.render_sms(template, locale, context)
 
 
-def _check_step(
-    campaign: Campaign, source: Path | None, index: int, renderer: Renderer, contract: EventContract | None
-) -> list[Problem]:
-    step = campaign.steps[index]
-    channel = step.channel.value
-    template = step.template
-    file = str(source) if source is not None else campaign.name
-    line = field_line(source, ("steps", index, "template")) if source is not None else None
-    field = f"steps[{index}].template"
+def _check_files(channel: str, template: str, renderer: Renderer, problem: Callable[[str], Problem]) -> list[Problem]:
+    """The template's files: it exists on the channel, completely in every locale it has, and in the default one."""
     default = renderer.default_locale
-
-    def problem(message: str) -> Problem:
-        return Problem(file, line, field, message)
-
     available = renderer.locales(channel, template)
     incomplete = renderer.incomplete_locales(channel, template)
-    problems: list[Problem] = []
     if not available and not incomplete:
         return [
             problem(
@@ -126,6 +114,7 @@ def _check_step(
                 " in the templates folder (or fix the name)"
             )
         ]
+    problems: list[Problem] = []
     for locale, missing in incomplete.items():
         problems.append(
             problem(
@@ -141,6 +130,24 @@ def _check_step(
                 " fall back to it)"
             )
         )
+    return problems
+
+
+def _check_step(
+    campaign: Campaign, source: Path | None, index: int, renderer: Renderer, contract: EventContract | None
+) -> list[Problem]:
+    step = campaign.steps[index]
+    channel = step.channel.value
+    template = step.template
+    file = str(source) if source is not None else campaign.name
+    line = field_line(source, ("steps", index, "template")) if source is not None else None
+    field = f"steps[{index}].template"
+
+    def problem(message: str) -> Problem:
+        return Problem(file, line, field, message)
+
+    problems = _check_files(channel, template, renderer, problem)
+    available = renderer.locales(channel, template)
     event = campaign.trigger.event
     event_name = event.value if event is not None else ""
     for locale in available:
@@ -168,6 +175,12 @@ def _check_step(
                 problems.append(problem(f"{message}; {advice}" if advice else f"{message}; fix the template"))
                 break
     return problems
+
+
+def _check_readable_step(path: Path, index: int, step: Step, renderer: Renderer) -> list[Problem]:
+    """The template files of a valid step in an invalid campaign file (rendering needs the whole campaign)."""
+    where = Problem(str(path), field_line(path, ("steps", index, "template")), f"steps[{index}].template", "")
+    return _check_files(step.channel.value, step.template, renderer, lambda message: replace(where, message=message))
 
 
 def check_templates(campaigns: CampaignSet, renderer: Renderer) -> list[Problem]:
@@ -201,14 +214,20 @@ def validate_all(
     policy_problems += intent_problems(campaigns_dir)[1]
     contract, contract_found = contract_problems(campaigns_dir / EVENTS_FILE)
     policy_problems += contract_found
-    try:
-        # A broken contract is reported as such, not as every template reading undeclared fields.
-        campaigns = replace(load_campaigns(campaigns_dir), events=None if contract_found else contract)
-    except CampaignError as exc:
-        return None, policy_problems + list(exc.problems)
+    # Files with problems leave the others (and their own readable steps) to be checked in the same pass.
+    scan = scan_campaigns(campaigns_dir)
+    # A broken contract is reported as such, not as every template reading undeclared fields.
+    campaigns = replace(scan.campaigns, events=None if contract_found else contract)
+    loaded = None if scan.problems else campaigns
     if not templates_dir.is_dir():
-        return campaigns, [
+        return loaded, [
             *policy_problems,
+            *scan.problems,
             Problem(str(templates_dir), None, "(folder)", "templates folder not found"),
         ]
-    return campaigns, policy_problems + check_templates(campaigns, Renderer(templates_dir, default_locale))
+    renderer = Renderer(templates_dir, default_locale)
+    found = [*scan.problems, *check_templates(campaigns, renderer)]
+    for path, index, step in scan.steps_of_invalid:
+        found.extend(_check_readable_step(path, index, step, renderer))
+    # File by file (a stable sort: within a file its own fields first, then its templates).
+    return loaded, policy_problems + sorted(found, key=lambda problem: problem.file)

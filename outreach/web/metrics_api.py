@@ -51,7 +51,10 @@ def get_rates(
     by: Annotated[str | None, Query(description="campaign, step, channel, template, locale, source or period")] = None,
     since: SinceQuery = None,
     until: UntilQuery = None,
-    bucket: Annotated[str | None, Query(description="day or week: also split every group by period")] = None,
+    bucket: Annotated[
+        str | None,
+        Query(description="day, week (UTC) or month (company timezone): also split every group by period"),
+    ] = None,
 ) -> dict[str, Any]:
     """Delivery, open, click, reply, opt-out and bounce counts and rates of the messages sent in the window.
 
@@ -62,7 +65,14 @@ def get_rates(
     dimension = analytics.parse_dimension(by)
     period = analytics.parse_bucket(bucket)
     start, end = _window(since, until)
-    rows = analytics.rates(runtime.engine, by=dimension, since=start, until=end, bucket=period)
+    rows = analytics.rates(
+        runtime.engine,
+        by=dimension,
+        since=start,
+        until=end,
+        bucket=period,
+        timezone=runtime.settings.company_timezone,
+    )
     if dimension is analytics.Dimension.PERIOD:
         period = period or "day"
     return {

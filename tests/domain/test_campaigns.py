@@ -18,6 +18,8 @@ from outreach.domain.campaigns import (
     load_campaign_file,
     load_campaigns,
     parse_duration,
+    readable_steps,
+    scan_campaigns,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -284,6 +286,34 @@ def test_steps_are_required(tmp_path: Path) -> None:
     text = "name: nosteps\ncategory: nurture\ntrigger:\n  event: applied\nsteps: []\n"
     problem = only(problems_of(write(tmp_path, "nosteps", text)))
     assert (problem.field, problem.line) == ("steps", 5)
+
+
+def test_an_invalid_only_step_is_reported_without_a_length_error(tmp_path: Path) -> None:
+    # pydantic counts the steps left after dropping the invalid one: "should have at least 1 item … not 0" is noise.
+    text = "name: fax\ncategory: nurture\ntrigger:\n  event: applied\nsteps:\n  - channel: fax\n    template: x\n"
+    problem = only(problems_of(write(tmp_path, "fax", text)))
+    assert (problem.field, problem.line) == ("steps[0].channel", 6)
+    assert "at least 1 item" not in str(problem)
+
+
+def test_readable_steps_of_a_file_with_problems(tmp_path: Path) -> None:
+    text = VALID.format(name="readable").replace("transactional", "sometimes").replace("5m", "5 minutes")
+    path = write(tmp_path, "readable", text)
+    assert [(index, step.template) for index, step in readable_steps(path)] == [(0, "jd_intro")]
+    assert readable_steps(write(tmp_path, "junk", "steps: {a: 1}\n")) == []
+    assert readable_steps(write(tmp_path, "broken", "steps: [\n")) == []
+
+
+def test_scan_keeps_the_valid_campaigns_beside_the_problems(tmp_path: Path) -> None:
+    write(tmp_path, "good", VALID.format(name="good"))
+    bad = write(tmp_path, "bad", VALID.format(name="bad").replace("transactional", "sometimes"))
+    scan = scan_campaigns(tmp_path)
+    assert [c.name for c in scan.campaigns] == ["good"]
+    assert [(p.file, p.field) for p in scan.problems] == [(str(bad), "category")]
+    assert [(path, index, step.template) for path, index, step in scan.steps_of_invalid] == [
+        (bad, 0, "jd_intro"),
+        (bad, 1, "jd_nudge"),
+    ]
 
 
 def test_folder_reports_every_file_and_skips_non_campaigns(tmp_path: Path) -> None:

@@ -225,6 +225,35 @@ def test_invalid_campaign_files_are_returned_as_problems(seeds: tuple[Path, Path
     assert (problem.file, problem.field, problem.line) == (str(path), "category", line_of(path, "category:"))
 
 
+def test_one_pass_reports_field_errors_and_every_missing_template(seeds: tuple[Path, Path]) -> None:
+    campaigns_dir, templates_dir = seeds
+    # A file with a field error whose step is readable (its missing template is still named) ...
+    broken = campaigns_dir / "final_thanks.yaml"
+    broken.write_text(
+        broken.read_text()
+        .replace("category: transactional", "category: marketing")
+        .replace("template: final_thanks", "template: final_thanx")
+    )
+    # ... one whose only step is unreadable (no follow-on length error) ...
+    unreadable = campaigns_dir / "offer_followup.yaml"
+    unreadable.write_text(unreadable.read_text().replace("channel: email", "channel: fax"))
+    # ... and a valid file naming a missing template: its template is checked all the same.
+    missing = campaigns_dir / "offer_letter.yaml"
+    missing.write_text(missing.read_text().replace("template: offer_letter", "template: offer_leter"))
+    campaigns, problems = validate_all(campaigns_dir, templates_dir)
+    assert campaigns is None
+    found = [(Path(p.file).name, p.line, p.field) for p in problems]
+    assert found == [
+        ("final_thanks.yaml", line_of(broken, "category:"), "category"),
+        ("final_thanks.yaml", line_of(broken, "template: final_thanx"), "steps[0].template"),
+        ("offer_followup.yaml", line_of(unreadable, "channel: fax"), "steps[0].channel"),
+        ("offer_letter.yaml", line_of(missing, "template: offer_leter"), "steps[0].template"),
+    ]
+    assert "no email template named 'final_thanx'" in problems[1].message
+    assert "no email template named 'offer_leter'" in problems[3].message
+    assert not any("at least 1 item" in str(p) for p in problems)
+
+
 def test_missing_templates_folder(seeds: tuple[Path, Path], tmp_path: Path) -> None:
     campaigns_dir, _ = seeds
     campaigns, problems = validate_all(campaigns_dir, tmp_path / "nowhere")

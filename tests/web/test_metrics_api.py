@@ -119,7 +119,7 @@ def test_queue_and_campaigns(ops: TestClient) -> None:
     ("route", "params", "field"),
     [
         ("/api/v1/metrics", {"by": "colour"}, "by"),
-        ("/api/v1/metrics", {"bucket": "month"}, "bucket"),
+        ("/api/v1/metrics", {"bucket": "fortnight"}, "bucket"),
         ("/api/v1/metrics", {"since": "last tuesday"}, "since"),
         ("/api/v1/metrics", {"since": "2026-10-02", "until": "2026-10-01"}, "until"),
         ("/api/v1/metrics/funnel", {"until": "soon"}, "until"),

@@ -20,7 +20,8 @@ The modules, by job: :mod:`~outreach.ops.sandbox.server` (the HTTP server, its r
 :mod:`~outreach.ops.sandbox.sendgrid` and :mod:`~outreach.ops.sandbox.twilio` (what each API accepts or rejects,
 what it answers, the webhooks it posts back), :mod:`~outreach.ops.sandbox.faults` (the faults it can inject),
 :mod:`~outreach.ops.sandbox.pages` (the HTML pages), :mod:`~outreach.ops.sandbox.webhooks` (posting webhooks
-with retries) and :mod:`~outreach.ops.sandbox.messages` (the records kept).
+with retries), :mod:`~outreach.ops.sandbox.messages` (the records kept) and :mod:`~outreach.ops.sandbox.discovery`
+(how the commands of one data folder find the sandbox running for it).
 """
 
 from __future__ import annotations

@@ -62,8 +62,9 @@ class SandboxServer:
 
     ``twilio_auth_token`` signs status callbacks (``X-Twilio-Signature``); any non-empty password is accepted on the
     API itself. When ``sendgrid_event_url`` is given, SendGrid-style signed event batches are posted there;
-    verify them with :attr:`sendgrid_public_key`. A webhook that fails is retried for ``webhook_retry_for``
-    seconds.
+    verify them with :attr:`sendgrid_public_key`. They are signed with ``signing_key`` (a P-256 private key), a new
+    one per server unless one is given (``outreach sandbox`` keeps its own across restarts). A webhook that fails
+    is retried for ``webhook_retry_for`` seconds.
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class SandboxServer:
         *,
         twilio_auth_token: str = "sandbox-token",
         sendgrid_event_url: str | None = None,
+        signing_key: ec.EllipticCurvePrivateKey | None = None,
         webhook_retry_for: float = 120.0,
         keep_bodies: bool = True,
         latency: float = 0.0,
@@ -90,7 +92,7 @@ class SandboxServer:
         self.twilio_auth_token = twilio_auth_token
         self.sendgrid_event_url = sendgrid_event_url
         self._validator = RequestValidator(twilio_auth_token)
-        self._signing_key = ec.generate_private_key(ec.SECP256R1())
+        self._signing_key = signing_key or ec.generate_private_key(ec.SECP256R1())
         der = self._signing_key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
@@ -148,6 +150,12 @@ class SandboxServer:
             self._thread.join(timeout=2.0)
             self._thread = None
         self._dispatcher.close()
+
+    def wait(self) -> None:
+        """Block until the server stops (:meth:`stop` from another thread); Ctrl-C raises as usual."""
+        thread = self._thread
+        while thread is not None and thread.is_alive():
+            thread.join(timeout=0.5)
 
     def __enter__(self) -> SandboxServer:
         return self.start()
@@ -589,16 +597,20 @@ def serve(
     port: int = 8025,
     twilio_auth_token: str = "sandbox-token",
     sendgrid_event_url: str | None = None,
+    signing_key: ec.EllipticCurvePrivateKey | None = None,
 ) -> None:
     """Run the sandbox in the foreground until interrupted (Ctrl-C)."""
     sandbox = SandboxServer(
-        host, port, twilio_auth_token=twilio_auth_token, sendgrid_event_url=sendgrid_event_url
+        host,
+        port,
+        twilio_auth_token=twilio_auth_token,
+        sendgrid_event_url=sendgrid_event_url,
+        signing_key=signing_key,
     ).start()
     log.info("sandbox listening on %s", sandbox.url)
     log.info("SendGrid event webhook public key: %s", sandbox.sendgrid_public_key)
     try:
-        while sandbox._thread is not None and sandbox._thread.is_alive():
-            sandbox._thread.join(timeout=0.5)
+        sandbox.wait()
     except KeyboardInterrupt:
         pass
     finally:
