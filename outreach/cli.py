@@ -492,9 +492,9 @@ def event(
     data_text: str | None,
 ) -> None:
     """Record a candidate event (applied, offer_extended, …) and start the campaigns it triggers."""
-    from pydantic import ValidationError as PydanticError
     from sqlalchemy.orm import Session
 
+    from outreach.core.inputs import validate
     from outreach.domain.intent import load_intent
     from outreach.pipeline.enrollment import EventIn, record_event
 
@@ -502,10 +502,14 @@ def event(
     runtime = _runtime_for_commands(settings)
     try:
         data = json.loads(data_text) if data_text else {}
-        event_in = EventIn(
-            type=event_type, job_id=job_id, reason=reason, occurred_at=_parse_when(at_text, "--at"), data=data
-        )
-    except (PydanticError, json.JSONDecodeError) as exc:
+    except (json.JSONDecodeError, RecursionError):
+        raise click.BadParameter("not a JSON object", param_hint="--data") from None
+    try:
+        when = _parse_when(at_text, "--at")
+        fields = {"type": event_type, "job_id": job_id, "reason": reason, "occurred_at": when, "data": data}
+        event_in = validate(EventIn, fields)
+    except ValidationError as exc:
+        # Fields and what is wrong with them; never the values (personal data).
         raise click.ClickException(f"invalid event: {exc}") from None
     try:
         with Session(runtime.engine, expire_on_commit=False) as session, session.begin():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -11,6 +10,7 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from outreach.core.errors import NotFoundError
+from outreach.core.inputs import UTCInstant
 from outreach.core.models import Candidate, Job, OutboundMessage
 from outreach.domain.candidates import CandidateIn, JobIn, upsert_candidate, upsert_job
 from outreach.domain.intent import load_intent
@@ -191,7 +191,7 @@ def list_messages(
     candidate: str | None = None,
     campaign: str | None = None,
     status: str | None = None,
-    since: datetime | None = None,
+    since: UTCInstant | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
     query = select(OutboundMessage, Candidate.external_id).join(Candidate, Candidate.id == OutboundMessage.candidate_id)
@@ -202,7 +202,6 @@ def list_messages(
     if status:
         query = query.where(OutboundMessage.status == status)
     if since:
-        since = since if since.tzinfo else since.replace(tzinfo=UTC)
         query = query.where(OutboundMessage.created_at >= since)
     query = query.order_by(OutboundMessage.created_at.desc(), OutboundMessage.step.desc()).limit(limit)
     with Session(runtime.engine) as session:
