@@ -23,6 +23,7 @@ from outreach.core.config import Settings, get_settings
 from outreach.core.errors import ValidationError
 from outreach.core.inputs import InputModel, Int32, validate
 from outreach.core.models import Candidate, Job
+from outreach.core.sql import insert_ignore
 
 _TAG = re.compile(r"^[a-z0-9_]+(:[^\s:,][^\s,]{0,63})?$")
 
@@ -162,24 +163,41 @@ def parse_candidate(payload: dict[str, Any], settings: Settings | None = None) -
 
 def upsert_candidate(session: Session, data: CandidateIn, settings: Settings | None = None) -> Candidate:
     """Insert or update by ``external_id``; fields left out keep their stored value."""
+    return save_candidate(session, data, settings)[0]
+
+
+def save_candidate(session: Session, data: CandidateIn, settings: Settings | None = None) -> tuple[Candidate, bool]:
+    """:func:`upsert_candidate`, and whether this call created the row.
+
+    One ``INSERT … ON CONFLICT DO NOTHING`` decides, so callers racing with the same new ``external_id`` create it
+    exactly once: on PostgreSQL the others wait for the first one's commit, then find its row (locked, so their
+    updates apply one after another) and update it. Reading first and inserting after let every racer insert.
+    """
     settings = settings or get_settings()
-    candidate = session.scalar(select(Candidate).where(Candidate.external_id == data.external_id))
-    given = data.model_dump(exclude_unset=True)
-    if candidate is None:
-        candidate = Candidate(
-            external_id=data.external_id,
-            name=data.name,
-            email=data.email,
-            phone=data.phone,
-            locale=data.locale or settings.default_locale,
-            timezone=data.timezone,
-            source=data.source,
-            tags=list(data.tags),
-            nurture_consent=bool(data.nurture_consent),
-            data=dict(data.data or {}),
-        )
-        session.add(candidate)
-    else:
+    now = utcnow()
+    created = insert_ignore(
+        session,
+        Candidate,
+        {
+            "external_id": data.external_id,
+            "name": data.name,
+            "email": data.email,
+            "phone": data.phone,
+            "locale": data.locale or settings.default_locale,
+            "timezone": data.timezone,
+            "source": data.source,
+            "tags": list(data.tags),
+            "nurture_consent": bool(data.nurture_consent),
+            "data": dict(data.data or {}),
+            "created_at": now,
+            "updated_at": now,
+        },
+    )
+    candidate = session.scalars(
+        select(Candidate).where(Candidate.external_id == data.external_id).with_for_update()
+    ).one()
+    if not created:
+        given = data.model_dump(exclude_unset=True)
         for name in ("name", "email", "phone", "locale", "timezone", "source", "nurture_consent"):
             if name in given and given[name] is not None:
                 setattr(candidate, name, given[name])
@@ -187,23 +205,28 @@ def upsert_candidate(session: Session, data: CandidateIn, settings: Settings | N
             candidate.tags = list(data.tags)
         if data.data:
             candidate.data = {**candidate.data, **data.data}
-        candidate.updated_at = utcnow()
-    session.flush()
-    return candidate
+        candidate.updated_at = now
+        session.flush()
+    return candidate, created
 
 
 def upsert_job(session: Session, data: JobIn) -> Job:
-    job = session.scalar(select(Job).where(Job.external_id == data.external_id))
+    """Insert or replace by ``external_id``."""
+    return save_job(session, data)[0]
+
+
+def save_job(session: Session, data: JobIn) -> tuple[Job, bool]:
+    """:func:`upsert_job`, and whether this call created the row (atomically, as :func:`save_candidate`)."""
     values = data.model_dump()
-    if job is None:
-        job = Job(**values)
-        session.add(job)
-    else:
+    now = utcnow()
+    created = insert_ignore(session, Job, {**values, "created_at": now, "updated_at": now})
+    job = session.scalars(select(Job).where(Job.external_id == data.external_id).with_for_update()).one()
+    if not created:
         for name, value in values.items():
             setattr(job, name, value)
-        job.updated_at = utcnow()
-    session.flush()
-    return job
+        job.updated_at = now
+        session.flush()
+    return job, created
 
 
 def add_tags(candidate: Candidate, *tags: str) -> None:
