@@ -752,25 +752,24 @@ def event(
     data_text: str | None,
 ) -> None:
     """Record a candidate event (applied, offer_extended, …) and start the campaigns it triggers."""
-    from pydantic import ValidationError as PydanticError
     from sqlalchemy.orm import Session
 
+    from outreach.core.inputs import validate
     from outreach.domain.intent import load_intent
     from outreach.pipeline.enrollment import EventIn, record_event
 
     settings = _settings()
     try:
         data = json.loads(data_text) if data_text else {}
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not JSON ({exc.msg} at character {exc.pos})", param_hint="--data") from None
+    except (json.JSONDecodeError, RecursionError):
+        raise click.BadParameter("not a JSON object", param_hint="--data") from None
     try:
-        event_in = EventIn(
-            type=event_type, job_id=job_id, reason=reason, occurred_at=_parse_when(at_text, "--at"), data=data
-        )
-    except PydanticError as exc:
-        # Fields and what is wrong with them; never the values given (they may be personal data).
-        wrong = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'event'}: {e['msg']}" for e in exc.errors())
-        raise click.ClickException(f"invalid event: {wrong}") from None
+        when = _parse_when(at_text, "--at")
+        fields = {"type": event_type, "job_id": job_id, "reason": reason, "occurred_at": when, "data": data}
+        event_in = validate(EventIn, fields)
+    except ValidationError as exc:
+        # Fields and what is wrong with them; never the values (personal data).
+        raise click.ClickException(f"invalid event: {exc}") from None
     # Only then the providers or the sandbox: a command that could not send stops before the event is stored.
     runtime = _runtime_for_commands(settings)
     try:

@@ -134,6 +134,30 @@ def test_import_rejects_the_whole_file_on_a_bad_row(env: dict[str, str], tmp_pat
     assert "nothing was imported" in result.stderr
 
 
+def test_import_reports_values_the_database_cannot_hold_per_row(
+    env: dict[str, str], tmp_path: Path, pg_database_url: str
+) -> None:
+    """On PostgreSQL, which stores no NUL: the row is reported like any bad row, not a traceback."""
+    csv_file = tmp_path / "people.csv"
+    csv_file.write_text(
+        "external_id,name,email,tags\nok-1,Ann,ok@example.org,stack:java\nbad-1,Bo,bo@example.org,stack:ja\x00va\n",
+        encoding="utf-8",
+    )
+    result = outreach("candidates", "import", str(csv_file), env={**env, "OUTREACH_DATABASE_URL": pg_database_url})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"{csv_file}:3: tags: must not contain NUL characters" in result.stderr
+    assert "nothing was imported" in result.stderr
+
+
+def test_event_names_the_bad_field_without_its_value(env: dict[str, str]) -> None:
+    assert outreach("db", "upgrade", env=env).returncode == 0
+    result = outreach("event", "c-1", "applied", "--data", json.dumps({"note": "Quillon\u0000"}), env=env)
+    assert result.returncode == 1
+    assert "data: must not contain NUL characters" in result.stderr
+    assert "Quillon" not in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.mark.slow
 def test_up_answers_healthz_and_sends_the_jd_mail_within_five_seconds(env: dict[str, str]) -> None:
     port, sandbox_port = free_port(), free_port()

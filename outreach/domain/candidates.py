@@ -14,14 +14,16 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
 from email_validator import EmailNotValidError, validate_email
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from outreach.core.clock import utcnow
 from outreach.core.config import Settings, get_settings
 from outreach.core.errors import ValidationError
+from outreach.core.inputs import InputModel, Int32, validate
 from outreach.core.models import Candidate, Job
+from outreach.core.sql import insert_ignore
 
 _TAG = re.compile(r"^[a-z0-9_]+(:[^\s:,][^\s,]{0,63})?$")
 
@@ -84,43 +86,21 @@ def check_tags(values: list[str]) -> list[str]:
     return cleaned
 
 
-def no_nul(value: Any) -> Any:
-    """Refuse NUL characters anywhere in a value (strings, and keys and items of nested data): PostgreSQL cannot
-    store them in text or JSONB, so they would fail the write instead of the request."""
-    pending = [value]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                raise ValueError("must not contain NUL characters")
-        elif isinstance(item, dict):
-            pending.extend(item.keys())
-            pending.extend(item.values())
-        elif isinstance(item, list | tuple):
-            pending.extend(item)
-    return value
-
-
-class CandidateIn(BaseModel):
+class CandidateIn(InputModel):
     """A candidate as the ATS sends it. Unknown fields are refused so typos do not vanish silently."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
     external_id: str = Field(min_length=1, max_length=128)
     name: str = Field(default="", max_length=200)
-    email: str | None = None
-    phone: str | None = None
-    locale: str | None = None
-    timezone: str | None = None
+    email: str | None = Field(default=None, max_length=320)
+    phone: str | None = Field(default=None, max_length=64)
+    locale: str | None = Field(default=None, max_length=16)
+    timezone: str | None = Field(default=None, max_length=64)
     source: str | None = Field(default=None, max_length=64)
     tags: list[str] = Field(default_factory=list, max_length=100)
     nurture_consent: bool | None = None
     data: dict[str, Any] | None = None
-
-    @field_validator("external_id", "name", "source", "data", mode="after")
-    @classmethod
-    def _no_nul(cls, value: Any) -> Any:
-        return no_nul(value)
 
     @field_validator("email")
     @classmethod
@@ -148,7 +128,7 @@ class CandidateIn(BaseModel):
         return check_tags(value)
 
 
-class JobIn(BaseModel):
+class JobIn(InputModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
     external_id: str = Field(min_length=1, max_length=128)
@@ -156,8 +136,8 @@ class JobIn(BaseModel):
     department: str | None = Field(default=None, max_length=200)
     location: str | None = Field(default=None, max_length=200)
     description: str = Field(default="", max_length=20000)
-    salary_min: int | None = Field(default=None, ge=0)
-    salary_max: int | None = Field(default=None, ge=0)
+    salary_min: Int32 | None = Field(default=None, ge=0)
+    salary_max: Int32 | None = Field(default=None, ge=0)
     booking_url: str | None = Field(default=None, max_length=500, pattern=r"^https?://\S+$")
     tags: list[str] = Field(default_factory=list, max_length=100)
 
@@ -165,11 +145,6 @@ class JobIn(BaseModel):
     @classmethod
     def _tags(cls, value: list[str]) -> list[str]:
         return check_tags(value)
-
-    @field_validator("external_id", "title", "department", "location", "description", mode="after")
-    @classmethod
-    def _no_nul(cls, value: Any) -> Any:
-        return no_nul(value)
 
     @field_validator("salary_max")
     @classmethod
@@ -181,37 +156,48 @@ class JobIn(BaseModel):
 
 
 def parse_candidate(payload: dict[str, Any], settings: Settings | None = None) -> CandidateIn:
-    """Validate a raw mapping, raising :class:`ValidationError` that names the first bad field."""
-    from pydantic import ValidationError as PydanticError
-
-    try:
-        return CandidateIn.model_validate(payload, context={"settings": settings or get_settings()})
-    except PydanticError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "(body)"
-        raise ValidationError(field, first["msg"].removeprefix("Value error, ")) from None
+    """Validate a raw mapping, raising :class:`ValidationError` that names every bad field (the first as
+    ``field``)."""
+    return validate(CandidateIn, payload, {"settings": settings or get_settings()})
 
 
 def upsert_candidate(session: Session, data: CandidateIn, settings: Settings | None = None) -> Candidate:
     """Insert or update by ``external_id``; fields left out keep their stored value."""
+    return save_candidate(session, data, settings)[0]
+
+
+def save_candidate(session: Session, data: CandidateIn, settings: Settings | None = None) -> tuple[Candidate, bool]:
+    """:func:`upsert_candidate`, and whether this call created the row.
+
+    One ``INSERT … ON CONFLICT DO NOTHING`` decides, so callers racing with the same new ``external_id`` create it
+    exactly once: on PostgreSQL the others wait for the first one's commit, then find its row (locked, so their
+    updates apply one after another) and update it. Reading first and inserting after let every racer insert.
+    """
     settings = settings or get_settings()
-    candidate = session.scalar(select(Candidate).where(Candidate.external_id == data.external_id))
-    given = data.model_dump(exclude_unset=True)
-    if candidate is None:
-        candidate = Candidate(
-            external_id=data.external_id,
-            name=data.name,
-            email=data.email,
-            phone=data.phone,
-            locale=data.locale or settings.default_locale,
-            timezone=data.timezone,
-            source=data.source,
-            tags=list(data.tags),
-            nurture_consent=bool(data.nurture_consent),
-            data=dict(data.data or {}),
-        )
-        session.add(candidate)
-    else:
+    now = utcnow()
+    created = insert_ignore(
+        session,
+        Candidate,
+        {
+            "external_id": data.external_id,
+            "name": data.name,
+            "email": data.email,
+            "phone": data.phone,
+            "locale": data.locale or settings.default_locale,
+            "timezone": data.timezone,
+            "source": data.source,
+            "tags": list(data.tags),
+            "nurture_consent": bool(data.nurture_consent),
+            "data": dict(data.data or {}),
+            "created_at": now,
+            "updated_at": now,
+        },
+    )
+    candidate = session.scalars(
+        select(Candidate).where(Candidate.external_id == data.external_id).with_for_update()
+    ).one()
+    if not created:
+        given = data.model_dump(exclude_unset=True)
         for name in ("name", "email", "phone", "locale", "timezone", "source", "nurture_consent"):
             if name in given and given[name] is not None:
                 setattr(candidate, name, given[name])
@@ -219,23 +205,28 @@ def upsert_candidate(session: Session, data: CandidateIn, settings: Settings | N
             candidate.tags = list(data.tags)
         if data.data:
             candidate.data = {**candidate.data, **data.data}
-        candidate.updated_at = utcnow()
-    session.flush()
-    return candidate
+        candidate.updated_at = now
+        session.flush()
+    return candidate, created
 
 
 def upsert_job(session: Session, data: JobIn) -> Job:
-    job = session.scalar(select(Job).where(Job.external_id == data.external_id))
+    """Insert or replace by ``external_id``."""
+    return save_job(session, data)[0]
+
+
+def save_job(session: Session, data: JobIn) -> tuple[Job, bool]:
+    """:func:`upsert_job`, and whether this call created the row (atomically, as :func:`save_candidate`)."""
     values = data.model_dump()
-    if job is None:
-        job = Job(**values)
-        session.add(job)
-    else:
+    now = utcnow()
+    created = insert_ignore(session, Job, {**values, "created_at": now, "updated_at": now})
+    job = session.scalars(select(Job).where(Job.external_id == data.external_id).with_for_update()).one()
+    if not created:
         for name, value in values.items():
             setattr(job, name, value)
-        job.updated_at = utcnow()
-    session.flush()
-    return job
+        job.updated_at = now
+        session.flush()
+    return job, created
 
 
 def add_tags(candidate: Candidate, *tags: str) -> None:

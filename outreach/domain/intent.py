@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from outreach.core.clock import utcnow
 from outreach.core.errors import CampaignError, Problem, ValidationError
+from outreach.core.inputs import INT32_MAX
 from outreach.core.models import Candidate, IntentAssessment, Stage, StageChange
 from outreach.domain.campaigns import load_yaml_model, parse_duration
 
@@ -330,7 +331,7 @@ def encode_cursor(candidate_id: int) -> str:
 def decode_cursor(cursor: str) -> int:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        if not raw.startswith("c"):
+        if not raw.startswith("c") or not raw[1:].isdigit() or not 0 <= int(raw[1:]) <= INT32_MAX:
             raise ValueError(cursor)
         return int(raw[1:])
     except ValueError:

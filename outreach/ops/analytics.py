@@ -48,7 +48,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import ColumnElement, Engine, Select, and_, case, func, literal, or_, select
 from sqlalchemy.orm import Session
 
-from outreach.core.clock import utcnow
+from outreach.core.clock import check_instant, utcnow
 from outreach.core.errors import ValidationError
 from outreach.core.models import (
     AUTO_REPLY,
@@ -350,15 +350,21 @@ def parse_moment(value: str | None, field_name: str, now: datetime | None = None
     if value is None or not value.strip():
         return None
     match = _AGO.match(value)
-    if match:
-        return (now or utcnow()) - int(match.group(1)) * _AGO_UNITS[match.group(2)]
     try:
-        moment = datetime.fromisoformat(value.strip())
+        if match:
+            moment = (now or utcnow()) - int(match.group(1)) * _AGO_UNITS[match.group(2)]
+        else:
+            moment = datetime.fromisoformat(value.strip())
     except ValueError:
         raise ValidationError(
             field_name, "give a time like 30d, 12h or 2w (ago), or an ISO date or datetime (2026-11-01)"
         ) from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except OverflowError:  # 99999999d ago is before the year 1
+        moment = datetime.min.replace(tzinfo=UTC)
+    try:
+        return check_instant(moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment)
+    except ValueError as exc:
+        raise ValidationError(field_name, str(exc)) from None
 
 
 def parse_dimension(value: str | None, field_name: str = "by") -> Dimension | None:

@@ -18,13 +18,14 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field
 from sqlalchemy import false, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from outreach.core.clock import utcnow
 from outreach.core.config import get_settings
 from outreach.core.errors import NotFoundError, ValidationError
+from outreach.core.inputs import InputModel, Instant
 from outreach.core.models import (
     Candidate,
     CandidateEvent,
@@ -36,7 +37,7 @@ from outreach.core.models import (
     Stage,
 )
 from outreach.domain.campaigns import Audience, Campaign, CampaignSet, EventType, ExitCondition
-from outreach.domain.candidates import add_tags, as_utc, no_nul
+from outreach.domain.candidates import add_tags, as_utc
 from outreach.domain.intent import (
     LEVEL_ORDER,
     RECONTACT_AFTER_DECLINE,
@@ -70,19 +71,14 @@ STAGE_AFTER_EVENT: dict[EventType, Stage | None] = {
 __all__ = ["RECONTACT_AFTER_DECLINE", "EventIn", "Reactivation", "enroll", "reactivate", "record_event"]
 
 
-class EventIn(BaseModel):
+class EventIn(InputModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
     type: EventType
     job_id: str | None = Field(default=None, max_length=128)
     reason: str | None = Field(default=None, max_length=500)
-    occurred_at: datetime | None = None
+    occurred_at: Instant | None = None
     data: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("job_id", "reason", "data", mode="after")
-    @classmethod
-    def _no_nul(cls, value: Any) -> Any:
-        return no_nul(value)
 
 
 def audience_matches(audience: Audience, candidate: Candidate, job: Job | None) -> bool:

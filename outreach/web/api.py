@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -11,8 +10,9 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from outreach.core.errors import NotFoundError
+from outreach.core.inputs import UTCInstant
 from outreach.core.models import Candidate, Job, OutboundMessage
-from outreach.domain.candidates import CandidateIn, JobIn, upsert_candidate, upsert_job
+from outreach.domain.candidates import CandidateIn, JobIn, save_candidate, save_job
 from outreach.domain.intent import load_intent
 from outreach.ops.erasure import erase_candidate, forget_in_sandbox
 from outreach.pipeline.enrollment import EventIn, record_event
@@ -106,9 +106,8 @@ def healthz(runtime: RuntimeDep, response: Response) -> dict[str, Any]:
 @router.post("/api/v1/candidates", tags=["candidates"])
 def post_candidate(body: CandidateIn, runtime: RuntimeDep, response: Response) -> dict[str, Any]:
     with Session(runtime.engine, expire_on_commit=False) as session, session.begin():
-        existed = session.scalar(select(Candidate.id).where(Candidate.external_id == body.external_id))
-        candidate = upsert_candidate(session, body, runtime.settings)
-    response.status_code = 200 if existed else 201
+        candidate, created = save_candidate(session, body, runtime.settings)
+    response.status_code = 201 if created else 200
     return candidate_out(candidate)
 
 
@@ -135,9 +134,8 @@ def delete_candidate(external_id: str, runtime: RuntimeDep) -> dict[str, Any]:
 @router.post("/api/v1/jobs", tags=["jobs"])
 def post_job(body: JobIn, runtime: RuntimeDep, response: Response) -> dict[str, Any]:
     with Session(runtime.engine, expire_on_commit=False) as session, session.begin():
-        existed = session.scalar(select(Job.id).where(Job.external_id == body.external_id))
-        job = upsert_job(session, body)
-    response.status_code = 200 if existed else 201
+        job, created = save_job(session, body)
+    response.status_code = 201 if created else 200
     return job_out(job)
 
 
@@ -191,7 +189,7 @@ def list_messages(
     candidate: str | None = None,
     campaign: str | None = None,
     status: str | None = None,
-    since: datetime | None = None,
+    since: UTCInstant | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
     query = select(OutboundMessage, Candidate.external_id).join(Candidate, Candidate.id == OutboundMessage.candidate_id)
@@ -202,7 +200,6 @@ def list_messages(
     if status:
         query = query.where(OutboundMessage.status == status)
     if since:
-        since = since if since.tzinfo else since.replace(tzinfo=UTC)
         query = query.where(OutboundMessage.created_at >= since)
     query = query.order_by(OutboundMessage.created_at.desc(), OutboundMessage.step.desc()).limit(limit)
     with Session(runtime.engine) as session:

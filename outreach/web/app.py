@@ -16,6 +16,7 @@ from outreach.core.errors import NotFoundError, ValidationError
 from outreach.service.runtime import Runtime, freeze_startup_heap
 from outreach.web import api, candidates_api, conversation, dashboard, inbound_parse, redirect, unsubscribe, webhooks
 from outreach.web.auth import Forbidden, Unauthorized, authorize
+from outreach.web.guards import clean_parameters
 from outreach.web.metrics_api import router as metrics_router
 from outreach.web.prometheus import router as prometheus_router
 from outreach.web.ratelimit import BodyLimit, ErrorShield, RateLimit, make_limiter
@@ -100,17 +101,19 @@ def create_app(runtime: Runtime, webhook_settings: WebhookSettings | None = None
         log.error("database unavailable", extra={"error": type(exc.orig).__name__ if exc.orig else "unknown"})
         return JSONResponse(status_code=503, content={"error": "unavailable", "message": "database unavailable"})
 
+    # Every /api route: a key first, then the path and query values checked (bodies are checked by their models).
+    api_guards = [Depends(authorize), Depends(clean_parameters)]
     app.include_router(api.public)
-    app.include_router(api.router, dependencies=[Depends(authorize)])
+    app.include_router(api.router, dependencies=api_guards)
     app.include_router(unsubscribe.router)
     app.include_router(redirect.router)
     app.include_router(webhooks.router)
     app.include_router(inbound_parse.router)
-    app.include_router(conversation.router, dependencies=[Depends(authorize)])
+    app.include_router(conversation.router, dependencies=api_guards)
     app.include_router(dashboard.router)  # its own login: the same keys, from a cookie or a Bearer header
-    app.include_router(metrics_router, dependencies=[Depends(authorize)])
+    app.include_router(metrics_router, dependencies=api_guards)
     app.include_router(prometheus_router)  # /metrics: no key, like /healthz (see outreach.web.prometheus)
-    app.include_router(candidates_api.router, dependencies=[Depends(authorize)])
+    app.include_router(candidates_api.router, dependencies=api_guards)
 
     # Guards (outreach.web.ratelimit), outermost last: request id and generic 500s, rate limits, body size.
     settings = runtime.settings

@@ -7,16 +7,16 @@ only parse, call, and shape the answer. Bad input is a 422 naming the field, and
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from outreach.core.clock import utcnow
 from outreach.core.errors import NotFoundError, ValidationError
+from outreach.core.inputs import InputModel, Instant, UTCInstant
 from outreach.core.models import Candidate, IntentAssessment, Job, Stage, StageChange
 from outreach.domain.candidates import add_tags
 from outreach.domain.intent import (
@@ -36,13 +36,6 @@ from outreach.web.api import RuntimeDep, candidate_out
 from outreach.web.auth import PrincipalDep
 
 router = APIRouter(tags=["candidates"])
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    """Times without an offset are taken as UTC (query strings rarely carry one)."""
-    if value is None:
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def candidate_view(candidate: Candidate) -> dict[str, Any]:
@@ -73,8 +66,8 @@ def search_candidates(
     tag: Annotated[list[str] | None, Query(description="every one must match")] = None,
     tag_any: Annotated[list[str] | None, Query(description="at least one must match")] = None,
     intent: Annotated[list[str] | None, Query(description="high, medium, low, unassessed; comma-separated")] = None,
-    recontact_before: datetime | None = None,
-    recontact_after: datetime | None = None,
+    recontact_before: UTCInstant | None = None,
+    recontact_after: UTCInstant | None = None,
     source: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
@@ -90,8 +83,8 @@ def search_candidates(
         tags_all=tuple(check_tag_list(_csv(tag), "tag")) if tag else (),
         tags_any=tuple(check_tag_list(_csv(tag_any), "tag_any")) if tag_any else (),
         intent=parse_levels(intent or []),
-        recontact_before=_aware(recontact_before),
-        recontact_after=_aware(recontact_after),
+        recontact_before=recontact_before,
+        recontact_after=recontact_after,
         source=source,
         limit=limit,
         cursor=cursor,
@@ -102,13 +95,13 @@ def search_candidates(
     return {"items": items, "count": len(items), "next_cursor": next_cursor}
 
 
-class StageIn(BaseModel):
+class StageIn(InputModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
     stage: Stage
     reason: str | None = Field(default=None, max_length=500)
     #: For talent_pool, declined and rejected: when to approach the candidate again (default from the config).
-    recontact_at: datetime | None = None
+    recontact_at: Instant | None = None
 
 
 @router.post("/api/v1/candidates/{external_id}/stage")
@@ -116,17 +109,14 @@ def post_stage(external_id: str, body: StageIn, runtime: RuntimeDep, principal: 
     """Move a candidate to another stage by hand; impossible moves are refused (422 on ``stage``)."""
     spec = load_intent(runtime.settings.campaigns_dir)
     given = body.recontact_at
-    if given is not None:
-        if given.tzinfo is None:
-            raise ValidationError("recontact_at", "needs a timezone offset, e.g. 2027-03-01T10:00:00+08:00")
-        if body.stage not in (Stage.TALENT_POOL, Stage.DECLINED, Stage.REJECTED):
-            raise ValidationError("recontact_at", "only a move to talent_pool, declined or rejected carries one")
+    if given is not None and body.stage not in (Stage.TALENT_POOL, Stage.DECLINED, Stage.REJECTED):
+        raise ValidationError("recontact_at", "only a move to talent_pool, declined or rejected carries one")
     now = utcnow()
     with Session(runtime.engine, expire_on_commit=False) as session, session.begin():
         candidate = _candidate(session, external_id)
         check_move(candidate.stage, body.stage)
         change = move_stage(session, candidate, body.stage, by=principal.label, at=now, reason=body.reason)
-        recontact = recontact_date(body.stage, now, spec, given.astimezone(UTC) if given else None)
+        recontact = recontact_date(body.stage, now, spec, given)
         if recontact is not None:
             candidate.recontact_at = recontact
         if body.stage is Stage.DECLINED:
@@ -187,7 +177,7 @@ def get_history(external_id: str, runtime: RuntimeDep) -> dict[str, Any]:
         }
 
 
-class AssessmentIn(BaseModel):
+class AssessmentIn(InputModel):
     model_config = ConfigDict(extra="forbid")
 
     #: {dimension: 1..5} for every configured dimension; checked in :func:`outreach.domain.intent.check_scores`.
@@ -206,7 +196,7 @@ def post_assessment(
         return {"candidate": external_id, **assessment_out(assessment), "intent_score": candidate.intent_score}
 
 
-class TagsIn(BaseModel):
+class TagsIn(InputModel):
     model_config = ConfigDict(extra="forbid")
 
     tags: list[str] = Field(max_length=100)
@@ -236,7 +226,7 @@ def delete_tags(
         return {"candidate": external_id, "tags": list(candidate.tags)}
 
 
-class OpenJobIn(BaseModel):
+class OpenJobIn(InputModel):
     model_config = ConfigDict(extra="forbid")
 
     #: At most this many candidates (high intent first); None: everyone who qualifies.

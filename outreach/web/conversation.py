@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from outreach.core.clock import utcnow
 from outreach.core.errors import NotFoundError
+from outreach.core.inputs import RowId
 from outreach.core.models import Alert, Candidate
 from outreach.inbound.conversation import mark_answered, thread
 from outreach.web.api import RuntimeDep
@@ -81,7 +82,7 @@ def list_alerts(
 
 
 @router.post("/alerts/{alert_id}/resolve", tags=["alerts"])
-def resolve_alert(alert_id: int, runtime: RuntimeDep) -> dict[str, Any]:
+def resolve_alert(alert_id: RowId, runtime: RuntimeDep) -> dict[str, Any]:
     """Resolve an alert (again: no change, the first resolution time stays)."""
     with Session(runtime.engine, expire_on_commit=False) as session, session.begin():
         session.execute(

@@ -45,6 +45,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from outreach.core.clock import utcnow
+from outreach.core.inputs import scrub_data, scrub_text
 from outreach.inbound.replies import EmailResult, InboundEmail, handle_inbound_email
 from outreach.service.runtime import Runtime
 from outreach.web.webhooks import Rejected, WebhookSettings, get_webhook_settings
@@ -290,16 +291,17 @@ def to_email(form: InboundForm) -> InboundEmail:
     cc = text("cc") or _decoded_header(message.get("Cc"))
     raw: dict[str, Any] = {name.lower(): text(name) for name in _KEPT if name in form.fields}
     raw.update(headers=text("headers") if raw_mime is None else "", attachments=form.files)
+    # Relayed mail is kept, not refused: a NUL or a lone surrogate (no database text holds either) becomes U+FFFD.
     return InboundEmail(
-        provider_message_id=_provider_message_id(str(message.get("Message-ID") or ""), form),
-        from_=sender,
-        to=to,
-        subject=text("subject") or _decoded_header(message.get("Subject")),
-        text=body,
+        provider_message_id=scrub_text(_provider_message_id(str(message.get("Message-ID") or ""), form)),
+        from_=scrub_text(sender),
+        to=scrub_text(to),
+        subject=scrub_text(text("subject") or _decoded_header(message.get("Subject"))),
+        text=scrub_text(body),
         received_at=utcnow(),
-        headers=headers,
-        raw=raw,
-        recipients=(cc, *envelope_to),
+        headers=scrub_data(headers),
+        raw=scrub_data(raw),
+        recipients=tuple(scrub_text(address) for address in (cc, *envelope_to)),
     )
 
 

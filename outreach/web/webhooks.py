@@ -10,7 +10,9 @@ Every request is authenticated before anything is parsed or stored:
   (``OUTREACH_PUBLIC_URL`` + path + query), not the one a proxy forwarded to us.
 
 A forged, unsigned or stale request gets 403 and changes nothing; a body over the size limit 413; a signed but
-malformed one 400. One batch is one transaction, so a database failure (503, from the app's handler) leaves
+malformed one 400. A signed SendGrid batch is never a 5xx because of its content (SendGrid would post it again for
+days): NULs and lone surrogates are stored as U+FFFD, and an event nested too deeply to parse is left out while the
+rest of its batch is stored. One batch is one transaction, so a database failure (503, from the app's handler) leaves
 nothing half-written and the provider's retry starts clean. Log lines carry counts and ids, never addresses or
 message bodies.
 """
@@ -42,6 +44,7 @@ from twilio.request_validator import RequestValidator
 from outreach.core.clock import utcnow
 from outreach.core.config import Secret, Settings
 from outreach.core.errors import ConfigurationError
+from outreach.core.inputs import scrub_data
 from outreach.inbound.events import IngestResult, ingest
 from outreach.inbound.provider_events import (
     NormalizedEvent,
@@ -194,37 +197,23 @@ def verify_sendgrid(hooks: WebhookSettings, body: bytes, headers: Mapping[str, s
         raise _forbidden("invalid signature")
 
 
-#: A JSON escape of a UTF-16 surrogate. Paired ones decode to one character; a lone one stays a surrogate in the
-#: parsed text, which no UTF-8 database text (PostgreSQL's json included) can hold.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
+#: A JSON escape no database text can hold once parsed: a UTF-16 surrogate (paired ones decode to one character; a
+#: lone one stays a surrogate) or NUL. Scanning the raw body for it is much cheaper than walking every parsed value.
+_UNSTORABLE_ESCAPE = re.compile(rb"\\u(?:[dD][89a-fA-F]|0000)")
+
+#: How deeply one event of a batch may nest. SendGrid's events are flat (categories and custom arguments one level
+#: down); an event nested deeper than the parser or the encoders can follow is dropped rather than fail its batch.
+MAX_EVENT_DEPTH = 64
+#: A JSON string, or one of the characters that open, close or separate values.
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{},]')
 
 
-def _without_lone_surrogates(value: Any) -> Any:
-    """``value`` with every lone surrogate replaced by U+FFFD, keys included.
-
-    The batch is signed and genuine, so refusing it would only make SendGrid post it again for days; storing it
-    with the replacement character keeps every event (the broken text is a user agent or a bounce reason)."""
-    if isinstance(value, str):
-        return _SURROGATE.sub("\ufffd", value)
-    if isinstance(value, list):
-        return [_without_lone_surrogates(item) for item in value]
-    if isinstance(value, dict):
-        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
-    return value
-
-
-def _sendgrid_batch(
-    hooks: WebhookSettings, body: bytes, headers: Mapping[str, str], now: float
-) -> list[NormalizedEvent]:
-    """The events of a signed batch: the signature checked over the raw body first, then the JSON parsed."""
-    verify_sendgrid(hooks, body, headers, now)
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        raise Rejected(400, "invalid", "body is not JSON") from None
-    if _SURROGATE_ESCAPE.search(body):
-        payload = _without_lone_surrogates(payload)
+def _sendgrid_events(payload: Any, body: bytes) -> list[NormalizedEvent]:
+    """The events of a parsed batch. The batch is signed and genuine, so refusing it for a NUL or a lone surrogate
+    would only make SendGrid post it again for days: both are stored as U+FFFD (keys too; the broken text is a
+    user agent or a bounce reason)."""
+    if _UNSTORABLE_ESCAPE.search(body):
+        payload = scrub_data(payload)
     if not isinstance(payload, list):
         raise Rejected(400, "invalid", "expected a JSON array of events")
     try:
@@ -233,11 +222,68 @@ def _sendgrid_batch(
         raise Rejected(400, "invalid", str(exc)) from None
 
 
+def shallow_events(body: bytes, limit: int = MAX_EVENT_DEPTH) -> tuple[list[Any], int]:
+    """The elements of the JSON array ``body`` that nest at most ``limit`` levels, each parsed on its own, and how
+    many deeper ones were left out. Elements are found by a scan of strings and brackets, without recursion."""
+    if not body.lstrip().startswith(b"["):
+        raise Rejected(400, "invalid", "expected a JSON array of events")
+    kept: list[Any] = []
+    dropped = depth = deepest = 0
+    start = 0
+    for match in _JSON_TOKEN.finditer(body):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+            if depth == 1:
+                start, deepest = match.end(), 1
+            continue
+        if (token == b"," and depth != 1) or token.startswith(b'"'):
+            continue
+        if token != b",":  # a closing bracket
+            depth -= 1
+            if depth != 0:
+                continue
+        element, element_depth = body[start : match.start()], deepest - 1
+        start, deepest = match.end(), 1
+        if element.strip():
+            if element_depth > limit:
+                dropped += 1
+            else:
+                try:
+                    kept.append(json.loads(element))
+                except ValueError:
+                    raise Rejected(400, "invalid", "body is not JSON") from None
+        if depth == 0:
+            if body[match.end() :].strip():
+                break  # something after the array: not JSON
+            return kept, dropped
+    raise Rejected(400, "invalid", "body is not JSON")
+
+
 def _ingest_sendgrid(
     runtime: Runtime, hooks: WebhookSettings, body: bytes, headers: Mapping[str, str], now: float
-) -> IngestResult:
-    events = _sendgrid_batch(hooks, body, headers, now)
-    return _in_one_transaction(runtime, events)
+) -> tuple[IngestResult, int]:
+    """Verify, parse and store a batch in one transaction: (what was stored, how many events nested too deeply were
+    left out). The signature is checked over the raw body before anything is parsed.
+
+    A body nested deeper than the parser (or, later, an encoder) can follow raises ``RecursionError`` anywhere on
+    the way; the transaction is rolled back and the batch read again event by event, keeping those that nest at
+    most :data:`MAX_EVENT_DEPTH` levels. Its other events are stored and SendGrid gets its 200: a retry could never
+    do better."""
+    verify_sendgrid(hooks, body, headers, now)
+    try:
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            raise Rejected(400, "invalid", "body is not JSON") from None
+        return _in_one_transaction(runtime, _sendgrid_events(payload, body)), 0
+    except RecursionError:
+        pass
+    payload, dropped = shallow_events(body)
+    result = _in_one_transaction(runtime, _sendgrid_events(payload, body))
+    log.warning("sendgrid events nested too deeply were dropped", extra={"count": dropped})
+    return result, dropped
 
 
 @router.post("/sendgrid/events")
@@ -250,13 +296,16 @@ async def sendgrid_events(request: Request, runtime: RuntimeDep, hooks: HooksDep
     """
     try:
         body = await _read_body(request, hooks.max_body_bytes)
-        result = await run_in_threadpool(_ingest_sendgrid, runtime, hooks, body, request.headers, utcnow().timestamp())
+        result, dropped = await run_in_threadpool(
+            _ingest_sendgrid, runtime, hooks, body, request.headers, utcnow().timestamp()
+        )
     except Rejected as rejected:
         if rejected.status == 403:
             log.warning("sendgrid event webhook rejected", extra={"reason": rejected.message})
         return rejected.response()
-    log.info("sendgrid events ingested", extra=result.summary())
-    return JSONResponse(result.summary())
+    summary: dict[str, int] = {**result.summary(), **({"dropped": dropped} if dropped else {})}
+    log.info("sendgrid events ingested", extra=summary)
+    return JSONResponse(summary)
 
 
 # -- Twilio -----------------------------------------------------------------------------------------------

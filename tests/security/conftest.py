@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from outreach.core.logs import KeyValueFormatter, quiet_data_loggers
+from outreach.core.logs import KeyValueFormatter, quiet_data_loggers, scrub_database_errors
 
 # Distinctive values: a hit is never a coincidence. The phone is a valid mainland-China mobile number.
 CANARY_NAME = "Quillon Canarywood"
@@ -49,7 +49,8 @@ class LogSink(logging.Handler):
 @pytest.fixture
 def all_logs() -> Iterator[LogSink]:
     """Captures every logger at DEBUG for the test (levels and propagation restored afterwards), except the
-    library loggers production pins because they write data (:data:`outreach.core.logs.DATA_LOGGERS`)."""
+    library loggers production pins because they write data (:data:`outreach.core.logs.DATA_LOGGERS`), with
+    production's scrubbing of database errors (:func:`outreach.core.logs.scrub_database_errors`)."""
     sink = LogSink()
     root = logging.getLogger()
     saved = {name: (lg.level, lg.propagate, lg.disabled) for name, lg in logging.Logger.manager.loggerDict.items()
@@ -60,13 +61,17 @@ def all_logs() -> Iterator[LogSink]:
         logger.setLevel(logging.NOTSET)
         logger.propagate = True
         logger.disabled = False
-    # Production's own pins (outreach.core.logs) apply: the libraries that log data at DEBUG stay at WARNING.
+    # Production's own pins (outreach.core.logs) apply: the libraries that log data at DEBUG stay at WARNING, and
+    # database errors are logged by class and SQLSTATE.
     quiet_data_loggers()
+    factory = logging.getLogRecordFactory()
+    scrub_database_errors()
     root.setLevel(logging.DEBUG)
     root.addHandler(sink)
     yield sink
     root.removeHandler(sink)
     root.setLevel(root_level)
+    logging.setLogRecordFactory(factory)
     for name, (level, propagate, disabled) in saved.items():
         logger = logging.getLogger(name)
         logger.setLevel(level)

@@ -417,3 +417,23 @@ def test_the_raw_mime_format_is_read_too(runtime: Runtime, client: TestClient, a
         "回复：感谢",
         "好的，谢谢！",
     )
+
+
+def test_nul_in_a_relayed_mail_is_stored_as_a_replacement_character(
+    runtime: Runtime, client: TestClient, autoreply: FakeAutoReply
+) -> None:
+    """No database text holds a NUL (PostgreSQL refused the row: a 500, which SendGrid retries for days)."""
+    applicant(runtime)
+    body = form(
+        ("from", b"Zhang <zhangwei@example.cn>"),
+        ("to", b"jobs@example.com"),
+        ("subject", b"re\x00: interview"),
+        ("text", b"Thursday \x00 works"),
+        ("headers", b"Message-ID: <a\x00b@example.cn>\r\nX-Odd: \x00\r\n"),
+        ("envelope", b'{"to": ["jobs@example.com\\u0000"], "from": "zhangwei@example.cn"}'),
+    )
+    answer = post(client, body)
+    assert answer.status_code == 200, answer.text
+    message = stored(runtime)
+    assert (message.subject, message.body) == ("re\ufffd: interview", "Thursday \ufffd works")
+    assert message.kind == "reply"

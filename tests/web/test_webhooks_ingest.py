@@ -9,6 +9,7 @@ import time
 from typing import Any
 from urllib.parse import urlparse
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import event as sa_event
 from sqlalchemy import select
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session
 from outreach.core.models import DeliveryEvent, OutboundMessage
 from outreach.service.runtime import Runtime
 from outreach.web import create_app
-from outreach.web.webhooks import WebhookSettings
+from outreach.web.webhooks import WebhookSettings, shallow_events
 from tests.helpers import Signer, add_candidate, wait_until_a_session_waits_for_a_lock
 from tests.web.test_webhooks import EVENTS_PATH, LiveServer, add_message, batch_for, count, row
 
@@ -115,3 +116,62 @@ def test_a_lone_surrogate_in_a_genuine_batch_is_stored_as_a_replacement_characte
     assert stored.raw["\ufffd"] == "odd key"
     # A paired surrogate (an emoji written as two escapes) is one character and stays as it is.
     assert json.loads('"\\ud83d\\ude00"') == "\U0001f600"
+
+
+def signed_post(client: TestClient, signer: Signer, body: bytes) -> Any:
+    return client.post(EVENTS_PATH, content=body, headers=signer.headers(body))
+
+
+def test_nul_anywhere_in_a_genuine_batch_is_stored_as_a_replacement_character(
+    runtime: Runtime, client: TestClient, signer: Signer
+) -> None:
+    """PostgreSQL stores no NUL in text or JSON: a signed batch with one was a 500, which SendGrid retries."""
+    outbox_id = add_message(runtime, add_candidate(runtime))
+    events = json.loads(batch_for(outbox_id))
+    events[0]["sg_event_id"] = "cHJv\x00"
+    events[1].update({"response": "250 OK\x00", "a\x00b": "odd key", "useragent": ["x\x00"]})
+    events.append({**events[1], "event": "open", "sg_event_id": "b3Blbg", "email": "c-1@example.org\x00"})
+    body = json.dumps(events).encode()
+    assert b"\\u0000" in body
+    answer = signed_post(client, signer, body)
+    assert (answer.status_code, answer.json()["stored"]) == (200, 3), answer.text
+    assert row(runtime, outbox_id).status == "delivered"
+    with Session(runtime.engine) as session:
+        stored = {e.type: e for e in session.scalars(select(DeliveryEvent))}
+    assert stored["delivered"].raw["response"] == "250 OK\ufffd"
+    assert stored["delivered"].raw["a\ufffdb"] == "odd key"
+    assert stored["sent"].provider_event_id == "cHJv\ufffd"
+
+
+@pytest.mark.parametrize("depth", [100_000, 2_000])
+def test_an_event_nested_too_deeply_is_left_out_and_the_rest_stored(
+    runtime: Runtime, client: TestClient, signer: Signer, depth: int
+) -> None:
+    """Nesting the parser cannot follow was a 500 (RecursionError): SendGrid would post the batch again forever."""
+    outbox_id = add_message(runtime, add_candidate(runtime))
+    deep = "[" * depth + '"x"' + "]" * depth
+    body = batch_for(outbox_id)[:-1] + b', {"event": "open", "timestamp": 1, "x": ' + deep.encode() + b"}]"
+    answer = signed_post(client, signer, body)
+    assert answer.status_code == 200, answer.text
+    assert (answer.json()["stored"], answer.json()["dropped"]) == (2, 1)
+    assert row(runtime, outbox_id).status == "delivered"
+
+
+def test_a_batch_that_is_all_nesting_stores_nothing_and_is_not_a_server_error(
+    runtime: Runtime, client: TestClient, signer: Signer
+) -> None:
+    for body, status in [
+        (b"[" * 100_000 + b"]" * 100_000, 200),  # one element, nested away: nothing to store
+        (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, 400),  # not an array
+        (b"[" * 100_000, 400),  # never closed
+        (b"[" * 100_000 + b"]" * 100_000 + b"]", 400),  # something after the array
+    ]:
+        answer = signed_post(client, signer, body)
+        assert answer.status_code == status, (body[:10], answer.text)
+    assert count(runtime, DeliveryEvent) == 0
+
+
+def test_shallow_events_splits_on_the_top_level_only() -> None:
+    body = b' [ {"a": "x,]}[\\"", "b": [1, {"c": 2}]} , "s", 3, [[[[1]]]] ] '
+    assert shallow_events(body, limit=3) == ([{"a": 'x,]}["', "b": [1, {"c": 2}]}, "s", 3], 1)
+    assert shallow_events(b"[]") == ([], 0)
