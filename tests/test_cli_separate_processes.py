@@ -31,7 +31,7 @@ from outreach.ops.sandbox.discovery import STATE_FOLDER
 from tests.conftest import REDIS_URL, ROOT, clock_env
 from tests.test_cli import free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.clock]
+pytestmark = [pytest.mark.slow, pytest.mark.clock, pytest.mark.timeout(600)]
 
 
 class Processes:
@@ -70,7 +70,7 @@ class Processes:
     def output(self, name: str) -> str:
         return (self.folder / f"{name}.log").read_text(encoding="utf-8")
 
-    def wait_until(self, predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    def wait_until(self, predicate: Callable[[], bool], what: str, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
         while not predicate():
             self.check()
@@ -158,7 +158,7 @@ def test_standalone_sandbox_serve_and_worker_deliver_and_hear_back(processes: Pr
     # The event is handed to the worker, which sends to the sandbox; the sandbox's signed SendGrid events reach the
     # API, which checks them with the sandbox's key: the email ends delivered.
     processes.run("event", "imp-2", "applied", "--job", "be-1")
-    processes.wait_until(lambda: statuses(url).get("email") == "delivered", "the email to be delivered", timeout=90)
+    processes.wait_until(lambda: statuses(url).get("email") == "delivered", "the email to be delivered")
     # The SMS nudge is due five minutes on: a time-machine tick sends it in its own process, to the same sandbox;
     # its Twilio status callbacks, signed with the sandbox's token, reach the API.
     later = (utcnow() + timedelta(minutes=10)).isoformat()
