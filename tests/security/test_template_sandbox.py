@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -135,8 +136,10 @@ def test_corpus_against_the_renderer_directly_leaves_the_context_untouched(tmp_p
 def test_slow_and_long_templates_name_the_limit(tmp_path: Path) -> None:
     root = tmp_path / "t"
     (root / "sms").mkdir(parents=True)
+    # The outer count comes from the data: constant loops this long are refused when the file is compiled.
     (root / "sms" / "slow.en.txt").write_text(
-        "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}", encoding="utf-8"
+        "{% for i in range(candidate.tags|length * 25000) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+        encoding="utf-8",
     )
     (root / "sms" / "long.en.txt").write_text("{% for i in range(99999) %}0123456789{% endfor %}", encoding="utf-8")
     renderer = Renderer(root)
@@ -217,3 +220,193 @@ def test_jinja2_is_pinned_past_the_known_sandbox_escapes() -> None:
     # CVE-2024-56201, CVE-2024-56326 (fixed in 3.1.5) and CVE-2025-27516 (|attr and format, fixed in 3.1.6).
     assert tuple(int(p) for p in pin.group(1).split(".")) >= (3, 1, 6)
     assert tuple(int(p) for p in version("jinja2").split(".")[:3]) >= (3, 1, 6)
+
+
+# --- resource limits ---------------------------------------------------------------------------------------
+# One Python operation cannot be interrupted by the budget's clock, so each of these would run for minutes or take
+# gigabytes inside a single call. Each entry: a template body and what the refusal says. MEGA is a string of a
+# million characters.
+RUNAWAYS: list[tuple[str, str, str]] = [
+    ("power chain", "{{ ((9**1024)**1024)**1024 }}", "integers of more than 4096 bits"),
+    (
+        "power chain in a branch the data never takes",
+        "{% if candidate.name == 'nobody' %}{{ ((9**1024)**1024)**1024 }}{% endif %}hello",
+        "line 1: integers of more than 4096 bits",
+    ),
+    ("product chain", "{% set n = 9 ** 1000 %}{{ n * n * n * n * n }}", "integers of more than"),
+    ("sum past the bits", "{{ 2 ** 4095 + 2 ** 4095 }}", "integers of more than"),
+    ("int filter", "{{ ('1' * 100000)|int(base=2) }}", "integers of more than"),
+    ("int.to_bytes", "{{ (1).to_bytes(10**9, 'big')|length }}", "characters or items"),
+    ("join of big strings", "{{ (['a' * 100000] * 100000)|join }}", "characters or items"),
+    ("repeating a list of big strings", "{{ (['a' * 100000] * 100000)|length }}", "characters or items"),
+    ("repeating a list of a range", "{{ ((range(99999)|list) * 99)|length }}", "characters or items"),
+    ("join separator", "{{ range(99999)|join('x' * 99) }}", "characters or items"),
+    ("join of a generator", "{{ range(9999)|map('string')|join('x' * 999) }}", "characters or items"),
+    ("center filter", "{{ 'x'|center(10**9) }}", "field widths above"),
+    ("ljust method", "{{ 'x'.ljust(10**9) }}", "field widths above"),
+    (
+        "nested constant loops",
+        "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+        "loops nested here repeat 9999800001 times",
+    ),
+    (
+        "nested constant loops in a branch",
+        "{% if candidate.name == 'nobody' %}{% for i in range(9999) %}{% for j in 'x' * 9999 %}{{ j }}{% endfor %}"
+        "{% endfor %}{% endif %}hello",
+        "loops nested here repeat 99980001 times",
+    ),
+    (
+        "nested loops of the data",
+        "{% for i in range(candidate.tags|length * 25000) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+        "longer than the budget",
+    ),
+    ("percent width", "{{ '%0999999999d' % 1 }}", "field widths above"),
+    ("percent fields times widths", "{{ ('%9999s' * 200) % ((1,) * 200) }}", "characters or items"),
+    ("percent fields times a big argument", "{{ ('%(a)s' * 100) % {'a': 'x' * 99999} }}", "characters or items"),
+    ("format fields times a big argument", "{{ ('{0}' * 100).format('x' * 99999) }}", "characters or items"),
+    ("format fields times widths", "{{ ('{:>9999}' * 1000).format(*range(1000)) }}", "characters or items"),
+    ("format filter fields", "{{ ('%s' * 99)|format(*(['x' * 99999] * 9)) }}", "characters or items"),
+    ("wordwrap of one long word", "{{ ('x' * 200000)|wordwrap(1)|length }}", "too much work"),
+    ("wordwrap string", "{{ ('a ' * 50000)|wordwrap(1, wrapstring='x' * 1000)|length }}", "characters or items"),
+    ("indent many lines", "{{ ('a\\n' * 50000)|indent(9999)|length }}", "characters or items"),
+    ("indent with a string", "{{ ('a\\n' * 50000)|indent('-' * 9999)|length }}", "characters or items"),
+    ("concatenation with ~", "{% set s = 'x' * 999999 %}{{ (s ~ s ~ s)|length }}", "characters or items"),
+    ("concatenation with +", "{% set s = 'x' * 999999 %}{{ (s + s)|length }}", "characters or items"),
+    ("list concatenation", "{% set l = ['x' * 99999] * 9 %}{{ (l + l)|length }}", "characters or items"),
+    (
+        "doubling in a namespace",
+        "{% set ns = namespace(s='x' * 1000) %}{% for i in range(30) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
+        "{{ ns.s|length }}",
+        "characters or items",
+    ),
+    (
+        "doubling macro output",
+        "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% else %}{{ 'x' * 99999 }}{% endif %}{% endmacro %}"
+        "{{ f(12)|length }}",
+        "characters or items",
+    ),
+    (
+        "captured block",
+        "{% set s %}{% for i in range(9999) %}{{ 'x' * 999 }}{% endfor %}{% endset %}{{ s|length }}",
+        "characters or items",
+    ),
+    (
+        "filter block",
+        "{% filter upper %}{% for i in range(9999) %}{{ 'x' * 999 }}{% endfor %}{% endfilter %}",
+        "characters or items",
+    ),
+    (
+        "nested list literals",
+        "{% set a = ['x' * 99999] %}{% set b = [a, a, a, a] %}{% set c = [b, b, b, b] %}{% set d = [c, c, c, c] %}"
+        "{{ d|length }}",
+        "characters or items",
+    ),
+    ("dict literal", "{% set s = 'x' * 600000 %}{{ {'a': s, 'b': s}|length }}", "characters or items"),
+    ("printing a big list", "{{ ['x' * 99999] * 5 }}", "characters or items"),
+    ("batch fill", "{{ [1]|batch(10**8, 'x')|list|length }}", "more than 100000 parts"),
+    ("slice", "{{ range(1)|slice(10**8)|list|length }}", "more than 100000 parts"),
+    ("rounding an integer", "{{ 5|round(-10**7) }}", "rounding to more than 1229 digits"),
+    ("rounding down", "{{ 5.5|round(10**7, 'floor') }}", "rounding to more than 1229 digits"),
+    ("sum of lists", "{{ ([[1]] * 50000)|sum(start=[])|length }}", "only adds numbers"),
+    ("translate", "{{ ('a' * 99999).translate({97: 'b' * 99})|length }}", "characters or items"),
+    ("expandtabs", "{{ ('\\t' * 99999).expandtabs(99)|length }}", "characters or items"),
+    ("punycode", "{{ ('\\u00e9' * 9999).encode('punycode')|length }}", "codec 'punycode' is not allowed"),
+    ("tojson", "{{ ('\\u00e9' * 99999)|tojson|length }}", "characters or items"),
+    ("escaping a list", "{{ (['<' * 99999] * 5)|e|length }}", "characters or items"),
+    ("urlize target", "{{ ('a.com ' * 9999)|urlize(target='x' * 999)|length }}", "characters or items"),
+]
+
+# Big operations that stay within the limits: they run, quickly and in little memory.
+BOUNDED: list[tuple[str, str, str]] = [
+    ("truncate with a huge length", "{{ ('x' * 999999)|truncate(10**9)|length }}", "999999"),
+    ("truncate a long text", "{{ ('word ' * 99999)|truncate(19) }}", "word word word..."),
+    ("wordwrap a long text", "{{ ('word ' * 10000)|wordwrap(79)|length }}", "49999"),
+    ("indent a long text", "{{ ('line\\n' * 50000)|indent(4)|length }}", "449996"),
+    (
+        "constant loops under the limit",
+        "{% for i in range(1000) %}{% for j in range(100) %}{% endfor %}{% endfor %}ok",
+        "ok",
+    ),
+    ("the biggest power", "{{ (2 ** 4095)|string|length }}", "1233"),
+    ("join of a range", "{{ range(99999)|join(',')|length }}", "588883"),
+    ("formatting", "{{ '%05.1f|%-4s|%x' % (3.14159, 'ab', 255) }} {{ '{:>5}'.format(7) }}", "003.1|ab  |ff     7"),
+    ("a long string", "{{ ('x' * 999999 ~ 'y')|length }}", "1000000"),
+]
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory) -> Renderer:
+    root = tmp_path_factory.mktemp("limits")
+    (root / "sms").mkdir()
+    for n, (_, body, _) in enumerate(RUNAWAYS + BOUNDED):
+        (root / "sms" / f"t{n}.en.txt").write_text(body, encoding="utf-8")
+    renderer = Renderer(root)
+    renderer.time_budget = 0.3
+    return renderer
+
+
+def outcome_of(renderer: Renderer, name: str) -> str:
+    """The text, or the error's message."""
+    try:
+        return renderer.render_sms(name, "en", sample_context()).text
+    except TemplateError as exc:
+        return str(exc)
+
+
+def measured(renderer: Renderer, name: str) -> tuple[str, float, float]:
+    """(the outcome; CPU seconds, compiling included; peak megabytes allocated, measured on a second render)."""
+    started = time.thread_time()
+    outcome = outcome_of(renderer, name)
+    seconds = time.thread_time() - started
+    tracemalloc.start()
+    try:
+        again = outcome_of(renderer, name)
+        peak = tracemalloc.get_traced_memory()[1] / 1e6
+    finally:
+        tracemalloc.stop()
+    assert again == outcome
+    return outcome, seconds, peak
+
+
+@pytest.mark.parametrize(
+    ("n", "label", "body", "expected"),
+    [(n, *entry) for n, entry in enumerate(RUNAWAYS)],
+    ids=[label for label, _, _ in RUNAWAYS],
+)
+def test_each_runaway_is_refused_at_once_in_little_memory(
+    limited: Renderer, n: int, label: str, body: str, expected: str
+) -> None:
+    outcome, seconds, peak = measured(limited, f"t{n}")
+    print(f"{label}: {seconds:.3f} s, {peak:.1f} MB: {outcome}")
+    assert outcome.startswith(f"template sms/t{n}.en.txt: ") and expected in outcome, outcome
+    assert f"sms/t{n}.en.txt line 1" in outcome or "budget" in outcome
+    assert seconds < 0.8  # the budget is 0.3 s; everything else is refused before it runs
+    assert peak < 40
+
+
+@pytest.mark.parametrize(
+    ("n", "label", "body", "expected"),
+    [(len(RUNAWAYS) + n, *entry) for n, entry in enumerate(BOUNDED)],
+    ids=[label for label, _, _ in BOUNDED],
+)
+def test_big_operations_within_the_limits_run_quickly(
+    limited: Renderer, n: int, label: str, body: str, expected: str
+) -> None:
+    outcome, seconds, peak = measured(limited, f"t{n}")
+    print(f"{label}: {seconds:.3f} s, {peak:.1f} MB: {outcome}")
+    assert outcome == expected
+    assert seconds < 0.8
+    assert peak < 40
+
+
+def test_validation_names_the_file_and_line_of_a_runaway_in_a_branch_quickly(seeds: tuple[Path, Path]) -> None:
+    campaigns, templates = seeds
+    body = "Hello\n{% if candidate.name == 'nobody' %}\n{{ ((9**1024)**1024)**1024 }}\n{% endif %}\n"
+    (templates / TARGET).write_text(body, encoding="utf-8")
+    started = time.monotonic()
+    _, problems = validate_all(campaigns, templates)
+    elapsed = time.monotonic() - started
+    ours = [str(p) for p in problems if TARGET in str(p)]
+    print(f"seconds {elapsed:.2f}: {ours}")
+    assert ours and all(f"{TARGET} line 3: integers of more than 4096 bits" in p for p in ours)
+    assert elapsed < 30  # the whole of validate; the expression alone took minutes
