@@ -50,8 +50,29 @@ def test_credentials_for_a_sandbox_need_no_key() -> None:
         ({"TWILIO_ACCOUNT_SID": "AC" + "1" * 32}, "TWILIO_AUTH_TOKEN"),
         ({"OUTREACH_LEASE_SECONDS": "soon"}, "OUTREACH_LEASE_SECONDS"),
         ({"OUTREACH_CLAIM_BATCH": "-5"}, "OUTREACH_CLAIM_BATCH"),
+        ({"OUTREACH_SENDGRID_EMAIL_ACTIVITY": "maybe"}, "OUTREACH_SENDGRID_EMAIL_ACTIVITY"),
+        ({"OUTREACH_RECONCILE_LOOKUPS": "2"}, "OUTREACH_RECONCILE_LOOKUPS"),
+        ({"OUTREACH_PROVIDER_VISIBILITY_DELAY": "-1"}, "OUTREACH_PROVIDER_VISIBILITY_DELAY"),
+        ({"OUTREACH_RECONCILE_BATCH": "some"}, "OUTREACH_RECONCILE_BATCH"),
     ],
 )
 def test_bad_values_name_their_variable(environ: dict[str, str], named: str) -> None:
     with pytest.raises(ConfigurationError, match=named):
         Settings.from_env(environ)
+
+
+def test_provider_lookups() -> None:
+    """Twilio's Messages list is always there; SendGrid's Email Activity API is a paid add-on, off unless said."""
+    defaults = Settings.from_env({})
+    assert (defaults.reconcile_lookups, defaults.sendgrid_email_activity) == (True, False)
+    assert (defaults.provider_visibility_delay, defaults.reconcile_batch) == (600.0, 20)
+    chosen = Settings.from_env(
+        {
+            "OUTREACH_RECONCILE_LOOKUPS": "off",
+            "OUTREACH_SENDGRID_EMAIL_ACTIVITY": "yes",
+            "OUTREACH_PROVIDER_VISIBILITY_DELAY": "900",
+            "OUTREACH_RECONCILE_BATCH": "5",
+        }
+    )
+    assert (chosen.reconcile_lookups, chosen.sendgrid_email_activity) == (False, True)
+    assert (chosen.provider_visibility_delay, chosen.reconcile_batch) == (900.0, 5)
