@@ -145,8 +145,8 @@ def _uncertain_in_words(now: datetime, looked_up: Mapping[str, datetime], cannot
             return f"{text}. Check the provider's log before sending again; it is never resent automatically"
         asked = f" ({cannot_tell[row.id]})" if row.id in cannot_tell else ""
         return (
-            f"{text}, and asking the {provider} could not settle it{asked}. Lookups go on: it is sent again only if "
-            "the provider proves it never got it. Check the provider's log before sending it by hand"
+            f"{text}, and asking {row.provider or 'the provider'} could not settle it{asked}. Lookups go on: it is "
+            "sent again only if the provider proves it never got it. Check the provider's log before sending it by hand"
         )
 
     return words
