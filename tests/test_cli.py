@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ROOT, clock_env
+from tests.conftest import REDIS_URL, ROOT, clock_env
 
 
 def free_port() -> int:
@@ -254,7 +254,13 @@ def serving(env: dict[str, str]) -> Iterator[str]:
 
 
 #: The login form's bucket: 100 tries per address, then one per 100 s (no refill while a test runs).
-LOGIN_LIMIT = {"OUTREACH_PUBLIC_RATE_LIMIT": "0.01", "OUTREACH_PUBLIC_RATE_BURST": "100"}
+#: A tight login limit; with a broker the API only enqueues, so it starts without providers or a sandbox.
+LOGIN_LIMIT = {
+    "OUTREACH_PUBLIC_RATE_LIMIT": "0.01",
+    "OUTREACH_PUBLIC_RATE_BURST": "100",
+    "OUTREACH_BROKER_URL": REDIS_URL,
+    "OUTREACH_QUEUE": "cli-proxy-test",
+}
 WRONG_KEY = "ork_" + "x" * 43
 
 

@@ -139,6 +139,15 @@ class Settings:
     cron_misfire_grace: float = 86400.0
     #: Seconds an ``uncertain`` message may wait for a provider event before the sweep alerts a person.
     uncertain_alert_after: float = 1800.0
+    #: Ask the providers about ``uncertain`` messages (outreach.pipeline.reconcile): found → sent, absent → sent again.
+    reconcile_lookups: bool = True
+    #: The SendGrid account has the Email Activity API (a paid add-on): email lookups use it.
+    sendgrid_email_activity: bool = False
+    #: Seconds after the hand-off within which a provider may still not list a message it accepted: "absent" is
+    #: proof only after it.
+    provider_visibility_delay: float = 600.0
+    #: Provider lookups per scheduler pass, at most.
+    reconcile_batch: int = 20
     max_retries: int = 8
     queue_name: str = "outreach"
     log_level: str = "INFO"
@@ -225,6 +234,14 @@ class Settings:
             uncertain_alert_after=_number(
                 text("OUTREACH_UNCERTAIN_ALERT_AFTER", "1800"), "OUTREACH_UNCERTAIN_ALERT_AFTER"
             ),
+            reconcile_lookups=_flag(text("OUTREACH_RECONCILE_LOOKUPS", "true"), "OUTREACH_RECONCILE_LOOKUPS"),
+            sendgrid_email_activity=_flag(
+                text("OUTREACH_SENDGRID_EMAIL_ACTIVITY", "false"), "OUTREACH_SENDGRID_EMAIL_ACTIVITY"
+            ),
+            provider_visibility_delay=_number(
+                text("OUTREACH_PROVIDER_VISIBILITY_DELAY", "600"), "OUTREACH_PROVIDER_VISIBILITY_DELAY"
+            ),
+            reconcile_batch=int(_number(text("OUTREACH_RECONCILE_BATCH", "20"), "OUTREACH_RECONCILE_BATCH")),
             max_retries=int(_number(text("OUTREACH_MAX_RETRIES", "8"), "OUTREACH_MAX_RETRIES")),
             queue_name=text("OUTREACH_QUEUE", defaults.queue_name),
             log_level=text("OUTREACH_LOG_LEVEL", defaults.log_level).upper(),

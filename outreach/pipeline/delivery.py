@@ -24,7 +24,8 @@ one broker message. Per group, on one pooled connection:
    out) in bulk: on PostgreSQL in the next row's hand-off statement (a data-modifying CTE, so one commit per message)
    and at the group's end, elsewhere every few sends; a provider event that already moved a row on keeps its status and
    the row only gains the send's facts. A worker killed between a send and its record leaves the row ``sending`` without
-   the marker: ``uncertain``, reconciled from provider events, never resent.
+   the marker: ``uncertain``, reconciled from provider events or lookups (:mod:`outreach.pipeline.reconcile`), never
+   resent unless the provider proves it never got it.
 
 Provider outcomes per row: transient (429, 5xx, a connection that never opened) puts the row back to ``pending``
 with ``not_before`` at the provider's reset time (or a backoff) and asks the caller to wake that row again then
@@ -377,16 +378,19 @@ class _Recorder:
         rows, self.rows = sorted(self.rows, key=lambda r: str(r["id"])), []
         outbox.record_sent(self.connection, rows, self.sent_at, utcnow())
 
-    def hand_off(self, outbox_id: str, lease_until: datetime, now: datetime) -> Any:
-        """The hand-off of ``outbox_id`` (its row, or None when it is no longer claimed). On PostgreSQL the sends
-        accepted since the last one are recorded in the same statement (a data-modifying CTE): one commit per
-        message, and a worker killed after a send leaves at most that one row unrecorded."""
+    def hand_off(self, outbox_id: str, lease_until: datetime, now: datetime, body: str | None = None) -> Any:
+        """The hand-off of ``outbox_id`` (its row, or None when it is no longer claimed), storing ``body`` (an SMS's
+        text, which a provider lookup matches). On PostgreSQL the sends accepted since the last one are recorded in
+        the same statement (a data-modifying CTE): one commit per message, and a worker killed after a send leaves
+        at most that one row unrecorded."""
         if self.connection.dialect.name != "postgresql":
-            handed = outbox.hand_off(self.connection, [outbox_id], lease_until, now)
+            handed = outbox.hand_off(self.connection, [outbox_id], lease_until, now, body=body)
             return handed[0] if handed else None
         rows, self.rows = self.rows, []
         try:
-            handed = outbox.hand_off(self.connection, [outbox_id], lease_until, now, records=rows, sent_at=self.sent_at)
+            handed = outbox.hand_off(
+                self.connection, [outbox_id], lease_until, now, records=rows, sent_at=self.sent_at, body=body
+            )
         except BaseException:
             self.rows = rows + self.rows  # not recorded: the caller's error handling tries again
             raise
@@ -449,7 +453,9 @@ def _send_one(
             time.sleep(booking.wait)
 
     started = utcnow()
-    handed = recorder.hand_off(send.id, started + timedelta(seconds=settings.lease_seconds), started)
+    # An SMS's text goes with its hand-off: Twilio's Messages list tells ours by it (outreach.pipeline.reconcile).
+    sms_text = payload.body if isinstance(payload, SmsMessage) else None
+    handed = recorder.hand_off(send.id, started + timedelta(seconds=settings.lease_seconds), started, sms_text)
     if handed is None:
         return None
     send.handed_off = True

@@ -9,9 +9,11 @@ Every scheduler pass (its sweep) runs :func:`alert_messages`, which raises at mo
   promise to the candidate is broken and nothing will retry it: raised on the pass after it happened, with the rule
   and the reason in words. Resolved when the message is sent after all (a person re-sent it).
 - ``message_uncertain``: a message that may or may not have reached the provider (:mod:`outreach.pipeline.outbox`,
-  rule ``ambiguous`` or the sweeper's ``lease``). It is never resent automatically; the provider's events (which name
-  our outbox id) usually settle it within seconds, so a nurture message is alerted only when none came within
-  ``OUTREACH_UNCERTAIN_ALERT_AFTER``; a transactional one at once. Resolved when an event settles it.
+  rule ``ambiguous`` or the sweeper's ``lease``). The provider's events (which name our outbox id) usually settle it
+  within seconds, so a nurture message is alerted only when none came within ``OUTREACH_UNCERTAIN_ALERT_AFTER``; a
+  transactional one at once. Where the provider can be asked (:mod:`outreach.pipeline.reconcile`), a row is left to
+  the lookups while they may still settle it (found: sent; proven absent: sent again) and alerted once a lookup could
+  not tell, or when they have not settled it in time. Resolved when an event or a lookup settles it.
 
 Alert texts carry the campaign, step, channel, rule and reason, never personal data: ops may read alert counts, and
 the reasons the pipeline writes name rules, templates and provider codes (provider error text is redacted of
@@ -21,7 +23,7 @@ addresses and numbers before it is stored).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -130,31 +132,59 @@ def raise_failure_alerts(session: Session, now: datetime, limit: int = 1000) -> 
     return raised, resolved
 
 
-def _uncertain_in_words(now: datetime) -> Any:
+def _uncertain_in_words(now: datetime, looked_up: Mapping[str, datetime], cannot_tell: Mapping[str, str]) -> Any:
     def words(row: Any) -> str:
         waited = int((now - row.updated_at).total_seconds() // 60)
         why = "its worker stopped during the send" if row.rule == "lease" else "the provider call lost its answer"
+        provider = row.provider or "provider"
+        text = (
+            f"{row.campaign} step {row.step + 1} {row.channel} via {provider}: may or may not have been sent ({why}); "
+            f"no provider event for {waited} min"
+        )
+        if row.channel not in looked_up:
+            return f"{text}. Check the provider's log before sending again; it is never resent automatically"
+        asked = f" ({cannot_tell[row.id]})" if row.id in cannot_tell else ""
         return (
-            f"{row.campaign} step {row.step + 1} {row.channel} via {row.provider or 'provider'}: may or may not have "
-            f"been sent ({why}); no provider event for {waited} min. Check the provider's log before sending "
-            "again; it is never resent automatically"
+            f"{text}, and asking {row.provider or 'the provider'} could not settle it{asked}. Lookups go on: it is "
+            "sent again only if the provider proves it never got it. Check the provider's log before sending it by hand"
         )
 
     return words
 
 
-def raise_uncertain_alerts(session: Session, now: datetime, window: timedelta, limit: int = 1000) -> tuple[int, int]:
+def raise_uncertain_alerts(
+    session: Session,
+    now: datetime,
+    window: timedelta,
+    limit: int = 1000,
+    *,
+    settling: Mapping[str, datetime] | None = None,
+    cannot_tell: Mapping[str, str] | None = None,
+) -> tuple[int, int]:
     """One ``message_uncertain`` alert per ``uncertain`` row: transactional ones at once, others once ``window``
-    has passed without a provider event; resolve those an event has settled since. Returns (raised, resolved).
-    Safe to run on every tick and in several schedulers at once (the alert's key makes a second one a no-op)."""
+    has passed without a provider event; resolve those an event or a lookup has settled since. Returns (raised,
+    resolved). Safe to run on every tick and in several schedulers at once (the alert's key makes a second one a
+    no-op).
+
+    ``settling``: per channel whose provider lookups may still settle its rows, the instant after which a row that
+    became uncertain is left to them (not alerted yet); ``cannot_tell``: rows a lookup could not settle this pass
+    (alerted as usual, with the lookup's reason in words)."""
+    cannot_tell = cannot_tell or {}
     due = or_(OutboundMessage.category == _TRANSACTIONAL, OutboundMessage.updated_at <= now - window)
+    conditions = [OutboundMessage.status == _UNCERTAIN, due, _not_alerted(ALERT_UNCERTAIN)]
+    left_to_lookups = [
+        and_(OutboundMessage.channel == channel, OutboundMessage.updated_at > since)
+        for channel, since in sorted((settling or {}).items())
+    ]
+    if left_to_lookups:
+        alertable = ~or_(*left_to_lookups)
+        if cannot_tell:
+            alertable = or_(alertable, OutboundMessage.id.in_(sorted(cannot_tell)))
+        conditions.append(alertable)
     rows = session.execute(
-        select(*_COLUMNS)
-        .where(OutboundMessage.status == _UNCERTAIN, due, _not_alerted(ALERT_UNCERTAIN))
-        .order_by(OutboundMessage.updated_at, OutboundMessage.id)
-        .limit(limit)
+        select(*_COLUMNS).where(*conditions).order_by(OutboundMessage.updated_at, OutboundMessage.id).limit(limit)
     ).all()
-    raised = _raise(session, now, ALERT_UNCERTAIN, rows, _uncertain_in_words(now))
+    raised = _raise(session, now, ALERT_UNCERTAIN, rows, _uncertain_in_words(now, settling or {}, cannot_tell))
     resolved = _resolve(session, now, ALERT_UNCERTAIN, OutboundMessage.status != _UNCERTAIN)
     if raised:
         log.warning("uncertain messages alerted", extra={"count": raised})
@@ -191,9 +221,20 @@ def _resolve(session: Session, now: datetime, kind: str, moved_on: Any) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
-def alert_messages(engine: Engine, now: datetime, uncertain_window: timedelta, limit: int = 1000) -> int:
-    """Both kinds in a transaction of their own (the scheduler sweep's entry point); how many alerts were raised."""
+def alert_messages(
+    engine: Engine,
+    now: datetime,
+    uncertain_window: timedelta,
+    limit: int = 1000,
+    *,
+    settling: Mapping[str, datetime] | None = None,
+    cannot_tell: Mapping[str, str] | None = None,
+) -> int:
+    """Both kinds in a transaction of their own (the scheduler sweep's entry point, after the lookups:
+    ``settling`` and ``cannot_tell`` as for :func:`raise_uncertain_alerts`); how many alerts were raised."""
     with transaction(engine) as session:
         failed, _ = raise_failure_alerts(session, now, limit)
-        uncertain, _ = raise_uncertain_alerts(session, now, uncertain_window, limit)
+        uncertain, _ = raise_uncertain_alerts(
+            session, now, uncertain_window, limit, settling=settling, cannot_tell=cannot_tell
+        )
     return failed + uncertain

@@ -3,14 +3,15 @@
 Both ways of calling a provider go through these functions and nothing else writes a row in flight:
 :mod:`outreach.pipeline.delivery` (one request per message, SMS and email) and :mod:`outreach.pipeline.batch` (one
 SendGrid request for many nurture emails). The sweeper (:meth:`outreach.pipeline.scheduler.Scheduler.sweep`) uses the
-last two.
+two sweeps, and :mod:`outreach.pipeline.reconcile` the last four (an uncertain row and the provider's lookups).
 
 ::
 
-    pending ──claim──▶ sending, rule 'claimed' ──hand_off──▶ sending ──record_sent──▶ sent
-       ▲                 │  │  │                              │  │  └──uncertain──▶ uncertain (never resent)
-       └──give_back──────┘  │  └──refuse──▶ held / suppressed  │  └──fail──▶ failed
-       └──give_back(attempted=True) (the provider did not take it, the attempt stays counted)
+    pending ──claim──▶ sending, rule 'claimed' ──hand_off──▶ sending ──record_sent──▶ sent ◀──record_found──┐
+       ▲                 │  │  │                              │  │  └──uncertain──▶ uncertain ─────────────┘
+       └──give_back──────┘  │  └──refuse──▶ held / suppressed  │  └──fail──▶ failed     │  (claim_lookups,
+       └──give_back(attempted=True) (the provider did not take it, the attempt stays counted)   look_again)
+       └──send_again (the provider proved it never got it) ─────────────────────────────┘
                             └──fail (template)──▶ failed         skipped / cancelled
 
 - :func:`claim`: ``pending`` and due → ``sending`` with the claim marker ``rule = 'claimed'``
@@ -29,6 +30,12 @@ last two.
   take (a transient error; the attempt stays counted).
 - :func:`sweep_claimed`, :func:`sweep_lost`: a ``sending`` row whose lease ran out still marked ``claimed`` never
   reached a provider and goes back to ``pending``; one without the marker may have and becomes ``uncertain``.
+- :func:`claim_lookups`, :func:`look_again`: which ``uncertain`` rows a provider lookup asks about now (for an
+  uncertain row ``not_before`` is its next lookup), and when the next one comes.
+- :func:`record_found`: an ``uncertain`` row the provider's lookup found becomes ``sent`` with the provider's id.
+- :func:`send_again`: an ``uncertain`` row the provider proved it never got (a complete answer, asked after its
+  visibility delay) is ``pending`` again, the attempt counted. Both only touch the row still uncertain from the
+  attempt the lookup was about, so a provider event that settled it first wins.
 
 The statements keep their tricks: built once where they can be (module constants, ``lru_cache``), the claim of a
 batch looks each id up on the primary key (a lateral ``SKIP LOCKED`` lookup), and on PostgreSQL many ``sent``
@@ -76,13 +83,17 @@ __all__ = [
     "STOP_REFUSED",
     "SharedSend",
     "claim",
+    "claim_lookups",
     "fail",
     "give_back",
     "hand_off",
+    "look_again",
     "pending_again",
+    "record_found",
     "record_sent",
     "refuse",
     "refused",
+    "send_again",
     "sweep_claimed",
     "sweep_lost",
     "uncertain",
@@ -282,11 +293,12 @@ def _hand_off_values() -> dict[str, Any]:
 
 _STILL_CLAIMED = (_OUTBOX.c.status == _SENDING, _OUTBOX.c.rule == CLAIMED_RULE)
 
-#: One row's hand-off (the single path's, once per message).
+#: One row's hand-off (the single path's, once per message), with the text about to go out when given (``h_body``:
+#: an SMS's, which a provider lookup matches if the worker dies before the answer is recorded).
 _HAND_OFF = (
     update(_OUTBOX)
     .where(_OUTBOX.c.id == bindparam("h_id"), *_STILL_CLAIMED)
-    .values(**_hand_off_values())
+    .values(**_hand_off_values(), body=func.coalesce(bindparam("h_body", type_=Text()), _OUTBOX.c.body))
     .returning(_OUTBOX.c.id)
 )
 
@@ -321,10 +333,12 @@ def hand_off(
     *,
     records: Sequence[Mapping[str, Any]] = (),
     sent_at: datetime | None = None,
+    body: str | None = None,
 ) -> list[str]:
     """Hand the claimed rows ``ids`` to the provider: the marker cleared, the attempt counted, the lease renewed to
     ``lease_until``. Returns the ids handed off: a row no longer claimed (the sweeper took it back after its lease
-    ran out) is not, and must not be sent. Commit it before calling the provider.
+    ran out) is not, and must not be sent. Commit it before calling the provider. ``body``: for one row, the text
+    about to go out, stored now (an SMS's: :mod:`outreach.pipeline.reconcile` matches it at the provider).
 
     ``records`` (rows for :func:`record_sent`, sent as of ``sent_at``) are recorded first; on PostgreSQL, for one
     row, in the same statement (a data-modifying CTE): one commit per message."""
@@ -332,7 +346,7 @@ def hand_off(
         return []
     connection = _connection(db)
     postgres = connection.dialect.name == "postgresql"
-    params: dict[str, Any] = {"h_lease": lease_until, "h_now": now}
+    params: dict[str, Any] = {"h_lease": lease_until, "h_now": now, "h_body": body}
     if records:
         if postgres and len(ids) == 1:
             params.update(h_id=ids[0], **_record_params(records, sent_at or now, now))
@@ -719,6 +733,105 @@ def sweep_lost(db: Db, now: datetime) -> int:
         )
     )
     return int(getattr(lost, "rowcount", 0) or 0)
+
+
+# -- reconciliation: an uncertain row and the provider's word ------------------------------------------------
+
+_UNCERTAIN = MessageStatus.UNCERTAIN.value
+
+
+def claim_lookups(
+    db: Db, channels: Sequence[str], now: datetime, until: datetime, since: datetime, limit: int
+) -> list[Any]:
+    """Up to ``limit`` ``uncertain`` rows of ``channels`` due for a provider lookup, oldest first: for an uncertain
+    row ``not_before`` is when it may next be looked up (at once when it became uncertain). Only rows that became
+    uncertain after ``since``. Their ``not_before`` moves to ``until``, so another scheduler leaves them alone
+    meanwhile (and skips them while they are locked, on PostgreSQL); ``updated_at`` stays: it is when the row became
+    uncertain, where the provider's visibility delay starts. Returns each row's id, candidate_id, channel, attempts,
+    provider, body, sent_at and updated_at, oldest first."""
+    if not channels or limit <= 0:
+        return []
+    connection = _connection(db)
+    table = _OUTBOX
+    pick = (
+        select(table.c.id)
+        .where(
+            table.c.status == _UNCERTAIN,
+            table.c.not_before <= now,
+            table.c.updated_at > since,
+            table.c.channel.in_(sorted(channels)),
+        )
+        .order_by(table.c.updated_at, table.c.id)
+        .limit(limit)
+    )
+    picked: Any = table.c.id.in_(pick.scalar_subquery())
+    if connection.dialect.name == "postgresql":
+        # Evaluated once (an ARRAY(…) init plan): as ``id IN (…)`` the planner may run the locking subquery again for
+        # each row it updates, and each run skips the rows the update already changed: the limit would not hold.
+        picked = table.c.id == any_(func.array(pick.with_for_update(skip_locked=True).scalar_subquery()))
+    columns = ("id", "candidate_id", "channel", "attempts", "provider", "body", "sent_at", "updated_at")
+    rows = connection.execute(
+        update(table)
+        .where(picked, table.c.status == _UNCERTAIN)
+        .values(not_before=until, updated_at=table.c.updated_at)
+        .returning(*(table.c[name] for name in columns))
+    ).all()
+    return sorted(rows, key=lambda row: (row.updated_at, row.id))
+
+
+def _same_uncertain(outbox_id: str, attempts: int) -> tuple[Any, ...]:
+    """The row ``outbox_id`` still ``uncertain`` from the same attempt: what a lookup decided was about it. A provider
+    event may have settled it meanwhile, or it may have been sent again and be uncertain from a later attempt."""
+    table = _OUTBOX
+    return table.c.id == outbox_id, table.c.status == _UNCERTAIN, table.c.attempts == attempts
+
+
+def look_again(db: Db, outbox_id: str, attempts: int, at: datetime) -> None:
+    """The next lookup of an ``uncertain`` row (of that attempt) not before ``at``."""
+    table = _OUTBOX
+    _connection(db).execute(
+        update(table).where(*_same_uncertain(outbox_id, attempts)).values(not_before=at, updated_at=table.c.updated_at)
+    )
+
+
+def record_found(
+    db: Db, outbox_id: str, attempts: int, now: datetime, *, provider: str, provider_message_id: str
+) -> bool:
+    """An ``uncertain`` row (of that attempt) a provider lookup found: ``sent`` with the provider's id, as of its claim
+    time like any send. Its rule stays (why it was uncertain); the reason says how it was settled. False when it was
+    no longer uncertain (an event settled it first, and wins)."""
+    table = _OUTBOX
+    done = _connection(db).execute(
+        update(table)
+        .where(*_same_uncertain(outbox_id, attempts))
+        .values(
+            status=MessageStatus.SENT.value,
+            provider=provider,
+            provider_message_id=provider_message_id[:128],
+            reason=f"{provider} had it (found by a lookup): sent",
+            error_code=None,
+            error_detail=None,
+            lease_until=None,
+            sent_at=func.coalesce(table.c.sent_at, now),
+            updated_at=now,
+        )
+        .returning(table.c.id)
+    )
+    return done.first() is not None
+
+
+def send_again(db: Db, outbox_id: str, attempts: int, now: datetime, *, reason: str) -> bool:
+    """An ``uncertain`` row (of that attempt) the provider proved it never got: ``pending`` again, due (and marked
+    enqueued) now, to be sent once more; the attempt stays counted. Call it only on the provider's complete answer,
+    asked once its visibility delay had passed since the row became uncertain. False when it was no longer
+    uncertain."""
+    done = _connection(db).execute(
+        update(_OUTBOX)
+        .where(*_same_uncertain(outbox_id, attempts))
+        .values(**pending_again(now, 0.0), rule=None, reason=reason[:500])
+        .returning(_OUTBOX.c.id)
+    )
+    return done.first() is not None
 
 
 # -- suppressed while queued ----------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ broker, a process that died between commit and enqueue) are enqueued again; rows
 lease still marked claimed (a single send's group or a batch, never handed to a provider) go back to ``pending``,
 and those handed off become ``uncertain``: the provider may have accepted them, so they are reconciled from
 provider events instead of being sent a second time (:func:`outreach.pipeline.outbox.sweep_claimed`,
-:func:`outreach.pipeline.outbox.sweep_lost`). Uncertain rows that no event reconciled within
-``OUTREACH_UNCERTAIN_ALERT_AFTER`` get one ``message_uncertain`` alert each (:mod:`outreach.pipeline.message_alerts`).
+:func:`outreach.pipeline.outbox.sweep_lost`). Uncertain rows are then looked up at the provider
+(:mod:`outreach.pipeline.reconcile`: found → sent, proven absent → pending and enqueued again), and those neither an
+event nor a lookup settled get one ``message_uncertain`` alert each (:mod:`outreach.pipeline.message_alerts`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from outreach.domain.campaigns import Campaign, CampaignSet, Category, ExitCondi
 from outreach.pipeline import outbox
 from outreach.pipeline.enrollment import audience_matches, enroll, exit_enrollments
 from outreach.pipeline.message_alerts import alert_messages
+from outreach.pipeline.reconcile import Reconciled, Reconciler
 from outreach.pipeline.timing import step_due
 from outreach.policy.base import Stage as PolicyStage
 from outreach.policy.bulk import PolicyReads
@@ -234,6 +236,9 @@ class TickResult:
     alerts: int = 0
     requeued: list[str] = field(default_factory=list)
     uncertain: int = 0
+    #: Uncertain rows a provider lookup found (now sent), and those it proved absent (pending again, in ``requeued``).
+    found: int = 0
+    resent: int = 0
     #: Every outbox row the pass wrote (queued, held, skipped); with ``requeued``, what :func:`outcome_of` reports on.
     written: list[str] = field(default_factory=list)
 
@@ -250,6 +255,8 @@ class TickResult:
             "alerts": self.alerts,
             "requeued": len(self.requeued),
             "uncertain": self.uncertain,
+            "found": self.found,
+            "resent": self.resent,
         }
 
 
@@ -315,6 +322,7 @@ class Scheduler:
         batch_size: int = MAX_BATCH,
         checks: Sequence[Callable[[datetime], int]] = (),
         new_id: Callable[[], str] | None = None,
+        reconciler: Reconciler | None = None,
     ) -> None:
         self.engine = engine
         self.campaigns = campaigns
@@ -335,6 +343,8 @@ class Scheduler:
         #: Decide each pass from reads shared by all its steps (:class:`PolicyReads`). False asks the engine one
         #: message at a time: slower, and the reference the shared reads are tested against.
         self.shared_reads = True
+        #: Asks the providers about uncertain rows before they are alerted; None: they are only alerted.
+        self.reconciler = reconciler
 
     # -- the whole pass ---------------------------------------------------------------------------------
 
@@ -786,10 +796,32 @@ class Scheduler:
             log.info("deferred messages released", extra={"count": len(requeued) - len(lost_wakeups)})
         result.requeued.extend(requeued)
         self.enqueue(requeued)
-        # Uncertain rows no provider event reconciled in time go to a person; they are never resent.
+        # Uncertain rows: the provider is asked first (found: sent; proven absent: sent again); what neither an event
+        # nor a lookup settled goes to a person.
+        looked = self._look_up(now)
+        if looked.resent:
+            result.requeued.extend(looked.resent)
+            self.enqueue(looked.resent)
+        result.found += len(looked.found)
+        result.resent += len(looked.resent)
         result.alerts += alert_messages(
-            self.engine, now, timedelta(seconds=self.settings.uncertain_alert_after), self.settings.claim_batch
+            self.engine,
+            now,
+            timedelta(seconds=self.settings.uncertain_alert_after),
+            self.settings.claim_batch,
+            settling=looked.settling,
+            cannot_tell=looked.cannot_tell,
         )
+
+    def _look_up(self, now: datetime) -> Reconciled:
+        """The reconciler's pass; when it breaks (the database, a bug), nothing is left to it and the alerts go on."""
+        if self.reconciler is None:
+            return Reconciled()
+        try:
+            return self.reconciler.run(now)
+        except Exception:
+            log.exception("looking up uncertain messages failed; they are alerted as without lookups")
+            return Reconciled()
 
 
 def run_forever(scheduler: Scheduler, interval: float, stop: threading.Event | None = None) -> None:

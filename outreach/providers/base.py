@@ -8,6 +8,10 @@ hook, so each provider only fills in the steps that differ. Errors leave a provi
 :class:`~outreach.core.errors.AmbiguousProviderError` when the request went out and the answer never came: the message
 may have been accepted) or :class:`~outreach.core.errors.PermanentProviderError`, and never carry personal data
 (addresses, numbers, bodies) in their text.
+
+Both interfaces can also be asked what the provider holds of one message we may have sent (:meth:`LooksUp.look_up`,
+for :mod:`outreach.pipeline.reconcile`): by default a provider cannot tell; SendGrid (Email Activity) and Twilio (the
+Messages list) answer.
 """
 
 from __future__ import annotations
@@ -16,16 +20,21 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from datetime import datetime
+from typing import Generic, Literal, TypeVar
 
 from outreach.core.errors import PermanentProviderError, ProviderError
 
 __all__ = [
     "EmailMessage",
     "EmailProvider",
+    "LooksUp",
+    "Lookup",
+    "LookupAnswer",
     "ProviderPipeline",
     "Providers",
     "SendResult",
+    "Sighting",
     "SmsMessage",
     "SmsProvider",
     "redact",
@@ -65,7 +74,50 @@ class SendResult:
     provider_message_id: str
 
 
-class EmailProvider(ABC):
+@dataclass(frozen=True)
+class Lookup:
+    """One message we may have handed to a provider, as a lookup asks for it."""
+
+    message_id: str  # our outbox id
+    to: str  # the address or number it went to
+    since: datetime  # it was handed over no earlier than this (our clock)
+    body: str | None = None  # the SMS text, when known
+
+
+@dataclass(frozen=True)
+class Sighting:
+    """A message the provider holds for the lookup's recipient: ``id`` when it carries our outbox id, ``body`` when
+    it carries our text, ``none`` when it is another message to the same recipient (maybe one of our others)."""
+
+    provider_message_id: str
+    match: Literal["id", "body", "none"]
+
+
+@dataclass(frozen=True)
+class LookupAnswer:
+    """What the provider answered: its sightings, complete for the recipient and the time since the hand-off, or
+    the ``problem`` that kept it from telling (the answer is then worth nothing either way)."""
+
+    sightings: tuple[Sighting, ...] = ()
+    problem: str | None = None
+
+
+class LooksUp:
+    """Asking the provider what it holds of one message. By default a provider cannot tell."""
+
+    name: str
+
+    @property
+    def can_look_up(self) -> bool:
+        """Whether :meth:`look_up` can answer at all (the account has the API, the setting is on)."""
+        return False
+
+    def look_up(self, lookup: Lookup) -> LookupAnswer:
+        """What the provider holds for ``lookup``; never raises for provider trouble (that is a ``problem``)."""
+        return LookupAnswer(problem=f"{self.name} cannot look messages up")
+
+
+class EmailProvider(LooksUp, ABC):
     """Sends one email. Implementations raise only Transient/PermanentProviderError for provider failures."""
 
     name: str
@@ -75,7 +127,7 @@ class EmailProvider(ABC):
         """Hand ``message`` to the provider and return the provider's id for it."""
 
 
-class SmsProvider(ABC):
+class SmsProvider(LooksUp, ABC):
     """Sends one SMS. Implementations raise only Transient/PermanentProviderError for provider failures."""
 
     name: str

@@ -12,12 +12,18 @@ but lets network failures through untouched (``urllib3`` errors from the pool; `
 5xx and connections that never opened are transient; other 4xx are permanent. A failure after the request went
 out (a read timeout, a reset while waiting for the answer) is ambiguous
 (:class:`~outreach.core.errors.AmbiguousProviderError`): SendGrid may have accepted the mail, so it is not resent.
+
+Lookups (:meth:`SendGridProvider.look_up`) use the Email Activity API, a paid add-on, when
+``OUTREACH_SENDGRID_EMAIL_ACTIVITY`` says the account has it: ``GET /v3/messages`` with the query
+``(unique_args['outreach_id']="<outbox id>")`` through the SDK's generic client. Every message it lists carries our
+id; its ``msg_id`` starts with the send's ``X-Message-Id``.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import re
 import urllib.error
 from collections.abc import Mapping
 from typing import Any
@@ -35,7 +41,16 @@ from outreach.core.errors import (
     ProviderError,
     TransientProviderError,
 )
-from outreach.providers.base import EmailMessage, EmailProvider, ProviderPipeline, SendResult, redact
+from outreach.providers.base import (
+    EmailMessage,
+    EmailProvider,
+    Lookup,
+    LookupAnswer,
+    ProviderPipeline,
+    SendResult,
+    Sighting,
+    redact,
+)
 from outreach.providers.http import PooledClient, nothing_sent, pool_manager
 from outreach.providers.sendgrid_payload import MESSAGE_ID_HEADER, OUTBOX_ID_ARG, address_field, content
 
@@ -46,6 +61,10 @@ _NAME = "sendgrid"
 POOL_SIZE = 32
 #: The longest wait a rate-limit reset may ask for, in seconds.
 MAX_RESET_WAIT = 900.0
+#: Messages an Email Activity lookup asks for: one outbox id is one message (a resend after a proven absence, two).
+LOOKUP_LIMIT = 10
+#: What an outbox id looks like (it goes into the Email Activity query as it is).
+_OUTBOX_ID = re.compile(r"^[0-9a-f]{1,64}$")
 
 
 def _error_detail(body: Any) -> str:
@@ -115,9 +134,41 @@ class SendGridProvider(ProviderPipeline[EmailMessage, dict[str, Any], Any], Emai
         self._client.client = PooledClient.replacing(self._client.client, self.pool)
         self._send = self._client.client.mail.send
         self._default_reply_to = settings.email_reply_to or None
+        self._email_activity = settings.sendgrid_email_activity
 
     def send_email(self, message: EmailMessage) -> SendResult:
         return self.run(message)
+
+    @property
+    def can_look_up(self) -> bool:
+        return self._email_activity
+
+    def look_up(self, lookup: Lookup) -> LookupAnswer:
+        """The messages Email Activity lists with our outbox id (a custom arg, which it calls a unique arg)."""
+        if not self._email_activity:
+            return LookupAnswer(problem="Email Activity lookups are off (OUTREACH_SENDGRID_EMAIL_ACTIVITY)")
+        if not _OUTBOX_ID.match(lookup.message_id):
+            return LookupAnswer(problem="not an outbox id")
+        query = f"(unique_args['{OUTBOX_ID_ARG}']=\"{lookup.message_id}\")"
+        try:
+            response = self._client.client.messages.get(query_params={"query": query, "limit": LOOKUP_LIMIT})
+            listed = json.loads(response.body or b"{}").get("messages")
+        except HTTPError as exc:
+            return LookupAnswer(problem=f"Email Activity answered HTTP {int(exc.status_code)}")
+        except (urllib3.exceptions.HTTPError, OSError, http.client.HTTPException) as exc:
+            return LookupAnswer(problem=f"Email Activity lookup failed ({type(exc).__name__})")
+        except (ValueError, AttributeError):
+            return LookupAnswer(problem="Email Activity answered something that is not its JSON")
+        if not isinstance(listed, list):
+            return LookupAnswer(problem="Email Activity answered without a message list")
+        sightings = []
+        for item in listed:
+            msg_id = item.get("msg_id") if isinstance(item, dict) else None
+            if not isinstance(msg_id, str) or not msg_id:
+                return LookupAnswer(problem="Email Activity listed a message without its id")
+            # "<X-Message-Id>.filter…": the send's id (what a send records) is the part before the first dot.
+            sightings.append(Sighting(msg_id.split(".", 1)[0], "id"))
+        return LookupAnswer(tuple(sightings))
 
     def build_payload(self, message: EmailMessage) -> dict[str, Any]:
         personalization: dict[str, Any] = {

@@ -7,12 +7,21 @@ permanent. Of the ``requests`` exceptions the SDK lets through, a connection tha
 ``ConnectTimeout``) is transient; a failure after the request went out (``ReadTimeout``, a reset or
 ``ChunkedEncodingError`` while reading the answer) is ambiguous (:class:`~outreach.core.errors.AmbiguousProviderError`):
 Twilio may have accepted the message, so it is not resent.
+
+Lookups (:meth:`TwilioProvider.look_up`) read the Messages list for the recipient (``To``) and our sender
+(``From``; through a Messaging Service, its sid on each message): every outbound message created since the hand-off
+(less :data:`CLOCK_SKEW`). A Message resource does not carry its status callback, so a message is ours when its body
+holds the text we sent (Twilio may add a trial prefix or opt-out words). ``DateSent`` is not used as a filter: it is a
+day and stays empty while a message waits in Twilio's queue, which would hide exactly the messages we must not send
+twice; the window is applied to ``date_created`` here, and a recipient with more than :data:`LOOKUP_LIMIT` messages
+from us is an answer Twilio could not complete.
 """
 
 from __future__ import annotations
 
 import http.client
 import logging
+from datetime import timedelta
 from typing import Any
 
 import requests
@@ -29,7 +38,15 @@ from outreach.core.errors import (
     ProviderError,
     TransientProviderError,
 )
-from outreach.providers.base import ProviderPipeline, SendResult, SmsMessage, SmsProvider
+from outreach.providers.base import (
+    Lookup,
+    LookupAnswer,
+    ProviderPipeline,
+    SendResult,
+    Sighting,
+    SmsMessage,
+    SmsProvider,
+)
 from outreach.providers.http import nothing_sent
 
 __all__ = ["TwilioProvider"]
@@ -38,6 +55,11 @@ _NAME = "twilio"
 # Enough connections for a worker process's threads; requests' default of 10 would make the 11th thread
 # open and discard a connection per send.
 _POOL_SIZE = 32
+#: Messages to one recipient a lookup reads at most; more and it cannot be sure it saw the message's window.
+LOOKUP_LIMIT = 200
+#: How far Twilio's clock and ours may disagree: a lookup's window opens this long before the hand-off.
+CLOCK_SKEW = timedelta(minutes=5)
+_OUTBOUND = frozenset({"outbound-api", "outbound-call", "outbound-reply"})
 
 # Our own wording for the codes we expect: Twilio's messages quote the phone number, ours never do.
 _DESCRIPTIONS = {
@@ -73,6 +95,17 @@ def _describe(status: int, code: int | None) -> str:
     if status >= 500:
         return f"server error (HTTP {status})"
     return f"request rejected with HTTP {status}"
+
+
+def _lookup_problem(exc: Exception) -> str:
+    """Why a Messages list failed, in our words: an error page comes as ``TwilioException("Unable to fetch page",
+    response)``, whose text is not ours to log; only its HTTP status is kept."""
+    status = getattr(exc, "status", None)
+    if status is None and len(exc.args) > 1:
+        status = getattr(exc.args[1], "status_code", None)
+    if isinstance(status, int):
+        return f"the Messages list answered HTTP {status}"
+    return f"the Messages list failed ({type(exc).__name__})"
 
 
 class TwilioProvider(ProviderPipeline[SmsMessage, dict[str, Any], Any], SmsProvider):
@@ -117,6 +150,35 @@ class TwilioProvider(ProviderPipeline[SmsMessage, dict[str, Any], Any], SmsProvi
 
     def send_sms(self, message: SmsMessage) -> SendResult:
         return self.run(message)
+
+    @property
+    def can_look_up(self) -> bool:
+        return True
+
+    def look_up(self, lookup: Lookup) -> LookupAnswer:
+        """The outbound messages from our sender to ``lookup.to`` created since the hand-off; ours (by body) marked."""
+        sender = {"from_": self._sender["from_"]} if "from_" in self._sender else {}
+        service = self._sender.get("messaging_service_sid")
+        try:
+            listed = self._client.messages.list(
+                to=lookup.to, limit=LOOKUP_LIMIT + 1, page_size=LOOKUP_LIMIT + 1, **sender
+            )
+        except (TwilioException, requests.RequestException, OSError, http.client.HTTPException, ValueError) as exc:
+            return LookupAnswer(problem=_lookup_problem(exc))
+        if len(listed) > LOOKUP_LIMIT:
+            return LookupAnswer(problem=f"more than {LOOKUP_LIMIT} messages to this recipient")
+        opens = lookup.since - CLOCK_SKEW
+        sightings = []
+        for message in listed:
+            if message.direction not in _OUTBOUND or not message.sid:
+                continue
+            if service and message.messaging_service_sid not in (None, service):
+                continue
+            if message.date_created is not None and message.date_created < opens:
+                continue
+            ours = bool(lookup.body) and lookup.body in (message.body or "")
+            sightings.append(Sighting(message.sid, "body" if ours else "none"))
+        return LookupAnswer(tuple(sightings))
 
     def build_payload(self, message: SmsMessage) -> dict[str, Any]:
         payload: dict[str, Any] = {"to": message.to, "body": message.body, **self._sender}

@@ -89,6 +89,7 @@ class Runtime:
 
     @cached_property
     def scheduler(self) -> Scheduler:
+        from outreach.pipeline.reconcile import Reconciler
         from outreach.pipeline.scheduler import Scheduler
 
         # Code that collects ids through ``enqueue_override`` alone sees nurture rows there too, one by one.
@@ -102,6 +103,8 @@ class Runtime:
             enqueue_batch=self.enqueue_batch if batching else None,
             checks=(self._unanswered_replies,),
             new_id=self.new_id,
+            # The providers are built when first asked (``outreach up`` points them at its sandbox after this).
+            reconciler=Reconciler(self.engine, self.settings, lambda: self.providers),
         )
 
     def _unanswered_replies(self, now: datetime) -> int:

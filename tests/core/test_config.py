@@ -55,6 +55,10 @@ def test_credentials_for_a_sandbox_need_no_key() -> None:
         ({"OUTREACH_TRUSTED_PROXIES": "*"}, "OUTREACH_TRUSTED_PROXIES"),
         ({"OUTREACH_DASHBOARD_IDLE_SECONDS": "0"}, "OUTREACH_DASHBOARD_IDLE_SECONDS"),
         ({"OUTREACH_DASHBOARD_SESSION_SECONDS": "1e12"}, "OUTREACH_DASHBOARD_SESSION_SECONDS"),
+        ({"OUTREACH_SENDGRID_EMAIL_ACTIVITY": "maybe"}, "OUTREACH_SENDGRID_EMAIL_ACTIVITY"),
+        ({"OUTREACH_RECONCILE_LOOKUPS": "2"}, "OUTREACH_RECONCILE_LOOKUPS"),
+        ({"OUTREACH_PROVIDER_VISIBILITY_DELAY": "-1"}, "OUTREACH_PROVIDER_VISIBILITY_DELAY"),
+        ({"OUTREACH_RECONCILE_BATCH": "some"}, "OUTREACH_RECONCILE_BATCH"),
     ],
 )
 def test_bad_values_name_their_variable(environ: dict[str, str], named: str) -> None:
@@ -66,3 +70,20 @@ def test_trusted_proxies_are_nobody_by_default_and_parsed_as_addresses_and_netwo
     assert Settings.from_env({}).trusted_proxies == ()
     settings = Settings.from_env({"OUTREACH_TRUSTED_PROXIES": " 10.0.0.0/8,, 127.0.0.1 ,2001:DB8::1,fd00::/8 "})
     assert settings.trusted_proxies == ("10.0.0.0/8", "127.0.0.1", "2001:db8::1", "fd00::/8")
+
+
+def test_provider_lookups() -> None:
+    """Twilio's Messages list is always there; SendGrid's Email Activity API is a paid add-on, off unless said."""
+    defaults = Settings.from_env({})
+    assert (defaults.reconcile_lookups, defaults.sendgrid_email_activity) == (True, False)
+    assert (defaults.provider_visibility_delay, defaults.reconcile_batch) == (600.0, 20)
+    chosen = Settings.from_env(
+        {
+            "OUTREACH_RECONCILE_LOOKUPS": "off",
+            "OUTREACH_SENDGRID_EMAIL_ACTIVITY": "yes",
+            "OUTREACH_PROVIDER_VISIBILITY_DELAY": "900",
+            "OUTREACH_RECONCILE_BATCH": "5",
+        }
+    )
+    assert (chosen.reconcile_lookups, chosen.sendgrid_email_activity) == (False, True)
+    assert (chosen.provider_visibility_delay, chosen.reconcile_batch) == (900.0, 5)

@@ -298,6 +298,7 @@ def test_control_endpoints(server: SandboxServer) -> None:
         "rejected": 2,
         "faults_served": {"21610": 2},
         "faults_pending": 0,
+        "lookups": 0,
     }
     listed = httpx.get(f"{server.url}/_sandbox/messages").json()
     assert [(m["provider"], m["channel"], m["to"], m["body"]) for m in listed] == [
@@ -437,3 +438,72 @@ def test_latency_delays_every_send_like_a_real_api() -> None:
         twilio(slow).messages.create(to="+14155550100", from_="+15005550006", body="Hi")
         took = time.monotonic() - started
         assert len(slow.messages()) == 2 and took >= 0.4  # both accepted, each after the latency
+
+
+# -- lookups: Twilio's Messages list, SendGrid's Email Activity -----------------------------------------------
+
+
+def test_twilio_messages_list_pages_through_what_was_accepted(server: SandboxServer) -> None:
+    client = twilio(server)
+    sids = [client.messages.create(to="+14155550100", from_="+15005550006", body=f"Hi {n}").sid for n in range(5)]
+    client.messages.create(to="+14155550199", from_="+15005550006", body="Someone else")
+
+    listed = client.messages.list(to="+14155550100", from_="+15005550006", page_size=2)
+
+    assert [m.sid for m in listed] == list(reversed(sids))  # newest first, across three pages
+    assert {(m.to, m.from_, m.direction, m.status) for m in listed} == {
+        ("+14155550100", "+15005550006", "outbound-api", "delivered")
+    }
+    assert all(m.date_created is not None and m.date_sent is not None for m in listed)
+    assert client.messages.list(to="+14155550100", from_="+15005550007") == []
+    assert server.stats()["twilio"]["lookups"] == 4  # three pages, then one empty
+
+
+def test_sendgrid_email_activity_by_custom_arg(server: SandboxServer) -> None:
+    mail = minimal_mail(personalizations=[{"to": [{"email": "ana@example.org"}], "custom_args": {"outreach_id": "a1"}}])
+    sent = sendgrid(server).send(mail)
+    sendgrid(server).send(minimal_mail())
+    client = sendgrid(server).client
+
+    found = json.loads(client.messages.get(query_params={"query": "(unique_args['outreach_id']=\"a1\")"}).body)
+
+    (message,) = found["messages"]
+    assert message["msg_id"].split(".")[0] == sent.headers["X-Message-Id"]
+    assert (message["to_email"], message["from_email"], message["status"]) == (
+        "ana@example.org",
+        "talent@example.com",
+        "delivered",
+    )
+    none = client.messages.get(query_params={"query": "unique_args['outreach_id']=\"b2\"", "limit": 5})
+    assert json.loads(none.body) == {"messages": []}
+    with pytest.raises(BadRequestsError):
+        client.messages.get(query_params={"query": 'subject="Hello"'})
+    with pytest.raises(BadRequestsError):
+        client.messages.get(query_params={"query": "(unique_args['outreach_id']=\"a1\")", "limit": 0})
+    assert httpx.get(f"{server.url}/v3/messages").status_code == 401
+
+
+def test_lookups_can_be_turned_off_made_to_fail_and_lag(server: SandboxServer) -> None:
+    twilio(server).messages.create(to="+14155550100", from_="+15005550006", body="Hi")
+    url = f"{server.url}/2010-04-01/Accounts/{ACCOUNT_SID}/Messages.json"
+    answered = httpx.post(f"{server.url}/_sandbox/lookups", json={"provider": "twilio", "mode": "off", "delay": 60})
+    assert answered.status_code == 200 and answered.json() == {
+        "lookups": {"sendgrid": "on", "twilio": "off"},
+        "delay": 60.0,
+    }
+    assert httpx.get(url, headers=basic(ACCOUNT_SID)).status_code == 403
+    server.set_lookups("twilio", "fail")
+    assert httpx.get(url, headers=basic(ACCOUNT_SID)).status_code == 500
+    server.set_lookups("twilio", "on")
+    assert httpx.get(url, headers=basic(ACCOUNT_SID)).json()["messages"] == []  # not listed for a minute
+    server.set_lookups("twilio", "on", delay=0)
+    assert len(httpx.get(url, headers=basic(ACCOUNT_SID)).json()["messages"]) == 1
+    for wrong in (
+        {"provider": "mailgun"},
+        {"provider": "twilio", "mode": "sometimes"},
+        {"provider": "twilio", "delay": -1},
+    ):
+        assert httpx.post(f"{server.url}/_sandbox/lookups", json=wrong).status_code == 400
+    server.set_lookups("sendgrid", "off")
+    server.clear()
+    assert (server.lookups, server.lookup_delay) == ({"sendgrid": "on", "twilio": "on"}, 0.0)

@@ -12,6 +12,12 @@ to read the answer, and retries a webhook that failed (a 5xx or 429 answer, no c
 Faults can be queued (:meth:`SandboxServer.fail` or ``POST /_sandbox/faults``); each one is consumed by the
 next request to that provider's send endpoint (the kinds: :mod:`outreach.ops.sandbox.faults`).
 
+The providers' lookups answer from the same records: Twilio's Messages list (``GET
+/2010-04-01/Accounts/{sid}/Messages.json`` by ``To`` and ``From``) and SendGrid's Email Activity API (``GET
+/v3/messages?query=(unique_args['outreach_id']="…")``). :meth:`SandboxServer.set_lookups` (or ``POST
+/_sandbox/lookups``) turns them ``off`` (403, as for an account without the API, like SendGrid without the add-on),
+makes them ``fail`` (500) or back ``on``, and sets how long an accepted message takes to show in them (``delay``).
+
 Control and inspection: ``GET /_sandbox/messages`` (JSON records), ``DELETE /_sandbox/messages``,
 ``GET /_sandbox/stats``, ``GET /_sandbox/sendgrid-public-key``, ``GET /`` (newest first) and
 ``GET /messages/{index}`` (one message; email HTML inside a sandboxed iframe).

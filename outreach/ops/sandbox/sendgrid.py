@@ -1,5 +1,5 @@
-"""The sandbox's SendGrid: what v3 ``mail/send`` accepts or rejects, the records an accepted request becomes, and
-the signed event batches posted back.
+"""The sandbox's SendGrid: what v3 ``mail/send`` accepts or rejects, the records an accepted request becomes, the
+signed event batches posted back, and the Email Activity API's ``GET /v3/messages`` over those records.
 
 The payload's shape (its limits, substitution, the outbox id's custom arg) is the one
 :mod:`outreach.providers.sendgrid_payload` describes for the code that builds it.
@@ -11,7 +11,8 @@ import base64
 import json
 import re
 import secrets
-from email.utils import formataddr
+from collections.abc import Sequence
+from email.utils import formataddr, parseaddr
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes
@@ -27,7 +28,7 @@ from outreach.providers.sendgrid_payload import (
     substitute,
 )
 
-__all__ = ["authorized", "error", "post_events", "to_records", "validate"]
+__all__ = ["activity", "activity_query", "authorized", "error", "post_events", "to_records", "validate"]
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _HELP = "http://sendgrid.com/docs/API_Reference/Web_API_v3/Mail/errors.html"
@@ -329,3 +330,48 @@ def post_events(
 
 def _event_id() -> str:
     return base64.b64encode(secrets.token_bytes(16)).decode("ascii")
+
+
+#: The one Email Activity query the sandbox answers: ``(unique_args['name']="value")`` (the parentheses optional).
+_UNIQUE_ARG_QUERY = re.compile(r"""^\(?\s*unique_args\['([^'"]+)'\]\s*=\s*"([^"]*)"\s*\)?$""")
+#: Email Activity's largest page.
+MAX_ACTIVITY_LIMIT = 1000
+
+
+def activity_query(query: str, limit: str) -> tuple[str, str, int] | str:
+    """The unique arg's name and value and the limit a ``GET /v3/messages`` asks for, or why it is refused."""
+    match = _UNIQUE_ARG_QUERY.match(query.strip())
+    if match is None:
+        return "the sandbox answers only queries of the form (unique_args['name']=\"value\")"
+    try:
+        count = int(limit or "10")
+    except ValueError:
+        return "limit must be a number"
+    if not 1 <= count <= MAX_ACTIVITY_LIMIT:
+        return f"limit must be between 1 and {MAX_ACTIVITY_LIMIT}"
+    return match.group(1), match.group(2), count
+
+
+def activity(records: Sequence[SandboxMessage], name: str, value: str, limit: int) -> bytes:
+    """Email Activity's answer: the messages of ``records`` (the ones it lists by now) whose custom arg ``name`` is
+    ``value``, newest first, at most ``limit``."""
+    found = [
+        record
+        for record in reversed(records)
+        if record.provider == "sendgrid" and record.custom_args.get(name) == value
+    ][:limit]
+    messages = [
+        {
+            "from_email": parseaddr(record.from_)[1],
+            # SendGrid's message id: the request's X-Message-Id, then the filter and the personalization.
+            "msg_id": f"{record.id}.filter0001.{record.personalization_index}",
+            "subject": record.subject,
+            "to_email": record.to,
+            "status": "delivered",
+            "opens_count": 0,
+            "clicks_count": 0,
+            "last_event_time": record.received_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        for record in found
+    ]
+    return json.dumps({"messages": messages}, separators=(",", ":")).encode()

@@ -1,5 +1,6 @@
-"""The sandbox's HTTP side: :class:`SandboxServer` (start, stop, the records, the faults queued) and the request
-handler that routes each request to the provider it imitates, the control endpoints or the pages.
+"""The sandbox's HTTP side: :class:`SandboxServer` (start, stop, the records, the faults queued, how the lookups
+answer) and the request handler that routes each request to the provider it imitates, the control endpoints or the
+pages.
 
 The server is built for throughput benchmarks as well as tests: handlers never sleep unless a fault asks
 them to, and the only lock taken per request guards the list of records and its counters.
@@ -19,9 +20,10 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterable
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any, cast, get_args
+from typing import Any, Literal, cast, get_args
 from urllib.parse import parse_qs
 
 from cryptography.hazmat.primitives import serialization
@@ -40,6 +42,9 @@ __all__ = ["SandboxServer", "serve"]
 log = logging.getLogger(__name__)
 
 _TWILIO_PATH = re.compile(r"^/2010-04-01/Accounts/([^/]+)/Messages\.json$")
+#: What the lookups answer: as the real APIs (``on``), 403 as for an account without them (``off``), or 500.
+LookupMode = Literal["on", "off", "fail"]
+LOOKUP_MODES: tuple[str, ...] = get_args(LookupMode)
 _MESSAGE_PAGE = re.compile(r"^/messages/(\d+)$")
 
 
@@ -107,6 +112,10 @@ class SandboxServer:
         self._faults_served: dict[str, Counter[str]] = {"sendgrid": Counter(), "twilio": Counter()}
         # deque.append/popleft are atomic, so taking a fault needs no lock.
         self._faults: dict[str, deque[Fault]] = {"sendgrid": deque(), "twilio": deque()}
+        #: How each provider's lookups answer, and how long an accepted message takes to show in them.
+        self.lookups: dict[str, LookupMode] = {"sendgrid": "on", "twilio": "on"}
+        self.lookup_delay = 0.0
+        self._lookups_served: Counter[str] = Counter()
 
         self.stopping = threading.Event()
         self.webhook_retry_for = webhook_retry_for
@@ -194,11 +203,14 @@ class SandboxServer:
             return list(self._records)
 
     def clear(self) -> None:
-        """Forget every record and every fault still queued, so the next test starts clean."""
+        """Forget every record and every fault still queued, and answer lookups as the real APIs again, so the next
+        test starts clean."""
         with self._lock:
             self._records.clear()
         for pending in self._faults.values():
             pending.clear()
+        self.lookups = {"sendgrid": "on", "twilio": "on"}
+        self.lookup_delay = 0.0
 
     def forget(self, addresses: Iterable[str]) -> int:
         """Drop every record sent to one of ``addresses`` (erasure of a candidate); how many were dropped."""
@@ -246,6 +258,7 @@ class SandboxServer:
                     "rejected": self._rejected[provider],
                     "faults_served": dict(self._faults_served[provider]),
                     "faults_pending": len(self._faults[provider]),
+                    "lookups": self._lookups_served[provider],
                 }
                 for provider in ("sendgrid", "twilio")
             }
@@ -270,6 +283,27 @@ class SandboxServer:
         """
         fault = faults.checked(provider, kind, times, reset_after=reset_after, delay=delay)
         self._faults[provider].extend([fault] * times)
+
+    def set_lookups(self, provider: Provider, mode: str, *, delay: float | None = None) -> None:
+        """How ``provider``'s lookups answer from now on (``on``, ``off``, ``fail``); ``delay``: seconds an accepted
+        message takes to show in every provider's lookups. ``ValueError`` for an unknown provider or mode."""
+        if provider not in self.lookups:
+            raise ValueError(f"unknown provider {provider!r}; expected one of {sorted(self.lookups)}")
+        if mode not in LOOKUP_MODES:
+            raise ValueError(f"unknown lookup mode {mode!r}; expected one of {list(LOOKUP_MODES)}")
+        if delay is not None and delay < 0:
+            raise ValueError("delay must not be negative")
+        self.lookups[provider] = cast(LookupMode, mode)
+        if delay is not None:
+            self.lookup_delay = float(delay)
+
+    def _lookup(self, provider: str) -> tuple[LookupMode, list[SandboxMessage]]:
+        """Count one lookup of ``provider``; its mode and the records it may list (those past the visibility delay)."""
+        visible_before = utcnow() - timedelta(seconds=self.lookup_delay)
+        with self._lock:
+            self._lookups_served[provider] += 1
+            visible = [record for record in self._records if record.received_at <= visible_before]
+        return self.lookups[provider], visible
 
     def _take_fault(self, provider: str) -> Fault | None:
         try:
@@ -386,10 +420,19 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/_sandbox/faults":
             self._queue_fault(body)
             return
+        if path == "/_sandbox/lookups":
+            self._set_lookups(body)
+            return
         self._not_found(path)
 
     def _get(self) -> None:
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
+        if path == "/v3/messages":
+            self._sendgrid_activity(query)
+            return
+        if (twilio_list := _TWILIO_PATH.match(path)) is not None:
+            self._twilio_list(twilio_list.group(1), query)
+            return
         if path == "/_sandbox/messages":
             self._reply(200, to_json([m.to_dict() for m in self.sandbox.messages()]))
         elif path == "/_sandbox/stats":
@@ -454,6 +497,63 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(400, to_json({"error": str(exc)}))
             return
         self._reply(201, to_json({"queued": int(request.get("times", 1)), "stats": self.sandbox.stats()}))
+
+    def _set_lookups(self, body: bytes) -> None:
+        try:
+            request = json.loads(body or b"{}")
+            if not isinstance(request, dict):
+                raise ValueError("expected a JSON object")
+            delay = request.get("delay")
+            self.sandbox.set_lookups(
+                cast(Provider, request.get("provider")),
+                str(request.get("mode", "on")),
+                delay=None if delay is None else float(delay),
+            )
+        except (ValueError, TypeError) as exc:
+            self._reply(400, to_json({"error": str(exc)}))
+            return
+        self._reply(200, to_json({"lookups": self.sandbox.lookups, "delay": self.sandbox.lookup_delay}))
+
+    # -- lookups -----------------------------------------------------------------------------------
+
+    def _sendgrid_activity(self, query: str) -> None:
+        """Email Activity's ``GET /v3/messages``: the messages carrying one custom arg's value."""
+        if not sendgrid.authorized(self.headers.get("Authorization", "")):
+            self._reply(401, to_json({"errors": [sendgrid.error("authorization required")]}))
+            return
+        mode, records = self.sandbox._lookup("sendgrid")
+        if mode == "off":
+            self._reply(403, to_json({"errors": [sendgrid.error("access forbidden")]}))
+            return
+        if mode == "fail":
+            self._reply(500, to_json({"errors": [sendgrid.error("Internal Server Error")]}))
+            return
+        params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+        asked = sendgrid.activity_query(params.get("query", ""), params.get("limit", ""))
+        if isinstance(asked, str):
+            self._reply(400, to_json({"errors": [sendgrid.error(asked, "query")]}))
+            return
+        name, value, limit = asked
+        self._reply(200, sendgrid.activity(records, name, value, limit))
+
+    def _twilio_list(self, account_sid: str, query: str) -> None:
+        """The Messages list of ``account_sid``, filtered by ``To`` and ``From``."""
+        if not twilio.authenticated(self.headers.get("Authorization", ""), account_sid):
+            self._reply(401, twilio.error(20003, "Authenticate", 401))
+            return
+        mode, records = self.sandbox._lookup("twilio")
+        if mode == "off":
+            self._reply(403, twilio.error(20403, "Forbidden", 403))
+            return
+        if mode == "fail":
+            self._reply(500, twilio.error(20500, "An internal server error has occurred", 500))
+            return
+        params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+        page = twilio.message_list(records, account_sid, params)
+        if isinstance(page, tuple):
+            self._reply(400, twilio.error(page[0], page[1], 400))
+            return
+        self._reply(200, page, "application/json; charset=utf-8")
 
     # -- faults ------------------------------------------------------------------------------------
 

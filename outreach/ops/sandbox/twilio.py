@@ -1,5 +1,5 @@
-"""The sandbox's Twilio: what the Messages API accepts or rejects, the Message resource it answers with, and the
-signed status callbacks posted back.
+"""The sandbox's Twilio: what the Messages API accepts or rejects, the Message resource it answers with, the signed
+status callbacks posted back, and the Messages list over what it accepted.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import base64
 import binascii
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from email.utils import format_datetime
 from typing import Any
@@ -18,10 +18,18 @@ from twilio.request_validator import RequestValidator
 
 from outreach.core.clock import utcnow
 from outreach.domain.render import sms_segments as count_segments
-from outreach.ops.sandbox.messages import to_json
+from outreach.ops.sandbox.messages import SandboxMessage, to_json
 from outreach.ops.sandbox.webhooks import Dispatcher
 
-__all__ = ["authenticated", "error", "message_resource", "post_status_callbacks", "problem", "sms_segments"]
+__all__ = [
+    "authenticated",
+    "error",
+    "message_list",
+    "message_resource",
+    "post_status_callbacks",
+    "problem",
+    "sms_segments",
+]
 
 _E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 _ALPHANUMERIC_SENDER = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9 ]{1,11}$")
@@ -112,6 +120,60 @@ def message_resource(
         "to": to,
         "uri": f"{uri}.json",
     }
+
+
+def message_list(
+    records: Sequence[SandboxMessage], account_sid: str, query: Mapping[str, str]
+) -> bytes | tuple[int, str]:
+    """The Messages list's page for ``query`` (``To``, ``From``, ``PageSize``, ``Page``) over ``records`` (the ones it
+    lists by now), newest first, as Twilio pages them; or the error code and message of a query it refuses.
+    ``DateSent`` filters are not applied: the service does not send them."""
+    try:
+        size = int(query.get("PageSize") or "50")
+        page = int(query.get("Page") or "0")
+    except ValueError:
+        return 20001, "PageSize and Page must be numbers"
+    if not 1 <= size <= 1000 or page < 0:
+        return 20001, "PageSize must be between 1 and 1000"
+    to, from_ = query.get("To"), query.get("From")
+    found = [
+        record
+        for record in reversed(records)
+        if record.provider == "twilio" and (not to or record.to == to) and (not from_ or record.from_ == from_)
+    ]
+    chosen = found[page * size : (page + 1) * size]
+    messages = []
+    for record in chosen:
+        service = record.from_ if record.from_.startswith("MG") else ""
+        resource = message_resource(
+            record.id,
+            account_sid,
+            record.to,
+            "" if service else record.from_,
+            service,
+            record.body,
+            record.segments,
+            record.received_at,
+        )
+        resource.update(status="delivered", date_sent=format_datetime(record.received_at))
+        messages.append(resource)
+    uri = f"/{API_VERSION}/Accounts/{account_sid}/Messages.json"
+    kept = {key: value for key, value in (("To", to), ("From", from_)) if value}
+    filters = f"&{urlencode(kept)}" if kept else ""
+    more = len(found) > (page + 1) * size
+    return to_json(
+        {
+            "messages": messages,
+            "end": page * size + max(len(chosen) - 1, 0),
+            "first_page_uri": f"{uri}?PageSize={size}&Page=0{filters}",
+            "next_page_uri": f"{uri}?PageSize={size}&Page={page + 1}{filters}" if more else None,
+            "page": page,
+            "page_size": size,
+            "previous_page_uri": f"{uri}?PageSize={size}&Page={page - 1}{filters}" if page else None,
+            "start": page * size,
+            "uri": f"{uri}?PageSize={size}&Page={page}{filters}",
+        }
+    )
 
 
 def post_status_callbacks(
