@@ -256,7 +256,7 @@ def test_an_unexpected_error_is_named_by_type_and_place_only(
 
 def test_an_invalid_event_names_fields_not_values(env: dict[str, str | None]) -> None:
     result = invoke(env, "event", "imp-2", "applied", "--data", '{"x": 1')
-    assert result.exit_code == 2 and "--data" in result.output and "not JSON" in result.output
+    assert result.exit_code == 2 and "--data" in result.output and "not a JSON object" in result.output
     result = invoke(env, "event", "imp-2", "hired", "--reason", "x" * 600)
     assert result.exit_code == 1 and "reason: String should have at most 500 characters" in result.output
     assert "xxxxxxxx" not in result.output
