@@ -931,14 +931,11 @@ def _report_tables(rates: list[Any], funnel: Any, slas: list[Any], by: str | Non
 
 
 def _report_csv(rates: list[Any], funnel: Any, slas: list[Any]) -> str:
-    """One long table: section, group, period, metric, value (rates, funnel stages and SLA counts); text a
-    spreadsheet would run as a formula (a candidate's source is typed by people) is neutralised."""
+    """One long table: section, group, period, metric, value (rates, funnel stages and SLA counts)."""
     import io
 
-    from outreach.core import csv_export
-
     out = io.StringIO()
-    writer = csv_export.writer(out)
+    writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["section", "group", "period", "metric", "value"])
     for row in rates:
         data = row.as_dict()

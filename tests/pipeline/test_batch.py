@@ -22,7 +22,6 @@ from sqlalchemy.orm import Session
 from outreach.core.clock import utcnow
 from outreach.core.models import Candidate, DeliveryEvent, MessageStatus, OutboundMessage, Suppression, TrackedLink
 from outreach.domain.campaigns import Category
-from outreach.domain.render import Renderer
 from outreach.domain.tokens import unsubscribe_message_id
 from outreach.inbound.events import ingest
 from outreach.inbound.provider_events import parse_sendgrid_batch
@@ -122,31 +121,6 @@ def test_nurture_run_goes_out_in_batches_with_each_recipients_substitutions(
     # The "&" in the name is escaped in the HTML part only.
     en = next(r for r in sandbox.messages() if "Ana&Bo" in r.text)
     assert "Ana&Bo" not in en.html and "Ana&amp;Bo" in en.html
-
-
-def test_a_runaway_template_fails_its_own_recipients_and_the_other_batches_go(
-    pg_runtime: Runtime, sandbox: SandboxServer, tmp_path: Path
-) -> None:
-    templates = tmp_path / "templates"
-    shutil.copytree(ROOT / "templates", templates)
-    # One join of billions of characters, in the Chinese version only: refused before it runs.
-    (templates / "email" / "quarterly_nurture.zh-CN.txt").write_text(
-        "{{ ([candidate.name * 9000] * 100000)|join }}\n", encoding="utf-8"
-    )
-    pg_runtime.renderer = Renderer(templates)
-    candidates = _pool(pg_runtime, 6)
-    batches = _schedule(pg_runtime)
-    assert sorted(len(b) for b in batches) == [2, 4]
-    for batch in batches:
-        deliver_batch(pg_runtime, batch)
-    locales = {c.id: c.locale for c in candidates}
-    rows = _rows(pg_runtime).values()
-    assert {(locales[r.candidate_id], r.status, r.rule) for r in rows} == {
-        ("zh-CN", "failed", "template"),
-        ("en", "sent", None),
-    }
-    assert all("characters or items is not allowed" in (r.reason or "") for r in rows if r.status == "failed")
-    assert len(sandbox.messages()) == 4
 
 
 def test_held_and_opted_out_recipients_are_left_out_of_the_request(pg_runtime: Runtime, sandbox: SandboxServer) -> None:
