@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from croniter import croniter
@@ -45,9 +45,6 @@ from pydantic_core import ErrorDetails
 
 from outreach.core.errors import CampaignError, Problem
 from outreach.core.models import Channel, Stage
-
-if TYPE_CHECKING:
-    from outreach.domain.event_data import EventContract
 
 NOT_CAMPAIGNS = {"policies.yaml", "policies.yml", "intent.yaml", "intent.yml", "events.yaml", "events.yml"}
 
@@ -213,7 +210,8 @@ class CampaignSet:
     campaigns: Mapping[str, Campaign]
     sources: Mapping[str, Path]
     #: The event data contract beside the campaigns (``events.yaml``), when it was loaded with them.
-    events: EventContract | None = None
+    #: (an ``outreach.domain.event_data.EventContract``; that module imports this one, so it is not named here)
+    events: Any = None
 
     def __getitem__(self, name: str) -> Campaign:
         return self.campaigns[name]
